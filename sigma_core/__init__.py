@@ -1,0 +1,1 @@
+"""PyTorch side: sigmaReparam, attention-entropy measurement, a minimal Transformer and its training."""
