@@ -1,0 +1,36 @@
+"""Where an attention module shows its queries and keys to observers.
+
+The project's attention module (and any module that follows the same protocol) owns an
+:class:`AttentionProbe` submodule named ``probe`` and calls ``self.probe(x, q, k)`` after it
+has computed its queries and keys, but only when :func:`probe_active` says someone listens,
+so an unobserved forward pays nothing.  Observers (the :class:`~sigma_core.monitor.EntropyMonitor`)
+attach ordinary forward hooks to the probe; the hook receives ``args = (x, q, k)`` with
+
+- ``x``: the attention input, shape ``(B, T, d)`` (after the block's normalisation, if any);
+- ``q``, ``k``: shape ``(B, H, T, d_head)``, before the logit scale is applied.
+
+Protocol of the owning attention module (attributes the observers read):
+
+- ``probe``: the :class:`AttentionProbe`;
+- ``n_head`` (int), ``scale`` (float, the logit scale, ``1/sqrt(d_head)`` by default),
+  ``causal`` (bool);
+- ``head_weights()`` -> ``(W_Q, W_K)``, each ``(H, d, d_head)`` in the theory convention
+  ``q_h = x @ W_Q[h]`` (the *effective* weights, i.e. after any reparametrisation).  Observers
+  call it under ``torch.no_grad()``, which never advances sigmaReparam's power iteration.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AttentionProbe(nn.Module):
+    """Identity point that exposes ``(x, q, k)`` to forward hooks; returns nothing."""
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:  # noqa: D102
+        return None
+
+
+def probe_active(probe: AttentionProbe) -> bool:
+    """True when at least one forward hook listens on ``probe``."""
+    return bool(probe._forward_hooks) or bool(probe._forward_pre_hooks)
