@@ -1,0 +1,419 @@
+"""σReparam (sigma_core.reparam): the claims of theory/README.md "σReparam" and issue 4."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from sigma_core.reparam import (
+    SigmaReparam,
+    SigmaReparamLinear,
+    convert_to_sigma_reparam,
+    fold_sigma_reparam,
+    is_sigma_reparametrized,
+    sigma_reparam,
+    sigma_reparam_state,
+)
+
+torch.set_num_threads(1)
+
+
+def _param(module: nn.Module, name: str = "weight") -> SigmaReparam:
+    return module.parametrizations[name][0]
+
+
+def _original(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    return module.parametrizations[name].original
+
+
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.named_buffers()}
+
+
+class Net(nn.Module):
+    """Linear, Conv1d and MultiheadAttention in one model (B, T, d) -> (B, T, d)."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.conv = nn.Conv1d(d, d, 3, padding=1)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))  # (B, T, d)
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)  # (B, T, d)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.out(h)
+
+
+def _convert(net: nn.Module, **opts) -> nn.Module:
+    return convert_to_sigma_reparam(
+        net, layer_types=(nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention), **opts)
+
+
+def _manual_step(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
+    """One power-iteration step, written out: v <- Wu/|Wu|, u <- Wᵀv/|Wᵀv|."""
+    v = W @ u
+    v = v / v.norm()
+    u = W.T @ v
+    return u / u.norm(), v
+
+
+# ---------------------------------------------------------------- initialisation ----------
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Linear(7, 5), (5, 7)),
+    (lambda: nn.Conv1d(3, 4, 5), (4, 15)),
+    (lambda: nn.Conv2d(3, 6, 3), (6, 27)),
+])
+def test_svd_init_gives_top_singular_vectors_and_flattened_matrix(make, shape):
+    torch.manual_seed(0)
+    layer = make()
+    W = layer.weight.detach().reshape(shape).double()
+    sigma_reparam(layer)
+    U, S, Vh = torch.linalg.svd(W)
+    p = _param(layer)
+    # singular vectors up to a common sign
+    sign = torch.sign(p._v[0].double() @ U[:, 0])
+    torch.testing.assert_close(p._v[0].double() * sign, U[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(p._u[0].double() * sign, Vh[0], atol=1e-5, rtol=0)
+    assert p._u.dtype == p._v.dtype == torch.float32
+    assert sigma_reparam_state(layer)["weight"]["sigma"] == pytest.approx(S[0].item(), rel=1e-6)
+
+
+def test_multihead_in_proj_is_reparametrised_per_qkv_chunk():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2)
+    with torch.no_grad():
+        mha.in_proj_weight[8:16] *= 5.0  # k chunk with a much larger norm
+    sigma_reparam(mha, gamma_init="one")
+    p = _param(mha, "in_proj_weight")
+    assert p.gamma.shape == (3,)
+    state = sigma_reparam_state(mha)
+    assert sorted(state) == ["in_proj_weight.k", "in_proj_weight.q", "in_proj_weight.v"]
+    W_hat = mha.in_proj_weight.detach()
+    for i, c in enumerate("qkv"):
+        chunk = _original(mha, "in_proj_weight")[8 * i:8 * (i + 1)].detach()
+        assert state[f"in_proj_weight.{c}"]["sigma"] == pytest.approx(
+            torch.linalg.matrix_norm(chunk, 2).item(), rel=1e-5)
+        # gamma = 1 per chunk: every chunk of W_hat has unit spectral norm
+        assert torch.linalg.matrix_norm(W_hat[8 * i:8 * (i + 1)], 2).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_gamma_init_options():
+    torch.manual_seed(0)
+    W0 = torch.randn(6, 4)
+    for init, expected in [("sigma", torch.linalg.matrix_norm(W0, 2).item()), ("one", 1.0), (0.5, 0.5)]:
+        layer = nn.Linear(4, 6)
+        layer.weight.data.copy_(W0)
+        sigma_reparam(layer, gamma_init=init)
+        assert _param(layer).gamma.item() == pytest.approx(expected, rel=1e-6)
+        assert isinstance(_param(layer).gamma, nn.Parameter) and _param(layer).gamma.ndim == 0
+        assert torch.linalg.matrix_norm(layer.weight.detach(), 2).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gamma_sigma_conversion_leaves_outputs_unchanged(training):
+    torch.manual_seed(0)
+    net = Net().train(training)
+    x = torch.randn(3, 5, 8)
+    before = net(x)
+    _convert(net)
+    assert len(sigma_reparam_state(net)) == 3 + 3 + 1  # inp, conv, q/k/v, out_proj, out
+    after = net(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- power iteration ---------
+
+def _layer_with_random_vectors(seed=0, out=6, inp=4, **opts):
+    torch.manual_seed(seed)
+    layer = nn.Linear(inp, out)
+    sigma_reparam(layer, **opts)
+    p = _param(layer)
+    with torch.no_grad():  # start away from the singular vectors so a step visibly moves them
+        p._u.copy_(F.normalize(torch.randn_like(p._u), dim=-1))
+        p._v.copy_(F.normalize(torch.randn_like(p._v), dim=-1))
+    return layer
+
+
+@pytest.mark.parametrize("n_steps", [1, 3])
+def test_one_power_iteration_step_per_training_forward(n_steps):
+    layer = _layer_with_random_vectors(n_power_iterations=n_steps)
+    p = _param(layer)
+    W = _original(layer).detach()
+    u, v = p._u[0].clone(), p._v[0].clone()
+    for _ in range(2):  # two forwards: two (groups of) steps
+        layer(torch.randn(2, 4))
+        for _ in range(n_steps):
+            u, v = _manual_step(W, u, v)
+        torch.testing.assert_close(p._u[0], u, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p._v[0], v, rtol=1e-5, atol=1e-6)
+    assert not p._u.requires_grad and not p._v.requires_grad
+
+
+def test_no_update_in_eval_or_under_no_grad():
+    """The project-wide contract: only training-mode forwards with grad enabled move the vectors."""
+    torch.manual_seed(0)
+    # vectors not converged in the first, so any update would show
+    nets = [_layer_with_random_vectors(), _convert(Net())]
+    x4, x8 = torch.randn(2, 4), torch.randn(2, 3, 8)
+    for model, x in zip(nets, (x4, x8)):
+        before = _buffers(model)
+        model.eval()
+        for _ in range(3):
+            model(x)
+            model(x).sum().backward()
+        model.train()
+        with torch.no_grad():
+            model(x)
+        sigma_reparam_state(model)
+        with torch.no_grad():
+            for m in model.modules():
+                getattr(m, "weight", None)
+        after = _buffers(model)
+        assert after.keys() == before.keys()
+        for k in before:
+            assert torch.equal(before[k], after[k]), k
+        model(x)  # and a training forward with grad does move them
+        assert any(not torch.equal(before[k], b) for k, b in model.named_buffers())
+
+
+def test_autocast_bf16_keeps_vectors_fp32_without_grad():
+    layer = _layer_with_random_vectors()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        with torch.no_grad():  # (a read under no_grad does not step the vectors)
+            assert layer.weight.dtype == torch.float32  # W_hat itself is built in fp32
+    assert y.dtype == torch.bfloat16
+    twin(x)  # the same step in plain fp32
+    p, q = _param(layer), _param(twin)
+    assert p._u.dtype == p._v.dtype == torch.float32
+    assert not p._u.requires_grad and p._u.grad_fn is None
+    assert torch.equal(p._u, q._u) and torch.equal(p._v, q._v)
+    y.float().sum().backward()
+    assert torch.isfinite(_original(layer).grad).all()
+
+
+def test_sigma_is_v_W_u_with_gradient():
+    layer = _layer_with_random_vectors()
+    p = _param(layer)
+    W = _original(layer)
+    sigma = p.sigma(W)
+    assert sigma.requires_grad
+    (g,) = torch.autograd.grad(sigma.sum(), W)
+    torch.testing.assert_close(g, torch.outer(p._v[0], p._u[0]))  # d(vᵀWu)/dW = v uᵀ
+    assert sigma.item() == pytest.approx((p._v[0] @ W @ p._u[0]).item(), rel=1e-6)
+
+
+def test_sigma_tracks_spectral_norm_of_slowly_changing_weight():
+    torch.manual_seed(1)
+    m, n = 24, 16
+    Q1, _ = torch.linalg.qr(torch.randn(m, m))
+    Q2, _ = torch.linalg.qr(torch.randn(n, n))
+    s = 2.0 * 0.8 ** torch.arange(n, dtype=torch.float32)  # spectral gap sigma2/sigma1 = 0.8
+    W0 = Q1[:, :n] @ torch.diag(s) @ Q2.T
+    drift = 1e-3 * torch.randn(m, n)  # per step, ~0.05% of the norm
+    layer = _layer_with_random_vectors(out=m, inp=n)
+    x = torch.randn(2, n)
+    for t in range(40):
+        with torch.no_grad():
+            _original(layer).copy_(W0 + t * drift)
+        layer(x)
+    estimate = sigma_reparam_state(layer)["weight"]["sigma"]
+    exact = torch.linalg.matrix_norm(_original(layer).detach().double(), 2).item()
+    assert abs(estimate - exact) <= 1e-4 * exact
+
+
+# ---------------------------------------------------------------- gradient ----------------
+
+def _reparam_fn(p: SigmaReparam):
+    """(W, gamma) -> W_hat, with the parametrization's vectors held fixed."""
+    return lambda W, gamma: torch.func.functional_call(p, {"gamma": gamma}, (W,))
+
+
+def test_gradient_matches_closed_form_and_gradcheck_float64():
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 7).double()
+    sigma_reparam(layer, gamma_init=1.7)
+    layer.train()
+    layer(torch.randn(2, 5, dtype=torch.float64))  # one step: v, u no longer exact
+    layer.eval()  # freeze the vectors: W_hat is a function of W alone
+    p = _param(layer)
+    W = _original(layer)
+    C = torch.randn(7, 5, dtype=torch.float64)
+    W.grad = None
+    (layer.weight * C).sum().backward()  # G = dL/dW_hat = C
+    u, v, gamma = p._u[0], p._v[0], p.gamma.detach()
+    sigma = v @ W.detach() @ u
+    closed = gamma / sigma * (C - (C * W.detach()).sum() / sigma * torch.outer(v, u))
+    torch.testing.assert_close(W.grad, closed, rtol=1e-12, atol=1e-12)
+    Wd = W.detach().clone().requires_grad_()
+    gd = p.gamma.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(_reparam_fn(p), (Wd, gd))
+    assert torch.autograd.gradgradcheck(_reparam_fn(p), (Wd, gd))
+
+
+@settings(max_examples=25)
+@given(m=st.integers(1, 9), n=st.integers(1, 9), seed=st.integers(0, 2**16),
+       log_scale=st.floats(-3, 3))
+def test_weight_gradient_is_orthogonal_to_weight(m, n, seed, log_scale):
+    """<dL/dW, W> = 0 for any loss: W_hat does not change when W is rescaled."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(n, m).double()
+    with torch.no_grad():
+        layer.weight.mul_(10.0 ** log_scale)
+    sigma_reparam(layer, gamma_init="one")
+    x = torch.randn(4, n, dtype=torch.float64)
+    W_hat = layer.weight  # training read: includes a power-iteration step
+    W_hat.retain_grad()
+    torch.sin(F.linear(x, W_hat, layer.bias)).pow(2).sum().backward()
+    W, g, G = _original(layer).detach(), _original(layer).grad, W_hat.grad
+    sigma = sigma_reparam_state(layer)["weight"]["sigma"]
+    # size of each of the two terms of the closed form: (gamma/sigma)|G||W|
+    assert abs((g * W).sum().item()) <= 1e-12 * G.norm().item() * W.norm().item() / sigma
+
+
+# ---------------------------------------------------------------- fold, state, copies -----
+
+def _trained(seed=0, steps=3):
+    torch.manual_seed(seed)
+    net = _convert(Net())
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        net(torch.randn(2, 5, 8)).pow(2).mean().backward()
+        opt.step()
+    return net
+
+
+def test_fold_equals_reparametrised_eval_output():
+    net = _trained().eval()
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        expected = net(x)
+    state = sigma_reparam_state(net)
+    assert any(abs(s["gamma"] - s["sigma"]) > 1e-3 for s in state.values())  # gamma moved
+    fold_sigma_reparam(net)
+    assert sigma_reparam_state(net) == {}
+    assert not any(is_sigma_reparametrized(m) for m in net.modules())
+    assert set(net.state_dict()) == set(Net().state_dict())  # a plain model's keys
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_state_dict_round_trip_into_fresh_converted_model():
+    net = _trained(seed=0)
+    sd = net.state_dict()
+    assert any(k.endswith("_u") for k in sd) and any(k.endswith("gamma") for k in sd)
+    fresh = _convert(Net())  # different init (global RNG moved on)
+    fresh.load_state_dict(sd)
+    assert sigma_reparam_state(fresh) == sigma_reparam_state(net)
+    x = torch.randn(2, 5, 8)
+    for mode in (False, True):  # eval, then a training forward (which also steps the vectors)
+        net.train(mode), fresh.train(mode)
+        torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+    for k, b in net.named_buffers():
+        assert torch.equal(b, fresh.get_buffer(k))
+
+
+def test_deepcopy_is_equal_and_independent():
+    net = _trained()
+    twin = copy.deepcopy(net)
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(twin(x), net(x), rtol=0, atol=0)  # both stepped once, identically
+    before = _buffers(net)
+    twin(x)
+    for k, b in net.named_buffers():
+        assert torch.equal(b, before[k])
+    assert not torch.equal(twin.get_buffer("inp.parametrizations.weight.0._u"),
+                           before["inp.parametrizations.weight.0._u"])
+
+
+def test_double_forward_before_one_backward():
+    layer = _layer_with_random_vectors()
+    p = _param(layer)
+    W = _original(layer).detach()
+    u, v = p._u[0].clone(), p._v[0].clone()
+    x = torch.randn(2, 4)
+    loss = layer(x).sum() + layer(x).pow(2).sum()
+    loss.backward()
+    for _ in range(2):
+        u, v = _manual_step(W, u, v)
+    torch.testing.assert_close(p._u[0], u)
+    assert torch.isfinite(_original(layer).grad).all()
+
+
+def test_zero_weight_gives_no_nan():
+    layer = SigmaReparamLinear(4, 3, gamma_init="one")
+    with torch.no_grad():
+        _original(layer).zero_()
+    y = layer(torch.randn(2, 4))
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(_original(layer).grad).all()
+    assert torch.isfinite(_param(layer)._u).all() and torch.isfinite(_param(layer)._v).all()
+    assert torch.equal(layer.weight, torch.zeros(3, 4))
+
+
+def test_non_finite_weight_raises_clear_error_in_training():
+    layer = SigmaReparamLinear(4, 3)
+    with torch.no_grad():
+        _original(layer)[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        layer(torch.randn(2, 4))
+    inf_layer = nn.Linear(2, 2)
+    with torch.no_grad():
+        inf_layer.weight.fill_(float("inf"))
+    with pytest.raises(ValueError, match="non-finite"):
+        sigma_reparam(inf_layer)
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match="gamma_init"):
+        sigma_reparam(nn.Linear(2, 2), gamma_init="two")
+    with pytest.raises(ValueError, match="n_power_iterations"):
+        sigma_reparam(nn.Linear(2, 2), n_power_iterations=0)
+    with pytest.raises(ValueError, match="eps"):
+        sigma_reparam(nn.Linear(2, 2), eps=0.0)
+    with pytest.raises(ValueError, match="name"):
+        sigma_reparam(nn.Linear(2, 2), "kernel")
+    with pytest.raises(ValueError, match="already"):
+        sigma_reparam(sigma_reparam(nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="module"):
+        sigma_reparam(torch.zeros(2, 2))
+    with pytest.raises(TypeError, match="layer_types"):
+        convert_to_sigma_reparam(nn.Linear(2, 2), layer_types=())
+
+
+def test_convert_respects_layer_types_and_exclude():
+    net = convert_to_sigma_reparam(Net(), exclude=["out"])
+    assert sorted(sigma_reparam_state(net)) == ["attn.out_proj.weight", "inp.weight"]
+    net = convert_to_sigma_reparam(Net(), exclude=lambda name, m: name.startswith("attn"))
+    assert sorted(sigma_reparam_state(net)) == ["inp.weight", "out.weight"]
+    convert_to_sigma_reparam(net)  # converted layers are left alone, the rest converted
+    assert sorted(sigma_reparam_state(net)) == ["attn.out_proj.weight", "inp.weight", "out.weight"]
+    assert all(len(m.parametrizations.weight) == 1 for m in (net.inp, net.out, net.attn.out_proj))
+
+
+def test_torch_compile_training_step_matches_eager():
+    torch.manual_seed(0)
+    eager = nn.Sequential(SigmaReparamLinear(8, 8), nn.Tanh(), SigmaReparamLinear(8, 4))
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(3, 8)
+        y_c, y_e = compiled(x), eager(x)
+        torch.testing.assert_close(y_c, y_e)
+        y_c.sum().backward(), y_e.sum().backward()
+    for (k, b), (_, c) in zip(model.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(b, c)
+    for (k, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=k)
