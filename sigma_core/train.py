@@ -1,0 +1,435 @@
+"""Training loop: the GPT on the stdlib bytes, with attention entropy and sigma logged.
+
+:class:`Trainer` owns everything a run's state consists of (model, AdamW optimiser, the data
+order's :class:`torch.Generator`, the step counter) and writes a run directory:
+
+- ``config.json``: the full :class:`~sigma_core.config.TrainConfig` plus provenance (git
+  commit, package versions, device name, corpus SHA-256 and size);
+- ``metrics.jsonl``: one JSON record per logged step, appended and flushed as it is written;
+- ``samples/step_NNNNNN.npz``: per attention row of a fixed held-out batch, the measured entropy,
+  the centred logit norm, the number of visible keys T_i and the theorem's sigma-bold
+  (theory/README.md eq. (1)), for the confirmation figure of :mod:`sigma_core.report`;
+- ``checkpoint.pt``: model, optimiser, data-order and RNG state, written atomically.
+
+Optimisation follows shared/CALIBRATION.md: AdamW betas (0.9, 0.95), no weight decay, no
+warm-up, constant learning rate, bf16 autocast on CUDA.
+
+Example
+-------
+>>> import tempfile
+>>> from sigma_core.config import preset
+>>> with tempfile.TemporaryDirectory() as out:
+...     summary = Trainer(preset("cpu-smoke", steps=4, log_every=2, eval_every=4), out).run()
+>>> summary["steps"], summary["bound_violations"]
+(4, 0)
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sigma_core.config import TrainConfig
+from sigma_core.data import Corpus, get_batch, load_stdlib_corpus
+from sigma_core.entropy import VARIANTS, attention_row_stats, bound_variant_norms, head_sigma
+from sigma_core.model import GPT, build_model
+from sigma_core.monitor import EntropyMonitor
+from theory import entropy_lower_bound
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.json"
+SUMMARY_NAME = "summary.json"
+#: dense bf16 peak of the GPUs we know, for model FLOP utilisation (FLOP/s)
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def git_commit() -> str:
+    """The checkout's HEAD commit (with ``-dirty`` when files differ), or ``"unknown"``."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages a result depends on."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "entropy-collapse"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable accelerator or CPU name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def flops_per_token(model: GPT) -> float:
+    """Training FLOPs per token, 6N + 12·L·T·d (PaLM appendix B; nanoGPT ``estimate_mfu``)."""
+    cfg = model.cfg
+    n_params = sum(p.numel() for p in model.parameters()) - model.pos_emb.weight.numel()
+    return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.block_size * cfg.d_model
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+#: absolute slack (nats) when comparing a measured float32 entropy with the float64 bound
+ENTROPY_ATOL = 1e-4
+
+
+@torch.no_grad()
+def row_samples(model: GPT, idx: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every attention row of ``model`` on tokens ``idx`` ``(B, T)``, against the bound of eq. (1).
+
+    One float32 forward in eval mode (no power-iteration step) with hooks on the attention
+    probes.  For each (layer, head, batch, query) row it returns flat arrays ``layer``, ``head``,
+    ``n_keys`` (T_i), ``entropy`` (nats) and, for each variant of :data:`sigma_core.entropy.VARIANTS`
+    (``theorem``: sigma_h ||X||_2^2 of eq. (1); ...; ``exact``: the measured centred logit norm),
+    an upper bound on the row's centred logit norm.  ``violations`` counts rows whose entropy
+    lies below ``h_{T_i}`` of any variant by more than :data:`ENTROPY_ATOL` (it must be 0).
+    """
+    was_training = model.training
+    model.eval()
+    seen: list[tuple] = []
+    hooks = [attn.probe.register_forward_hook(lambda m, args, out: seen.append(args))
+             for attn in model.attention_modules()]
+    try:
+        model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("layer", "head", "n_keys", "entropy", *VARIANTS)}
+    for layer, (attn, (x, q, k)) in enumerate(zip(model.attention_modules(), seen, strict=True)):
+        stats = attention_row_stats(q, k, scale=attn.scale, causal=attn.causal)  # (B, H, T) each
+        sigma = head_sigma(*attn.head_weights(), scale=attn.scale)  # (H,)
+        norms = bound_variant_norms(stats, sigma, x)  # {variant: (B, H, T)}
+        B, H, T = stats.entropy.shape
+        cols["layer"].append(np.full(B * H * T, layer, dtype=np.int16))
+        cols["head"].append(np.broadcast_to(np.arange(H, dtype=np.int16)[None, :, None], (B, H, T)).ravel())
+        cols["n_keys"].append(stats.n_keys.cpu().numpy().astype(np.int32).ravel())
+        cols["entropy"].append(stats.entropy.float().cpu().numpy().ravel())
+        for v in VARIANTS:
+            cols[v].append(norms[v].cpu().numpy().ravel())
+    out = {k: np.concatenate(v) for k, v in cols.items()}
+    bound = np.max([entropy_lower_bound(out[v], out["n_keys"]) for v in VARIANTS], axis=0)
+    out["violations"] = np.int64(np.count_nonzero(out["entropy"] < bound - ENTROPY_ATOL))
+    return out
+
+
+@contextmanager
+def observed(model: GPT, enabled: bool = True):
+    """Watch the next forwards of ``model`` with an :class:`~sigma_core.monitor.EntropyMonitor`.
+
+    Yields the monitor (``None`` when not ``enabled``); turn it into a metrics record with
+    :func:`attention_metrics`.  The monitor's hooks are removed on exit.
+    """
+    if not enabled:
+        yield None
+        return
+    monitor = EntropyMonitor(model, every=1)
+    try:
+        yield monitor
+    finally:
+        monitor.close()
+
+
+def attention_metrics(monitor: EntropyMonitor, model: GPT) -> dict:
+    """Per-step attention fields of ``metrics.jsonl`` from the monitor's last records.
+
+    ``entropy[l][h]``: mean entropy of head h of layer l over rows with at least T/2 keys (the
+    convention of shared/CALIBRATION.md); ``entropy_mean`` its mean over layers and heads;
+    ``entropy_min_head`` its minimum over heads; ``entropy_min_row`` the lowest single row;
+    ``sigma[l][h]`` = sigma_h (eq. (1), with the logit scale) and ``sigma_max`` its maximum;
+    ``rows_checked`` and ``bound_violations`` (rows below any of the bounds h_{T_i}, eq. (2),
+    summed over the variants; it must stay 0); ``gamma``: sigmaReparam's gamma of each attention
+    projection when the model is reparametrised.
+    """
+    recs = monitor.last
+    if not recs:
+        raise ValueError("monitor has no records: was the model run inside observed()?")
+    n_layer, n_head = max(r["layer"] for r in recs) + 1, max(r["head"] for r in recs) + 1
+    ent = np.full((n_layer, n_head), np.nan)
+    sig = np.full((n_layer, n_head), np.nan)
+    row_min, violations, rows = math.inf, 0, 0
+    for r in recs:
+        e = r["entropy_mean_half"] if r["entropy_mean_half"] is not None else r["entropy_mean"]
+        ent[r["layer"], r["head"]] = e
+        sig[r["layer"], r["head"]] = r["sigma"]
+        row_min = min(row_min, r["entropy_min"])
+        violations += sum(r[f"violations_{v}"] or 0 for v in VARIANTS)
+        rows += r["bound_rows"]
+    out = {"entropy_mean": float(ent.mean()), "entropy_min_head": float(ent.min()),
+           "entropy_min_row": float(row_min), "sigma_max": float(sig.max()),
+           "rows_checked": int(rows), "bound_violations": int(violations),
+           "entropy": ent.tolist(), "sigma": sig.tolist()}
+    if any(True for _ in _sigma_state_names(model)):
+        from sigma_core.reparam import sigma_reparam_state
+
+        out["gamma"] = {k: v["gamma"] for k, v in sigma_reparam_state(model).items() if ".attn." in k}
+    return out
+
+
+def _sigma_state_names(model: GPT):
+    from sigma_core.reparam import SigmaReparam
+
+    return (m for m in model.modules() if isinstance(m, SigmaReparam))
+
+
+class Trainer:
+    """One training run of :class:`~sigma_core.model.GPT` under a :class:`TrainConfig`.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        What to train and how.
+    out_dir : path or None
+        The run directory (created); ``None`` trains without writing anything.
+    corpus : Corpus, optional
+        Pre-loaded data (default: :func:`~sigma_core.data.load_stdlib_corpus` of the config).
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *,
+                 corpus: Corpus | None = None):
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        cfg.validate()
+        self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.corpus = corpus if corpus is not None else load_stdlib_corpus(cfg.corpus_bytes, cfg.val_fraction)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                           weight_decay=cfg.weight_decay)
+        self.data_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.train_time = 0.0
+        self.tokens_seen = 0
+        self.compiled = torch.compile(self.model) if cfg.compile else self.model
+        self._flops_per_token = flops_per_token(self.model)
+        self._val_generator_seed = cfg.seed + 2
+        self.summary: dict = {}
+
+    # ------------------------------------------------------------------ state
+    def autocast(self):
+        """bf16 autocast on CUDA, nothing elsewhere."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the run exactly: model, optimiser, data order, RNG."""
+        return {"config": self.cfg.to_dict(), "step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "data_generator": self.data_generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "train_time": self.train_time,
+                "tokens_seen": self.tokens_seen, "corpus_sha256": self.corpus.sha256}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` when it belongs to another config."""
+        if state.get("config") != self.cfg.to_dict():
+            raise ValueError("checkpoint config differs from this trainer's config")
+        if state.get("corpus_sha256") != self.corpus.sha256:
+            raise ValueError("checkpoint was trained on a different corpus (sha256 differs)")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.data_generator.set_state(state["data_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.train_time = float(state["train_time"])
+        self.tokens_seen = int(state["tokens_seen"])
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        """Write :meth:`state_dict` atomically (default ``RUN_DIR/checkpoint.pt``)."""
+        if path is None:
+            if self.out_dir is None:
+                raise ValueError("path is required when the trainer has no out_dir")
+            path = self.out_dir / CHECKPOINT_NAME
+        atomic_torch_save(self.state_dict(), path)
+        return Path(path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint` into this trainer."""
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, *, observe: bool = False) -> dict:
+        """One AdamW step on a fresh batch; with ``observe`` the forward runs uncompiled so the
+        attention probes (and the entropy monitor listening on them) see it."""
+        cfg = self.cfg
+        self.model.train()
+        x, y = get_batch(self.corpus.train, cfg.batch_size, cfg.block_size, self.data_generator,
+                         self.device)  # (B, T) each
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model = self.model if observe else self.compiled
+        with self.autocast():
+            _, loss = model(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        out = {"train_loss": loss.item(), "grad_norm": grad_norm.item()}
+        self.train_time += time.perf_counter() - t0
+        self.tokens_seen += cfg.tokens_per_step
+        self.step += 1
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over ``eval_batches`` held-out batches (the same batches at every call)."""
+        self.model.eval()
+        g = torch.Generator().manual_seed(self._val_generator_seed)
+        losses = []
+        for _ in range(self.cfg.eval_batches):
+            x, y = get_batch(self.corpus.val, self.cfg.batch_size, self.cfg.block_size, g, self.device)
+            with self.autocast():
+                losses.append(self.model(x, y)[1].item())
+        self.model.train()
+        return float(np.mean(losses))
+
+    # ------------------------------------------------------------------ run
+    def write_config(self) -> dict:
+        """The run's ``config.json``: the config plus provenance."""
+        record = {**self.cfg.to_dict(), "git_commit": git_commit(), "versions": package_versions(),
+                  "device": str(self.device), "device_name": device_name(self.device),
+                  "corpus": self.corpus.describe(), "corpus_sha256": self.corpus.sha256,
+                  "corpus_size": self.corpus.size, "n_params": sum(p.numel() for p in self.model.parameters()),
+                  "flops_per_token": self._flops_per_token, "argv": sys.argv}
+        if self.out_dir is not None:
+            atomic_write_text(self.out_dir / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
+        return record
+
+    def run(self) -> dict:
+        """Train until ``cfg.steps``, logging, sampling and checkpointing; returns the summary."""
+        cfg = self.cfg
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        metrics = open(self.out_dir / METRICS_NAME, "a") if self.out_dir is not None else None
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress,
+                       desc=f"{cfg.reparam} lr={cfg.lr:g}", dynamic_ncols=True)
+            last: dict = {}
+            while self.step < cfg.steps:
+                step = self.step + 1
+                logging = step % cfg.log_every == 0 or step == cfg.steps or step == 1
+                with observed(self.model, enabled=logging) as monitor:
+                    out = self.train_step(observe=logging)
+                bar.update(1)
+                if not logging:
+                    continue
+                record = {"step": step, **out, "lr": cfg.lr, **attention_metrics(monitor, self.model),
+                          "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
+                          "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9)}
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    record["val_loss"] = self.evaluate()
+                if step in cfg.sample_steps:
+                    samples = row_samples(self.model, self._sample_batch())
+                    record["sample_violations"] = int(samples["violations"])
+                    if self.out_dir is not None:
+                        path = self.out_dir / "samples" / f"step_{step:06d}.npz"
+                        path.parent.mkdir(exist_ok=True)
+                        np.savez_compressed(path, **{k: v for k, v in samples.items() if k != "violations"})
+                if not all(math.isfinite(v) for v in (out["train_loss"], out["grad_norm"])):
+                    record["diverged"] = True
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                last = record
+                bar.set_postfix(loss=f"{out['train_loss']:.3f}", ent=f"{record['entropy_mean']:.2f}",
+                                ent_min=f"{record['entropy_min_head']:.3f}")
+            bar.close()
+        finally:
+            if metrics is not None:
+                metrics.close()
+        if self.out_dir is not None:
+            self.save_checkpoint()
+        self.summary = self._summarise(last)
+        if self.out_dir is not None:
+            atomic_write_text(self.out_dir / SUMMARY_NAME, json.dumps(self.summary, indent=2) + "\n")
+        return self.summary
+
+    def _sample_batch(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self._val_generator_seed + 1)
+        x, _ = get_batch(self.corpus.val, self.cfg.sample_batch, self.cfg.block_size, g, self.device)
+        return x  # (B, T)
+
+    def _summarise(self, last: dict) -> dict:
+        tokens_per_s = self.tokens_seen / max(self.train_time, 1e-9)
+        summary = {"steps": self.step, "preset": self.cfg.preset, "reparam": self.cfg.reparam,
+                   "lr": self.cfg.lr, "final_train_loss": last.get("train_loss"),
+                   "final_val_loss": last.get("val_loss"), "entropy_mean": last.get("entropy_mean"),
+                   "entropy_min_head": last.get("entropy_min_head"), "sigma_max": last.get("sigma_max"),
+                   "bound_violations": None, "train_time_s": self.train_time,
+                   "tokens_per_s": tokens_per_s, "device_name": device_name(self.device)}
+        if self.out_dir is not None:
+            from sigma_core.report import read_metrics  # noqa: PLC0415
+
+            records = read_metrics(self.out_dir)
+            summary["bound_violations"] = int(sum(r.get("bound_violations", 0) + r.get("sample_violations", 0)
+                                                  for r in records))
+        else:
+            summary["bound_violations"] = int(last.get("bound_violations", 0) + last.get("sample_violations", 0))
+        if self.device.type == "cuda":
+            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name(self.device)), None)
+            if peak:
+                summary["mfu"] = tokens_per_s * self._flops_per_token / peak
+        return summary
