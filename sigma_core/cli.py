@@ -12,6 +12,8 @@ import sys
 
 #: modules that register a sub-command, in the order ``--help`` lists them
 COMMAND_MODULES = (
+    "sigma_core.cmd_train",
+    "sigma_core.cmd_report",
     "sigma_core.cmd_demo",
 )
 
