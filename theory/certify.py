@@ -4,15 +4,37 @@ Everything here is a numerical *twin* of a closed form in ``theory/README.md``:
 
 - :func:`entropy_lower_bound_mp` evaluates h_T(s) of eq. (2) with mpmath at any precision
   (the reference the tests and the committed reference data are checked against);
+- :func:`minimize_entropy` searches for the global minimum of the softmax entropy on the sphere
+  ``||z - mean(z)|| = s`` from random and adversarial starts, with analytic gradients, and
+  reports its gap to h_T(s): the numerical twin of step 2 of the proof, eqs. (5)-(6);
+- :func:`box_min_entropy` is the exact minimum over the box ``|z_j| <= s`` (the per-token-norm
+  pitfall, eq. (11)), :func:`box_min_entropy_search` its brute-force twin, and
+  :func:`one_hot_counterexample` shows that the one-hot row is not the box minimiser.
 
 References are to the equation numbers of ``theory/README.md``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mpmath
 import numpy as np
+from scipy.linalg import null_space
+from scipy.optimize import minimize
+from scipy.special import log_softmax
 
-__all__ = ["entropy_lower_bound_mp"]
+from theory.bound import entropy_lower_bound, softmax_entropy
+
+__all__ = [
+    "entropy_lower_bound_mp",
+    "EntropyMinimum",
+    "minimize_entropy",
+    "BoxMinimum",
+    "box_min_entropy",
+    "box_min_entropy_search",
+    "OneHotCounterexample",
+    "one_hot_counterexample",
+]
 
 
 def _check_seq_len_mp(seq_len):
@@ -100,3 +122,318 @@ def entropy_lower_bound_mp(logit_norm, seq_len, dps=50):
     if scalar:
         return out[()]
     return out
+
+
+# ------------------------------------------------------------------ validation helpers
+def _check_scalar_norm(x, name):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {x!r}")
+    x = float(x)
+    if not np.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {x!r}")
+    return x
+
+
+def _check_int(x, name, minimum):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {x!r}")
+    if x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    return int(x)
+
+
+def _entropy_and_grad(z):
+    """Softmax entropy of z and its gradient, eq. (6): dH/dz_k = -p_k (z_k - sum_j p_j z_j)."""
+    log_p = log_softmax(z)
+    p = np.exp(log_p)
+    h = -np.dot(p, log_p)
+    return h, -p * (z - np.dot(p, z))
+
+
+# ------------------------------------------------------------ global minimisation on the sphere
+@dataclass(frozen=True)
+class EntropyMinimum:
+    """Result of :func:`minimize_entropy`.
+
+    Attributes
+    ----------
+    value : float
+        The least entropy found (nats).
+    logits : numpy.ndarray
+        The minimiser, centred, with norm ``logit_norm``; shape ``(seq_len,)``.
+    gap : float
+        ``value - h_T(s)`` (eq. (2)): >= 0 up to rounding if the bound holds, ~0 if it is tight.
+    bound : float
+        h_T(s) from :func:`theory.bound.entropy_lower_bound`.
+    start_values : numpy.ndarray
+        The local minimum reached from each start (random starts first, then adversarial).
+    """
+
+    value: float
+    logits: np.ndarray
+    gap: float
+    bound: float
+    start_values: np.ndarray
+
+
+def _two_valued_direction(n_high, seq_len):
+    """Unit centred direction with ``n_high`` equal high entries: the critical points of eq. (6)."""
+    d = np.full(seq_len, -n_high / seq_len)
+    d[:n_high] += 1.0
+    return d / np.linalg.norm(d)
+
+
+def minimize_entropy(logit_norm, seq_len, *, restarts=16, seed=0, gtol=1e-10):
+    r"""Numerically minimise the softmax entropy over the sphere ``||z - mean(z)|| = s``.
+
+    Step 2 of the proof of Theorem 3.1 claims
+
+    .. math:: \min_{z \in \mathbb R^T,\ \|z - \bar z\mathbf 1\| = s} H(\mathrm{softmax}(z)) = h_T(s),
+
+    attained at z* of eq. (5). This function checks that claim without using it. It
+    parametrises the sphere as :math:`z = s\,B u/\|u\|`, with B an orthonormal basis of the
+    centred plane (eq. (4): softmax ignores shifts, so that plane is all there is), and runs
+    BFGS (``scipy.optimize.minimize``) with the analytic gradient of eq. (6) chained
+    through the normalisation, on the rescaled objective :math:`(H - \log T)\,T/s^2` (of order 1
+    even for tiny s, where H varies on the sphere only at order s³).
+    Starts: ``restarts`` uniform random points, plus up to ``restarts`` adversarial ones: small
+    perturbations of the other critical points, the two-valued rows with k = 2, ..., T-1 high
+    entries (the saddles and maximiser of eq. (6)); the one-high vertex itself is never a start.
+    (Minimising on the sphere is minimising on the ball, since h_T decreases in s, eq. (2).)
+
+    Parameters
+    ----------
+    logit_norm : float
+        s >= 0, the norm of the centred logits.
+    seq_len : int
+        T >= 2.
+    restarts : int, default 16
+        Number of random starts (and the maximum number of adversarial starts), >= 1.
+    seed : int, default 0
+        Seed of ``numpy.random.default_rng`` for the starts and perturbations.
+    gtol : float, default 1e-10
+        BFGS gradient tolerance on the rescaled objective.
+
+    Returns
+    -------
+    EntropyMinimum
+        ``value``, ``logits``, ``gap = value - h_T(s)``, ``bound``, ``start_values``.
+
+    Examples
+    --------
+    The search lands on the closed form of eq. (2), from above:
+
+    >>> r = minimize_entropy(1.0, 5, restarts=4, seed=1)
+    >>> bool(0 <= r.gap < 1e-9 or abs(r.gap) < 1e-12)
+    True
+    >>> bool(np.isclose(np.linalg.norm(r.logits), 1.0)) and bool(abs(r.logits.sum()) < 1e-12)
+    True
+    """
+    s = _check_scalar_norm(logit_norm, "logit_norm")
+    t = _check_int(seq_len, "seq_len", 2)
+    restarts = _check_int(restarts, "restarts", 1)
+    seed = _check_int(seed, "seed", 0)
+    if not (isinstance(gtol, (int, float)) and gtol > 0):
+        raise ValueError(f"gtol must be a positive number, got {gtol!r}")
+    bound = float(entropy_lower_bound(s, t))
+    if s == 0.0:
+        z = np.zeros(t)
+        value = float(softmax_entropy(z))
+        return EntropyMinimum(value, z, value - bound, bound, np.array([value]))
+    basis = null_space(np.ones((1, t)))               # (T, T-1), orthonormal, columns sum to 0
+    log_t, scale = np.log(t), t / s**2
+
+    def objective(u):
+        norm_u = np.linalg.norm(u)
+        u_hat = u / norm_u
+        h, grad_z = _entropy_and_grad(s * (basis @ u_hat))
+        grad_u = basis.T @ grad_z
+        grad_u = (s / norm_u) * (grad_u - u_hat * np.dot(u_hat, grad_u))
+        return (h - log_t) * scale, grad_u * scale
+
+    rng = np.random.default_rng(seed)
+    starts = [rng.standard_normal(t - 1) for _ in range(restarts)]
+    n_highs = np.unique(np.linspace(2, t - 1, num=min(restarts, t - 2)).round().astype(int)) \
+        if t > 2 else np.array([], dtype=int)
+    for k in n_highs:
+        u0 = basis.T @ _two_valued_direction(int(k), t)
+        starts.append(u0 + 1e-3 * rng.standard_normal(t - 1))
+    values, minimisers = [], []
+    for u0 in starts:
+        res = minimize(objective, u0, jac=True, method="BFGS", options={"gtol": gtol})
+        z = s * (basis @ (res.x / np.linalg.norm(res.x)))
+        values.append(float(softmax_entropy(z)))
+        minimisers.append(z)
+    best = int(np.argmin(values))
+    return EntropyMinimum(values[best], minimisers[best], values[best] - bound, bound,
+                          np.array(values))
+
+
+# ------------------------------------------------------------------- the box pitfall
+@dataclass(frozen=True)
+class BoxMinimum:
+    """Result of :func:`box_min_entropy`.
+
+    Attributes
+    ----------
+    value : float
+        The least entropy over the box ``|z_j| <= bound`` (nats).
+    n_high : int
+        k, the number of logits at ``+bound`` in a minimiser (the others are at ``-bound``).
+    logits : numpy.ndarray
+        That minimiser, shape ``(seq_len,)``.
+    vertex_values : numpy.ndarray
+        ``vertex_values[k]``, k = 0..T: the entropy with k logits at ``+bound``, T-k at ``-bound``.
+    """
+
+    value: float
+    n_high: int
+    logits: np.ndarray
+    vertex_values: np.ndarray
+
+
+def box_min_entropy(bound, seq_len):
+    r"""Exact minimum of the softmax entropy over the box ``|z_j| <= b``, eq. (11).
+
+    This is the feasible set when each token has ``||x_t|| <= 1`` and ``||W||_2 <= b`` (per-token
+    norms), not the ℓ2 ball of Theorem 3.1. The minimum is attained at a vertex: if a
+    coordinate k were strictly inside, stationarity (eq. (6)) would force
+    :math:`z_k = \sum_j p_j z_j`, where :math:`\partial^2 H/\partial z_k^2 = -p_k(1 - p_k) < 0`,
+    a strict local maximum along that coordinate. At a vertex the entropy depends only on the
+    number k of logits at +b; with gap G = 2b and :math:`Z_k = k + (T-k)e^{-G}`,
+
+    .. math:: H_k = \log Z_k + \frac{(T-k)\,G\,e^{-G}}{Z_k}\quad(1 \le k \le T),\qquad H_0 = \log T,
+
+    and the minimum is :math:`\min_k H_k`. For small b the minimiser has k near T/2, so the
+    one-hot row (k = 1) is not extremal; see :func:`one_hot_counterexample`.
+
+    Parameters
+    ----------
+    bound : float
+        b >= 0, the bound on every logit.
+    seq_len : int
+        T >= 1.
+
+    Returns
+    -------
+    BoxMinimum
+        ``value``, ``n_high`` (the smallest minimising k), ``logits``, ``vertex_values``.
+
+    Examples
+    --------
+    At T = 10, b = 1 two high logits beat one:
+
+    >>> r = box_min_entropy(1.0, 10)
+    >>> r.n_high, bool(r.value < r.vertex_values[1])
+    (2, True)
+    >>> bool(np.isclose(softmax_entropy(r.logits), r.value))
+    True
+    """
+    b = _check_scalar_norm(bound, "bound")
+    t = _check_int(seq_len, "seq_len", 1)
+    k = np.arange(1, t + 1, dtype=np.float64)
+    gap = 2.0 * b
+    decay = np.exp(-gap)
+    z_k = k + (t - k) * decay
+    vertex = np.empty(t + 1)
+    vertex[0] = np.log(t)
+    vertex[1:] = np.log(z_k) + (t - k) * gap * decay / z_k
+    n_high = int(np.argmin(vertex))
+    logits = np.where(np.arange(t) < n_high, b, -b)
+    return BoxMinimum(float(vertex[n_high]), n_high, logits, vertex)
+
+
+def box_min_entropy_search(bound, seq_len, *, restarts=16, seed=0):
+    """Brute-force twin of :func:`box_min_entropy`: L-BFGS-B over the box from random starts.
+
+    Minimises the softmax entropy over ``[-b, b]^T`` with the analytic gradient of eq. (6)
+    (``scipy.optimize.minimize``, ``method="L-BFGS-B"``) from ``restarts`` uniform random
+    starts in the box. It does not use the vertex argument.
+
+    Parameters
+    ----------
+    bound : float
+        b >= 0.
+    seq_len : int
+        T >= 1.
+    restarts : int, default 16
+        Number of random starts, >= 1.
+    seed : int, default 0
+        Seed of ``numpy.random.default_rng``.
+
+    Returns
+    -------
+    tuple of (float, numpy.ndarray)
+        The least entropy found and its logits.
+
+    Examples
+    --------
+    >>> value, z = box_min_entropy_search(1.0, 6, restarts=8)
+    >>> bool(abs(value - box_min_entropy(1.0, 6).value) < 1e-8)
+    True
+    """
+    b = _check_scalar_norm(bound, "bound")
+    t = _check_int(seq_len, "seq_len", 1)
+    restarts = _check_int(restarts, "restarts", 1)
+    seed = _check_int(seed, "seed", 0)
+    rng = np.random.default_rng(seed)
+    best_value, best_z = np.inf, None
+    for _ in range(restarts):
+        z0 = rng.uniform(-b, b, size=t)
+        res = minimize(_entropy_and_grad, z0, jac=True, method="L-BFGS-B",
+                       bounds=[(-b, b)] * t, options={"ftol": 1e-15, "gtol": 1e-12})
+        value = float(softmax_entropy(res.x))
+        if value < best_value:
+            best_value, best_z = value, res.x
+    return best_value, best_z
+
+
+@dataclass(frozen=True)
+class OneHotCounterexample:
+    """Result of :func:`one_hot_counterexample`.
+
+    Attributes
+    ----------
+    naive : float
+        Entropy of the one-hot row (one logit at +b, T-1 at -b, gap 2b): the "naive bound".
+    box : BoxMinimum
+        The true minimum over the box.
+    is_counterexample : bool
+        ``box.value < naive``: some row in the box has less entropy than the naive bound.
+    """
+
+    naive: float
+    box: BoxMinimum
+    is_counterexample: bool
+
+
+def one_hot_counterexample(seq_len=10, bound=1.0):
+    """The one-hot formula with gap 2b is not a lower bound on the box ``|z_j| <= b``.
+
+    Under per-token norms each logit lies in [-b, b]; the naive analogue of eq. (5) puts one
+    logit at +b and the rest at -b. At T = 10, b = 1 that row has entropy 1.8949 nats, while
+    the row with two logits at +b (eq. (11)) has 1.8282 nats. For b >= 2 (at T = 10) k = 1
+    wins again.
+
+    Parameters
+    ----------
+    seq_len : int, default 10
+        T >= 2.
+    bound : float, default 1.0
+        b >= 0.
+
+    Returns
+    -------
+    OneHotCounterexample
+
+    Examples
+    --------
+    >>> c = one_hot_counterexample(10, 1.0)
+    >>> round(c.naive, 4), round(c.box.value, 4), c.box.n_high, c.is_counterexample
+    (1.8949, 1.8282, 2, True)
+    """
+    b = _check_scalar_norm(bound, "bound")
+    t = _check_int(seq_len, "seq_len", 2)
+    box = box_min_entropy(b, t)
+    naive = float(box.vertex_values[1])
+    return OneHotCounterexample(naive, box, bool(box.value < naive))
