@@ -152,16 +152,16 @@ def _h_chunk(s, t, out, b1, b2, b3):
     np.add(out, b3, out=out)
 
 
-def _h_chunk_scalar_t(s, log_tm1, c, out, b1, b2):
+def _h_chunk_scalar_t(s, log_tm1, c, out, b1, b2, b3):
     """As :func:`_h_chunk` with a scalar T: c = sqrt(T/(T-1)) and log(T-1) precomputed."""
     np.multiply(s, c, out=b2)                         # g
     np.subtract(log_tm1, b2, out=b1)
     np.exp(b1, out=b1)                                # a
     np.log1p(b1, out=out)
-    np.multiply(b1, b2, out=b2)                       # g a
-    np.add(b1, 1.0, out=b1)
-    np.divide(b2, b1, out=b2)                         # g a / (1 + a)
-    np.add(out, b2, out=out)
+    np.add(b1, 1.0, out=b3)
+    np.divide(b1, b3, out=b1)
+    np.multiply(b1, b2, out=b1)                       # g a / (1 + a)
+    np.add(out, b1, out=out)
 
 
 def entropy_lower_bound(logit_norm, seq_len):
@@ -225,11 +225,12 @@ def entropy_lower_bound(logit_norm, seq_len):
         s_flat = np.broadcast_to(s, shape).reshape(-1)    # a view when s already has `shape`
         out_flat = out.reshape(-1)
         n = min(_CHUNK, out.size)
-        b1, b2 = np.empty(n), np.empty(n)
+        b1, b2, b3 = np.empty(n), np.empty(n), np.empty(n)
         for lo in range(0, out.size, _CHUNK):
             hi = min(lo + _CHUNK, out.size)
             k = hi - lo
-            _h_chunk_scalar_t(s_flat[lo:hi], log_tm1, c, out_flat[lo:hi], b1[:k], b2[:k])
+            _h_chunk_scalar_t(s_flat[lo:hi], log_tm1, c, out_flat[lo:hi], b1[:k], b2[:k],
+                              b3[:k])
         return out[()]
     n = min(_CHUNK, out.size)
     b1, b2, b3 = np.empty(n), np.empty(n), np.empty(n)
