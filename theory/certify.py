@@ -347,8 +347,11 @@ def box_min_entropy_search(bound, seq_len, *, restarts=16, seed=0):
     """Brute-force twin of :func:`box_min_entropy`: L-BFGS-B over the box from random starts.
 
     Minimises the softmax entropy over ``[-b, b]^T`` with the analytic gradient of eq. (6)
-    (``scipy.optimize.minimize``, ``method="L-BFGS-B"``) from ``restarts`` uniform random
-    starts in the box. It does not use the vertex argument.
+    (``scipy.optimize.minimize``, ``method="L-BFGS-B"``) from ``restarts`` random starts:
+    half uniform in the box, half random sign patterns of random density (each logit
+    +b with a probability drawn uniformly per start) plus small noise, since each vertex is a
+    local minimum and uniform starts mostly find the balanced ones. It does not use the
+    closed form or the vertex argument.
 
     Parameters
     ----------
@@ -378,8 +381,12 @@ def box_min_entropy_search(bound, seq_len, *, restarts=16, seed=0):
     seed = _check_int(seed, "seed", 0)
     rng = np.random.default_rng(seed)
     best_value, best_z = np.inf, None
-    for _ in range(restarts):
-        z0 = rng.uniform(-b, b, size=t)
+    for i in range(restarts):
+        if i % 2 == 0:
+            z0 = rng.uniform(-b, b, size=t)
+        else:
+            signs = np.where(rng.random(t) < rng.random(), 1.0, -1.0)
+            z0 = np.clip(b * signs + rng.normal(0.0, 0.1 * b, size=t), -b, b)
         res = minimize(_entropy_and_grad, z0, jac=True, method="L-BFGS-B",
                        bounds=[(-b, b)] * t, options={"ftol": 1e-15, "gtol": 1e-12})
         value = float(softmax_entropy(res.x))

@@ -1,0 +1,165 @@
+"""Numerical certification: the global minimum on the sphere is h_T(s), the box pitfall is real."""
+from __future__ import annotations
+
+import itertools
+
+import mpmath
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from theory.bound import entropy_lower_bound, extremal_logits, softmax_entropy
+from theory.certify import (
+    box_min_entropy,
+    box_min_entropy_search,
+    entropy_lower_bound_mp,
+    minimize_entropy,
+    one_hot_counterexample,
+)
+
+GRID_T = [2, 3, 5, 16, 64]
+GRID_S = [0.1, 0.5, 1.0, 3.0, 8.0]
+
+
+# ---------------------------------------------------------------- entropy_lower_bound_mp
+@given(s=st.floats(0, 50), t=st.integers(1, 10**6))
+@example(s=0.0, t=2).via("uniform row")
+@example(s=1.0, t=1).via("one key")
+def test_mp_matches_float_closed_form(s, t):
+    ref = entropy_lower_bound_mp(s, t, dps=40)
+    val = entropy_lower_bound(s, t)
+    assert isinstance(ref, mpmath.mpf)
+    assert abs(float(ref) - val) <= 1e-12 * max(float(ref), 1e-300)
+
+
+def test_mp_matches_explicit_row_entropy_at_high_precision():
+    """h_T(s) in mpmath equals the mpmath entropy of the explicit extremal row, eq. (5)."""
+    with mpmath.workdps(60):
+        for t, s in [(2, "0.1"), (7, "3"), (64, "8")]:
+            g = mpmath.mpf(s) * mpmath.sqrt(mpmath.mpf(t) / (t - 1))
+            z = [g * (1 - mpmath.mpf(1) / t)] + [-g / t] * (t - 1)
+            log_z = mpmath.log(mpmath.fsum(mpmath.exp(x) for x in z))
+            ent = -mpmath.fsum(mpmath.exp(x - log_z) * (x - log_z) for x in z)
+            assert abs(ent - entropy_lower_bound_mp(s, t, dps=60)) < mpmath.mpf(10) ** -55
+
+
+def test_mp_array_broadcasts_to_object_array():
+    h = entropy_lower_bound_mp(np.array([0.5, 1.0, 2.0]), [[2], [8]], dps=30)
+    assert h.shape == (2, 3) and h.dtype == object
+    np.testing.assert_allclose(h.astype(float),
+                               entropy_lower_bound([0.5, 1.0, 2.0], [[2], [8]]), rtol=1e-14)
+
+
+@pytest.mark.parametrize("kwargs, exc", [
+    (dict(logit_norm=-1.0, seq_len=3), ValueError),
+    (dict(logit_norm=1.0, seq_len=0), ValueError),
+    (dict(logit_norm=1.0, seq_len=2.5), TypeError),
+    (dict(logit_norm="abc", seq_len=3), TypeError),
+    (dict(logit_norm=1.0, seq_len=3, dps=0), ValueError),
+])
+def test_mp_rejects_bad_input(kwargs, exc):
+    with pytest.raises(exc):
+        entropy_lower_bound_mp(**kwargs)
+
+
+# ------------------------------------------------------------------------ minimize_entropy
+def _check_minimum(s, t, restarts):
+    r = minimize_entropy(s, t, restarts=restarts, seed=0)
+    ref = float(entropy_lower_bound_mp(s, t))
+    # the search reproduces h_T(s) (tight) and never goes below it (the bound holds)
+    assert abs(r.value - ref) <= 1e-8
+    assert r.start_values.min() >= ref - 1e-12
+    assert abs(r.gap - (r.value - r.bound)) == 0.0
+    # random starts alone (no adversarial help) also reach it
+    assert r.start_values[:restarts].min() - ref <= 1e-8
+    # the minimiser lies on the sphere in the centred plane and has the entropy reported
+    assert abs(r.logits.sum()) < 1e-10
+    assert np.linalg.norm(r.logits) == pytest.approx(s, rel=1e-12)
+    assert softmax_entropy(r.logits) == pytest.approx(r.value, abs=1e-15)
+    if s >= 1.0:  # away from the flat small-s regime the minimiser is the vertex z* of eq. (5)
+        z_star = extremal_logits(s, t, top=int(np.argmax(r.logits)))
+        np.testing.assert_allclose(r.logits, z_star, atol=1e-4)
+    return r
+
+
+@pytest.mark.parametrize("t, s", [(2, 1.0), (3, 0.1), (5, 3.0), (16, 0.5), (16, 8.0)])
+def test_minimize_entropy_reproduces_bound(t, s):
+    _check_minimum(s, t, restarts=6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t, s", list(itertools.product(GRID_T, GRID_S)))
+def test_minimize_entropy_grid(t, s):
+    _check_minimum(s, t, restarts=16)
+
+
+def test_minimize_entropy_zero_norm_is_uniform():
+    r = minimize_entropy(0.0, 7)
+    assert r.value == pytest.approx(np.log(7)) and abs(r.gap) < 1e-15
+
+
+@pytest.mark.parametrize("kwargs, exc", [
+    (dict(logit_norm=-0.1, seq_len=3), ValueError),
+    (dict(logit_norm=np.inf, seq_len=3), ValueError),
+    (dict(logit_norm=1.0, seq_len=1), ValueError),
+    (dict(logit_norm=1.0, seq_len=3.0), TypeError),
+    (dict(logit_norm=1.0, seq_len=3, restarts=0), ValueError),
+    (dict(logit_norm="1", seq_len=3), TypeError),
+])
+def test_minimize_entropy_rejects_bad_input(kwargs, exc):
+    with pytest.raises(exc):
+        minimize_entropy(**kwargs)
+
+
+# ----------------------------------------------------------------------------- the box
+@pytest.mark.parametrize("t", [2, 3, 6, 10])
+@pytest.mark.parametrize("b", [0.2, 1.0, 2.5])
+def test_box_minimum_is_min_over_all_vertices(t, b):
+    """Exhaustive: every one of the 2^T vertices has entropy >= the closed form, and the
+    entropy of a vertex depends only on its number of high logits."""
+    verts = np.array(list(itertools.product([-b, b], repeat=t)))
+    ents = softmax_entropy(verts)
+    r = box_min_entropy(b, t)
+    assert ents.min() == pytest.approx(r.value, abs=1e-13)
+    n_high = (verts > 0).sum(axis=1)
+    np.testing.assert_allclose(ents, r.vertex_values[n_high], atol=1e-13)
+    assert softmax_entropy(r.logits) == pytest.approx(r.value, abs=1e-13)
+
+
+@pytest.mark.parametrize("t, b", [(4, 0.3), (10, 1.0), (10, 3.0), (25, 0.7), (40, 0.3)])
+def test_box_minimum_matches_brute_force(t, b):
+    found, z = box_min_entropy_search(b, t, restarts=64, seed=0)
+    exact = box_min_entropy(b, t).value
+    assert found >= exact - 1e-12          # nothing in the box beats the closed form
+    assert found - exact <= 1e-8           # and the search finds it
+    assert np.all(np.abs(z) <= b + 1e-12)
+
+
+@given(b=st.floats(0.01, 10), t=st.integers(2, 40), seed=st.integers(0, 2**16))
+def test_random_box_rows_are_above_box_minimum(b, t, seed):
+    z = np.random.default_rng(seed).uniform(-b, b, size=(64, t))
+    assert softmax_entropy(z).min() >= box_min_entropy(b, t).value - 1e-12
+
+
+def test_one_hot_counterexample_T10_s1():
+    c = one_hot_counterexample(10, 1.0)
+    assert c.is_counterexample
+    assert c.naive == pytest.approx(1.8949, abs=5e-5)
+    assert c.box.value == pytest.approx(1.8282, abs=5e-5)
+    assert c.box.n_high == 2
+    # the naive value is the entropy of the one-hot box row; the witness row really is in the box
+    assert c.naive == pytest.approx(softmax_entropy(np.r_[1.0, -np.ones(9)]), abs=1e-14)
+    assert np.all(np.abs(c.box.logits) <= 1.0)
+    assert softmax_entropy(c.box.logits) < c.naive
+
+
+def test_one_hot_wins_again_for_large_bound():
+    for b in [2.0, 3.0, 5.0, 8.0]:
+        c = one_hot_counterexample(10, b)
+        assert c.box.n_high == 1 and not c.is_counterexample
+
+
+def test_small_bound_minimiser_is_near_half():
+    assert box_min_entropy(1e-3, 10).n_high == 5
+    assert box_min_entropy(1e-3, 11).n_high in (5, 6)
