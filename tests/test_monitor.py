@@ -1,0 +1,263 @@
+"""EntropyMonitor: hooks leave outputs bit-identical, records match direct measurement, bounds hold."""
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sigma_core.monitor import BoundViolationWarning, CollapseDetector, EntropyMonitor
+from sigma_core.probe import AttentionProbe, probe_active
+
+
+class TinyProbeAttention(nn.Module):
+    """Minimal module following the probe protocol of sigma_core.probe (bias-free q/k/v)."""
+
+    def __init__(self, d=8, n_head=2, causal=True, lie=1.0):
+        super().__init__()
+        self.n_head, self.d_head, self.causal = n_head, d // n_head, causal
+        self.scale = 1.0 / math.sqrt(self.d_head)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.probe = AttentionProbe()
+        self.lie = lie  # head_weights() scaled by this: != 1 breaks the protocol on purpose
+        self.last_probs = None
+
+    def head_weights(self):
+        d = self.qkv.in_features
+        w = self.qkv.weight.T  # (d, 3d)
+        w_q = w[:, :d].reshape(d, self.n_head, self.d_head).permute(1, 0, 2)
+        w_k = w[:, d:2 * d].reshape(d, self.n_head, self.d_head).permute(1, 0, 2)
+        return w_q * self.lie, w_k
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in self.qkv(x).split(C, -1))
+        if probe_active(self.probe):
+            self.probe(x, q, k)
+        s = (q @ k.transpose(-1, -2)) * self.scale
+        if self.causal:
+            s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf)
+        p = s.softmax(-1)
+        self.last_probs = p.detach()
+        return x + (p @ v).transpose(1, 2).reshape(B, T, C)
+
+
+def tiny_model(n_layer=2, causal=True, lie=1.0):
+    return nn.Sequential(*[TinyProbeAttention(causal=causal, lie=lie) for _ in range(n_layer)])
+
+
+def entropy_of(p):
+    p = p.detach()
+    return -torch.where(p > 0, p * p.log(), 0).sum(-1)
+
+
+def test_probe_records_match_direct_entropy_and_bounds_hold():
+    torch.manual_seed(0)
+    model = tiny_model()
+    x = torch.randn(3, 10, 8)
+    with EntropyMonitor(model) as mon:
+        model(x)
+    assert len(mon.last) == 2 * 2
+    for rec in mon.last:
+        ent = entropy_of(model[rec["layer"]].last_probs[:, rec["head"]])  # (B, T)
+        assert rec["entropy_mean"] == pytest.approx(float(ent.mean()), abs=1e-5)
+        assert rec["entropy_min"] == pytest.approx(float(ent.min()), abs=1e-5)
+        assert rec["entropy_mean_half"] == pytest.approx(float(ent[:, 4:].mean()), abs=1e-5)  # T_i >= 5
+        assert rec["step"] == 0 and rec["seq_len"] == 10
+        for v in ("theorem", "per_query", "centered", "exact"):
+            assert rec[f"violations_{v}"] == 0
+        assert rec["bound_theorem"] <= rec["bound_per_query"] <= rec["bound_centered"] <= rec["bound_exact"] + 1e-9
+        assert rec["bound_exact"] <= rec["entropy_min"] + 1e-4
+
+
+def test_a_wrong_bound_is_reported_loudly():
+    """If head_weights() understates sigma the weight-based bounds break: the monitor must say so."""
+    torch.manual_seed(0)
+    model = tiny_model(lie=1e-3)
+    with torch.no_grad():
+        model[0].qkv.weight.mul_(4)
+    with EntropyMonitor(model) as mon, pytest.warns(BoundViolationWarning, match="violated"):
+        model(torch.randn(2, 12, 8))
+    assert any(r["violations_theorem"] > 0 for r in mon.last)
+    assert all(r["violations_exact"] == 0 for r in mon.last)
+
+
+def test_hooks_leave_outputs_and_gradients_bit_identical():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=4, dim_feedforward=32, dropout=0.1, batch_first=True)
+    x = torch.randn(4, 9, 16)
+    mask = nn.Transformer.generate_square_subsequent_mask(9)
+
+    def run():
+        torch.manual_seed(123)  # same dropout masks
+        layer.zero_grad()
+        y = layer(x, src_mask=mask, is_causal=True)
+        y.square().sum().backward()
+        return y.detach().clone(), [p.grad.clone() for p in layer.parameters()]
+
+    y0, g0 = run()
+    with EntropyMonitor(layer) as mon:
+        y1, g1 = run()
+    assert len(mon.last) == 4
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    y2, _ = run()  # closed: hooks gone
+    assert torch.equal(y0, y2) and not layer.self_attn._forward_pre_hooks
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masks", ["none", "causal_bool", "causal_float_kwargs", "padding", "per_head"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mha_records_match_its_own_attention_weights(batch_first, masks, bias):
+    torch.manual_seed(1)
+    E, H, N, L = 12, 3, 2, 7
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first, bias=bias)
+    x = torch.randn(N, L, E)
+    inp = x if batch_first else x.transpose(0, 1)
+    kwargs = {}
+    if masks == "causal_bool":
+        kwargs["attn_mask"] = torch.ones(L, L, dtype=torch.bool).triu(1)
+    elif masks == "causal_float_kwargs":
+        kwargs.update(attn_mask=nn.Transformer.generate_square_subsequent_mask(L), is_causal=True)
+    elif masks == "padding":
+        kpm = torch.zeros(N, L, dtype=torch.bool)
+        kpm[0, 4:] = True
+        kwargs["key_padding_mask"] = kpm
+    elif masks == "per_head":
+        am = torch.rand(N * H, L, L) < 0.4
+        am[..., 0] = False
+        kwargs["attn_mask"] = am
+    with EntropyMonitor(mha, bound_samples=None) as mon:
+        _, w = mha(inp, inp, inp, need_weights=True, average_attn_weights=False, **kwargs)  # w: (N, H, L, L)
+    ent = entropy_of(w)
+    for rec in mon.last:
+        assert rec["entropy_mean"] == pytest.approx(float(ent[:, rec["head"]].mean()), abs=1e-5)
+        assert rec["entropy_min"] == pytest.approx(float(ent[:, rec["head"]].min()), abs=1e-5)
+        for v in ("theorem", "per_query", "centered", "exact"):
+            assert rec[f"violations_{v}"] == 0, v
+
+
+def test_mha_cross_attention_with_kdim_vdim_and_unbatched_input():
+    torch.manual_seed(2)
+    mha = nn.MultiheadAttention(8, 2, kdim=5, vdim=3)
+    q_in, k_in, v_in = torch.randn(4, 8), torch.randn(6, 5), torch.randn(6, 3)  # unbatched (L, E)
+    with EntropyMonitor(mha) as mon:
+        _, w = mha(q_in, k_in, v_in, average_attn_weights=False)  # (H, L, S)
+    ent = entropy_of(w)
+    assert len(mon.last) == 2
+    for rec in mon.last:
+        assert rec["entropy_mean"] == pytest.approx(float(ent[rec["head"]].mean()), abs=1e-5)
+        assert rec["seq_len"] == 6 and rec["violations_theorem"] == 0 and rec["violations_centered"] == 0
+
+
+def test_additive_bias_mask_keeps_only_the_exact_variant():
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    bias = torch.randn(5, 5)
+    with EntropyMonitor(mha) as mon:
+        _, w = mha(x, x, x, attn_mask=bias, average_attn_weights=False)
+    for rec in mon.last:
+        assert rec["bound_theorem"] is None and rec["violations_exact"] == 0
+        assert rec["entropy_mean"] == pytest.approx(float(entropy_of(w)[:, rec["head"]].mean()), abs=1e-5)
+
+
+def test_every_counts_model_forwards_and_jsonl_holds_only_recorded_steps(tmp_path):
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), num_layers=3,
+                                enable_nested_tensor=False)
+    path = tmp_path / "ent.jsonl"
+    x = torch.randn(5, 2, 8)
+    with EntropyMonitor(enc, every=3, path=path) as mon:
+        steps = []
+        for _ in range(7):
+            enc(x)
+            steps.append(sorted({r["step"] for r in mon.last}))
+    assert steps == [[0], [0], [0], [3], [3], [3], [6]]
+    lines = [json.loads(s) for s in path.read_text().splitlines()]
+    assert len(lines) == 3 * 3 * 2  # 3 recorded steps x 3 layers x 2 heads
+    assert sorted({r["layer"] for r in lines}) == [0, 1, 2]
+    assert len(mon.last) == 3 * 2
+
+
+def test_zero_violations_after_training_with_a_large_learning_rate():
+    torch.manual_seed(0)
+    model = tiny_model(n_layer=2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    x = torch.randn(8, 16, 8)
+    target = torch.randn(8, 16, 8)
+    det = CollapseDetector()
+    with EntropyMonitor(model, every=5, detector=det) as mon:
+        for _ in range(40):
+            loss = F.mse_loss(model(x), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            assert all(r[f"violations_{v}"] == 0 for r in mon.last
+                       for v in ("theorem", "per_query", "centered", "exact"))
+    assert max(r["sigma"] for r in mon.last) > 0
+
+
+def _records(step, values, T=64):
+    return [{"layer": 0, "head": h, "step": step, "seq_len": T, "entropy_mean": v, "entropy_mean_half": v}
+            for h, v in enumerate(values)]
+
+
+def test_detector_fires_on_a_constructed_collapse_and_not_on_a_healthy_run():
+    torch.manual_seed(0)
+    model = tiny_model(n_layer=1, causal=False)
+    x = torch.randn(4, 32, 8)
+    det = CollapseDetector(fraction=0.1)
+    events = []
+    with EntropyMonitor(model, detector=det) as mon:
+        for _ in range(3):  # healthy: small random weights, entropy near log T
+            model(x)
+            events += mon.events
+        assert events == []
+        with torch.no_grad():  # constructed collapse: blow up head 1's query weights
+            model[0].qkv.weight[6:8].mul_(300.0)
+            model[0].qkv.weight[8 + 6:8 + 8].mul_(300.0)
+        model(x)
+        events = mon.events
+    assert [(e["layer"], e["head"], e["reason"], e["step"]) for e in events] == [(0, 1, "low_entropy", 3)]
+    assert events[0]["entropy"] < 0.1 * math.log(32)
+
+
+def test_detector_drop_rule_and_refiring_after_recovery():
+    det = CollapseDetector(fraction=0.05, drop_nats=1.5, window=3)
+    assert det.update(_records(0, [4.0, 4.0])) == []
+    assert det.update(_records(1, [3.5, 3.9])) == []
+    assert [(e["head"], e["reason"]) for e in det.update(_records(2, [2.0, 3.8]))] == [(0, "drop")]
+    assert det.update(_records(3, [1.9, 3.8])) == []  # still below: no repeat
+    ev = det.update(_records(4, [0.1, 3.8]))
+    assert [(e["head"], e["reason"]) for e in ev] == [(0, "low_entropy")]
+    det.update(_records(5, [4.0, 3.8]))  # recovered
+    assert [e["reason"] for e in det.update(_records(6, [0.1, 3.8]))] == ["low_entropy", "drop"]
+
+
+def test_monitor_rejects_models_without_attention_and_bad_arguments():
+    with pytest.raises(ValueError, match="no supported attention"):
+        EntropyMonitor(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="every"):
+        EntropyMonitor(tiny_model(), every=0)
+    with pytest.raises(ValueError, match="fraction"):
+        CollapseDetector(fraction=1.5)
+
+
+def test_project_gpt_is_observed_without_changing_its_output():
+    model_mod = pytest.importorskip("sigma_core.model")
+    torch.manual_seed(0)
+    cfg = model_mod.ModelConfig(d_model=32, n_layer=2, n_head=4, block_size=16)
+    gpt = model_mod.GPT(cfg)
+    idx = torch.randint(0, 256, (3, 16))
+    ref = gpt(idx)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BoundViolationWarning)
+        with EntropyMonitor(gpt) as mon:
+            out = gpt(idx)[0]
+    assert torch.equal(ref, out)
+    assert len(mon.last) == 2 * 4
+    assert {r["name"] for r in mon.last} == {n for n, m in gpt.named_modules() if hasattr(m, "probe")}
+    assert all(r["violations_centered"] == 0 and r["violations_exact"] == 0 for r in mon.last)
+    assert all(0 <= r["entropy_min"] <= r["entropy_mean"] <= math.log(16) + 1e-5 for r in mon.last)
