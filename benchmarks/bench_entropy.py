@@ -1,0 +1,167 @@
+"""Benchmark: dense vs streaming attention entropy (memory, time) and the EntropyMonitor's overhead.
+
+Part 1 runs every (method, T) in a fresh subprocess and reports its time and its extra peak
+memory: on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the call; on
+CPU the process's peak resident set (``ru_maxrss``) minus its resident set just before the call
+(inputs already allocated), i.e. what the call itself added.  Dense needs ~4 float32 T x T
+tensors; when that estimate exceeds ``--dense-budget-gb`` it is reported as skipped rather than
+risking the machine (an out-of-memory error is caught and reported too).
+
+Part 2 trains the project's GPT (CALIBRATION.md CPU preset by default) and times a training step
+with no monitor, a monitor recording every step and one recording every 10th step, interleaving
+the three configurations round by round so that machine load hits them alike; it prints median
+step times and the overhead ratios.
+
+    python benchmarks/bench_entropy.py                 # both parts
+    python benchmarks/bench_entropy.py --part memory --max-T 8192
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one(method: str, T: int, device: str, d: int, block: int) -> dict:
+    """Run one measurement in this process; return a dict."""
+    import torch
+    from sigma_core.entropy import attention_entropy
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, T, d, device=device)
+    k = torch.randn(1, 1, T, d, device=device)
+    attention_entropy(q[..., :64, :], k[..., :64, :], causal=True, method=method)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    t0 = time.perf_counter()
+    try:
+        h = attention_entropy(q, k, causal=True, method=method, block_size=block)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    except (RuntimeError, MemoryError) as err:  # out of memory
+        return {"method": method, "T": T, "error": type(err).__name__ + ": " + str(err)[:80]}
+    dt = time.perf_counter() - t0
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"method": method, "T": T, "seconds": dt, "peak_mb": max(peak, 0) / 2**20,
+            "mean_entropy": float(h.mean())}
+
+
+def part_memory(args) -> None:
+    print(f"# dense vs streaming, causal, B=H=1, d={args.d}, float32, block={args.block}, device={args.device}")
+    print(f"{'T':>6} {'method':>10} {'seconds':>9} {'extra peak MB':>14}  note")
+    T = 512
+    while T <= args.max_T:
+        for method in ("dense", "streaming"):
+            need_gb = 4 * 4 * T * T / 2**30
+            if method == "dense" and need_gb > args.dense_budget_gb:
+                print(f"{T:>6} {method:>10} {'-':>9} {'-':>14}  skipped: needs ~{need_gb:.1f} GB "
+                      f"> budget {args.dense_budget_gb} GB")
+                continue
+            cmd = [sys.executable, __file__, "--one", method, str(T), "--device", args.device,
+                   "--d", str(args.d), "--block", str(args.block)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{T:>6} {method:>10} {'-':>9} {'-':>14}  failed (rc {out.returncode}): "
+                      f"{out.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            if "error" in r:
+                print(f"{T:>6} {method:>10} {'-':>9} {'-':>14}  {r['error']}")
+            else:
+                print(f"{T:>6} {method:>10} {r['seconds']:>9.3f} {r['peak_mb']:>14.1f}  "
+                      f"mean entropy {r['mean_entropy']:.6f}", flush=True)
+        T *= 2
+
+
+def part_overhead(args) -> None:
+    import torch
+    from sigma_core.model import GPT, ModelConfig
+    from sigma_core.monitor import EntropyMonitor
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, block_size=args.T)
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    idx = torch.randint(0, 256, (args.batch, args.T))
+
+    def step():
+        t0 = time.perf_counter()
+        _, loss = model(idx, idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        step()  # warm-up
+    configs = {"none": None, "every=1": 1, "every=10": 10}
+    times = {name: [] for name in configs}
+    for _ in range(args.rounds):
+        for name, every in configs.items():
+            mon = EntropyMonitor(model, every=every) if every else None
+            for _ in range(10):  # 10 consecutive steps: every=10 records exactly once
+                times[name].append(step())
+            if mon:
+                mon.close()
+    base = statistics.mean(times["none"])
+    print(f"# monitor overhead, GPT d={args.d_model} L={args.n_layer} H={args.n_head} T={args.T} "
+          f"batch={args.batch}, {args.rounds} rounds x 10 steps, torch threads={torch.get_num_threads()}")
+    print(f"{'config':>9} {'mean s/step':>12} {'median':>9} {'overhead (mean)':>16}")
+    for name, ts in times.items():
+        m = statistics.mean(ts)
+        print(f"{name:>9} {m:>12.4f} {statistics.median(ts):>9.4f} {100 * (m / base - 1):>15.1f}%")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["all", "memory", "overhead"], default="all")
+    p.add_argument("--one", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--block", type=int, default=512)
+    p.add_argument("--max-T", type=int, default=32768)
+    p.add_argument("--dense-budget-gb", type=float, default=4.0)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--T", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(one(args.one[0], int(args.one[1]), args.device, args.d, args.block)))
+        return 0
+    if args.part in ("all", "memory"):
+        part_memory(args)
+    if args.part in ("all", "overhead"):
+        part_overhead(args)
+    return 0
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
