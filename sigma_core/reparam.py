@@ -30,6 +30,11 @@ and :math:`\langle \partial L/\partial W, W\rangle = 0` (rescaling ``W`` leaves
 :math:`\hat W` unchanged).  Convention: ``v`` is the left (output-side) and ``u`` the right
 (input-side) singular vector.
 
+A training forward whose σ estimate is not finite (the weight holds inf or NaN) raises
+``FloatingPointError`` naming the weight: at once on the CPU, one training forward later on an
+accelerator (the flag is copied to the host without a synchronisation, which would stall every
+layer of every step).  Eval-mode and ``no_grad`` forwards do not check.
+
 Shapes: a ``Linear`` weight is used as is; a ``Conv1d``/``Conv2d`` weight is flattened to an
 ``(out_channels, -1)`` matrix; ``nn.MultiheadAttention.in_proj_weight`` is split into its
 q, k and v chunks, each with its own :math:`\sigma` and :math:`\gamma` (``gamma`` then has
@@ -167,6 +172,27 @@ class SigmaReparam(nn.Module):
         self._u.copy_(u)
         self._v.copy_(v)
 
+    #: devices on which the finiteness check reads its result at once (a cheap host read);
+    #: elsewhere it is read one training forward later, so the check never stalls the device
+    SYNC_CHECK_DEVICES = ("cpu",)
+
+    def _check_finite(self, sigma: torch.Tensor) -> None:
+        """Raise FloatingPointError when the sigma estimate is not finite (training only)."""
+        if sigma.device.type in self.SYNC_CHECK_DEVICES:
+            bad = not bool(torch.isfinite(sigma).all())
+        else:  # the flag of the previous forward, copied without synchronising
+            flag = getattr(self, "_nonfinite_flag", None)
+            bad = flag is not None and bool(flag)
+            if flag is None:
+                pin = sigma.device.type == "cuda"
+                flag = self._nonfinite_flag = torch.zeros((), dtype=torch.bool, pin_memory=pin)
+            if not bad:
+                flag.copy_(~torch.isfinite(sigma).all(), non_blocking=True)
+        if bad:
+            raise FloatingPointError(
+                f"sigma_reparam: {self.label} has non-finite entries (sigma estimate not finite); "
+                f"the weight diverged (lower the learning rate?)")
+
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
         r""":math:`\sigma = v^\top W u` per chunk, shape ``(c,)``, with gradient through ``weight``.
 
@@ -187,11 +213,7 @@ class SigmaReparam(nn.Module):
             u, v = u.to(W.dtype), v.to(W.dtype)
             sigma = (v.unsqueeze(-2) @ W @ u.unsqueeze(-1)).reshape(self.n_chunks)  # (c,)
             if self.training and torch.is_grad_enabled() and not _compiling():
-                if not bool(torch.isfinite(sigma.detach()).all()):
-                    raise FloatingPointError(
-                        f"sigma_reparam: {self.label} has non-finite entries (sigma estimate "
-                        f"{sigma.detach().tolist()}); the weight diverged (lower the learning rate?)"
-                    )
+                self._check_finite(sigma.detach())
             scale = self.gamma.to(W.dtype).reshape(self.n_chunks) / sigma.clamp_min(self.eps)  # (c,)
             out = (W * scale[:, None, None]).reshape(weight.shape)
         return out.to(weight.dtype)

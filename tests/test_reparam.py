@@ -376,6 +376,20 @@ def test_non_finite_weight_raises_clear_error_in_training():
         sigma_reparam(inf_layer)
 
 
+def test_non_finite_check_deferred_on_accelerators_raises_one_forward_later(monkeypatch):
+    """Off the CPU the check must not synchronise: it reads the previous forward's flag."""
+    monkeypatch.setattr(SigmaReparam, "SYNC_CHECK_DEVICES", ())
+    layer = SigmaReparamLinear(4, 3)
+    x = torch.randn(2, 4)
+    layer(x)  # finite: no error, flag stays False
+    layer(x)
+    with torch.no_grad():
+        _original(layer)[1, 2] = float("inf")
+    layer(x)  # the diverged forward itself passes (flag set without a host read) ...
+    with pytest.raises(FloatingPointError, match="weight"):
+        layer(x)  # ... and the next training forward raises
+
+
 def test_input_validation():
     with pytest.raises(ValueError, match="gamma_init"):
         sigma_reparam(nn.Linear(2, 2), gamma_init="two")
