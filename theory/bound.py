@@ -24,34 +24,50 @@ _CHUNK = 8192
 
 
 # ----------------------------------------------------------------------------- validation
-def _as_real_array(x, name):
-    """``x`` as a float64 array; ``TypeError`` for non-real input, ``ValueError`` for nan/inf."""
+def _real_array(x, name):
+    """``x`` as an array of a real dtype (not converted); ``TypeError`` otherwise."""
     arr = np.asarray(x)
-    if arr.dtype == bool or arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-    ):
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer)
+                                 or np.issubdtype(arr.dtype, np.floating)):
         raise TypeError(f"{name} must be a real number or array of real numbers, "
                         f"got dtype {arr.dtype}")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.isfinite(arr).all():
+    return arr
+
+
+def _check_range(arr, name, lowest):
+    """Finite and >= lowest, by two reductions (no temporaries): nan propagates into min."""
+    if arr.size and not (arr.min() >= lowest and np.isfinite(arr.max())):
+        raise ValueError(f"{name} must be finite and >= {lowest}")
+
+
+def _as_real_array(x, name):
+    """``x`` as a float64 array; ``TypeError`` for non-real input, ``ValueError`` for nan/inf."""
+    arr = _real_array(x, name).astype(np.float64, copy=False)
+    if arr.size and not np.isfinite(arr.min() + arr.max()):
         raise ValueError(f"{name} must be finite")
     return arr
 
 
 def _check_norm(x, name="logit_norm"):
-    arr = _as_real_array(x, name)
-    if (arr < 0).any():
-        raise ValueError(f"{name} must be >= 0")
+    arr = _real_array(x, name).astype(np.float64, copy=False)
+    _check_range(arr, name, 0)
     return arr
 
 
-def _check_seq_len(x, name="seq_len"):
-    arr = _as_real_array(x, name)
-    if (arr < 1).any():
-        raise ValueError(f"{name} must be >= 1 (the number of visible keys)")
-    if (arr != np.floor(arr)).any():
+def _check_seq_len(x, name="seq_len", integer_check=True):
+    """T >= 1, integer-valued; integer arrays are returned unconverted (cast per chunk)."""
+    arr = _real_array(x, name)
+    _check_range(arr, name, 1)
+    if np.issubdtype(arr.dtype, np.integer):
+        return arr if arr.ndim else arr.astype(np.float64)
+    arr = arr.astype(np.float64, copy=False)
+    if integer_check and not _is_integral(arr):
         raise ValueError(f"{name} must be integer-valued (a number of keys)")
     return arr
+
+
+def _is_integral(arr):
+    return bool(np.all(np.floor(arr) == arr))
 
 
 def _broadcast_shape(a, b, name_a, name_b):
@@ -210,13 +226,15 @@ def entropy_lower_bound(logit_norm, seq_len):
     0.0
     """
     s = _check_norm(logit_norm, "logit_norm")
-    t = _check_seq_len(seq_len, "seq_len")
+    t = _check_seq_len(seq_len, "seq_len", integer_check=False)   # checked chunk by chunk
     shape = _broadcast_shape(s, t, "logit_norm", "seq_len")
     out = np.empty(shape, dtype=np.float64)
     if out.size == 0:
         return out
     if t.ndim == 0 or t.size == 1:
         tv = float(t.reshape(-1)[0])
+        if tv != np.floor(tv):
+            raise ValueError("seq_len must be integer-valued (a number of keys)")
         if tv == 1.0:
             out.fill(0.0)
             return out[()]
@@ -234,12 +252,16 @@ def entropy_lower_bound(logit_norm, seq_len):
         return out[()]
     n = min(_CHUNK, out.size)
     b1, b2, b3 = np.empty(n), np.empty(n), np.empty(n)
+    integral = np.issubdtype(t.dtype, np.integer)
     it = np.nditer([s, t, out], flags=["external_loop", "buffered", "zerosize_ok"],
                    op_flags=[["readonly"], ["readonly"], ["writeonly"]],
+                   op_dtypes=[np.float64, np.float64, np.float64], casting="safe",
                    buffersize=_CHUNK)
     with it:
         for s_c, t_c, o_c in it:
             k = o_c.shape[0]
+            if not integral and not np.array_equal(np.floor(t_c, out=b1[:k]), t_c):
+                raise ValueError("seq_len must be integer-valued (a number of keys)")
             one = t_c == 1.0
             if one.any():                             # h_1 = 0; keep T = 1 out of log(T-1)
                 t_c = np.where(one, 2.0, t_c)
