@@ -173,7 +173,7 @@ def extremal_entropy_vector(seq_len):
     entropy = -sum(sp.exp(zi - log_z) * (zi - log_z) for zi in z)
     return _claim(f"H(softmax(z*)) = h_{seq_len}(s) for the explicit length-{seq_len} row",
                   entropy, entropy_bound_expr().subs(T, t),
-                  lambda e: sp.simplify(sp.expand_log(e, force=True)))
+                  lambda e: sp.simplify(sp.simplify(sp.expand_log(e, force=True)).rewrite(sp.exp)))
 
 
 @lru_cache(maxsize=None)
@@ -471,4 +471,5 @@ def spectral_norm_gradient(matrix=((2, 1), (0, 1))):
     top, _, vecs = max(gram.eigenvects(), key=lambda e: e[0])
     u = vecs[0] / sp.sqrt((vecs[0].T * vecs[0])[0, 0])
     v = w0 * u / sp.sqrt(top)
-    return _claim("d sigma_max / dW = v u^T", lhs, v * u.T)
+    # exact arithmetic on radicals: rationalise denominators, then expand
+    return _claim("d sigma_max / dW = v u^T", lhs, v * u.T, lambda e: sp.expand(sp.radsimp(e)))
