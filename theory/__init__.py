@@ -17,3 +17,15 @@ __all__ = [
     "TheoremBound", "theorem_bound", "row_logit_norm_bounds", "row_entropy_bounds",
     "extremal_instance", "VARIANTS",
 ]
+
+# Numerical certification (issue 3). The sympy proofs live in ``theory.symbolic``; import that
+# module explicitly (``from theory import symbolic``) -- it is not imported here, to keep
+# ``import theory`` free of sympy's import cost.
+from theory.certify import (  # noqa: E402
+    box_min_entropy,
+    entropy_lower_bound_mp,
+    minimize_entropy,
+    one_hot_counterexample,
+)
+
+__all__ += ["entropy_lower_bound_mp", "minimize_entropy", "box_min_entropy", "one_hot_counterexample"]
