@@ -142,13 +142,15 @@ def softmax_entropy(logits, axis=-1):
     if np.isneginf(m).any():
         raise ValueError("logits has a row with every key masked (-inf); its softmax is undefined")
     neg_y = m - z                                     # >= 0; +inf at masked keys
-    e = np.exp(-neg_y)                                # 0 at masked keys, 1 at the max
+    with np.errstate(under="ignore"):                 # far-below-max keys: p underflows to 0
+        e = np.exp(-neg_y)                            # 0 at masked keys, 1 at the max
     # R = sum of e over all keys but one maximal key (that key contributes exactly 1)
     top = np.argmax(z, axis=-1)[..., None]
     np.put_along_axis(e, top, 0.0, axis=-1)
     rest = e.sum(axis=-1)
-    weighted = np.multiply(e, neg_y, out=np.zeros_like(e), where=e > 0).sum(axis=-1)
-    return np.log1p(rest) + weighted / (1.0 + rest)
+    with np.errstate(under="ignore"):
+        weighted = np.multiply(e, neg_y, out=np.zeros_like(e), where=e > 0).sum(axis=-1)
+        return np.log1p(rest) + weighted / (1.0 + rest)
 
 
 # -------------------------------------------------------------------------------- h_T(s)
@@ -231,13 +233,21 @@ def entropy_lower_bound(logit_norm, seq_len):
     out = np.empty(shape, dtype=np.float64)
     if out.size == 0:
         return out
+    # a = (T-1) e^{-g} may underflow to 0 by design (h then underflows towards 0 too)
+    with np.errstate(under="ignore"):
+        _fill_h(s, t, shape, out)
+    return out[()]
+
+
+def _fill_h(s, t, shape, out):
+    """The chunked evaluation of eq. (2) for :func:`entropy_lower_bound`, into ``out``."""
     if t.ndim == 0 or t.size == 1:
         tv = float(t.reshape(-1)[0])
         if tv != np.floor(tv):
             raise ValueError("seq_len must be integer-valued (a number of keys)")
         if tv == 1.0:
             out.fill(0.0)
-            return out[()]
+            return
         c = np.sqrt(tv / (tv - 1.0))
         log_tm1 = np.log(tv - 1.0)
         s_flat = np.broadcast_to(s, shape).reshape(-1)    # a view when s already has `shape`
@@ -249,7 +259,7 @@ def entropy_lower_bound(logit_norm, seq_len):
             k = hi - lo
             _h_chunk_scalar_t(s_flat[lo:hi], log_tm1, c, out_flat[lo:hi], b1[:k], b2[:k],
                               b3[:k])
-        return out[()]
+        return
     n = min(_CHUNK, out.size)
     b1, b2, b3 = np.empty(n), np.empty(n), np.empty(n)
     integral = np.issubdtype(t.dtype, np.integer)
@@ -269,7 +279,6 @@ def entropy_lower_bound(logit_norm, seq_len):
                 o_c[one] = 0.0
             else:
                 _h_chunk(s_c, t_c, o_c, b1[:k], b2[:k], b3[:k])
-    return out[()]
 
 
 # -------------------------------------------------------------------------- the inverse
@@ -279,7 +288,8 @@ def _log_h_of_g(g, log_tm1):
     log h = log a + log(log1p(a)/a + g/(1+a)),  log a = log(T-1) - g.
     """
     log_a = log_tm1 - g
-    a = np.exp(log_a)
+    with np.errstate(under="ignore"):
+        a = np.exp(log_a)
     tiny = a < 1e-8
     ratio = np.where(tiny, 1.0 - 0.5 * a, np.log1p(a) / np.where(tiny, 1.0, a))
     return log_a + np.log(ratio + g / (1.0 + a))
