@@ -65,3 +65,14 @@ def test_report_command_rejects_missing_runs(tmp_path):
     with pytest.raises(SystemExit) as exc:
         args.func(args)
     assert exc.value.code == 2
+
+
+def test_demo_trains_both_runs_and_says_where_the_report_is(tmp_path):
+    from sigma_core.train import run_demo
+
+    said = []
+    report = run_demo(tmp_path, preset_name="cpu-smoke", steps=3, log=said.append)
+    assert report == tmp_path / "report" / "report.md" and report.exists()
+    assert summarise_run(tmp_path / "baseline")["reparam"] == "none"
+    assert summarise_run(tmp_path / "sigma-reparam")["reparam"] == "sigma"
+    assert said[-1].endswith(str(report))
