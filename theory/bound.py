@@ -132,7 +132,7 @@ def softmax_entropy(logits, axis=-1):
         raise ValueError("logits must have at least one dimension (the keys)")
     try:
         z = np.moveaxis(z, axis, -1)
-    except np.exceptions.AxisError as exc:
+    except (ValueError, IndexError) as exc:           # numpy AxisError subclasses both
         raise ValueError(f"axis {axis} is out of range for logits of shape {z.shape}") from exc
     if z.shape[-1] == 0:
         raise ValueError("logits has no keys along axis")
