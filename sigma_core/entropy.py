@@ -153,14 +153,16 @@ def _dense(q, k, scale, causal, attn_mask):
     extent = torch.where(visible, cols, 0).amax(-1)
     if bool((n_keys == 0).any()):
         return _finish(None, None, n_keys, extent)
-    s = s.masked_fill(~visible, -math.inf)
-    logp = torch.log_softmax(s, dim=-1)
-    p = logp.exp()
-    entropy = -torch.where(visible, p * logp, 0).sum(-1)
-    zero = torch.zeros((), dtype=cdt, device=q.device)
-    mean = torch.where(visible, s, zero).sum(-1, keepdim=True) / n_keys.unsqueeze(-1)
-    dev = torch.where(visible, s - mean, zero)
-    logit_norm = dev.square().sum(-1).sqrt()
+    full = bool(visible.all())
+    p = torch.softmax(s if full else s.masked_fill(~visible, -math.inf), dim=-1)
+    entropy = -torch.special.xlogy(p, p).sum(-1)  # xlogy(0, 0) = 0 at hidden keys
+    del p
+    if full:
+        dev = s - s.mean(-1, keepdim=True)
+    else:
+        s0 = s.masked_fill_(~visible, 0)
+        dev = (s0 - s0.sum(-1, keepdim=True) / n_keys.unsqueeze(-1)).masked_fill_(~visible, 0)
+    logit_norm = torch.linalg.vector_norm(dev, dim=-1)
     return _finish(entropy, logit_norm, n_keys, extent)
 
 
@@ -343,7 +345,7 @@ def _checkpoints(T: int) -> list[int]:
     cps, p = [], 1
     while p < T:
         cps.append(p)
-        p *= 2
+        p *= 4
     cps.append(T)
     return cps
 
@@ -355,8 +357,8 @@ def prefix_token_norms(x: torch.Tensor, extents: torch.Tensor | None = None):
     ``0..extent_i-1`` (``extents``: ``(B, R)`` ints, default all ``T``).  A row subset never has
     a larger spectral norm, and ``||(I - P) Y||_2 <= ||Y - 1 c^T||_2`` for every ``c`` because
     ``(I - P) 1 = 0`` and ``||I - P||_2 = 1``.  So the exact (centred) spectral norm of the
-    smallest power-of-two prefix ``0..p-1`` with ``p >= extent_i``, centred at that prefix's
-    mean, bounds both quantities from above: ``log2 T + 1`` eigenvalue problems of size
+    smallest power-of-four prefix ``0..p-1`` with ``p >= extent_i``, centred at that prefix's
+    mean, bounds both quantities from above: ``log4 T + 1`` eigenvalue problems of size
     ``d x d`` (Gram matrices in float64) instead of one per row.  Non-causal rows use ``p = T``,
     which is exact.
 

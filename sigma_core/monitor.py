@@ -125,7 +125,7 @@ class EntropyMonitor:
     """
 
     def __init__(self, model: nn.Module, *, every: int = 1, path=None, detector=None,
-                 bound_samples: int | None = 8, method: str = "auto", block_size: int = 512):
+                 bound_samples: int | None = 2, method: str = "auto", block_size: int = 512):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
