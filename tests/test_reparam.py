@@ -57,6 +57,16 @@ def _convert(net: nn.Module, **opts) -> nn.Module:
         net, layer_types=(nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention), **opts)
 
 
+def _scramble_vectors(model: nn.Module) -> nn.Module:
+    """Random unit vectors in every SigmaReparam, so that each power-iteration step shows."""
+    with torch.no_grad():
+        for p in model.modules():
+            if isinstance(p, SigmaReparam):
+                p._u.copy_(F.normalize(torch.randn_like(p._u), dim=-1))
+                p._v.copy_(F.normalize(torch.randn_like(p._v), dim=-1))
+    return model
+
+
 def _manual_step(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
     """One power-iteration step, written out: v <- Wu/|Wu|, u <- Wᵀv/|Wᵀv|."""
     v = W @ u
@@ -135,12 +145,8 @@ def test_gamma_sigma_conversion_leaves_outputs_unchanged(training):
 def _layer_with_random_vectors(seed=0, out=6, inp=4, **opts):
     torch.manual_seed(seed)
     layer = nn.Linear(inp, out)
-    sigma_reparam(layer, **opts)
-    p = _param(layer)
-    with torch.no_grad():  # start away from the singular vectors so a step visibly moves them
-        p._u.copy_(F.normalize(torch.randn_like(p._u), dim=-1))
-        p._v.copy_(F.normalize(torch.randn_like(p._v), dim=-1))
-    return layer
+    # start away from the singular vectors so that a step visibly moves them
+    return _scramble_vectors(sigma_reparam(layer, **opts))
 
 
 @pytest.mark.parametrize("n_steps", [1, 3])
@@ -420,7 +426,8 @@ def test_convert_respects_layer_types_and_exclude():
 def test_torch_compile_training_step_matches_eager():
     torch.manual_seed(0)
     eager = nn.Sequential(SigmaReparamLinear(8, 8), nn.Tanh(), SigmaReparamLinear(8, 4))
-    model = copy.deepcopy(eager)
+    model = copy.deepcopy(_scramble_vectors(eager))
+    start = _buffers(model)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     for _ in range(2):
         x = torch.randn(3, 8)
@@ -428,6 +435,27 @@ def test_torch_compile_training_step_matches_eager():
         torch.testing.assert_close(y_c, y_e)
         y_c.sum().backward(), y_e.sum().backward()
     for (k, b), (_, c) in zip(model.named_buffers(), eager.named_buffers()):
-        torch.testing.assert_close(b, c)
+        torch.testing.assert_close(b, c)  # the power iteration ran inside the graph
+        assert not torch.allclose(b, start[k])
+    for (k, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=k)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_project_gpt_with_sigma_reparam():
+    """The whole model in one graph (fullgraph): buffer updates and gradients match eager."""
+    from sigma_core.model import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    eager = convert_to_sigma_reparam(GPT(ModelConfig(d_model=16, n_layer=1, n_head=2, block_size=8)))
+    model = copy.deepcopy(_scramble_vectors(eager))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    idx = torch.randint(0, 256, (2, 8))
+    for _ in range(2):
+        loss_c, loss_e = compiled(idx, idx)[1], eager(idx, idx)[1]
+        torch.testing.assert_close(loss_c, loss_e)
+        loss_c.backward(), loss_e.backward()
+    for (k, a), (_, b) in zip(model.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(a, b, msg=k)  # the power iteration ran inside the graph
     for (k, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=k)
