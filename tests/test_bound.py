@@ -146,6 +146,7 @@ def test_small_and_large_norm_asymptotics():
 # ----------------------------------------------------------------- the inverse
 @given(st.floats(1e-300, 1), st.integers(2, 10**9))
 @example(1.0, 2)
+@example(0.9999999999999999, 438)
 @example(1e-300, 2)
 @example(1e-9, 2)
 @example(0.5, 10**9)

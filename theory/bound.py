@@ -351,11 +351,20 @@ def max_logit_norm(entropy, seq_len):
         log_tm1 = np.log(tv - 1.0)                    # T >= 2 here, since 0 < H < log T
         log_hv = np.log(hv)
         g_hi = np.maximum(2.0 * (log_tm1 - log_hv), 3.0)
-        res = _elementwise.find_root(
-            lambda g, lt, lh: _log_h_of_g(g, lt) - lh, (np.zeros_like(hv), g_hi),
-            args=(log_tm1, log_hv),
-            tolerances=dict(xrtol=4 * np.finfo(float).eps, xatol=0.0, fatol=0.0, frtol=0.0))
-        out[todo] = res.x / np.sqrt(tv / (tv - 1.0))
+
+        def f(g, lt, lh):
+            return _log_h_of_g(g, lt) - lh
+
+        # H within rounding of log T: h(0) may evaluate a hair below H; the answer is 0
+        inside = f(0.0, log_tm1, log_hv) > 0
+        g = np.zeros_like(hv)
+        if inside.any():
+            res = _elementwise.find_root(
+                f, (np.zeros(inside.sum()), g_hi[inside]),
+                args=(log_tm1[inside], log_hv[inside]),
+                tolerances=dict(xrtol=4 * np.finfo(float).eps, xatol=0.0, fatol=0.0, frtol=0.0))
+            g[inside] = res.x
+        out[todo] = g / np.sqrt(tv / (tv - 1.0))
     return out[()]
 
 
