@@ -19,7 +19,9 @@ registration and advance by exactly one power-iteration step in each forward in 
 parametrization is in training mode **and** :func:`torch.is_grad_enabled` is true.  Reading the
 weight under :func:`torch.no_grad` or in eval mode never changes a buffer.  (This differs
 slightly from ``spectral_norm``, which updates whenever the module is in training mode, even
-under ``no_grad``.)  The step runs without gradient and in at least fp32, with autocast
+under ``no_grad``.)  Every training read of ``module.weight`` is a forward: a model that reads a
+weight twice per step should do so inside :func:`torch.nn.utils.parametrize.cached` (one
+computation of :math:`\hat W`, one step).  The step runs without gradient and in at least fp32, with autocast
 disabled; :math:`\sigma = v^\top W u` is then computed *with* gradient through ``W``, so
 
 .. math::  \frac{\partial L}{\partial W} = \frac{\gamma}{\sigma}

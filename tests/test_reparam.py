@@ -164,6 +164,20 @@ def test_one_power_iteration_step_per_training_forward(n_steps):
     assert not p._u.requires_grad and not p._v.requires_grad
 
 
+def test_parametrize_cached_reads_weight_twice_with_one_step():
+    from torch.nn.utils import parametrize
+
+    layer = _layer_with_random_vectors()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 4)
+    with parametrize.cached():
+        y = layer(x) + layer(x)  # W_hat computed once: one step
+    twin(x)
+    assert torch.equal(_param(layer)._u, _param(twin)._u)
+    y.sum().backward()
+    assert torch.isfinite(_original(layer).grad).all()
+
+
 def test_no_update_in_eval_or_under_no_grad():
     """The project-wide contract: only training-mode forwards with grad enabled move the vectors."""
     torch.manual_seed(0)
@@ -207,6 +221,18 @@ def test_autocast_bf16_keeps_vectors_fp32_without_grad():
     assert torch.equal(p._u, q._u) and torch.equal(p._v, q._v)
     y.float().sum().backward()
     assert torch.isfinite(_original(layer).grad).all()
+
+
+def test_bf16_weights_keep_fp32_vectors():
+    torch.manual_seed(0)
+    layer = _scramble_vectors(SigmaReparamLinear(8, 4, dtype=torch.bfloat16))
+    twin = SigmaReparamLinear(8, 4)
+    twin.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    y = layer(torch.randn(2, 8, dtype=torch.bfloat16))
+    twin(torch.randn(2, 8))
+    p, q = _param(layer), _param(twin)
+    assert y.dtype == torch.bfloat16 and p._u.dtype == torch.float32
+    torch.testing.assert_close(p._u, q._u)  # the same fp32 step as an fp32 copy takes
 
 
 def test_sigma_is_v_W_u_with_gradient():
