@@ -40,6 +40,7 @@ class TrainConfig:
     paper's text) or ``"spectral"`` (``torch.nn.utils.parametrizations.spectral_norm``).
     Optimiser: AdamW with betas (0.9, 0.95), no weight decay, no warm-up, constant ``lr``;
     ``grad_clip`` 0 disables clipping (the gradient norm is logged either way).
+    Runtime: ``checkpoint_every`` steps a checkpoint is written (0: only at the end of the run).
     """
 
     preset: str = "custom"
@@ -75,6 +76,7 @@ class TrainConfig:
     compile: bool = False
     threads: int = 0
     progress: bool = True
+    checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -112,6 +114,10 @@ class TrainConfig:
             raise ValueError(f"sample_steps must be positive step numbers, got {self.sample_steps!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 keeps torch's default), got {self.threads!r}")
+        if not isinstance(self.checkpoint_every, int) or isinstance(self.checkpoint_every, bool) \
+                or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0 (0: only at the end), "
+                             f"got {self.checkpoint_every!r}")
 
     @property
     def tokens_per_step(self) -> int:
