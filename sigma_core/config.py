@@ -7,6 +7,8 @@ whole config next to its metrics.  Presets are named starting points:
 - ``cpu-smoke``: a tiny model that trains in seconds (used by the tests);
 - ``cpu-demo``: the CALIBRATION CPU setting (d=128, 4 layers, 4 heads, T=128, batch 32) at the
   collapsing learning rate 3e-2, a minute or two per run on two cores;
+- ``cpu-compare``: the stabiliser sweep of ``entropy-collapse compare`` on two CPU cores
+  (d=64, 2 layers, 4 heads, T=64, batch 16, 200 steps: a few seconds per run);
 - ``h200``: the CALIBRATION GPU setting (d=256, 6 layers, 8 heads, T=256, batch 64, 1000 steps)
   at lr 1e-2, where the baseline collapses and sigmaReparam does not.
 
@@ -38,6 +40,8 @@ class TrainConfig:
     ``"sigma"`` (sigmaReparam, W_hat = gamma/sigma(W) * W, with ``gamma_init`` ``"sigma"``, so
     that W_hat = W_0 at the start, as in the official PyTorch code, or ``"one"``, as in the
     paper's text) or ``"spectral"`` (``torch.nn.utils.parametrizations.spectral_norm``).
+    ``qk_norm`` adds QK-LayerNorm and ``logit_softcap`` > 0 soft-caps the attention logits
+    (``c tanh(a / c)``; 0 is off); see :class:`sigma_core.model.CausalSelfAttention`.
     Optimiser: AdamW with betas (0.9, 0.95), no weight decay, no warm-up, constant ``lr``;
     ``grad_clip`` 0 disables clipping (the gradient norm is logged either way).
     Runtime: ``checkpoint_every`` steps a checkpoint is written (0: only at the end of the run).
@@ -54,6 +58,8 @@ class TrainConfig:
     mlp_ratio: int = 4
     reparam: str = "none"
     gamma_init: str = "sigma"
+    qk_norm: bool = False
+    logit_softcap: float = 0.0
     # optimisation
     lr: float = 3e-2
     betas: tuple[float, float] = (0.9, 0.95)
@@ -100,6 +106,10 @@ class TrainConfig:
             raise ValueError(f"reparam must be one of {REPARAMS}, got {self.reparam!r}")
         if self.gamma_init not in GAMMA_INITS:
             raise ValueError(f"gamma_init must be one of {GAMMA_INITS}, got {self.gamma_init!r}")
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"qk_norm must be a bool, got {self.qk_norm!r}")
+        if isinstance(self.logit_softcap, bool) or not 0.0 <= self.logit_softcap < float("inf"):
+            raise ValueError(f"logit_softcap must be a finite number >= 0 (0: off), got {self.logit_softcap!r}")
         if not (self.lr > 0 and self.lr < float("inf")):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -148,6 +158,9 @@ PRESETS: dict[str, dict] = {
     "cpu-demo": dict(d_model=128, n_layer=4, n_head=4, block_size=128, batch_size=32, steps=200,
                      lr=3e-2, log_every=10, eval_every=50, eval_batches=4,
                      sample_steps=(200,)),
+    "cpu-compare": dict(d_model=64, n_layer=2, n_head=4, block_size=64, batch_size=16, steps=200,
+                        lr=3e-2, corpus_bytes=2**21, log_every=10, eval_every=100, eval_batches=4,
+                        sample_steps=(200,), progress=False),
     "h200": dict(d_model=256, n_layer=6, n_head=8, block_size=256, batch_size=64, steps=1000,
                  lr=1e-2, log_every=10, eval_every=100, eval_batches=8,
                  sample_steps=(100, 1000), compile=False),

@@ -2,7 +2,10 @@
 
 Token and learned position embeddings, ``n_layer`` blocks (attention + GELU MLP x4) with the
 normalisation placed before (``"pre"``), after (``"post"``) or nowhere (``"none"``), and a linear
-head.  Attention has separate q/k/v/o projections, so a weight reparametrisation (sigmaReparam,
+head.  Two attention stabilisers, combinable with each other and with every placement:
+QK-LayerNorm (``qk_norm``: a LayerNorm over ``d_head``, shared by the heads, applied to q and k
+before the logits; Dehghani et al. 2023, Wortsman et al. 2023) and logit soft-capping
+(``logit_softcap`` = c > 0: logits ``a -> c tanh(a / c)``, as in Gemma 2).  Attention has separate q/k/v/o projections, so a weight reparametrisation (sigmaReparam,
 spectral norm) applies to each projection on its own, and it follows the probe protocol of
 :mod:`sigma_core.probe`: observers see ``(x, q, k)`` and read the effective per-head weights
 ``W_Q[h], W_K[h]`` of theory/README.md eq. (1), ``q_h = x @ W_Q[h]``, whose product's spectral
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sigma_core.probe import AttentionProbe, probe_active
 
@@ -44,6 +48,8 @@ class ModelConfig:
     block_size: int = 128
     norm: str = "pre"
     mlp_ratio: int = 4
+    qk_norm: bool = False
+    logit_softcap: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "block_size", "mlp_ratio"):
@@ -54,6 +60,10 @@ class ModelConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.norm not in ("pre", "post", "none"):
             raise ValueError(f"norm must be 'pre', 'post' or 'none', got {self.norm!r}")
+        if not isinstance(self.qk_norm, bool):
+            raise TypeError(f"qk_norm must be a bool, got {type(self.qk_norm).__name__}")
+        if not (isinstance(self.logit_softcap, (int, float)) and 0 <= self.logit_softcap < math.inf):
+            raise ValueError(f"logit_softcap must be a finite number >= 0 (0: off), got {self.logit_softcap!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -61,20 +71,37 @@ class CausalSelfAttention(nn.Module):
 
     Logits of head h: ``a = scale * (x W_Q[h]) (x W_K[h])^T`` with ``scale = 1/sqrt(d_head)``,
     masked causally, so row i sees its T_i = i + 1 keys (theory/README.md, notation).
+
+    ``qk_norm``: q and k pass through ``nn.LayerNorm(d_head)`` (one per side, shared by the heads)
+    before the logits, so the logits are no longer ``x W_Q W_K^T x^T``: the probe then receives
+    the *normalised* q, k and ``weight_bounds_valid`` is False (observers check only the exact
+    variant of the bound; ``head_weights()`` still returns the projections, whose sigma_h is then
+    a statistic, not a bound).  ``logit_softcap`` = c > 0: ``a -> c tanh(a / c)`` on an explicit
+    attention path (SDPA cannot cap); the probe receives factors ``q' = a_capped / scale`` and
+    ``k' = I_T`` with ``scale * q' k'^T`` = the capped logits (:mod:`sigma_core.probe`).  Since
+    ``c tanh(./c)`` is 1-Lipschitz it shrinks every pairwise logit difference, hence every centred
+    row norm, so the weight-based bounds of the raw logits stay valid for the capped ones.
     """
 
-    def __init__(self, d_model: int, n_head: int):
+    def __init__(self, d_model: int, n_head: int, *, qk_norm: bool = False, logit_softcap: float = 0.0):
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
+        if not logit_softcap >= 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0: off), got {logit_softcap!r}")
         self.n_head = n_head
         self.d_head = d_model // n_head
         self.scale = 1.0 / math.sqrt(self.d_head)
         self.causal = True
+        self.logit_softcap = float(logit_softcap)
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_norm = nn.LayerNorm(self.d_head) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.d_head) if qk_norm else None
+        #: probe protocol: False when the logits are not x W_Q W_K^T x^T (QK-LayerNorm)
+        self.weight_bounds_valid = not qk_norm
         self.probe = AttentionProbe()
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -82,27 +109,66 @@ class CausalSelfAttention(nn.Module):
         return t.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
 
     def head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Effective ``(W_Q, W_K)``, each ``(H, d, d_head)``, with ``q_h = x @ W_Q[h]``."""
+        """Effective ``(W_Q, W_K)``, each ``(H, d, d_head)``, with ``q_h = x @ W_Q[h]`` (before any QK-norm).
+
+        A parametrisation (sigmaReparam, spectral norm) is evaluated in eval mode, so reading the
+        weights never advances a power iteration.
+        """
         d = self.q_proj.in_features
         # nn.Linear computes x @ weight.T; weight is (out=d, in=d), out split into heads
-        w_q = self.q_proj.weight.T.reshape(d, self.n_head, self.d_head).permute(1, 0, 2)  # (nh, d, hs)
-        w_k = self.k_proj.weight.T.reshape(d, self.n_head, self.d_head).permute(1, 0, 2)  # (nh, d, hs)
+        w_q, w_k = (_eval_weight(p).T.reshape(d, self.n_head, self.d_head).permute(1, 0, 2)
+                    for p in (self.q_proj, self.k_proj))  # (nh, d, hs) each
         return w_q, w_k
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Attention logits ``scale q k^T``, soft-capped when ``logit_softcap`` > 0, unmasked ``(B, nh, T, T)``."""
+        att = (q @ k.transpose(-1, -2)) * self.scale  # (B, nh, T, T)
+        if self.logit_softcap > 0:
+            att = self.logit_softcap * torch.tanh(att / self.logit_softcap)
+        return att
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Softmax attention of ``q, k, v`` (each ``(B, nh, T, hs)``); the place to change logits."""
-        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale)
+        if self.logit_softcap <= 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale)
+        T = q.shape[2]
+        att = self.logits(q, k).float()  # (B, nh, T, T)
+        if self.causal:
+            hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # (T, T)
+            att = att.masked_fill(hidden, -math.inf)
+        return torch.softmax(att, dim=-1).to(v.dtype) @ v  # (B, nh, T, hs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape  # batch, sequence length, width
         q = self._split_heads(self.q_proj(x))  # (B, nh, T, hs)
         k = self._split_heads(self.k_proj(x))  # (B, nh, T, hs)
         v = self._split_heads(self.v_proj(x))  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # (B, nh, T, hs), normalised over hs
         if probe_active(self.probe):
-            self.probe(x, q, k)
+            if self.logit_softcap > 0:  # factors of the capped logits: scale * q' k'^T = c tanh(a / c)
+                q_obs = self.logits(q, k) / self.scale  # (B, nh, T, T)
+                k_obs = torch.eye(T, dtype=q_obs.dtype, device=x.device).expand(B, self.n_head, T, T)
+                self.probe(x, q_obs, k_obs)
+            else:
+                self.probe(x, q, k)
         y = self.attend(q, k, v)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.o_proj(y)  # (B, T, C)
+
+
+def _eval_weight(linear: nn.Linear) -> torch.Tensor:
+    """``linear.weight``, with any parametrisation evaluated in eval mode (no power-iteration step)."""
+    if not parametrize.is_parametrized(linear, "weight"):
+        return linear.weight
+    plist = linear.parametrizations.weight
+    modes = [m.training for m in plist.modules()]
+    plist.eval()
+    try:
+        return linear.weight
+    finally:
+        for m, mode in zip(plist.modules(), modes):
+            m.training = mode
 
 
 class MLP(nn.Module):
@@ -125,7 +191,8 @@ class Block(nn.Module):
         self.norm = cfg.norm
         make_norm = (lambda: nn.LayerNorm(cfg.d_model)) if cfg.norm != "none" else nn.Identity
         self.ln1 = make_norm()
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_head)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_head, qk_norm=cfg.qk_norm,
+                                        logit_softcap=cfg.logit_softcap)
         self.ln2 = make_norm()
         self.mlp = MLP(cfg.d_model, cfg.mlp_ratio)
 
@@ -207,5 +274,6 @@ def build_model(cfg) -> GPT:
     """The :class:`GPT` of a :class:`~sigma_core.config.TrainConfig`, reparametrised as it says."""
     model = GPT(ModelConfig(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer,
                             n_head=cfg.n_head, block_size=cfg.block_size, norm=cfg.norm,
-                            mlp_ratio=cfg.mlp_ratio))
+                            mlp_ratio=cfg.mlp_ratio, qk_norm=getattr(cfg, "qk_norm", False),
+                            logit_softcap=getattr(cfg, "logit_softcap", 0.0)))
     return apply_reparam(model, cfg.reparam, gamma_init=cfg.gamma_init)

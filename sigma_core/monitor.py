@@ -216,7 +216,8 @@ class EntropyMonitor:
         x, q, k = args[:3]
         with torch.no_grad():
             w_q, w_k = owner.head_weights()
-        self._record(layer, name, x, x, q, k, float(owner.scale), bool(owner.causal), None, w_q, w_k)
+        self._record(layer, name, x, x, q, k, float(owner.scale), bool(owner.causal), None, w_q, w_k,
+                     weights_valid=getattr(owner, "weight_bounds_valid", True))  # False: QK-LayerNorm
 
     def _on_mha(self, layer, name, mod, module, args, kwargs):
         if not self._active:
@@ -272,7 +273,7 @@ class EntropyMonitor:
         self._record(layer, name, xq, xk, q, k, 1.0 / math.sqrt(dh), causal, mask, w_q, w_k)
 
     # -- the record ----------------------------------------------------------------------------
-    def _record(self, layer, name, xq, xk, q, k, scale, causal, mask, w_q, w_k):
+    def _record(self, layer, name, xq, xk, q, k, scale, causal, mask, w_q, w_k, weights_valid=True):
         with torch.no_grad():
             st = attention_row_stats(q, k, scale=scale, causal=causal, attn_mask=mask,
                                      method=self.method, block_size=self.block_size)
@@ -286,7 +287,7 @@ class EntropyMonitor:
             nb = B if self.bound_samples is None else min(B, self.bound_samples)
             sub = type(st)(*(t[:nb] for t in st))
             additive = mask is not None and mask.dtype != torch.bool
-            if additive:
+            if additive or not weights_valid:  # logits not x W_Q W_K^T x^T: only the exact variant
                 norms = {"exact": sub.logit_norm.double()}
             else:
                 norms = bound_variant_norms(sub, sigma, xq[:nb], xk[:nb] if xk is not xq else None)

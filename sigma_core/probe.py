@@ -17,6 +17,17 @@ Protocol of the owning attention module (attributes the observers read):
 - ``head_weights()`` -> ``(W_Q, W_K)``, each ``(H, d, d_head)`` in the theory convention
   ``q_h = x @ W_Q[h]`` (the *effective* weights, i.e. after any reparametrisation).  Observers
   call it under ``torch.no_grad()``, which never advances sigmaReparam's power iteration.
+
+Extensions for modules whose logits are not ``scale * (x W_Q) (x W_K)^T`` (observers must honour
+them; both default to the plain case when absent):
+
+- ``weight_bounds_valid`` (bool, default True): False when ``q``, ``k`` are not ``x @ W_Q[h]``,
+  ``x @ W_K[h]`` (QK-LayerNorm: the probe receives the normalised q, k).  The weight-based bound
+  variants (theorem, per_query, centered) then do not apply; only ``exact`` is checked.
+- transformed logits (soft-capping ``c tanh(a / c)``): the module passes factors ``q'``, ``k'``
+  with ``scale * q' k'^T`` equal to the logits it actually uses (``q' = logits / scale``,
+  ``k' = I_T``, so ``d_head`` reads as ``T``); entropies and exact norms are then those of the
+  attention actually used.
 """
 from __future__ import annotations
 

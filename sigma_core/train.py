@@ -154,6 +154,8 @@ def row_samples(model: GPT, idx: torch.Tensor) -> dict[str, np.ndarray]:
         stats = attention_row_stats(q.double(), k.double(), scale=attn.scale, causal=attn.causal)  # (B, H, T)
         sigma = head_sigma(*attn.head_weights(), scale=attn.scale)  # (H,)
         norms = bound_variant_norms(stats, sigma, x)  # {variant: (B, H, T)}
+        if not getattr(attn, "weight_bounds_valid", True):  # QK-LayerNorm: weight variants do not
+            norms = {v: norms["exact"] for v in norms}  # apply (sigma_core.probe); record the exact norm
         B, H, T = stats.entropy.shape
         cols["layer"].append(np.full(B * H * T, layer, dtype=np.int16))
         cols["head"].append(np.broadcast_to(np.arange(H, dtype=np.int16)[None, :, None], (B, H, T)).ravel())
