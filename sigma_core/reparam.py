@@ -57,6 +57,7 @@ True
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -165,14 +166,18 @@ class SigmaReparam(nn.Module):
         return W.reshape(self.n_chunks, W.shape[0] // self.n_chunks, -1)
 
     @torch.no_grad()
-    def _power_iteration(self, W: torch.Tensor) -> None:
-        """Advance ``_u``, ``_v`` in place by ``n_power_iterations`` steps; W is (c, m, n)."""
+    def _power_iteration(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Advance ``_u``, ``_v`` by ``n_power_iterations`` steps; W is (c, m, n).
+
+        Returns fresh ``(u, v, sigma)`` with sigma = |Wᵀv| = vᵀ W u (the new vectors), shape (c,).
+        """
         u, v = self._u.to(W.dtype), self._v.to(W.dtype)
         for _ in range(self.n_power_iterations):
-            v = _normalize_or_keep(torch.matmul(W, u.unsqueeze(-1)).squeeze(-1), v, self.eps)
-            u = _normalize_or_keep(torch.matmul(v.unsqueeze(-2), W).squeeze(-2), u, self.eps)
+            v, _ = _normalize_or_keep(torch.matmul(W, u.unsqueeze(-1)).squeeze(-1), v, self.eps)
+            u, sigma = _normalize_or_keep(torch.matmul(v.unsqueeze(-2), W).squeeze(-2), u, self.eps)
         self._u.copy_(u)
         self._v.copy_(v)
+        return u, v, sigma
 
     #: devices on which the finiteness check reads its result at once (a cheap host read);
     #: elsewhere it is read one training forward later, so the check never stalls the device
@@ -181,7 +186,7 @@ class SigmaReparam(nn.Module):
     def _check_finite(self, sigma: torch.Tensor) -> None:
         """Raise FloatingPointError when the sigma estimate is not finite (training only)."""
         if sigma.device.type in self.SYNC_CHECK_DEVICES:
-            bad = not bool(torch.isfinite(sigma).all())
+            bad = not math.isfinite(float(sigma.sum()))
         else:  # the flag of the previous forward, copied without synchronising
             flag = getattr(self, "_nonfinite_flag", None)
             bad = flag is not None and bool(flag)
@@ -201,30 +206,78 @@ class SigmaReparam(nn.Module):
         Uses the current vectors as they are (never advances them); not clamped.
         """
         W = self._as_matrices(weight).to(_compute_dtype(weight.dtype))
-        u, v = self._u.to(W.dtype), self._v.to(W.dtype)
-        return (v.unsqueeze(-2) @ W @ u.unsqueeze(-1)).reshape(self.n_chunks)  # (c,)
+        return _vWu(self._v.to(W.dtype), W, self._u.to(W.dtype))  # (c,)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
         with torch.autocast(weight.device.type, enabled=False):
             W = self._as_matrices(weight).to(_compute_dtype(weight.dtype))  # (c, m, n)
-            u, v = self._u, self._v
             if self.training and torch.is_grad_enabled():
-                self._power_iteration(W.detach())
-                # clones: autograd keeps u, v for backward, the next forward updates the buffers
-                u, v = self._u.clone(), self._v.clone()
-            u, v = u.to(W.dtype), v.to(W.dtype)
-            sigma = (v.unsqueeze(-2) @ W @ u.unsqueeze(-1)).reshape(self.n_chunks)  # (c,)
-            if self.training and torch.is_grad_enabled() and not _compiling():
-                self._check_finite(sigma.detach())
-            scale = self.gamma.to(W.dtype).reshape(self.n_chunks) / sigma.clamp_min(self.eps)  # (c,)
-            out = (W * scale[:, None, None]).reshape(weight.shape)
-        return out.to(weight.dtype)
+                # fresh u, v (not the buffers, which the next forward overwrites) for backward
+                u, v, sigma = self._power_iteration(W.detach())
+                if not _compiling():
+                    self._check_finite(sigma)
+            else:
+                u, v = self._u.to(W.dtype), self._v.to(W.dtype)
+                if torch.is_grad_enabled():
+                    u, v = u.clone(), v.clone()
+                with torch.no_grad():
+                    sigma = _vWu(v, W, u)
+            gamma = self.gamma.to(W.dtype).reshape(self.n_chunks)
+            out = _ScaleBySigma.apply(W, gamma, u, v, sigma, self.eps)  # (c, m, n)
+        return out.reshape(weight.shape).to(weight.dtype)
 
 
-def _normalize_or_keep(x: torch.Tensor, old: torch.Tensor, eps: float) -> torch.Tensor:
-    """Rows of ``x`` normalised; a row with norm <= eps keeps ``old`` (so a zero weight gives no NaN)."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return torch.where(norm > eps, x / norm.clamp_min(eps), old)
+def _vWu(v: torch.Tensor, W: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """vᵀ W u per chunk: v (c, m), W (c, m, n), u (c, n) -> (c,)."""
+    return (v.unsqueeze(-2) @ W @ u.unsqueeze(-1)).reshape(W.shape[0])
+
+
+class _ScaleBySigma(torch.autograd.Function):
+    r""":math:`\hat W = (\gamma/\sigma) W` with :math:`\sigma = v^\top W u` and the closed-form backward
+
+    :math:`\partial L/\partial W = (\gamma/\sigma)(G - (\langle G, W\rangle/\sigma)\, v u^\top)`,
+    :math:`\partial L/\partial\gamma = \langle G, W\rangle/\sigma` (theory/README.md, σReparam):
+    the gradient autograd would give for ``gamma / clamp(v^T W u, eps) * W``, in three passes
+    over the matrix instead of about ten small operations.  ``sigma`` is passed in (its value,
+    vᵀWu, is known from the power iteration); where it is below ``eps`` it is clamped and the
+    second term vanishes.  Double backward recomputes σ from W, so it is exact too.
+    """
+
+    @staticmethod
+    def forward(ctx, W, gamma, u, v, sigma, eps):  # noqa: D102
+        scale = gamma / sigma.clamp_min(eps)  # (c,)
+        ctx.save_for_backward(W, gamma, u, v, sigma)
+        ctx.eps = eps
+        return W * scale[:, None, None]
+
+    @staticmethod
+    def backward(ctx, G):  # noqa: D102
+        W, gamma, u, v, sigma = ctx.saved_tensors
+        eps = ctx.eps
+        with torch.autocast(G.device.type, enabled=False):
+            if torch.is_grad_enabled():  # create_graph: sigma as a differentiable function of W
+                sigma = _vWu(v, W, u)
+            sig = sigma.clamp_min(eps)
+            scale = gamma / sig  # (c,)
+            c = W.shape[0]
+            if c == 1:
+                gw = torch.dot(G.reshape(-1), W.reshape(-1)).reshape(1)  # <G, W>
+            else:
+                gw = (G * W).sum((-2, -1))  # (c,)
+            grad_gamma = gw / sig if ctx.needs_input_grad[1] else None
+            grad_W = None
+            if ctx.needs_input_grad[0]:
+                coef = torch.where(sigma > eps, scale * gw / sig, torch.zeros_like(gw))  # (c,)
+                grad_W = torch.baddbmm(G * scale[:, None, None],
+                                       (v * -coef[:, None]).unsqueeze(-1), u.unsqueeze(-2))
+        return grad_W, grad_gamma, None, None, None, None
+
+
+def _normalize_or_keep(x: torch.Tensor, old: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` normalised and their norms; a row with norm <= eps keeps ``old`` (no NaN
+    for a zero weight)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (c, 1)
+    return torch.where(norm > eps, x / norm.clamp_min(eps), old), norm.squeeze(-1)
 
 
 def _find(module: nn.Module, name: str) -> SigmaReparam | None:
