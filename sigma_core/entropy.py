@@ -6,19 +6,32 @@ measures
 
 - the row entropy ``Ent(p_i) = -sum_j p_ij log p_ij`` in nats (theory/README.md, Notation);
 - the centred logit norm ``||z_i - mean(z_i)||_2`` over the visible keys, the argument of the
-  exact-row bound ``h_{T_i}(.)`` of eq. (2);
+  exact-row bound ``Ent(p_i) >= h_{T_i}(.)`` (``h_T`` of eq. (2); centring is free by eq. (4));
 - per-head weight and token statistics (``sigma_h``, ``||X||_2``, ``||x_i||``, the centred token
-  norm) from which the bound variants of eq. (1) follow (:func:`bound_variant_norms`).
+  norm) from which the bound variants of eq. (7) follow through the chain of eq. (3)
+  (:func:`bound_variant_norms`).
 
-Two methods compute the row statistics.  ``"dense"`` materialises the ``(B, H, Tq, Tk)`` logits.
-``"streaming"`` walks over key blocks like flash attention and never holds more than
-``(B, H, Tq, block)`` values: with the running max ``m``, ``l = sum e^{s-m}`` and
-``r' = sum e^{s-m} (s - m)``, a new block with max ``m'`` rescales ``l <- e^{m-m'} l`` and
-``r' <- e^{m-m'} (r' + (m - m') l)``, and at the end ``H = log l - r'/l``.  This is the form
-``H = m + log l - r/l`` with ``r = sum e^{s-m} s`` rewritten around ``m`` (``r' = r - m l``), which
-avoids the cancellation of the large terms ``m`` and ``r/l`` when the logits are large.  The
-centred norm is merged over blocks with Chan's parallel-variance update (count, mean, sum of
-squared deviations), which is stable where ``sum s^2 - (sum s)^2 / n`` is not.
+Equation numbers refer to theory/README.md.
+
+Both methods run the same blocked pass over the keys.  ``"dense"`` uses one block holding all
+``(B, H, Tq, Tk)`` logits; ``"streaming"`` walks over key blocks like flash attention and never
+holds more than ``(B, H, Tq, block)`` values (a few such buffers): with the running max ``m``,
+``l = sum e^{s-m}`` and ``r' = sum e^{s-m} (s - m)``, a new block with max ``m'`` rescales
+``l <- e^{m-m'} l`` and ``r' <- e^{m-m'} (r' + (m - m') l)``, and at the end
+``H = log l - r'/l``.  This is ``H = m + log l - r/l`` with ``r = sum e^{s-m} s`` rewritten
+around ``m`` (``r' = r - m l``), which avoids the cancellation of the large terms ``m`` and
+``r/l`` when the logits are large.  The centred norm is merged over blocks with Chan's
+parallel-variance update (count, mean, sum of squared deviations), which is stable where
+``sum s^2 - (sum s)^2 / n`` is not.  With ``causal=True`` rows that see nothing of a key block
+skip it and rows that see all of it are processed without any mask, so a causal pass costs
+about half a full one.
+
+``exp`` is evaluated at ``max(s - m, c)`` with ``c = -80`` (float32) or ``-700`` (float64),
+above the underflow range where ``exp`` takes a slow path, and the same clamped value enters
+``r'``.  A clamped key changes ``l`` by less than ``e^c`` and ``r'`` by less than
+``2 |c| e^c`` (``x e^x`` is monotone below -1), while ``l >= 1``: over ``n`` keys at most
+``n * 1.5e-33`` (float32) or ``n * 1e-301`` (float64) nats, far below rounding.  Hidden keys
+contribute exactly 0.
 
 Masks follow :func:`torch.nn.functional.scaled_dot_product_attention`: a bool ``attn_mask`` is
 True where a query may attend; a float mask is added to the logits and its ``-inf`` entries hide
@@ -107,123 +120,154 @@ def _check_inputs(q, k, scale, causal, attn_mask, method, block_size):
     return scale, attn_mask
 
 
-def _block_visible_and_bias(attn_mask, causal, Tq, j0, j1, device):
-    """Visibility (bool, broadcastable to (B,H,Tq,j1-j0)) and additive bias (or None) of a block."""
-    visible = None
-    bias = None
-    if attn_mask is not None:
-        block = attn_mask[..., j0:j1]
+def _compact(mask: torch.Tensor) -> torch.Tensor:
+    """Undo broadcasting: a size-1 view along every stride-0 dimension (same values, smaller)."""
+    idx = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                for st, n in zip(mask.stride(), mask.shape))
+    return mask[idx]
+
+
+def _visibility(mask, causal, rows: slice, j0: int, j1: int, device):
+    """Visible keys of rows ``rows`` in key block ``j0:j1``, as the smallest broadcastable tensors.
+
+    Returns ``(visible, additive)``: ``visible`` bool (None when every key is visible) and the
+    float bias to add to the logits (None when there is none; 0 at hidden keys, so that every
+    logit stays finite).  Both have at most the mask's (compact) shape, never
+    ``(B, H, Tq, b)`` unless the mask itself is that large.
+    """
+    visible = bias = None
+    if mask is not None:
+        block = mask[..., rows if mask.shape[-2] > 1 else slice(None),
+                     slice(j0, j1) if mask.shape[-1] > 1 else slice(None)]
         if block.dtype == torch.bool:
             visible = block
         else:
             visible = torch.isfinite(block) | (block > 0)  # +inf is not a meaningful mask value
-            bias = block
+            if bool(torch.where(visible, block, 0).any()):
+                bias = block
     if causal:
-        rows = torch.arange(Tq, device=device).unsqueeze(-1)
-        cols = torch.arange(j0, j1, device=device)
-        tri = cols <= rows  # (Tq, j1-j0)
-        visible = tri if visible is None else (visible & tri)
-    return visible, bias
+        r = torch.arange(rows.start, rows.stop, device=device).unsqueeze(-1)
+        tri = torch.arange(j0, j1, device=device) <= r  # (rows, b)
+        if not bool(tri.all()):
+            visible = tri if visible is None else (visible & tri)
+    if visible is None or bool(visible.all()):
+        return None, bias
+    # hidden keys get a finite bias (0): they are excluded by ``visible`` in _State.update
+    return visible, None if bias is None else torch.where(visible, bias, 0)
 
 
-def _block_logits(q, k, scale, bias, cdt, j0, j1):
-    s = torch.matmul(q.to(cdt), k[..., j0:j1, :].to(cdt).transpose(-1, -2)) * scale  # (B,H,Tq,b)
-    if bias is not None:
-        s = s + bias.to(cdt)
-    return s
+#: exp() arguments are clamped from below here (see the module docstring): avoids the slow
+#: underflow path of exp and keeps every product e * (s - m) finite
+_EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 
-def _finish(entropy, logit_norm, n_keys, extent):
-    if bool((n_keys == 0).any()):
-        raise ValueError("attn_mask/causal leave a query row with no visible key: its entropy is undefined")
-    return RowStats(entropy, logit_norm, n_keys, extent)
+class _State:
+    """Running per-row accumulators over key blocks (shape (B, H, Tq) each).
+
+    ``m`` running max, ``l = sum e^{s-m}``, ``r = sum e^{s-m} (s-m)`` (flash-attention style),
+    ``n`` visible count, ``mu`` mean and ``m2`` summed squared deviations (Chan et al.), and
+    ``extent`` (one past the last visible key).
+    """
+
+    def __init__(self, shape, cdt, device):
+        self.m = torch.full(shape, -math.inf, dtype=cdt, device=device)
+        self.l = torch.zeros(shape, dtype=cdt, device=device)
+        self.r = torch.zeros(shape, dtype=cdt, device=device)
+        self.n = torch.zeros(shape, dtype=cdt, device=device)
+        self.mu = torch.zeros(shape, dtype=cdt, device=device)
+        self.m2 = torch.zeros(shape, dtype=cdt, device=device)
+        self.extent = torch.zeros(shape, dtype=torch.int64, device=device)
+
+    def update(self, rows: slice, s, visible, j0: int, j1: int) -> None:
+        """Merge the finite logits ``s`` ``(B, H, R, b)`` of rows ``rows`` and keys ``j0:j1``.
+
+        ``visible`` (bool, broadcastable to ``s``, or None: all visible) selects the keys; ``s``
+        is consumed (overwritten).
+        """
+        m, l, r = self.m[..., rows], self.l[..., rows], self.r[..., rows]
+        n, mu, m2 = self.n[..., rows], self.mu[..., rows], self.m2[..., rows]
+        zero = torch.zeros((), dtype=s.dtype, device=s.device)
+        vis_f = None if visible is None else visible.to(s.dtype)
+        # entropy accumulators: shift by the new running max m'
+        bm = s.amax(-1) if visible is None else torch.where(visible, s, -math.inf).amax(-1)
+        m_new = torch.maximum(m, bm)
+        m_safe = torch.where(torch.isfinite(m_new), m_new, zero)  # rows with nothing visible yet
+        old = torch.isfinite(m)
+        alpha = torch.where(old, torch.exp(m - m_safe), zero)  # e^{m - m'}
+        delta = torch.where(old, m - m_safe, zero)  # m - m'
+        sc = s.sub_(m_safe.unsqueeze(-1))  # s - m' (<= 0 at visible keys)
+        c = torch.clamp(sc, min=_EXP_FLOOR[s.dtype], max=0.0)  # see the module docstring
+        e = torch.exp(c)
+        if vis_f is not None:
+            e.mul_(vis_f)  # 0 at hidden keys
+        r.mul_(alpha).add_(alpha * delta * l).add_(torch.linalg.vecdot(e, c))
+        l.mul_(alpha).add_(e.sum(-1))
+        m.copy_(m_new)
+        del e, c
+        # centred-norm accumulators (Chan et al.); sc is shifted by m_safe, which cancels
+        if vis_f is None:
+            nb = torch.full_like(n, float(j1 - j0))
+            mub_c = sc.mean(-1)
+            m2b = torch.linalg.vector_norm(sc.sub_(mub_c.unsqueeze(-1)), dim=-1).square()
+            self.extent[..., rows] = j1
+        else:
+            nb = vis_f.sum(-1).expand_as(n)
+            mub_c = sc.mul_(vis_f).sum(-1) / nb.clamp(min=1)
+            m2b = torch.linalg.vector_norm(sc.sub_(mub_c.unsqueeze(-1)).mul_(vis_f), dim=-1).square()
+            cols = torch.arange(j0 + 1, j1 + 1, device=s.device)
+            ext = torch.where(visible, cols, 0).amax(-1)
+            ext_rows = self.extent[..., rows]
+            ext_rows.copy_(torch.maximum(ext_rows, ext))
+        mub = mub_c + m_safe
+        ntot = n + nb
+        ntot_safe = ntot.clamp(min=1)
+        d = mub - mu
+        mu.add_(d * nb / ntot_safe)
+        m2.add_(m2b + d.square() * n * nb / ntot_safe)
+        n.copy_(ntot)
+
+    def finish(self) -> RowStats:
+        n_keys = self.n.round().to(torch.int64)
+        if bool((n_keys == 0).any()):
+            raise ValueError("attn_mask/causal leave a query row with no visible key: its entropy is undefined")
+        entropy = torch.log(self.l) - self.r / self.l
+        return RowStats(entropy, self.m2.clamp(min=0).sqrt(), n_keys, self.extent)
 
 
-def _dense(q, k, scale, causal, attn_mask):
+def _row_stats(q, k, scale, causal, attn_mask, block_size):
+    """Blocked pass over the keys; ``block_size >= Tk`` is the dense method (one block).
+
+    With ``causal`` the rows that see nothing of a block skip it, and the rows that see all of
+    it (below the diagonal) are processed without any mask.
+    """
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     cdt = _compute_dtype(q.dtype)
-    visible, bias = _block_visible_and_bias(attn_mask, causal, Tq, 0, Tk, q.device)
-    s = _block_logits(q, k, scale, bias, cdt, 0, Tk)  # (B, H, Tq, Tk)
-    if visible is None:
-        visible = torch.ones((1, 1, 1, Tk), dtype=torch.bool, device=q.device)
-    visible = visible.expand(B, H, Tq, Tk)
-    n_keys = visible.sum(-1)
-    cols = torch.arange(1, Tk + 1, device=q.device)
-    extent = torch.where(visible, cols, 0).amax(-1)
-    if bool((n_keys == 0).any()):
-        return _finish(None, None, n_keys, extent)
-    full = bool(visible.all())
-    p = torch.softmax(s if full else s.masked_fill(~visible, -math.inf), dim=-1)
-    entropy = -torch.special.xlogy(p, p).sum(-1)  # xlogy(0, 0) = 0 at hidden keys
-    del p
-    if full:
-        dev = s - s.mean(-1, keepdim=True)
-    else:
-        s0 = s.masked_fill_(~visible, 0)
-        dev = (s0 - s0.sum(-1, keepdim=True) / n_keys.unsqueeze(-1)).masked_fill_(~visible, 0)
-    logit_norm = torch.linalg.vector_norm(dev, dim=-1)
-    return _finish(entropy, logit_norm, n_keys, extent)
-
-
-def _streaming(q, k, scale, causal, attn_mask, block_size):
-    B, H, Tq, _ = q.shape
-    Tk = k.shape[2]
-    cdt = _compute_dtype(q.dtype)
-    dev_ = q.device
-    shape = (B, H, Tq)
-    m = torch.full(shape, -math.inf, dtype=cdt, device=dev_)  # running max
-    l = torch.zeros(shape, dtype=cdt, device=dev_)  # sum e^{s-m}
-    r = torch.zeros(shape, dtype=cdt, device=dev_)  # sum e^{s-m} (s-m)
-    n = torch.zeros(shape, dtype=cdt, device=dev_)  # visible count (Chan)
-    mu = torch.zeros(shape, dtype=cdt, device=dev_)  # running mean of visible logits
-    m2 = torch.zeros(shape, dtype=cdt, device=dev_)  # sum of squared deviations
-    extent = torch.zeros(shape, dtype=torch.int64, device=dev_)
-    zero = torch.zeros((), dtype=cdt, device=dev_)
+    dev = q.device
+    qs = q.to(cdt) * scale  # fold the scale into q: Tq*d multiplies instead of Tq*Tk
+    kt = k.to(cdt).transpose(-1, -2)
+    mask = None if attn_mask is None else _compact(attn_mask)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(cdt)
+    state = _State((B, H, Tq), cdt, dev)
     for j0 in range(0, Tk, block_size):
         j1 = min(j0 + block_size, Tk)
-        visible, bias = _block_visible_and_bias(attn_mask, causal, Tq, j0, j1, dev_)
-        s = _block_logits(q, k, scale, bias, cdt, j0, j1)  # (B, H, Tq, b)
-        if visible is not None:
-            visible = visible.expand_as(s)
-            s_m = s.masked_fill(~visible, -math.inf)
-            nb = visible.sum(-1).to(cdt)
-            cols = torch.arange(j0 + 1, j1 + 1, device=dev_)
-            extent = torch.maximum(extent, torch.where(visible, cols, 0).amax(-1))
+        if causal:
+            if j0 >= Tq:
+                break  # no later row sees these keys
+            # rows j0..j1-2 see part of the block; rows >= j1-1 see all of it
+            parts = [slice(j0, min(j1 - 1, Tq)), slice(min(j1 - 1, Tq), Tq)]
         else:
-            s_m = s
-            nb = torch.full(shape, float(j1 - j0), dtype=cdt, device=dev_)
-            extent.fill_(j1)
-        # entropy accumulators, flash-attention style
-        m_new = torch.maximum(m, s_m.amax(-1))
-        m_safe = torch.where(torch.isfinite(m_new), m_new, zero)
-        alpha = torch.where(torch.isfinite(m), torch.exp(m - m_safe), zero)  # e^{m - m'}
-        delta = torch.where(torch.isfinite(m), m - m_safe, zero)  # m - m'
-        e = torch.exp(s_m - m_safe.unsqueeze(-1))  # 0 at hidden keys
-        sm = torch.where(e > 0, s_m - m_safe.unsqueeze(-1), zero)
-        r = alpha * (r + delta * l) + (e * sm).sum(-1)
-        l = alpha * l + e.sum(-1)
-        m = m_new
-        # centred norm accumulators (Chan et al. parallel variance)
-        nb_safe = torch.clamp(nb, min=1)
-        if visible is not None:
-            s0 = torch.where(visible, s, zero)
-            mub = s0.sum(-1) / nb_safe
-            m2b = torch.where(visible, s - mub.unsqueeze(-1), zero).square().sum(-1)
-        else:
-            mub = s.mean(-1)
-            m2b = (s - mub.unsqueeze(-1)).square().sum(-1)
-        ntot = n + nb
-        ntot_safe = torch.clamp(ntot, min=1)
-        d = mub - mu
-        mu = mu + d * nb / ntot_safe
-        m2 = m2 + m2b + d.square() * n * nb / ntot_safe
-        n = ntot
-    n_keys = n.round().to(torch.int64)
-    if bool((n_keys == 0).any()):
-        return _finish(None, None, n_keys, extent)
-    entropy = torch.log(l) - r / l
-    return _finish(entropy, m2.clamp(min=0).sqrt(), n_keys, extent)
+            parts = [slice(0, Tq)]
+        for rows in parts:
+            if rows.start >= rows.stop:
+                continue
+            visible, additive = _visibility(mask, causal, rows, j0, j1, dev)
+            s = torch.matmul(qs[..., rows, :], kt[..., j0:j1])  # (B, H, R, b)
+            if additive is not None:
+                s.add_(additive)
+            state.update(rows, s, visible, j0, j1)
+    return state.finish()
 
 
 def attention_row_stats(q, k, *, scale=None, causal=False, attn_mask=None, method="auto",
@@ -269,9 +313,8 @@ def attention_row_stats(q, k, *, scale=None, causal=False, attn_mask=None, metho
     if method == "auto":
         method = "dense" if B * H * Tq * Tk <= AUTO_DENSE_MAX_ELEMENTS else "streaming"
     with torch.no_grad():
-        if method == "dense":
-            return _dense(q.detach(), k.detach(), scale, causal, attn_mask)
-        return _streaming(q.detach(), k.detach(), scale, causal, attn_mask, block_size)
+        return _row_stats(q.detach(), k.detach(), scale, causal, attn_mask,
+                          Tk if method == "dense" else block_size)
 
 
 def attention_entropy(q, k, *, scale=None, causal=False, attn_mask=None, method="auto",
@@ -315,7 +358,7 @@ def logit_row_norms(q, k, *, scale=None, causal=False, attn_mask=None, method="a
 
 
 def head_sigma(w_q: torch.Tensor, w_k: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Per-head ``sigma_h = ||W_Q^h W_K^h^T||_2 * scale`` (the sigma of eq. (1)), shape ``(H,)``.
+    """Per-head ``sigma_h = ||W_Q^h W_K^h^T||_2 * scale`` (the sigma of eq. (3)), shape ``(H,)``.
 
     ``w_q``, ``w_k``: ``(H, d_q, d_head)``, ``(H, d_k, d_head)`` in the convention ``q_h = x @ W_Q[h]``.  Computed in
     float64 under ``no_grad`` from reduced QR factors: with ``W_Q = Q_1 R_1`` and
@@ -358,9 +401,13 @@ def prefix_token_norms(x: torch.Tensor, extents: torch.Tensor | None = None):
     a larger spectral norm, and ``||(I - P) Y||_2 <= ||Y - 1 c^T||_2`` for every ``c`` because
     ``(I - P) 1 = 0`` and ``||I - P||_2 = 1``.  So the exact (centred) spectral norm of the
     smallest power-of-four prefix ``0..p-1`` with ``p >= extent_i``, centred at that prefix's
-    mean, bounds both quantities from above: ``log4 T + 1`` eigenvalue problems of size
-    ``d x d`` (Gram matrices in float64) instead of one per row.  Non-causal rows use ``p = T``,
-    which is exact.
+    mean, bounds both quantities from above (the step from eq. (3) to the ``per_query`` and
+    ``centered`` variants, with eq. (4)): ``log4 T + 1`` symmetric eigenvalue problems instead of
+    one per row, each of size ``min(p, d)`` (``Y Y^T`` or ``Y^T Y``, which share their nonzero
+    eigenvalues), formed from the centred prefix itself (no ``G - p mu mu^T`` cancellation) and
+    solved in float64, whose relative rounding (~1e-13) is far below any tolerance applied to
+    the entropy.  Non-causal rows use ``p = T``, which is exact.  Without ``extents`` only
+    ``p = T`` is computed.
 
     Returns
     -------
@@ -382,26 +429,20 @@ def prefix_token_norms(x: torch.Tensor, extents: torch.Tensor | None = None):
     B, T, d = x.shape
     with torch.no_grad():
         xd = x.detach().double()
-        cps = _checkpoints(T)
-        grams, means = [], []
-        g = torch.zeros(B, d, d, dtype=torch.float64, device=x.device)
-        ssum = torch.zeros(B, d, dtype=torch.float64, device=x.device)
-        prev = 0
+        cps = _checkpoints(T) if extents is not None else [T]
+        full_k, cent_k = [], []
         for p in cps:
-            blk = xd[:, prev:p]
-            g = g + blk.transpose(-1, -2) @ blk
-            ssum = ssum + blk.sum(1)
-            grams.append(g)
-            means.append(ssum / p)
-            prev = p
-        gram = torch.stack(grams, 1)  # (B, K, d, d)
-        mean = torch.stack(means, 1)  # (B, K, d)
-        sizes = torch.tensor(cps, dtype=torch.float64, device=x.device).view(1, -1, 1, 1)
-        gram_c = gram - sizes * mean.unsqueeze(-1) * mean.unsqueeze(-2)
-        full_k = torch.linalg.eigvalsh(gram).amax(-1).clamp(min=0).sqrt()  # (B, K)
-        cent_k = torch.linalg.eigvalsh(gram_c).amax(-1).clamp(min=0).sqrt()
+            xp = xd[:, :p]
+            xc = xp - xp.mean(1, keepdim=True)
+            y = torch.stack([xp, xc], 1)  # (B, 2, p, d)
+            # the nonzero eigenvalues of Y Y^T and Y^T Y agree: take the smaller Gram matrix
+            gram = y @ y.transpose(-1, -2) if p < d else y.transpose(-1, -2) @ y
+            top = torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0).sqrt()  # (B, 2)
+            full_k.append(top[:, 0])
+            cent_k.append(top[:, 1])
+        full_k, cent_k = torch.stack(full_k, 1), torch.stack(cent_k, 1)  # (B, K)
         if extents is None:
-            return full_k[:, -1:], cent_k[:, -1:], full_k[:, -1]
+            return full_k, cent_k, full_k[:, -1]
         idx = torch.searchsorted(torch.tensor(cps, device=x.device), extents.to(x.device).contiguous())
         idx = idx.clamp(max=len(cps) - 1)
         return full_k.gather(1, idx), cent_k.gather(1, idx), full_k[:, -1]
@@ -409,18 +450,19 @@ def prefix_token_norms(x: torch.Tensor, extents: torch.Tensor | None = None):
 
 def bound_variant_norms(stats: RowStats, sigma: torch.Tensor, x_q: torch.Tensor,
                         x_k: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Upper bounds on every row's centred logit norm, per variant of theory/README.md.
+    """Upper bounds on every row's centred logit norm, per variant of eq. (7) (theory/README.md).
 
     With ``sigma`` ``(H,)`` (:func:`head_sigma`), query tokens ``x_q`` ``(B, Tq, d)`` and key
     tokens ``x_k`` ``(B, Tk, d)`` (default ``x_q``: self-attention), for row ``i`` of head ``h``:
 
-    - ``theorem``:   ``sigma_h ||X_q||_2 ||X_k||_2``  (``= sigma_h ||X||_2^2``, eq. (1));
+    - ``theorem``:   ``sigma_h ||X_q||_2 ||X_k||_2``  (``= sigma_h ||X||_2^2``, the bold sigma of eqs. (1), (3));
     - ``per_query``: ``sigma_h ||x_i|| ||X_{k,S_i}||_2``;
     - ``centered``:  ``sigma_h ||x_i|| ||(I - 11^T/T_i) X_{k,S_i}||_2``;
     - ``exact``:     the measured ``||z_i - mean(z_i)||`` (``stats.logit_norm``);
 
     where the key-set norms come from :func:`prefix_token_norms` (valid upper bounds).  Each
-    returned tensor is ``(B, H, Tq)`` float64; ``h_{T_i}`` of it lower-bounds the row entropy.
+    returned tensor is ``(B, H, Tq)`` float64; ``h_{T_i}`` (eq. (2)) of it lower-bounds the row
+    entropy, and the variants are ordered as in eq. (7).
 
     Examples
     --------

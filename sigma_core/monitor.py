@@ -2,9 +2,9 @@
 
 :class:`EntropyMonitor` attaches forward hooks to a model and, on every ``every``-th forward
 of the whole model, records per attention layer and head the row entropies (mean, min), the
-head's ``sigma_h`` and the lower bounds ``h_{T_i}(s_i)`` of theory/README.md eqs. (1)-(2) for
-the four variants of :data:`sigma_core.entropy.VARIANTS`, with the number of rows whose measured
-entropy falls below each bound.  A violation contradicts a theorem, so it is a bug: it is
+head's ``sigma_h`` (eq. (3) of theory/README.md) and the lower bounds ``h_{T_i}(s_i)``
+(``h_T`` of eq. (2)) for the four variants of :data:`sigma_core.entropy.VARIANTS` (eq. (7)),
+with the number of rows whose measured entropy falls below each bound.  A violation contradicts a theorem, so it is a bug: it is
 reported loudly (:class:`BoundViolationWarning` and a logged error).
 
 Supported attention modules:
