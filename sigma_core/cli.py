@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "sigma_core.cmd_train",
     "sigma_core.cmd_report",
     "sigma_core.cmd_demo",
+    "sigma_core.cmd_compare",
 )
 
 
