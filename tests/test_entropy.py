@@ -232,3 +232,38 @@ def test_prefix_token_norms_upper_bound_every_prefix():
         xi = x[0, : i + 1]
         assert full[0, i] >= torch.linalg.matrix_norm(xi, ord=2) * (1 - 1e-12)
         assert cent[0, i] >= torch.linalg.matrix_norm(xi - xi.mean(0), ord=2) * (1 - 1e-12) - 1e-12
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 7), (2, 1, 5, 7), (1, 3, 1, 7), (2, 3, 5, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("method, block", [("dense", 512), ("streaming", 3), ("streaming", 1)])
+def test_every_broadcast_mask_shape_matches_the_reference(shape, causal, method, block):
+    """Masks are kept at their own (broadcast) shape internally; bool and biased float alike."""
+    g = torch.Generator().manual_seed(len(shape) * 10 + causal)
+    B, H, Tq, Tk = 2, 3, 5, 7
+    q = torch.randn(B, H, Tq, 4, generator=g, dtype=torch.float64) * 3
+    k = torch.randn(B, H, Tk, 4, generator=g, dtype=torch.float64) * 3
+    keep = torch.rand(shape, generator=g) < 0.6
+    keep[..., 0] = True  # key 0 visible to every row (also when causal)
+    bias = torch.randn(shape, generator=g, dtype=torch.float64).masked_fill(~keep, -math.inf)
+    vis = _visible(Tq, Tk, causal, keep.expand(B, H, Tq, Tk))
+    for mask, b in ((keep, None), (bias, torch.where(keep, bias, 0).expand(B, H, Tq, Tk).numpy())):
+        ent_ref, nrm_ref = reference(q, k, 0.5, vis, b)
+        st_ = attention_row_stats(q, k, scale=0.5, causal=causal, attn_mask=mask, method=method,
+                                  block_size=block)
+        np.testing.assert_allclose(st_.entropy.numpy(), ent_ref, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(st_.logit_norm.numpy(), nrm_ref, rtol=1e-10, atol=1e-10)
+        assert st_.n_keys.tolist() == vis.sum(-1).tolist()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_rows_with_logit_gaps_beyond_the_exp_floor_are_exact(dtype, tol):
+    """Keys far (>> 80 nats) below the row max are clamped inside exp: entropy unaffected."""
+    s = torch.tensor([0.0, -1.0, -2.5, -90.0, -300.0, -1e4, -1e6], dtype=torch.float64)
+    q = torch.ones(1, 1, 1, 1, dtype=dtype)
+    k = s.to(dtype).view(1, 1, -1, 1)
+    ref, nrm = reference(q, k, 1.0, np.ones((1, 1, 1, 7), dtype=bool))
+    for method, block in (("dense", 512), ("streaming", 2)):
+        st_ = attention_row_stats(q, k, scale=1.0, method=method, block_size=block)
+        np.testing.assert_allclose(st_.entropy.double().numpy(), ref, rtol=0, atol=tol)
+        np.testing.assert_allclose(st_.logit_norm.double().numpy(), nrm, rtol=tol)
