@@ -9,7 +9,18 @@ order's :class:`torch.Generator`, the step counter) and writes a run directory:
 - ``samples/step_NNNNNN.npz``: per attention row of a fixed held-out batch, the measured entropy,
   the centred logit norm, the number of visible keys T_i and the theorem's sigma-bold
   (theory/README.md eq. (1)), for the confirmation figure of :mod:`sigma_core.report`;
-- ``checkpoint.pt``: model, optimiser, data-order and RNG state, written atomically.
+- ``checkpoint.pt``: model, optimiser, data-order and RNG state, written atomically every
+  ``checkpoint_every`` steps and at the end; :meth:`Trainer.resume` continues from it so that the
+  continued ``metrics.jsonl`` equals an uninterrupted run's (on the CPU: bit for bit, apart from
+  the wall-clock fields ``train_time_s`` and ``tokens_per_s``);
+- ``summary.json``: the final numbers, with ``diverged`` (bool) and ``diverged_step``.
+
+Faults: SIGINT/SIGTERM finish the current step, write the checkpoint and raise
+:class:`TrainingInterrupted`; a non-finite loss or gradient stops the run before the optimiser
+step, keeps the last good checkpoint and appends ``{"step": N, "diverged": true, ...}`` to the
+metrics (divergence is a result, so :meth:`Trainer.run` returns normally); a truncated,
+corrupted or incompatible checkpoint raises :class:`CheckpointError` saying which.  Under
+``torchrun`` the model is wrapped in DistributedDataParallel (see :mod:`sigma_core.distributed`).
 
 Optimisation follows shared/CALIBRATION.md: AdamW betas (0.9, 0.95), no weight decay, no
 warm-up, constant learning rate, bf16 autocast on CUDA.
@@ -30,7 +41,9 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
+import threading
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -39,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sigma_core import distributed
 from sigma_core.config import TrainConfig
 from sigma_core.data import Corpus, get_batch, load_stdlib_corpus
 from sigma_core.entropy import VARIANTS, attention_row_stats, bound_variant_norms, head_sigma
@@ -50,6 +64,42 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
 SUMMARY_NAME = "summary.json"
+#: fields that may change on resume (they do not change the trajectory's numbers on one device)
+RUNTIME_FIELDS = ("device", "compile", "threads", "progress", "checkpoint_every")
+#: what a training checkpoint holds (``cuda_rng`` too when it was written on CUDA)
+STATE_KEYS = ("config", "step", "model", "optimizer", "data_generator", "torch_rng", "train_time",
+              "tokens_seen", "corpus_sha256")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: missing, truncated/corrupted, or of another config."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by :meth:`Trainer.run` after a SIGINT/SIGTERM once the step, checkpoint and metrics
+    are written; ``signum``, ``step`` and ``run_dir`` say what happened and where to resume."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path | None):
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        name = signal.Signals(signum).name
+        where = (f"checkpoint written to {run_dir / CHECKPOINT_NAME}; resume with: "
+                 f"entropy-collapse train --resume {run_dir}") if run_dir is not None else "no run directory"
+        super().__init__(f"interrupted by {name} after step {step}; {where}")
+
+
+class Diverged(FloatingPointError):
+    """A non-finite loss or gradient at ``step`` (raised by :meth:`Trainer.train_step` before the
+    optimiser step, so the parameters stay those of the last good step)."""
+
+    def __init__(self, step: int, reason: str, loss: float | None = None, grad_norm: float | None = None):
+        self.step, self.reason, self.loss, self.grad_norm = step, reason, loss, grad_norm
+        super().__init__(f"training diverged at step {step}: {reason}")
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
 #: dense bf16 peak of the GPUs we know, for model FLOP utilisation (FLOP/s)
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
@@ -250,7 +300,13 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
+        ddp_device = distributed.setup(cfg.device)
+        self.rank, self.world_size = distributed.rank_and_world()
+        self.is_main = self.rank == 0
+        if cfg.batch_size % self.world_size:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of "
+                             f"processes ({self.world_size}): each rank trains on batch_size / N rows")
+        self.device = ddp_device if ddp_device is not None else resolve_device(cfg.device)
         self.corpus = corpus if corpus is not None else load_stdlib_corpus(cfg.corpus_bytes, cfg.val_fraction)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
@@ -260,7 +316,16 @@ class Trainer:
         self.step = 0
         self.train_time = 0.0
         self.tokens_seen = 0
-        self.compiled = torch.compile(self.model) if cfg.compile else self.model
+        self.ddp = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+            # broadcast_buffers (default): sigmaReparam's u, v come from rank 0 at every forward
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.compiled = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self._stop_signal: int | None = None
+        self.diverged: Diverged | None = None
         self._flops_per_token = flops_per_token(self.model)
         self._val_generator_seed = cfg.seed + 2
         self.summary: dict = {}
@@ -278,18 +343,37 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "data_generator": self.data_generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "train_time": self.train_time,
-                "tokens_seen": self.tokens_seen, "corpus_sha256": self.corpus.sha256}
+                "tokens_seen": self.tokens_seen, "corpus_sha256": self.corpus.sha256,
+                **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; raises ``ValueError`` when it belongs to another config."""
-        if state.get("config") != self.cfg.to_dict():
-            raise ValueError("checkpoint config differs from this trainer's config")
-        if state.get("corpus_sha256") != self.corpus.sha256:
-            raise ValueError("checkpoint was trained on a different corpus (sha256 differs)")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore :meth:`state_dict`; raises :class:`CheckpointError` (a ``ValueError``) naming
+        what is wrong when it is not a training state or belongs to another config or corpus.
+
+        Fields of :data:`RUNTIME_FIELDS` (device, threads, ...) may differ; every other config
+        field must be equal.
+        """
+        if not isinstance(state, dict) or not set(STATE_KEYS) <= set(state):
+            missing = sorted(set(STATE_KEYS) - set(state)) if isinstance(state, dict) else STATE_KEYS
+            raise CheckpointError(f"not a training checkpoint: missing {list(missing)}")
+        ours, theirs = self.cfg.to_dict(), dict(state["config"])
+        diff = sorted(k for k in set(ours) | set(theirs)
+                      if k not in RUNTIME_FIELDS and ours.get(k, "<absent>") != theirs.get(k, "<absent>"))
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {theirs.get(k, '<absent>')!r} vs {ours.get(k, '<absent>')!r}"
+                               for k in diff)
+            raise CheckpointError(f"checkpoint config differs from this trainer's config ({detail})")
+        if state["corpus_sha256"] != self.corpus.sha256:
+            raise CheckpointError("checkpoint was trained on a different corpus (sha256 differs)")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint model/optimizer state does not fit this model: {exc}") from exc
         self.data_generator.set_state(state["data_generator"])
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step = int(state["step"])
         self.train_time = float(state["train_time"])
         self.tokens_seen = int(state["tokens_seen"])
@@ -300,13 +384,41 @@ class Trainer:
             if self.out_dir is None:
                 raise ValueError("path is required when the trainer has no out_dir")
             path = self.out_dir / CHECKPOINT_NAME
-        atomic_torch_save(self.state_dict(), path)
+        if self.is_main:  # one writer; the state is the same on every rank
+            atomic_torch_save(self.state_dict(), path)
         return Path(path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Load a checkpoint written by :meth:`save_checkpoint` into this trainer."""
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.load_state_dict(state)
+        """Load a checkpoint written by :meth:`save_checkpoint` into this trainer.
+
+        Raises :class:`CheckpointError` when the file is missing, truncated or corrupted, or
+        holds the state of another config.
+        """
+        self.load_state_dict(read_checkpoint(path))
+
+    @classmethod
+    def resume(cls, run_dir: str | os.PathLike, *, corpus: Corpus | None = None, **runtime) -> "Trainer":
+        """The trainer of the run in ``run_dir``, restored from its checkpoint.
+
+        The config is the checkpoint's; ``runtime`` may change only :data:`RUNTIME_FIELDS`.
+        Records of ``metrics.jsonl`` after the checkpoint's step (a killed run's, or a half-written
+        last line) are dropped, so that continuing appends exactly what an uninterrupted run wrote.
+        """
+        run_dir = Path(run_dir)
+        bad = sorted(set(runtime) - set(RUNTIME_FIELDS))
+        if bad:
+            raise ValueError(f"only {RUNTIME_FIELDS} may change on resume, got {bad}")
+        state = read_checkpoint(run_dir / CHECKPOINT_NAME)
+        try:
+            cfg = TrainConfig.from_dict({**state["config"], **runtime})
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {run_dir / CHECKPOINT_NAME} holds a config this version "
+                                  f"cannot use: {exc}") from exc
+        trainer = cls(cfg, run_dir, corpus=corpus)
+        trainer.load_state_dict(state)
+        if trainer.is_main:
+            truncate_metrics(run_dir / METRICS_NAME, trainer.step)
+        return trainer
 
     # ------------------------------------------------------------------ steps
     def train_step(self, *, observe: bool = False) -> dict:
@@ -319,15 +431,27 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model = self.model if observe else self.compiled
-        with self.autocast():
-            _, loss = model(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.world_size > 1:  # the same global batch on every rank, one slice each
+            x = distributed.shard(x, self.rank, self.world_size)
+            y = distributed.shard(y, self.rank, self.world_size)
+        model = self.ddp if observe else self.compiled
+        step = self.step + 1
+        try:
+            with self.autocast():
+                _, loss = model(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        except FloatingPointError as exc:  # sigmaReparam's sigma estimate is not finite
+            raise Diverged(step, f"non-finite weights ({exc})") from exc
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        loss_value = distributed.mean_over_ranks(loss.detach()).item()
+        if not math.isfinite(loss_value):
+            raise Diverged(step, f"non-finite loss ({loss_value})", loss_value, grad_norm)
+        if not math.isfinite(grad_norm):
+            raise Diverged(step, f"non-finite gradient norm ({grad_norm})", loss_value, grad_norm)
         self.optimizer.step()
-        out = {"train_loss": loss.item(), "grad_norm": grad_norm.item()}
+        out = {"train_loss": loss_value, "grad_norm": grad_norm}
         self.train_time += time.perf_counter() - t0
         self.tokens_seen += cfg.tokens_per_step
         self.step += 1
@@ -359,56 +483,107 @@ class Trainer:
         return record
 
     def run(self) -> dict:
-        """Train until ``cfg.steps``, logging, sampling and checkpointing; returns the summary."""
+        """Train until ``cfg.steps``, logging, sampling and checkpointing; returns the summary.
+
+        A checkpoint is written every ``cfg.checkpoint_every`` steps and at the end.  On a
+        non-finite loss or gradient the run stops (the summary says ``diverged``); on SIGINT or
+        SIGTERM it finishes the step, writes the checkpoint and raises :class:`TrainingInterrupted`.
+        """
         cfg = self.cfg
-        if self.out_dir is not None:
+        writes = self.out_dir is not None and self.is_main
+        if writes:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.write_config()
-        metrics = open(self.out_dir / METRICS_NAME, "a") if self.out_dir is not None else None
+        if self.is_main:
+            self.write_config()
+        metrics = open(self.out_dir / METRICS_NAME, "a") if writes else None
+        self._stop_signal = None
+        handlers = self._install_signal_handlers()
+        last: dict = {}
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress,
+            bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress or not self.is_main,
                        desc=f"{cfg.reparam} lr={cfg.lr:g}", dynamic_ncols=True)
-            last: dict = {}
             while self.step < cfg.steps:
                 step = self.step + 1
                 logging = step % cfg.log_every == 0 or step == cfg.steps or step == 1
-                with observed(self.model, enabled=logging) as monitor:
-                    out = self.train_step(observe=logging)
+                try:
+                    with observed(self.model, enabled=logging and self.is_main) as monitor:
+                        out = self.train_step(observe=logging)
+                except Diverged as exc:
+                    self.diverged = exc
+                    record = {"step": exc.step, "diverged": True, "reason": exc.reason,
+                              "train_loss": _finite_or_none(exc.loss), "grad_norm": _finite_or_none(exc.grad_norm)}
+                    self._write_record(metrics, record)
+                    break
                 bar.update(1)
-                if not logging:
-                    continue
-                record = {"step": step, **out, "lr": cfg.lr, **attention_metrics(monitor, self.model),
-                          "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
-                          "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9)}
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    record["val_loss"] = self.evaluate()
-                if step in cfg.sample_steps:
-                    samples = row_samples(self.model, self._sample_batch())
-                    record["sample_violations"] = int(samples["violations"])
-                    if self.out_dir is not None:
-                        path = self.out_dir / "samples" / f"step_{step:06d}.npz"
-                        path.parent.mkdir(exist_ok=True)
-                        np.savez_compressed(path, **{k: v for k, v in samples.items() if k != "violations"})
-                if not all(math.isfinite(v) for v in (out["train_loss"], out["grad_norm"])):
-                    record["diverged"] = True
-                if metrics is not None:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                last = record
-                bar.set_postfix(loss=f"{out['train_loss']:.3f}", ent=f"{record['entropy_mean']:.2f}",
-                                ent_min=f"{record['entropy_min_head']:.3f}")
+                if logging and self.is_main:
+                    record = {"step": step, **out, "lr": cfg.lr, **attention_metrics(monitor, self.model),
+                              "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
+                              "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9)}
+                    if step % cfg.eval_every == 0 or step == cfg.steps:
+                        record["val_loss"] = self.evaluate()
+                    if step in cfg.sample_steps:
+                        samples = row_samples(self.model, self._sample_batch())
+                        record["sample_violations"] = int(samples["violations"])
+                        if self.out_dir is not None:
+                            path = self.out_dir / "samples" / f"step_{step:06d}.npz"
+                            path.parent.mkdir(exist_ok=True)
+                            np.savez_compressed(path, **{k: v for k, v in samples.items() if k != "violations"})
+                    self._write_record(metrics, record)
+                    last = record
+                    bar.set_postfix(loss=f"{out['train_loss']:.3f}", ent=f"{record['entropy_mean']:.2f}",
+                                    ent_min=f"{record['entropy_min_head']:.3f}")
+                stop = distributed.any_rank(self._stop_signal or 0)
+                if self.out_dir is not None and (stop or step == cfg.steps or (
+                        cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+                    self.save_checkpoint()
+                if stop:
+                    bar.close()
+                    raise TrainingInterrupted(stop, self.step, self.out_dir)
             bar.close()
         finally:
+            self._restore_signal_handlers(handlers)
             if metrics is not None:
                 metrics.close()
-        if self.out_dir is not None:
-            self.save_checkpoint()
+        if self.world_size > 1:
+            self.replicas_consistent = distributed.replicas_agree(self.model)
+            if not self.replicas_consistent:
+                raise RuntimeError("model replicas differ across ranks after training (DDP out of sync)")
         self.summary = self._summarise(last)
-        if self.out_dir is not None:
+        if writes:
             atomic_write_text(self.out_dir / SUMMARY_NAME, json.dumps(self.summary, indent=2) + "\n")
         return self.summary
+
+    @staticmethod
+    def _write_record(metrics, record: dict) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            os.fsync(metrics.fileno())
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGINT/SIGTERM set a flag read after the current step; a second one aborts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without checkpoint")
+            self._stop_signal = signum
+            if self.is_main:
+                print(f"\n{signal.Signals(signum).name} received: finishing step {self.step + 1}, then "
+                      f"writing the checkpoint (send it again to abort at once)", file=sys.stderr, flush=True)
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old: dict) -> None:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
     def _sample_batch(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self._val_generator_seed + 1)
@@ -417,7 +592,9 @@ class Trainer:
 
     def _summarise(self, last: dict) -> dict:
         tokens_per_s = self.tokens_seen / max(self.train_time, 1e-9)
-        summary = {"steps": self.step, "preset": self.cfg.preset, "reparam": self.cfg.reparam,
+        summary = {"steps": self.step, "diverged": self.diverged is not None,
+                   "diverged_step": self.diverged.step if self.diverged is not None else None,
+                   "world_size": self.world_size, "preset": self.cfg.preset, "reparam": self.cfg.reparam,
                    "lr": self.cfg.lr, "final_train_loss": last.get("train_loss"),
                    "final_val_loss": last.get("val_loss"), "entropy_mean": last.get("entropy_mean"),
                    "entropy_min_head": last.get("entropy_min_head"), "sigma_max": last.get("sigma_max"),
@@ -436,6 +613,45 @@ class Trainer:
             if peak:
                 summary["mfu"] = tokens_per_s * self._flops_per_token / peak
         return summary
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint file on the CPU; :class:`CheckpointError` says whether it is missing,
+    truncated/corrupted or not a training checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # zipfile, pickle, EOF and RuntimeError all mean an unreadable file
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted "
+                              f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or not set(STATE_KEYS) <= set(state):
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a training checkpoint (holds {have})")
+    return state
+
+
+def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+    """Keep the records of ``metrics.jsonl`` with ``step <= step`` (atomically); returns how many
+    were dropped (records after a checkpoint, a half-written last line)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += bool(line.strip())
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped
 
 
 def run_demo(out_dir: str | os.PathLike, *, preset_name: str | None = None, steps: int | None = None,
