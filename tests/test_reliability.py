@@ -1,0 +1,240 @@
+"""Runs that survive faults: checkpoints, resume, signals, divergence, bad checkpoints, bad flags.
+
+The resume tests drive ``entropy-collapse train`` in a subprocess, stop it (SIGKILL after a
+periodic checkpoint, or SIGINT/SIGTERM), resume it, and require the continued ``metrics.jsonl``
+to equal an uninterrupted run's record for record, bit for bit, apart from the two wall-clock
+fields ``train_time_s`` and ``tokens_per_s``.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sigma_core.cli import main
+from sigma_core.config import preset
+from sigma_core.train import (CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, CheckpointError, Diverged,
+                              Trainer, atomic_torch_save, read_checkpoint, truncate_metrics)
+
+STEPS = 40
+ARGS = ["--preset", "cpu-smoke", "--steps", str(STEPS), "--checkpoint-every", "10", "--log-every", "5",
+        "--threads", "1", "--no-progress"]
+TIMING = {"train_time_s", "tokens_per_s"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def comparable(run_dir):
+    """The run's records without the wall-clock fields, as canonical JSON lines."""
+    lines = (run_dir / METRICS_NAME).read_text().splitlines()
+    return [json.dumps({k: v for k, v in json.loads(line).items() if k not in TIMING}, sort_keys=True)
+            for line in lines]
+
+
+def start(run_dir):
+    """``entropy-collapse train --out RUN_DIR`` in a subprocess."""
+    return subprocess.Popen([sys.executable, "-m", "sigma_core.cli", "train", "--out", str(run_dir), *ARGS],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(run_dir, step, proc, timeout=120):
+    """Block until ``metrics.jsonl`` holds a record with at least ``step``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / METRICS_NAME
+        if path.exists():
+            steps = [json.loads(x)["step"] for x in path.read_text().splitlines() if x.endswith("}")]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
+        time.sleep(0.01)
+    raise AssertionError(f"no record of step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run (in-process, the same code path as the CLI)."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    assert main(["train", "--out", str(run_dir), *ARGS]) == 0
+    return run_dir
+
+
+def test_checkpoints_at_the_interval_and_the_end(tmp_path):
+    cfg = preset("cpu-smoke", steps=7, checkpoint_every=3, threads=1, log_every=1)
+    trainer = Trainer(cfg, tmp_path)
+    written = []
+    original = trainer.save_checkpoint
+    trainer.save_checkpoint = lambda *a: written.append(trainer.step) or original(*a)
+    trainer.run()
+    assert written == [3, 6, 7]
+    assert read_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 7
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / CHECKPOINT_NAME
+    atomic_torch_save({"step": 1}, path)
+
+    def dying_save(obj, fh):
+        fh.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"step": 1}  # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temp file left
+
+
+def test_resume_after_kill_at_a_checkpoint_is_bit_identical(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir)
+    wait_for_step(run_dir, 21, proc)  # a record after step 20: its checkpoint is on disk
+    proc.kill()
+    proc.communicate()
+    ckpt_step = read_checkpoint(run_dir / CHECKPOINT_NAME)["step"]
+    assert 20 <= ckpt_step < STEPS, "the run was not killed mid-way"
+    assert not (run_dir / SUMMARY_NAME).exists()
+    res = subprocess.run([sys.executable, "-m", "sigma_core.cli", "train", "--resume", str(run_dir)],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert comparable(run_dir) == comparable(reference)
+    ours, theirs = (json.loads((d / SUMMARY_NAME).read_text()) for d in (run_dir, reference))
+    for key in ("steps", "final_train_loss", "final_val_loss", "entropy_mean", "sigma_max", "diverged"):
+        assert ours[key] == theirs[key], key
+    ours, theirs = (read_checkpoint(d / CHECKPOINT_NAME)["model"] for d in (run_dir, reference))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_finishes_the_step_checkpoints_and_says_how_to_resume(sig, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir)
+    wait_for_step(run_dir, 1, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert f"entropy-collapse train --resume {run_dir}" in err and signal.Signals(sig).name in err
+    state = read_checkpoint(run_dir / CHECKPOINT_NAME)
+    assert 1 <= state["step"] < STEPS
+    assert f"after step {state['step']}" in err
+    logged = [json.loads(x)["step"] for x in (run_dir / METRICS_NAME).read_text().splitlines()]
+    assert logged[-1] <= state["step"]  # every record up to the checkpoint is on disk
+    if sig == signal.SIGINT:
+        return  # continuing is the same as after SIGTERM (checked there), save the time
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert comparable(run_dir) == comparable(reference)
+
+
+def test_nonfinite_loss_stops_the_run_keeps_the_last_good_checkpoint_and_marks_divergence(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["train", "--out", str(run_dir), "--preset", "cpu-smoke", "--lr", "1e30", "--steps", "20",
+                 "--checkpoint-every", "1", "--threads", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0  # divergence is a result, not a crash
+    last = json.loads((run_dir / METRICS_NAME).read_text().splitlines()[-1])
+    assert last["diverged"] is True and "non-finite loss" in last["reason"]
+    step = last["step"]
+    assert f"diverged at step {step}" in err
+    summary = json.loads((run_dir / SUMMARY_NAME).read_text())
+    assert (summary["diverged"], summary["diverged_step"], summary["steps"]) == (True, step, step - 1)
+    state = read_checkpoint(run_dir / CHECKPOINT_NAME)  # the last good one, not the diverged step
+    assert state["step"] == step - 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_nonfinite_gradient_is_caught_before_the_optimizer_step(tmp_path):
+    trainer = Trainer(preset("cpu-smoke", steps=10, threads=1, checkpoint_every=2), tmp_path)
+    for _ in range(2):
+        trainer.train_step()
+    weight = trainer.model.head.weight
+    before = weight.detach().clone()
+    handle = weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(Diverged, match="step 3: non-finite gradient norm"):
+        trainer.train_step()
+    handle.remove()
+    assert torch.equal(weight.detach(), before) and trainer.step == 2
+    trainer.model.head.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    summary = trainer.run()
+    assert summary["diverged"] and summary["diverged_step"] == 3
+    assert json.loads((tmp_path / SUMMARY_NAME).read_text())["diverged"] is True
+
+
+def test_bad_checkpoints_say_what_is_wrong(tmp_path):
+    cfg = preset("cpu-smoke", steps=4, threads=1)
+    good = Trainer(cfg, tmp_path).save_checkpoint()
+    blob = good.read_bytes()
+    fresh = Trainer(cfg)
+    (tmp_path / "truncated.pt").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(4096))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    for name, match in [("truncated.pt", "truncated or corrupted"), ("garbage.pt", "truncated or corrupted"),
+                        ("other.pt", "not a training checkpoint"), ("absent.pt", "no checkpoint")]:
+        with pytest.raises(CheckpointError, match=match):
+            fresh.load_checkpoint(tmp_path / name)
+    with pytest.raises(CheckpointError, match=r"config differs .*lr: checkpoint 0\.03 vs 0\.001"):
+        Trainer(preset("cpu-smoke", steps=4, lr=1e-3)).load_checkpoint(good)
+    with pytest.raises(CheckpointError, match="d_model"):
+        Trainer(preset("cpu-smoke", steps=4, d_model=64)).load_checkpoint(good)
+    # runtime fields may differ: the same trajectory on another thread count or interval
+    Trainer(preset("cpu-smoke", steps=4, threads=1, checkpoint_every=2, progress=True)).load_checkpoint(good)
+
+
+def test_resume_cli_rejects_bad_checkpoints_with_exit_2(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), "--preset", "cpu-smoke", "--steps", "2", "--threads", "1",
+                 "--no-progress"]) == 0
+    blob = (run_dir / CHECKPOINT_NAME).read_bytes()
+    (run_dir / CHECKPOINT_NAME).write_bytes(blob[:1000])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--resume", str(run_dir)])
+    assert exc.value.code == 2
+    assert "truncated or corrupted" in capsys.readouterr().err
+
+
+def test_resume_drops_records_after_the_checkpoint_and_a_half_written_line(tmp_path):
+    path = tmp_path / METRICS_NAME
+    path.write_text("".join(json.dumps({"step": s, "train_loss": 1.0}) + "\n" for s in (1, 5, 10, 15))
+                    + '{"step": 20, "tra')
+    assert truncate_metrics(path, 10) == 2  # step 15 and the half-written line
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 5, 10]
+    assert truncate_metrics(path, 10) == 0
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--out", "{tmp}/a", "--steps", "0"], "--steps"),
+    (["--out", "{tmp}/a", "--lr", "inf"], "--lr"),
+    (["--out", "{tmp}/a", "--lr", "-1"], "--lr"),
+    (["--out", "{tmp}/a", "--grad-clip", "nan"], "--grad-clip"),
+    (["--out", "{tmp}/a", "--weight-decay", "-0.1"], "weight_decay"),
+    (["--out", "{tmp}/a", "--val-fraction", "1.5"], "val_fraction"),
+    (["--out", "{tmp}/a", "--threads", "-1"], "--threads"),
+    (["--out", "{tmp}/a", "--checkpoint-every", "-5"], "--checkpoint-every"),
+    (["--out", "{tmp}/a", "--batch-size", "eight"], "--batch-size"),
+    (["--out", "{tmp}/a", "--reparam", "weightnorm"], "--reparam"),
+    (["--out", "{tmp}/a", "--preset", "tpu"], "--preset"),
+    (["--out", "{tmp}/a", "--device", "quantum"], "--device"),
+    (["--out", "{tmp}/a", "--d-model", "30", "--n-head", "4"], "d_model"),
+    (["--out", "{tmp}/a", "--sample-steps", "0"], "--sample-steps"),
+    (["--out", "{tmp}/file"], "not a directory"),
+    (["--out", "{tmp}/run"], "already holds a run"),
+    (["--resume", "{tmp}/a"], "not a directory"),
+    (["--resume", "{tmp}"], "no checkpoint.pt"),
+    (["--resume", "{tmp}/run", "--lr", "0.1"], "--lr"),
+    (["--resume", "{tmp}/run", "--out", "{tmp}/b"], "not allowed with"),
+    ([], "one of the arguments --out --resume is required"),
+])
+def test_every_bad_flag_exits_2_naming_it(argv, says, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"")
+    (tmp_path / "run" / METRICS_NAME).write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *(a.replace("{tmp}", str(tmp_path)) for a in argv)])
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
