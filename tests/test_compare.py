@@ -1,0 +1,122 @@
+"""entropy-collapse compare: the collapse/divergence/stability logic and the sweep's outputs."""
+import csv
+import json
+import math
+
+import pytest
+
+from sigma_core.cli import main
+from sigma_core.compare import (METHODS, RUN_COLUMNS, TABLE_COLUMNS, aggregate, largest_stable_lr,
+                                method_of, method_overrides, run_compare, summarise_compare_run,
+                                sweep_jobs)
+
+
+def row(method, lr, seed=0, *, collapsed=False, diverged=False, loss=2.0):
+    return dict(method=method, lr=lr, seed=seed, final_val_loss=loss, entropy_min=0.5, entropy_mean=2.0,
+                sigma_max=1.0, collapsed=collapsed, diverged=diverged, first_collapse_step=10 if collapsed else None,
+                bound_violations=0, train_time_s=1.0)
+
+
+def test_largest_stable_lr_on_synthetic_summaries():
+    rows = [row("a", 1e-3), row("a", 1e-2), row("a", 1e-1, collapsed=True),           # stable up to 1e-2
+            row("b", 1e-3, diverged=True), row("b", 1e-2, collapsed=True),          # never stable
+            row("c", 1e-3), row("c", 1e-2, collapsed=True), row("c", 1e-1),         # non-monotone: largest
+            row("d", 1e-3), row("d", 1e-2), row("d", 1e-2, seed=1, diverged=True)]  # one bad seed spoils a rate
+    table = aggregate(rows)
+    assert largest_stable_lr(table) == {"a": 1e-2, "b": None, "c": 1e-1, "d": 1e-3}
+    d = next(r for r in table if r["method"] == "d" and r["lr"] == 1e-2)
+    assert (d["n_seeds"], d["n_diverged"], d["n_collapsed"], d["stable"]) == (2, 1, 0, False)
+
+
+def test_aggregate_over_seeds():
+    rows = [row("a", 1e-2, 0, loss=2.0), row("a", 1e-2, 1, loss=3.0, collapsed=True)]
+    rows[1]["entropy_min"], rows[1]["sigma_max"] = 0.01, 9.0
+    (r,) = aggregate(rows)
+    assert r["final_val_loss"] == pytest.approx(2.5) and r["final_val_loss_std"] == pytest.approx(0.5)
+    assert (r["entropy_min"], r["sigma_max"], r["n_collapsed"], r["collapsed"]) == (0.01, 9.0, 1, True)
+
+
+def write_run(tmp_path, entropies, *, losses=None, val=2.0, summary=True, T=64):
+    """A synthetic run directory: one logged step per entry of ``entropies`` ([[per head]] per layer)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"block_size": T, "lr": 0.01, "seed": 0, "reparam": "none",
+                                               "norm": "pre", "qk_norm": True, "vocab_size": 256}))
+    losses = losses or [2.0] * len(entropies)
+    with open(d / "metrics.jsonl", "w") as fh:
+        for i, (ent, loss) in enumerate(zip(entropies, losses)):
+            rec = {"step": 10 * (i + 1), "train_loss": loss, "grad_norm": 1.0, "entropy": ent,
+                   "entropy_min_head": min(min(layer) for layer in ent), "entropy_mean": 1.0, "sigma_max": 2.0,
+                   "bound_violations": 0, "train_time_s": 1.0}
+            if i == len(entropies) - 1:
+                rec["val_loss"] = val
+            fh.write(json.dumps(rec).replace("NaN", "NaN") + "\n")
+    if summary:
+        (d / "summary.json").write_text("{}")
+    return d
+
+
+def test_collapse_rule_is_the_detectors_at_the_last_logged_step(tmp_path):
+    line = 0.05 * math.log(64)  # CollapseDetector's default: 0.208 nats at T = 64
+    r = summarise_compare_run(write_run(tmp_path, [[[3.0, 3.0]], [[line * 0.9, 3.0]], [[line * 0.5, 3.0]]]))
+    assert r["method"] == "qk-layernorm"
+    assert (r["collapsed"], r["first_collapse_step"], r["diverged"]) == (True, 20, False)
+
+
+def test_recovered_head_is_not_collapsed_but_its_first_collapse_is_kept(tmp_path):
+    line = 0.05 * math.log(64)
+    r = summarise_compare_run(write_run(tmp_path, [[[line * 0.5, 3.0]], [[line * 1.1, 3.0]]]))
+    assert (r["collapsed"], r["first_collapse_step"]) == (False, 10)
+
+
+@pytest.mark.parametrize("case", ["nan_loss", "uniform_val", "crashed"])
+def test_divergence_rule(tmp_path, case):
+    kw = {"nan_loss": dict(losses=[2.0, float("nan")]), "uniform_val": dict(val=math.log(256) + 0.01),
+          "crashed": dict(summary=False)}[case]
+    r = summarise_compare_run(write_run(tmp_path, [[[3.0]], [[3.0]]], **kw))
+    assert r["diverged"] and not r["collapsed"]
+
+
+def test_methods_map_onto_config_options_and_back():
+    for m in METHODS:
+        assert method_of(method_overrides(m)) == m
+    assert method_overrides("softcap", 20.0) == {"logit_softcap": 20.0}
+    with pytest.raises(ValueError, match="method"):
+        method_overrides("layernorm-everywhere")
+    with pytest.raises(ValueError, match="lrs"):
+        sweep_jobs("x", preset_name="cpu-smoke", methods=["baseline"], lrs=[-1.0], seeds=[0])
+
+
+def test_tiny_sweep_writes_table_csv_figures_and_no_checkpoints(tmp_path):
+    paths = run_compare(tmp_path, preset_name="cpu-smoke", methods=("baseline", "qk-layernorm"),
+                        lrs=(1e-2, 1e-1), seeds=(0,), steps=4, log=lambda *a: None)
+    with open(paths["csv"]) as fh:
+        reader = csv.DictReader(fh)
+        table = list(reader)
+    assert tuple(reader.fieldnames) == TABLE_COLUMNS
+    assert [(r["method"], float(r["lr"])) for r in table] == [
+        ("baseline", 0.01), ("baseline", 0.1), ("qk-layernorm", 0.01), ("qk-layernorm", 0.1)]
+    with open(paths["runs_csv"]) as fh:
+        reader = csv.DictReader(fh)
+        runs = list(reader)
+    assert tuple(reader.fieldnames) == RUN_COLUMNS and len(runs) == 4
+    assert all(int(r["bound_violations"]) == 0 for r in runs)
+    meta = json.loads(paths["meta"].read_text())
+    expected = largest_stable_lr(aggregate([{**r, "lr": float(r["lr"]), "collapsed": r["collapsed"] == "True",
+                                             "diverged": r["diverged"] == "True"} for r in runs]))
+    assert meta["largest_stable_lr"] == expected
+    assert "torch" in meta and "git_commit" in meta and "device_name" in meta
+    md = paths["md"].read_text()
+    assert "| method | lr |" in md and "largest stable lr" in md and "qk-layernorm" in md
+    for key in ("loss", "entropy"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.rglob("*.pt"))
+    assert len(list(tmp_path.rglob("config.json"))) == 4
+
+
+def test_cli_compare_rejects_bad_arguments():
+    with pytest.raises(SystemExit) as err:
+        main(["compare", "--lrs", "-1"])
+    assert err.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["compare", "--methods", "nope"])
