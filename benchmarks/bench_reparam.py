@@ -13,10 +13,14 @@ all of them alike; medians are reported, with ratios to the plain model:
 
 Usage (defaults: the CPU demo model, d=128, 4 layers, 4 heads, T=128, batch 32)::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_reparam.py
+    OMP_NUM_THREADS=2 python benchmarks/bench_reparam.py    # an otherwise idle 2-core machine
+    OMP_NUM_THREADS=1 python benchmarks/bench_reparam.py    # a shared, loaded machine
     python benchmarks/bench_reparam.py --device cuda --d-model 256 --n-layer 6 --n-head 8 --seq-len 256 --batch 64
 
-To benchmark another model, change :func:`make_model` only.
+To benchmark another model, change :func:`make_model` only.  On a CPU that other processes
+load, read the process-CPU-time column and prefer one thread: with more OpenMP threads than free
+cores every small operation waits at a barrier, which inflates the many small operations of
+the power iteration far more than the large matrix products of the plain model.
 """
 from __future__ import annotations
 
