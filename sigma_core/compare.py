@@ -333,9 +333,9 @@ def _train_one(job: dict) -> dict:
     summary = run_dir / "summary.json"
     if summary.exists() and job.get("reuse", True):
         try:
-            old = {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items()
-                   if k in {f for f in TrainConfig.__dataclass_fields__}}
-            if old == cfg.to_dict():
+            old = json.loads((run_dir / "config.json").read_text())
+            new = cfg.to_dict()  # config.json holds the resolved device, not "auto"
+            if all(old.get(k) == v for k, v in new.items() if k != "device"):
                 return _tag(summarise_compare_run(run_dir), job)
         except (OSError, ValueError):
             pass

@@ -112,6 +112,11 @@ def test_tiny_sweep_writes_table_csv_figures_and_no_checkpoints(tmp_path):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.rglob("*.pt"))
     assert len(list(tmp_path.rglob("config.json"))) == 4
+    # an interrupted sweep continues: finished runs of the same config are reused, not retrained
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("metrics.jsonl")}
+    run_compare(tmp_path, preset_name="cpu-smoke", methods=("baseline", "qk-layernorm"),
+                lrs=(1e-2, 1e-1), seeds=(0,), steps=4, log=lambda *a: None)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("metrics.jsonl")} == stamps
 
 
 def test_cli_compare_rejects_bad_arguments():
