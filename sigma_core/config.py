@@ -23,11 +23,23 @@ True
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 
 NORMS = ("pre", "post", "none")
 REPARAMS = ("none", "sigma", "spectral")
 GAMMA_INITS = ("sigma", "one")
+
+
+#: annotation -> (check, description) for the type check of :meth:`TrainConfig.validate`
+_TYPE_CHECKS = {
+    "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+}
+_TYPE_NAMES = {"int": "an integer", "float": "a real number", "str": "a string", "bool": "a bool"}
 
 
 @dataclass
@@ -90,7 +102,14 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field that is out of range."""
+        """Raise ``TypeError`` naming the first field of the wrong type (by its annotation: an
+        int, a finite real, a str, a bool) and ``ValueError`` naming the first one out of range."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if kind in _TYPE_CHECKS and not _TYPE_CHECKS[kind](value):
+                raise TypeError(f"{f.name} must be {_TYPE_NAMES[kind]}, got {type(value).__name__} {value!r}")
+            if kind == "float" and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
         positive = ("vocab_size", "d_model", "n_layer", "n_head", "block_size", "mlp_ratio",
                     "batch_size", "steps", "corpus_bytes", "log_every", "eval_every",
                     "eval_batches", "sample_batch")
