@@ -189,7 +189,10 @@ class _State:
         zero = torch.zeros((), dtype=s.dtype, device=s.device)
         vis_f = None if visible is None else visible.to(s.dtype)
         # entropy accumulators: shift by the new running max m'
-        bm = s.amax(-1) if visible is None else torch.where(visible, s, -math.inf).amax(-1)
+        if vis_f is None:
+            bm = s.amax(-1)
+        else:  # a broadcast add of a small 0/-inf tensor is cheaper than a broadcast where
+            bm = (s + torch.where(visible, 0.0, -math.inf).to(s.dtype)).amax(-1)
         m_new = torch.maximum(m, bm)
         m_safe = torch.where(torch.isfinite(m_new), m_new, zero)  # rows with nothing visible yet
         old = torch.isfinite(m)
@@ -200,8 +203,9 @@ class _State:
         e = torch.exp(c)
         if vis_f is not None:
             e.mul_(vis_f)  # 0 at hidden keys
-        r.mul_(alpha).add_(alpha * delta * l).add_(torch.linalg.vecdot(e, c))
-        l.mul_(alpha).add_(e.sum(-1))
+        l_b = e.sum(-1)
+        r.mul_(alpha).add_(alpha * delta * l).add_(c.mul_(e).sum(-1))  # in place: no new buffer
+        l.mul_(alpha).add_(l_b)
         m.copy_(m_new)
         del e, c
         # centred-norm accumulators (Chan et al.); sc is shifted by m_safe, which cancels
