@@ -44,6 +44,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import warnings
 from collections import deque
 from functools import partial
@@ -134,6 +135,12 @@ class EntropyMonitor:
             raise ValueError(f"bound_samples must be a positive int or None, got {bound_samples!r}")
         if detector is not None and not hasattr(detector, "update"):
             raise TypeError("detector must have an update(records) method")
+        if method not in ("auto", "dense", "streaming"):
+            raise ValueError(f"method must be 'auto', 'dense' or 'streaming', got {method!r}")
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if path is not None and not isinstance(path, (str, bytes, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         self.every = every
         self.detector = detector
         self.bound_samples = bound_samples
