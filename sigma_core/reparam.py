@@ -153,6 +153,8 @@ class SigmaReparam(nn.Module):
             elif gamma_init == "one":
                 gamma = torch.ones_like(sigma0)
             elif isinstance(gamma_init, (int, float)) and not isinstance(gamma_init, bool):
+                if not math.isfinite(gamma_init):
+                    raise ValueError(f"gamma_init must be finite, got {gamma_init!r}")
                 gamma = torch.full_like(sigma0, float(gamma_init))
             else:
                 raise ValueError(f'gamma_init must be "sigma", "one" or a float, got {gamma_init!r}')
