@@ -81,6 +81,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_finite(**tensors: torch.Tensor) -> None:
+    """Raise ValueError naming the first tensor with a NaN or infinite entry (one device sync)."""
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} must be finite: it holds NaN or infinite entries")
+
+
 def _check_inputs(q, k, scale, causal, attn_mask, method, block_size):
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor):
@@ -93,6 +100,11 @@ def _check_inputs(q, k, scale, causal, attn_mask, method, block_size):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and d_head")
     if k.shape[2] < 1 or q.shape[2] < 1:
         raise ValueError("q and k need at least one position each")
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on the same device, got q on {q.device} and k on {k.device}")
+    _check_finite(q=q, k=k)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
@@ -381,6 +393,7 @@ def head_sigma(w_q: torch.Tensor, w_k: torch.Tensor, scale: float = 1.0) -> torc
             or w_q.shape[-1] != w_k.shape[-1]):
         raise ValueError(f"w_q {tuple(w_q.shape)} and w_k {tuple(w_k.shape)} must be (H, d_q, d_head) "
                          "and (H, d_k, d_head)")
+    _check_finite(w_q=w_q.detach(), w_k=w_k.detach())
     with torch.no_grad():
         # reduced QR: W = Q R with orthonormal columns in Q, so ||W_Q W_K^T|| = ||R_Q R_K^T||
         a = torch.linalg.qr(w_q.detach().double(), mode="r")[1]

@@ -282,6 +282,11 @@ class EntropyMonitor:
     # -- the record ----------------------------------------------------------------------------
     def _record(self, layer, name, xq, xk, q, k, scale, causal, mask, w_q, w_k, weights_valid=True):
         with torch.no_grad():
+            if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())):
+                # a diverging model: no entropy to measure; the training loop reports the divergence
+                warnings.warn(f"EntropyMonitor: layer {layer} ({name}) has non-finite queries or keys "
+                              f"at step {self._step}; not recorded", RuntimeWarning, stacklevel=2)
+                return
             st = attention_row_stats(q, k, scale=scale, causal=causal, attn_mask=mask,
                                      method=self.method, block_size=self.block_size)
             B, H, Tq = st.entropy.shape

@@ -116,9 +116,8 @@ def test_bad_input_raises_naming_the_argument(case):
         call()
 
 
-# Gaps found in sigma_core.entropy (owned elsewhere; reported to the lead).  strict: when they are
-# fixed these start passing and the marker must go.
-GAPS = {
+# Bad inputs of sigma_core.entropy: mixed dtypes or devices, non-finite tensors.
+ENTROPY_CASES = {
     "ae/mixed dtypes": (lambda: attention_entropy(Q, K.double()), TypeError, "k"),
     "ae/non-finite q": (lambda: attention_entropy(Q.masked_fill(Q > 1, NAN), K), ValueError, "q"),
     "ae/devices": (lambda: attention_entropy(Q, K.to("meta")), ValueError, "device"),
@@ -126,10 +125,9 @@ GAPS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="sigma_core.entropy does not check this class yet (see report)")
-@pytest.mark.parametrize("case", sorted(GAPS))
-def test_known_gaps_in_entropy_inputs(case):
-    call, exc, names = GAPS[case]
+@pytest.mark.parametrize("case", sorted(ENTROPY_CASES))
+def test_bad_entropy_inputs_raise_naming_the_argument(case):
+    call, exc, names = ENTROPY_CASES[case]
     with pytest.raises(exc, match=names):
         call()
 

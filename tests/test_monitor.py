@@ -261,3 +261,20 @@ def test_project_gpt_is_observed_without_changing_its_output():
     assert {r["name"] for r in mon.last} == {n for n, m in gpt.named_modules() if hasattr(m, "probe")}
     assert all(r["violations_centered"] == 0 and r["violations_exact"] == 0 for r in mon.last)
     assert all(0 <= r["entropy_min"] <= r["entropy_mean"] <= math.log(16) + 1e-5 for r in mon.last)
+
+
+def test_non_finite_queries_are_skipped_with_a_warning_not_an_exception():
+    """A diverging model (inf/NaN activations) must not crash the forward: the monitor warns,
+    records nothing for that step, and the training loop reports the divergence."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    with EntropyMonitor(mha) as mon:
+        mha(x, x, x)
+        assert len(mon.last) == 2  # healthy forward: one record per head
+        bad = x.clone()
+        bad[0, 1, 3] = math.inf
+        with pytest.warns(RuntimeWarning, match="non-finite queries or keys"):
+            out, _ = mha(bad, bad, bad)
+        assert mon.last == []
+        assert torch.isnan(out).any()  # the output is the model's own business, unchanged
