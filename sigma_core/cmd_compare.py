@@ -9,28 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from sigma_core.argtypes import nonnegative_int, positive_float, positive_int
 from sigma_core.compare import DEFAULT_LRS, DEFAULT_SOFTCAP, METHODS
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,14 +38,14 @@ def register(subparsers) -> None:
                         help="training preset (default: h200 with CUDA, else cpu-compare)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                         help="methods to compare (default all)")
-    parser.add_argument("--lrs", nargs="+", type=_positive_float, default=list(DEFAULT_LRS),
+    parser.add_argument("--lrs", nargs="+", type=positive_float, default=list(DEFAULT_LRS),
                         help=f"learning rates (default {' '.join(f'{x:g}' for x in DEFAULT_LRS)})")
-    parser.add_argument("--seeds", nargs="+", type=_seed, default=[0], help="seeds (default 0)")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="override the preset's steps")
-    parser.add_argument("--jobs", type=_positive_int, default=1, help="parallel training processes (default 1)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0], help="seeds (default 0)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="override the preset's steps")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="parallel training processes (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads per process (default 1)")
-    parser.add_argument("--softcap", type=_positive_float, default=DEFAULT_SOFTCAP,
+    parser.add_argument("--softcap", type=positive_float, default=DEFAULT_SOFTCAP,
                         help=f"the softcap method's logit cap c (default {DEFAULT_SOFTCAP:g}, Gemma 2)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint.pt")
     parser.set_defaults(func=run)

@@ -11,6 +11,7 @@ import argparse
 
 import numpy as np
 
+from sigma_core.argtypes import positive_int
 from theory import entropy_lower_bound, extremal_instance, softmax_entropy, theorem_bound
 
 #: the grid of the demo table
@@ -87,13 +88,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def register(subparsers) -> None:
     """Add the ``demo`` sub-command."""
     parser = subparsers.add_parser(
@@ -103,7 +97,7 @@ def register(subparsers) -> None:
                         help="where the two training runs and the report go (default runs/demo)")
     parser.add_argument("--preset", choices=("cpu-smoke", "cpu-demo", "h200"), default=None,
                         help="training preset (default: h200 with CUDA, else cpu-demo)")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="override the preset's steps")
+    parser.add_argument("--steps", type=positive_int, default=None, help="override the preset's steps")
     parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                         help="train baseline and sigmaReparam and write the report (default on)")
     parser.set_defaults(func=run)

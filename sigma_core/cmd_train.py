@@ -17,42 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 
+from sigma_core.argtypes import finite_float, nonnegative_int, positive_float, positive_int
 from sigma_core.config import GAMMA_INITS, NORMS, PRESETS, REPARAMS, TrainConfig, preset
 
 #: flags that are not plain scalar fields of TrainConfig
 _SPECIAL = {"preset", "betas", "sample_steps", "compile", "progress"}
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
 
 
 def _device(text: str) -> str:
@@ -110,10 +82,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name == "device":
             kind = _device
         elif f.type in ("int", int):
-            kind = {"seed": int, "threads": _nonnegative_int,
-                    "checkpoint_every": _nonnegative_int}.get(f.name, _positive_int)
+            kind = {"seed": int, "threads": nonnegative_int,
+                    "checkpoint_every": nonnegative_int}.get(f.name, positive_int)
         elif f.type in ("float", float):
-            kind = _positive_float if f.name == "lr" else _finite_float
+            kind = positive_float if f.name == "lr" else finite_float
         elif f.type in ("bool", bool):
             kind = None  # boolean fields get --flag/--no-flag below
         else:
@@ -124,7 +96,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         parser.add_argument(flag, dest=f.name, type=kind, choices=choices.get(f.name), default=None,
                             help=f"TrainConfig.{f.name} (preset value by default)")
-    parser.add_argument("--sample-steps", dest="sample_steps", type=_positive_int, nargs="+", default=None,
+    parser.add_argument("--sample-steps", dest="sample_steps", type=positive_int, nargs="+", default=None,
                         help="steps at which every attention row of a held-out batch is saved")
     parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model for the unobserved steps")

@@ -325,7 +325,7 @@ def write_compare(rows: list[dict], out_dir: str | os.PathLike, *, meta: dict | 
 
 def _train_one(job: dict) -> dict:
     """Worker: train one (method, lr, seed) into its run directory and summarise it."""
-    from sigma_core.config import TrainConfig, preset  # noqa: PLC0415
+    from sigma_core.config import preset  # noqa: PLC0415
     from sigma_core.train import Trainer  # noqa: PLC0415
 
     run_dir = Path(job["run_dir"])
@@ -389,7 +389,7 @@ def run_compare(out_dir, *, preset_name: str = "cpu-compare", methods=tuple(METH
     Runs whose directory already holds a ``summary.json`` of the same config are reused, so an
     interrupted sweep continues where it stopped.  Returns the paths of :func:`write_compare`.
     """
-    from sigma_core.config import TrainConfig, preset  # noqa: PLC0415
+    from sigma_core.config import preset  # noqa: PLC0415
     from sigma_core.train import device_name, git_commit, package_versions, resolve_device  # noqa: PLC0415
 
     if not isinstance(jobs, int) or jobs < 1:

@@ -80,6 +80,10 @@ def test_dense_and_streaming_match_float64_reference(inst):
         np.testing.assert_allclose(st_.entropy.double().numpy(), ent_ref, rtol=0, atol=tol * max(1, ent_ref.max()))
         np.testing.assert_allclose(st_.logit_norm.double().numpy(), nrm_ref, rtol=tol * 10,
                                    atol=tol * 10 * max(1.0, nrm_ref.max()))
+        # the public one-quantity functions return exactly the fields of the combined pass
+        kw = dict(scale=scale, causal=causal, attn_mask=mask, method=method, block_size=block)
+        assert torch.equal(attention_entropy(q, k, **kw), st_.entropy)
+        assert torch.equal(logit_row_norms(q, k, **kw), st_.logit_norm)
 
 
 def test_single_key_rows_have_zero_entropy_and_norm():

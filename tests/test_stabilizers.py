@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from sigma_core.config import TrainConfig, preset
-from sigma_core.entropy import attention_row_stats
 from sigma_core.model import GPT, ModelConfig, apply_reparam
 from sigma_core.monitor import EntropyMonitor
 from sigma_core.train import Trainer
