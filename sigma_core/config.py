@@ -49,9 +49,14 @@ class TrainConfig:
     Model: a byte-level causal GPT (``vocab_size`` 256) with ``n_layer`` blocks of width
     ``d_model``, ``n_head`` heads, context ``block_size`` and normalisation placement ``norm``.
     ``reparam`` chooses the weight reparametrisation of every linear layer: ``"none"``,
-    ``"sigma"`` (sigmaReparam, W_hat = gamma/sigma(W) * W, with ``gamma_init`` ``"sigma"``, so
-    that W_hat = W_0 at the start, as in the official PyTorch code, or ``"one"``, as in the
-    paper's text) or ``"spectral"`` (``torch.nn.utils.parametrizations.spectral_norm``).
+    ``"sigma"`` (sigmaReparam, W_hat = gamma/sigma(W) * W, with ``gamma_init`` ``"one"``, as in
+    the paper's text and official JAX code, or ``"sigma"``, so that W_hat = W_0 at the start, as
+    in the official PyTorch code) or ``"spectral"`` (``torch.nn.utils.parametrizations.spectral_norm``).
+    Training defaults to ``gamma_init="one"`` (the layer API :func:`~sigma_core.reparam.sigma_reparam`
+    keeps ``"sigma"``): with this model's GPT-2 initialisation (std 0.02, so sigma(W_0) is about
+    0.45) ``"sigma"`` starts every attention head near-uniform and, on ``cpu-demo`` (lr 3e-2, 400
+    steps), ends at val loss 2.34 with sigma_h 0.26, against 2.20 and sigma_h 0.50 for ``"one"``
+    (README, "Choosing gamma_init").
     ``qk_norm`` adds QK-LayerNorm and ``logit_softcap`` > 0 soft-caps the attention logits
     (``c tanh(a / c)``; 0 is off); see :class:`sigma_core.model.CausalSelfAttention`.
     Optimiser: AdamW with betas (0.9, 0.95), no weight decay, no warm-up, constant ``lr``;
@@ -69,7 +74,7 @@ class TrainConfig:
     norm: str = "pre"
     mlp_ratio: int = 4
     reparam: str = "none"
-    gamma_init: str = "sigma"
+    gamma_init: str = "one"
     qk_norm: bool = False
     logit_softcap: float = 0.0
     # optimisation
@@ -174,9 +179,9 @@ PRESETS: dict[str, dict] = {
     "cpu-smoke": dict(d_model=32, n_layer=2, n_head=2, block_size=32, batch_size=8, steps=30,
                       lr=3e-2, corpus_bytes=2**20, log_every=5, eval_every=15, eval_batches=2,
                       sample_steps=(30,), progress=False),
-    "cpu-demo": dict(d_model=128, n_layer=4, n_head=4, block_size=128, batch_size=32, steps=200,
+    "cpu-demo": dict(d_model=128, n_layer=4, n_head=4, block_size=128, batch_size=32, steps=400,
                      lr=3e-2, log_every=10, eval_every=50, eval_batches=4,
-                     sample_steps=(200,)),
+                     sample_steps=(400,)),
     "cpu-compare": dict(d_model=64, n_layer=2, n_head=4, block_size=64, batch_size=16, steps=200,
                         lr=3e-2, corpus_bytes=2**21, log_every=10, eval_every=100, eval_batches=4,
                         sample_steps=(200,), progress=False),
