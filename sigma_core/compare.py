@@ -397,8 +397,7 @@ def run_compare(out_dir, *, preset_name: str = "cpu-compare", methods=tuple(METH
     overrides = {"threads": threads, "progress": False}
     if steps is not None:
         overrides["steps"] = steps
-    if "checkpoint_every" in TrainConfig.__dataclass_fields__:
-        overrides["checkpoint_every"] = 0
+    overrides["checkpoint_every"] = 0  # only the final checkpoint (deleted unless keep_checkpoints)
     todo = sweep_jobs(out_dir, preset_name=preset_name, methods=methods, lrs=lrs, seeds=seeds,
                       softcap=softcap, overrides=overrides, keep_checkpoints=keep_checkpoints)
     rows = []
