@@ -2,12 +2,15 @@
 
 One training step = forward + backward + AdamW step of the project's GPT
 (:mod:`sigma_core.model`) on random tokens.  Variants, timed side by side in one run with the
-repetitions interleaved (plain, spectral, sigma, folded, plain, ...) so that machine load hits
+repetitions interleaved (plain, spectral, sigma, sigma-batched, folded, plain, ...) so that machine load hits
 all of them alike; medians are reported, with ratios to the plain model:
 
 - ``plain``: every ``nn.Linear`` as is;
 - ``spectral``: ``torch.nn.utils.parametrizations.spectral_norm`` on every ``nn.Linear``;
-- ``sigma``: :func:`sigma_core.reparam.convert_to_sigma_reparam` (sigmaReparam);
+- ``sigma``: :func:`sigma_core.reparam.convert_to_sigma_reparam` (sigmaReparam, one power-iteration
+  step per weight);
+- ``sigma-batched``: the same plus :func:`sigma_core.reparam.batch_power_iterations` (the steps of
+  equal-shaped weights batched into one operation per shape);
 - ``sigma-folded``: the same, then :func:`sigma_core.reparam.fold_sigma_reparam`
   (what inference and export pay).
 
@@ -31,9 +34,9 @@ import time
 import torch
 from torch import nn
 
-from sigma_core.reparam import convert_to_sigma_reparam, fold_sigma_reparam
+from sigma_core.reparam import batch_power_iterations, convert_to_sigma_reparam, fold_sigma_reparam
 
-VARIANTS = ("plain", "spectral", "sigma", "sigma-folded")
+VARIANTS = ("plain", "spectral", "sigma", "sigma-batched", "sigma-folded")
 
 
 def make_model(args: argparse.Namespace) -> tuple[nn.Module, callable]:
@@ -62,8 +65,10 @@ def reparametrise(model: nn.Module, variant: str) -> nn.Module:
         for module in list(model.modules()):
             if isinstance(module, nn.Linear):
                 spectral_norm(module)
-    elif variant in ("sigma", "sigma-folded"):
+    elif variant in ("sigma", "sigma-batched", "sigma-folded"):
         convert_to_sigma_reparam(model)
+        if variant == "sigma-batched":
+            batch_power_iterations(model)
         if variant == "sigma-folded":
             fold_sigma_reparam(model)
     return model
@@ -71,8 +76,12 @@ def reparametrise(model: nn.Module, variant: str) -> nn.Module:
 
 def reparam_only_seconds(model: nn.Module, reps: int, device: str) -> float:
     """Median time of the reparametrisation alone: every parametrised weight read once in
-    training mode, plus the backward through it (what a training step adds to a plain one)."""
+    training mode, plus the backward through it (what a training step adds to a plain one).
+    With :func:`~sigma_core.reparam.batch_power_iterations` its hooks run around the reads,
+    as around a forward."""
     from torch.nn.utils import parametrize
+
+    from sigma_core.reparam import _batched_post_hook, _batched_pre_hook
 
     weights = [(m, n) for m in model.modules() if parametrize.is_parametrized(m)
                for n in m.parametrizations]
@@ -80,7 +89,12 @@ def reparam_only_seconds(model: nn.Module, reps: int, device: str) -> float:
     for _ in range(reps + 1):
         _sync(device)
         t0 = time.perf_counter()
+        batched = _batched_pre_hook in model._forward_pre_hooks.values()
+        if batched:
+            _batched_pre_hook(model, ())
         total = sum(getattr(m, n).sum() for m, n in weights)
+        if batched:
+            _batched_post_hook(model, (), None)
         total.backward()
         _sync(device)
         times.append(time.perf_counter() - t0)
@@ -142,12 +156,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"d={args.d_model} layers={args.n_layer} heads={args.n_head} T={args.seq_len} "
           f"batch={args.batch} reps={args.reps} (medians; process CPU time is the steadier "
           f"clock on a shared CPU, wall time is what counts on a GPU)")
-    print(f"{'variant':<14}{'wall ms/step':>14}{'ratio':>9}{'cpu ms/step':>14}{'ratio':>9}")
+    print(f"{'variant':<15}{'wall ms/step':>14}{'ratio':>9}{'cpu ms/step':>14}{'ratio':>9}")
     for v in args.variants:
         rw = med_wall[v] / med_wall["plain"] if "plain" in med_wall else float("nan")
         rc = med_cpu[v] / med_cpu["plain"] if "plain" in med_cpu else float("nan")
-        print(f"{v:<14}{1e3 * med_wall[v]:>14.2f}{rw:>8.3f}x{1e3 * med_cpu[v]:>14.2f}{rc:>8.3f}x")
-    for v in ("spectral", "sigma"):
+        print(f"{v:<15}{1e3 * med_wall[v]:>14.2f}{rw:>8.3f}x{1e3 * med_cpu[v]:>14.2f}{rc:>8.3f}x")
+    for v in ("spectral", "sigma", "sigma-batched"):
         if v in runs:
             t = reparam_only_seconds(runs[v][0], args.reps, args.device)
             print(f"{v}: the reparametrisation alone (all weights, forward + backward) takes "

@@ -257,9 +257,11 @@ def apply_reparam(model: nn.Module, reparam: str, *, gamma_init: str = "sigma") 
     if reparam == "none":
         return model
     if reparam == "sigma":
-        from sigma_core.reparam import convert_to_sigma_reparam
+        from sigma_core.reparam import batch_power_iterations, convert_to_sigma_reparam
 
-        return convert_to_sigma_reparam(model, layer_types=(nn.Linear,), gamma_init=gamma_init)
+        # power-iteration steps batched per weight shape (same values; benchmarks/bench_reparam.py)
+        return batch_power_iterations(convert_to_sigma_reparam(model, layer_types=(nn.Linear,),
+                                                               gamma_init=gamma_init))
     if reparam == "spectral":
         from torch.nn.utils.parametrizations import spectral_norm
 

@@ -37,6 +37,11 @@ A training forward whose σ estimate is not finite (the weight holds inf or NaN)
 accelerator (the flag is copied to the host without a synchronisation, which would stall every
 layer of every step).  Eval-mode and ``no_grad`` forwards do not check.
 
+Batching: :func:`batch_power_iterations` (used by the project's training) takes the steps of
+all equal-shaped weights of a model as one batched operation at the start of each training
+forward of the model, with the same values; each weight's first read in that forward uses
+that step instead of taking its own.
+
 Shapes: a ``Linear`` weight is used as is; a ``Conv1d``/``Conv2d`` weight is flattened to an
 ``(out_channels, -1)`` matrix; ``nn.MultiheadAttention.in_proj_weight`` is split into its
 q, k and v chunks, each with its own :math:`\sigma` and :math:`\gamma` (``gamma`` then has
@@ -67,6 +72,7 @@ from torch.nn.utils import parametrize
 __all__ = [
     "SigmaReparam",
     "SigmaReparamLinear",
+    "batch_power_iterations",
     "convert_to_sigma_reparam",
     "fold_sigma_reparam",
     "is_sigma_reparametrized",
@@ -162,6 +168,9 @@ class SigmaReparam(nn.Module):
         self.register_buffer("_v", U[:, :, 0].contiguous())  # (c, m) left singular vectors
         gamma = gamma.to(weight.dtype if weight.dtype.is_floating_point else torch.float32)
         self.gamma = nn.Parameter(gamma if n_chunks > 1 else gamma.reshape(()))
+        #: fresh ``(u, v, sigma)`` of this forward's step, set by a batched step
+        #: (:func:`batch_power_iterations`) and consumed by the next training forward
+        self._batched_step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _as_matrices(self, W: torch.Tensor) -> torch.Tensor:
         """``(c, rows/c, -1)`` view of the weight (conv kernels flattened per output channel)."""
@@ -173,10 +182,8 @@ class SigmaReparam(nn.Module):
 
         Returns fresh ``(u, v, sigma)`` with sigma = |Wᵀv| = vᵀ W u (the new vectors), shape (c,).
         """
-        u, v = self._u.to(W.dtype), self._v.to(W.dtype)
-        for _ in range(self.n_power_iterations):
-            v, _ = _normalize_or_keep(torch.matmul(W, u.unsqueeze(-1)).squeeze(-1), v, self.eps)
-            u, sigma = _normalize_or_keep(torch.matmul(v.unsqueeze(-2), W).squeeze(-2), u, self.eps)
+        u, v, sigma = _power_steps(W, _cast(self._u, W.dtype), _cast(self._v, W.dtype),
+                                   self.n_power_iterations, self.eps)
         self._u.copy_(u)
         self._v.copy_(v)
         return u, v, sigma
@@ -188,7 +195,7 @@ class SigmaReparam(nn.Module):
     def _check_finite(self, sigma: torch.Tensor) -> None:
         """Raise FloatingPointError when the sigma estimate is not finite (training only)."""
         if sigma.device.type in self.SYNC_CHECK_DEVICES:
-            bad = not math.isfinite(float(sigma.sum()))
+            bad = not math.isfinite(float(sigma if sigma.numel() == 1 else sigma.sum()))
         else:  # the flag of the previous forward, copied without synchronising
             flag = getattr(self, "_nonfinite_flag", None)
             bad = flag is not None and bool(flag)
@@ -198,9 +205,7 @@ class SigmaReparam(nn.Module):
             if not bad:
                 flag.copy_(~torch.isfinite(sigma).all(), non_blocking=True)
         if bad:
-            raise FloatingPointError(
-                f"sigma_reparam: {self.label} has non-finite entries (sigma estimate not finite); "
-                f"the weight diverged (lower the learning rate?)")
+            raise _nonfinite_error(self.label)
 
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
         r""":math:`\sigma = v^\top W u` per chunk, shape ``(c,)``, with gradient through ``weight``.
@@ -211,22 +216,53 @@ class SigmaReparam(nn.Module):
         return _vWu(self._v.to(W.dtype), W, self._u.to(W.dtype))  # (c,)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        with torch.autocast(weight.device.type, enabled=False):
-            W = self._as_matrices(weight).to(_compute_dtype(weight.dtype))  # (c, m, n)
-            if self.training and torch.is_grad_enabled():
+        # autocast off for the whole computation; entering the context manager costs more than
+        # the rest of a small layer's reparametrisation, so only when autocast is on
+        if _compiling() or torch.is_autocast_enabled(weight.device.type):
+            with torch.autocast(weight.device.type, enabled=False):
+                return self._reparametrize(weight)
+        return self._reparametrize(weight)
+
+    def _reparametrize(self, weight: torch.Tensor) -> torch.Tensor:
+        W = _cast(self._as_matrices(weight), _compute_dtype(weight.dtype))  # (c, m, n)
+        if self.training and torch.is_grad_enabled():
+            pending = self._batched_step
+            if pending is not None:  # this forward's step already taken by the batched step
+                self._batched_step = None
+                u, v, sigma = pending
+            else:
                 # fresh u, v (not the buffers, which the next forward overwrites) for backward
                 u, v, sigma = self._power_iteration(W.detach())
                 if not _compiling():
                     self._check_finite(sigma)
-            else:
-                u, v = self._u.to(W.dtype), self._v.to(W.dtype)
-                if torch.is_grad_enabled():
-                    u, v = u.clone(), v.clone()
-                with torch.no_grad():
-                    sigma = _vWu(v, W, u)
-            gamma = self.gamma.to(W.dtype).reshape(self.n_chunks)
-            out = _ScaleBySigma.apply(W, gamma, u, v, sigma, self.eps)  # (c, m, n)
-        return out.reshape(weight.shape).to(weight.dtype)
+        else:
+            u, v = _cast(self._u, W.dtype), _cast(self._v, W.dtype)
+            if torch.is_grad_enabled():
+                u, v = u.clone(), v.clone()
+            with torch.no_grad():
+                sigma = _vWu(v, W, u)
+        gamma = _cast(self.gamma, W.dtype).reshape(self.n_chunks)
+        out = _ScaleBySigma.apply(W, gamma, u, v, sigma, self.eps)  # (c, m, n)
+        return _cast(out.reshape(weight.shape), weight.dtype)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the call when it would be a no-op (a dispatch per small op counts)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _power_steps(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_steps: int,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n_steps`` power-iteration steps on a batch of matrices W (c, m, n) from u (c, n), v (c, m).
+
+    Returns ``(u, v, sigma)``, sigma = |Wᵀv| = vᵀ W u per matrix, shape (c,).  The same
+    function serves one weight (c = its chunks) and a batch of equal-shaped weights.
+    """
+    sigma = None
+    for _ in range(n_steps):
+        v, _ = _normalize_or_keep(torch.matmul(W, u.unsqueeze(-1)).squeeze(-1), v, eps)
+        u, sigma = _normalize_or_keep(torch.matmul(v.unsqueeze(-2), W).squeeze(-2), u, eps)
+    return u, v, sigma
 
 
 def _vWu(v: torch.Tensor, W: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -250,7 +286,7 @@ class _ScaleBySigma(torch.autograd.Function):
         scale = gamma / sigma.clamp_min(eps)  # (c,)
         ctx.save_for_backward(W, gamma, u, v, sigma)
         ctx.eps = eps
-        return W * scale[:, None, None]
+        return W * scale.view(-1, 1, 1)
 
     @staticmethod
     def backward(ctx, G):  # noqa: D102
@@ -270,8 +306,9 @@ class _ScaleBySigma(torch.autograd.Function):
             grad_W = None
             if ctx.needs_input_grad[0]:
                 coef = torch.where(sigma > eps, scale * gw / sig, torch.zeros_like(gw))  # (c,)
-                grad_W = torch.baddbmm(G * scale[:, None, None],
-                                       (v * -coef[:, None]).unsqueeze(-1), u.unsqueeze(-2))
+                # (one pass less than an out-of-place baddbmm; G * scale is a fresh tensor)
+                grad_W = (G * scale.view(-1, 1, 1)).baddbmm_((v * -coef.unsqueeze(-1)).unsqueeze(-1),
+                                                             u.unsqueeze(-2))
         return grad_W, grad_gamma, None, None, None, None
 
 
@@ -450,6 +487,193 @@ def convert_to_sigma_reparam(
     return model
 
 
+def _batched_pre_hook(model: nn.Module, args) -> None:
+    """Forward pre-hook of :func:`batch_power_iterations`: one step per group of equal shapes."""
+    if not torch.is_grad_enabled() or _compiling():
+        return
+    flags = model.__dict__.get("_sigma_nonfinite_flags")
+    if flags:  # accelerators: the finiteness flags of the previous batched forward
+        for flag, labels in flags.values():
+            if bool(flag.any()):
+                raise _nonfinite_error(labels[int(flag.to(torch.uint8).argmax())])
+    pending = model.__dict__.setdefault("_sigma_pending", [])
+    groups: dict[tuple, list[tuple[SigmaReparam, torch.Tensor]]] = {}
+    for plist in model.modules():
+        if not isinstance(plist, parametrize.ParametrizationList) or not hasattr(plist, "original"):
+            continue
+        p = plist[0]  # only a first parametrization sees the raw weight
+        if not isinstance(p, SigmaReparam) or not p.training or p._batched_step is not None:
+            continue
+        weight = plist.original
+        W = p._as_matrices(weight.detach())  # (c, m, n)
+        dtype = _compute_dtype(weight.dtype)
+        key = (W.shape[1:], dtype, W.device, p.n_power_iterations, p.eps)
+        groups.setdefault(key, []).append((p, _cast(W, dtype)))
+    for (_, dtype, device, n_steps, eps), members in groups.items():
+        params = [p for p, _ in members]
+        with torch.no_grad():
+            if len(members) == 1:  # nothing to batch: the weight's own step, no stacking
+                p, W = members[0]
+                u, v, sigma = _power_steps(W, _cast(p._u, dtype), _cast(p._v, dtype), n_steps, eps)
+                p._u.copy_(u)
+                p._v.copy_(v)
+                p._batched_step = (u, v, sigma)
+                pending.append(p)
+                _check_group(model, params, [sigma], sigma)
+                continue
+            u0 = torch.cat([_cast(p._u, dtype) for p in params])  # (sum c, n)
+            v0 = torch.cat([_cast(p._v, dtype) for p in params])  # (sum c, m)
+            stack = model.__dict__.get("_sigma_stack")
+            if stack is None:
+                stack = device.type != "cpu"
+            u, v, sigma = _batched_power_steps([W for _, W in members], u0, v0, n_steps, eps, stack)
+            sizes = [p.n_chunks for p in params]
+            us, vs, sigmas = u.split(sizes), v.split(sizes), sigma.split(sizes)
+            torch._foreach_copy_([p._u for p in params], list(us))
+            torch._foreach_copy_([p._v for p in params], list(vs))
+        for p, ui, vi, si in zip(params, us, vs, sigmas):
+            p._batched_step = (ui, vi, si)
+        pending.extend(params)
+        _check_group(model, params, sigmas, sigma)
+
+
+def _batched_power_steps(Ws: list[torch.Tensor], u: torch.Tensor, v: torch.Tensor, n_steps: int,
+                         eps: float, stack: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_power_steps` on the matrices of ``Ws`` (each (c_i, m, n)) with u (N, n), v (N, m), N = sum c_i.
+
+    ``stack``: concatenate the matrices and use one ``bmm`` (fewest operations: accelerators);
+    else one matrix-vector product per matrix and the rest batched (no copy of the weights,
+    which on a CPU costs as much as the operations it saves).
+    """
+    if stack:
+        return _power_steps(torch.cat(Ws), u, v, n_steps, eps)
+    mats = [M for W in Ws for M in W.unbind(0)]  # N matrices (m, n)
+    sigma = None
+    for _ in range(n_steps):
+        v, _ = _normalize_or_keep(torch.stack([torch.mv(M, x) for M, x in zip(mats, u.unbind(0))]), v, eps)
+        u, sigma = _normalize_or_keep(torch.stack([torch.mv(M.T, y) for M, y in zip(mats, v.unbind(0))]), u, eps)
+    return u, v, sigma
+
+
+def _check_group(model: nn.Module, params: list[SigmaReparam], sigmas, sigma: torch.Tensor) -> None:
+    """The finiteness check of :meth:`SigmaReparam._check_finite` for a group, in one host read
+    on the CPU; elsewhere one flag tensor per group, read at the next batched forward."""
+    if sigma.device.type in SigmaReparam.SYNC_CHECK_DEVICES:
+        if not bool(torch.isfinite(sigma).all()):
+            bad = next(p for p, s in zip(params, sigmas) if not bool(torch.isfinite(s).all()))
+            raise _nonfinite_error(bad.label)
+        return
+    flags = model.__dict__.setdefault("_sigma_nonfinite_flags", {})
+    key = tuple(id(p) for p in params)
+    labels = [p.label for p in params for _ in range(p.n_chunks)]
+    if key not in flags or flags[key][0].numel() != sigma.numel():
+        pin = sigma.device.type == "cuda"
+        flags[key] = (torch.zeros(sigma.numel(), dtype=torch.bool, pin_memory=pin), labels)
+    flags[key][0].copy_(~torch.isfinite(sigma), non_blocking=True)
+
+
+def _nonfinite_error(label: str) -> FloatingPointError:
+    return FloatingPointError(
+        f"sigma_reparam: {label} has non-finite entries (sigma estimate not finite); "
+        f"the weight diverged (lower the learning rate?)")
+
+
+def _batched_post_hook(model: nn.Module, args, output) -> None:
+    """Forward hook of :func:`batch_power_iterations` (always called): drop steps not consumed
+    (a weight the forward did not read, or read only under ``no_grad``), so that no later
+    forward uses them."""
+    if _compiling():
+        return
+    pending = model.__dict__.get("_sigma_pending")
+    while pending:
+        pending.pop()._batched_step = None
+
+
+def _remove_batch_hooks(model: nn.Module) -> bool:
+    """Remove the hooks of :func:`batch_power_iterations` from ``model``; True if there were any."""
+    found = False
+    for hid, fn in list(model._forward_pre_hooks.items()):
+        if fn is _batched_pre_hook:
+            del model._forward_pre_hooks[hid]
+            found = True
+    for hid, fn in list(model._forward_hooks.items()):
+        if fn is _batched_post_hook:
+            del model._forward_hooks[hid]
+            model._forward_hooks_always_called.pop(hid, None)
+            found = True
+    model.__dict__.pop("_sigma_nonfinite_flags", None)
+    model.__dict__.pop("_sigma_stack", None)
+    for p in model.__dict__.pop("_sigma_pending", ()):
+        p._batched_step = None
+    return found
+
+
+def batch_power_iterations(model: nn.Module, enabled: bool = True, *, stack: bool | None = None) -> nn.Module:
+    r"""Run the power-iteration steps of ``model``'s σReparam weights batched, one per shape.
+
+    Registers a forward pre-hook on ``model``: in each forward of ``model`` with grad enabled
+    it groups the σReparam weights in training mode by matrix shape, dtype and device, and
+    advances each group by one step of eq. (σReparam)'s power iteration,
+    :math:`v \leftarrow Wu/\lVert Wu
+Vert`, :math:`u \leftarrow W^	op v/\lVert W^	op v
+Vert`,
+    as one batched matrix product (``torch.cat`` of the weights, ``bmm``, batched norms)
+    instead of one small step per weight.  Each weight's next training read then uses that
+    step (its ``u``, ``v``, :math:`\sigma = v^	op W u`) instead of taking its own, so values,
+    buffers and gradients are those of the unbatched model (up to float rounding); a weight read
+    a second time in the same forward (without :func:`torch.nn.utils.parametrize.cached`)
+    takes its own step, as without batching.  What changes: a training forward of ``model``
+    advances every σReparam weight in training mode by one step, also one that this forward
+    does not read.  Eval mode and ``no_grad`` still never change a buffer; ``state_dict`` is
+    unchanged; ``copy.deepcopy`` keeps the hooks; :func:`fold_sigma_reparam` removes them;
+    under ``torch.compile`` the hooks step aside (each weight takes its own step in the graph).
+    Non-finite σ raises ``FloatingPointError`` naming the weight, once per group on the CPU
+    and one training forward later elsewhere, as without batching.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model whose ``forward`` is called in training (the hook sits on it; wrap it in DDP
+        afterwards as usual).
+    enabled : bool
+        ``False`` removes the hooks again.
+    stack : bool or None
+        ``True``: concatenate each group's matrices and take the step as one ``bmm`` (fewest
+        operations; what a launch-bound accelerator wants).  ``False``: one matrix-vector
+        product per matrix, everything else batched (no copy of the weights; measured faster
+        on a CPU).  ``None`` (default): ``False`` on the CPU, ``True`` elsewhere.
+
+    Returns
+    -------
+    nn.Module
+        ``model``.
+
+    Examples
+    --------
+    >>> import copy
+    >>> torch.manual_seed(0) and None
+    >>> net = convert_to_sigma_reparam(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)))
+    >>> twin = batch_power_iterations(copy.deepcopy(net))   # one (2, 8, 8) step per forward
+    >>> x = torch.randn(4, 8)
+    >>> bool(torch.allclose(net(x), twin(x), atol=1e-6))
+    True
+    >>> bool(torch.allclose(net[2].parametrizations.weight[0]._u, twin[2].parametrizations.weight[0]._u))
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    if stack is not None and not isinstance(stack, bool):
+        raise TypeError(f"stack must be a bool or None, got {type(stack).__name__}")
+    _remove_batch_hooks(model)
+    if enabled:
+        model.__dict__["_sigma_stack"] = stack
+        model.register_forward_pre_hook(_batched_pre_hook)
+        model.register_forward_hook(_batched_post_hook, always_call=True)
+    return model
+
+
 def _sigma_modules(model: nn.Module):
     """Yield ``(qualified module name, module, tensor name, SigmaReparam)``."""
     for qualname, module in model.named_modules():
@@ -480,6 +704,8 @@ def fold_sigma_reparam(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for _, module, name, _ in list(_sigma_modules(model)):
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    for module in model.modules():
+        _remove_batch_hooks(module)
     return model
 
 

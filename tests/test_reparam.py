@@ -485,3 +485,183 @@ def test_torch_compile_of_the_project_gpt_with_sigma_reparam():
         torch.testing.assert_close(a, b, msg=k)  # the power iteration ran inside the graph
     for (k, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=k)
+
+
+# ---------------------------------------------------------------- batched power iterations ---
+
+from sigma_core.reparam import batch_power_iterations  # noqa: E402
+
+
+class Wide(nn.Module):
+    """Equal shapes in several places (Linear d x d, the q/k/v chunks and out_proj of an MHA),
+    a Conv1d (d x 3d) and a lone Linear (2d x d): groups of several weights and of one."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.net = Net(d)
+        self.extra = nn.Linear(d, d, bias=False)
+        self.up = nn.Linear(d, 2 * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.extra(self.net(x)))
+
+
+def _twins(dtype=torch.float32, stack=None, seed=0):
+    torch.manual_seed(seed)
+    plain = _scramble_vectors(_convert(Wide().to(dtype)))
+    return plain, batch_power_iterations(copy.deepcopy(plain), stack=stack)
+
+
+def _uv(model):
+    return {k: b for k, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("stack", [False, True])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_batched_steps_equal_unbatched_over_training_steps(dtype, tol, stack):
+    """Same u, v, sigma, loss and gradients as one step per weight, step after step."""
+    plain, batched = _twins(dtype, stack)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, batched)]
+    for step in range(4):
+        x = torch.randn(3, 5, 8, dtype=dtype)
+        losses = []
+        for model, opt in zip((plain, batched), opts):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            losses.append(loss)
+        torch.testing.assert_close(losses[1], losses[0], rtol=tol, atol=tol)
+        a, b = _uv(plain), _uv(batched)
+        assert a.keys() == b.keys() and len(a) == 2 * 7
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=tol, atol=tol, msg=f"step {step}: {k}")
+        for (k, p), (_, q) in zip(plain.named_parameters(), batched.named_parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=tol, atol=tol, msg=f"step {step}: {k}")
+        for opt in opts:
+            opt.step()
+    sa, sb = sigma_reparam_state(plain), sigma_reparam_state(batched)
+    for k in sa:
+        assert sb[k]["sigma"] == pytest.approx(sa[k]["sigma"], rel=10 * tol)
+
+
+def test_batched_one_step_per_forward_and_a_second_read_takes_its_own():
+    """A weight read twice without parametrize.cached() steps twice, as without batching."""
+    from torch.nn.utils import parametrize
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.b(self.a(self.a(x)))
+
+    torch.manual_seed(0)
+    plain = _scramble_vectors(convert_to_sigma_reparam(Twice()))
+    batched = batch_power_iterations(copy.deepcopy(plain))
+    x = torch.randn(2, 6)
+    for model in (plain, batched):
+        model(x).sum().backward()
+        with parametrize.cached():
+            model(x).sum().backward()
+    for k, b in _uv(plain).items():
+        torch.testing.assert_close(_uv(batched)[k], b, rtol=1e-6, atol=1e-6)
+    for (k, p), (_, q) in zip(plain.named_parameters(), batched.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_batched_no_update_in_eval_or_no_grad_and_state_dict_unchanged():
+    plain, batched = _twins()
+    assert batched.state_dict().keys() == plain.state_dict().keys()
+    before = _buffers(batched)
+    x = torch.randn(2, 3, 8)
+    batched.eval()
+    batched(x).sum().backward()
+    batched.train()
+    with torch.no_grad():
+        batched(x)
+    for k, b in _buffers(batched).items():
+        assert torch.equal(b, before[k]), k
+    batched(x)
+    assert all(not torch.equal(b, before[k]) for k, b in batched.named_buffers())
+
+
+def test_batched_unread_weight_steps_once_and_leaves_no_pending_step():
+    """A weight the forward does not read advances with its group; its step is then dropped,
+    so a later training read takes a step of its own."""
+    torch.manual_seed(0)
+    model = _scramble_vectors(convert_to_sigma_reparam(nn.ModuleDict(
+        {"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)})))
+    model.forward = lambda x: model["a"](x)  # "b" is not read
+    batch_power_iterations(model)
+    p = _param(model["b"])
+    W = _original(model["b"]).detach()
+    u, v = p._u[0].clone(), p._v[0].clone()
+    model(torch.randn(2, 4))
+    u, v = _manual_step(W, u, v)
+    torch.testing.assert_close(p._u[0], u)
+    assert p._batched_step is None
+    model["b"](torch.randn(2, 4))  # outside the model's forward: its own step
+    u, v = _manual_step(W, u, v)
+    torch.testing.assert_close(p._u[0], u)
+    torch.testing.assert_close(p._v[0], v)
+
+
+def test_batched_deepcopy_fold_and_disable():
+    _, batched = _twins()
+    twin = copy.deepcopy(batched)
+    x = torch.randn(2, 3, 8)
+    twin(x).sum().backward()
+    assert not torch.equal(_param(twin.extra)._u, _param(batched.extra)._u)  # independent copy
+    batched(x)
+    torch.testing.assert_close(_param(twin.extra)._u, _param(batched.extra)._u)  # hooks copied too
+    batch_power_iterations(twin, enabled=False)
+    assert not twin._forward_pre_hooks and not twin._forward_hooks
+    batch_power_iterations(twin)
+    batch_power_iterations(twin)  # idempotent: one pair of hooks
+    assert len(twin._forward_pre_hooks) == len(twin._forward_hooks) == 1
+    with pytest.raises(TypeError, match="model"):
+        batch_power_iterations(torch.zeros(2))
+    with pytest.raises(TypeError, match="stack"):
+        batch_power_iterations(twin, stack="yes")
+    # (fold only one of the copies: torch's parametrize shares the injected class between them)
+    y = batched.eval()(x)
+    fold_sigma_reparam(batched)
+    assert not batched._forward_pre_hooks and not batched._forward_hooks
+    torch.testing.assert_close(batched(x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_non_finite_weight_raises_naming_it():
+    _, batched = _twins()
+    with torch.no_grad():
+        _original(batched.extra)[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="weight.*non-finite"):
+        batched(torch.randn(2, 3, 8))
+    assert all(p._batched_step is None for p in batched.modules() if isinstance(p, SigmaReparam))
+
+
+def test_batched_non_finite_check_deferred_on_accelerators(monkeypatch):
+    monkeypatch.setattr(SigmaReparam, "SYNC_CHECK_DEVICES", ())
+    _, batched = _twins()
+    x = torch.randn(2, 3, 8)
+    batched(x)
+    with torch.no_grad():
+        _original(batched.extra)[3, 1] = float("inf")  # (MHA reads in_proj_weight more than once)
+    batched(x)  # the diverged forward passes ...
+    with pytest.raises(FloatingPointError, match="weight"):
+        batched(x)  # ... the next one raises, naming the weight
+
+
+def test_batched_model_under_torch_compile_matches_eager():
+    """Under torch.compile the hooks step aside: each weight steps in the graph, same values."""
+    torch.manual_seed(0)
+    eager = _scramble_vectors(nn.Sequential(SigmaReparamLinear(8, 8), nn.Tanh(), SigmaReparamLinear(8, 8)))
+    model = batch_power_iterations(copy.deepcopy(eager))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(3, 8)
+        y_c, y_e = compiled(x), eager(x)
+        torch.testing.assert_close(y_c, y_e)
+        y_c.sum().backward(), y_e.sum().backward()
+    for (k, b), (_, c) in zip(model.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(b, c, msg=k)
