@@ -171,6 +171,10 @@ class SigmaReparam(nn.Module):
         #: fresh ``(u, v, sigma)`` of this forward's step, set by a batched step
         #: (:func:`batch_power_iterations`) and consumed by the next training forward
         self._batched_step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: set by the owning module's hooks (:func:`_cache_weights_per_forward`): only the first
+        #: training read of a forward steps; ``_stepped`` says whether it has happened
+        self._once_per_forward = False
+        self._stepped = False
 
     def _as_matrices(self, W: torch.Tensor) -> torch.Tensor:
         """``(c, rows/c, -1)`` view of the weight (conv kernels flattened per output channel)."""
@@ -225,7 +229,8 @@ class SigmaReparam(nn.Module):
 
     def _reparametrize(self, weight: torch.Tensor) -> torch.Tensor:
         W = _cast(self._as_matrices(weight), _compute_dtype(weight.dtype))  # (c, m, n)
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not (self._once_per_forward and self._stepped):
+            self._stepped = self._once_per_forward
             pending = self._batched_step
             if pending is not None:  # this forward's step already taken by the batched step
                 self._batched_step = None
@@ -399,7 +404,55 @@ def sigma_reparam(
     # unsafe=True: no consistency call of forward at registration (it would be a no-op anyway,
     # but this keeps the SVD vectors exactly as computed)
     parametrize.register_parametrization(module, name, param, unsafe=True)
+    if isinstance(module, nn.MultiheadAttention):
+        _cache_weights_per_forward(module)
     return module
+
+
+def _enter_weight_cache(module: nn.Module, args) -> None:
+    """Forward pre-hook: this forward of ``module`` advances each of its σReparam weights once."""
+    for param in _own_sigma_params(module):
+        param._once_per_forward, param._stepped = True, False
+
+
+def _exit_weight_cache(module: nn.Module, args, output) -> None:
+    """Forward hook (always called, also when the forward raises): back to a step per training read."""
+    for param in _own_sigma_params(module):
+        param._once_per_forward, param._stepped = False, False
+
+
+def _own_sigma_params(module: nn.Module):
+    plists = module.__dict__.get("_modules", {}).get("parametrizations")
+    if plists is None:
+        return
+    for plist in plists.values():
+        for param in plist:
+            if isinstance(param, SigmaReparam):
+                yield param
+
+
+def _cache_weights_per_forward(module: nn.Module) -> None:
+    """Make each training forward of ``module`` advance its σReparam weights exactly once.
+
+    ``nn.MultiheadAttention`` reads ``in_proj_weight`` several times per forward (its fast-path
+    checks, then the computation); without this every read would be a training read that
+    advances the power iteration.  Later reads in the same forward reuse the vectors of the
+    first (the same W_hat, each read with its own graph).  Reads under ``no_grad`` (an entropy
+    monitor) neither step nor count, unlike a ``parametrize.cached()`` read, which would hand
+    the forward a weight without gradient.
+    """
+    if _enter_weight_cache in module._forward_pre_hooks.values():
+        return
+    module.register_forward_pre_hook(_enter_weight_cache)
+    module.register_forward_hook(_exit_weight_cache, always_call=True)
+
+
+def _remove_weight_cache_hooks(module: nn.Module) -> None:
+    for hooks, fn in ((module._forward_pre_hooks, _enter_weight_cache),
+                      (module._forward_hooks, _exit_weight_cache)):
+        for key in [k for k, h in hooks.items() if h is fn]:
+            del hooks[key]
+            getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
 
 
 class SigmaReparamLinear(nn.Linear):
@@ -706,6 +759,7 @@ def fold_sigma_reparam(model: nn.Module) -> nn.Module:
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     for module in model.modules():
         _remove_batch_hooks(module)
+        _remove_weight_cache_hooks(module)
     return model
 
 

@@ -665,3 +665,40 @@ def test_batched_model_under_torch_compile_matches_eager():
         y_c.sum().backward(), y_e.sum().backward()
     for (k, b), (_, c) in zip(model.named_buffers(), eager.named_buffers()):
         torch.testing.assert_close(b, c, msg=k)
+
+
+def test_multihead_attention_takes_one_power_step_per_training_forward():
+    """nn.MultiheadAttention reads in_proj_weight several times per forward; sigma_reparam caches
+    the weight for the duration of each forward, so the vectors advance exactly one step."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    sigma_reparam(mha)
+    param = mha.parametrizations.in_proj_weight[0]
+    W = mha.parametrizations.in_proj_weight.original.detach().reshape(3, 16, 16)
+    with torch.no_grad():  # start far from the fixed point, so that every extra step would show
+        param._u.copy_(torch.nn.functional.normalize(torch.randn_like(param._u), dim=-1))
+        param._v.copy_(torch.nn.functional.normalize(torch.randn_like(param._v), dim=-1))
+    u0 = param._u.clone()
+    x = torch.randn(2, 5, 16)
+    mha(x, x, x)[0].sum().backward()
+    v1 = torch.nn.functional.normalize((W @ u0.unsqueeze(-1)).squeeze(-1), dim=-1)  # one step by hand
+    u1 = torch.nn.functional.normalize((v1.unsqueeze(-2) @ W).squeeze(-2), dim=-1)
+    torch.testing.assert_close(param._v, v1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(param._u, u1, rtol=1e-5, atol=1e-6)
+    # an entropy monitor reading the weight under no_grad neither steps nor starves the gradient
+    from sigma_core.monitor import EntropyMonitor
+
+    mha.zero_grad()
+    with EntropyMonitor(mha) as mon:
+        u_before = param._u.clone()
+        mha(x, x, x)[0].sum().backward()
+        assert len(mon.last) == 2
+    assert mha.parametrizations.in_proj_weight.original.grad.abs().sum() > 0
+    v2 = torch.nn.functional.normalize((W @ u_before.unsqueeze(-1)).squeeze(-1), dim=-1)
+    torch.testing.assert_close(param._v, v2, rtol=1e-5, atol=1e-6)
+    # the per-forward mode ends even when the forward raises, and folding removes the hooks
+    with pytest.raises(Exception):
+        mha(x, torch.randn(2, 5, 7), x)
+    assert not param._once_per_forward
+    fold_sigma_reparam(mha)
+    assert not mha._forward_pre_hooks and not mha._forward_hooks
