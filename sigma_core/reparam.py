@@ -40,7 +40,9 @@ layer of every step).  Eval-mode and ``no_grad`` forwards do not check.
 Batching: :func:`batch_power_iterations` (used by the project's training) takes the steps of
 all equal-shaped weights of a model as one batched operation at the start of each training
 forward of the model, with the same values; each weight's first read in that forward uses
-that step instead of taking its own.
+that step instead of taking its own.  For 2-D weights in fp32/fp64 outside autocast the hook
+also computes the group's :math:`\hat W` at once, in one autograd node whose backward gives
+every weight's closed-form gradient in a few batched operations.
 
 Shapes: a ``Linear`` weight is used as is; a ``Conv1d``/``Conv2d`` weight is flattened to an
 ``(out_channels, -1)`` matrix; ``nn.MultiheadAttention.in_proj_weight`` is split into its
@@ -170,7 +172,9 @@ class SigmaReparam(nn.Module):
         self.gamma = nn.Parameter(gamma if n_chunks > 1 else gamma.reshape(()))
         #: fresh ``(u, v, sigma)`` of this forward's step, set by a batched step
         #: (:func:`batch_power_iterations`) and consumed by the next training forward
-        self._batched_step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: and, when the group's W_hat was computed at once (:class:`_GroupScaleBySigma`), this
+        #: weight's W_hat and the raw weight it was computed from (else None, None)
+        self._batched_step: tuple | None = None
         #: set by the owning module's hooks (:func:`_cache_weights_per_forward`): only the first
         #: training read of a forward steps; ``_stepped`` says whether it has happened
         self._once_per_forward = False
@@ -234,7 +238,9 @@ class SigmaReparam(nn.Module):
             pending = self._batched_step
             if pending is not None:  # this forward's step already taken by the batched step
                 self._batched_step = None
-                u, v, sigma = pending
+                u, v, sigma, W_hat, source = pending
+                if W_hat is not None and weight is source:  # W_hat computed with its group
+                    return W_hat
             else:
                 # fresh u, v (not the buffers, which the next forward overwrites) for backward
                 u, v, sigma = self._power_iteration(W.detach())
@@ -315,6 +321,68 @@ class _ScaleBySigma(torch.autograd.Function):
                 grad_W = (G * scale.view(-1, 1, 1)).baddbmm_((v * -coef.unsqueeze(-1)).unsqueeze(-1),
                                                              u.unsqueeze(-2))
         return grad_W, grad_gamma, None, None, None, None
+
+
+class _GroupScaleBySigma(torch.autograd.Function):
+    r""":class:`_ScaleBySigma` for a group of weights whose matrices share one shape, in one node.
+
+    ``apply(eps, sizes, k, W_1..W_k, gamma_1..gamma_k, u, v, sigma)``: ``W_i`` is a 2-D weight of
+    ``sizes[i]`` chunks, ``u`` (N, n), ``v`` (N, m), ``sigma`` (N,) the fresh step of the group's
+    N = sum(sizes) chunk matrices.  Returns the k matrices :math:`\hat W_i = (\gamma/\sigma) W_i`; the
+    backward gives every :math:`\partial L/\partial W_i` and :math:`\partial L/\partial\gamma_i`
+    of the closed form (the values :class:`_ScaleBySigma` gives one by one) in a few batched
+    operations instead of a node with about ten operations per weight.
+    """
+
+    @staticmethod
+    def forward(ctx, eps, sizes, k, *args):  # noqa: D102
+        Ws, gammas, (u, v, sigma) = args[:k], args[k:2 * k], args[2 * k:]
+        gamma = torch.cat([g.reshape(-1) for g in gammas])  # (N,)
+        scale = gamma / sigma.clamp_min(eps)  # (N,)
+        rows = [s.view(1, 1) if c == 1 else s.repeat_interleave(W.shape[0] // c).unsqueeze(-1)
+                for s, c, W in zip(scale.split(sizes), sizes, Ws)]
+        ctx.save_for_backward(gamma, u, v, sigma, *Ws, *gammas)
+        ctx.eps, ctx.sizes, ctx.k = eps, sizes, k
+        return tuple(torch._foreach_mul(list(Ws), rows))
+
+    @staticmethod
+    def backward(ctx, *Gs):  # noqa: D102
+        eps, sizes, k = ctx.eps, ctx.sizes, ctx.k
+        gamma, u, v, sigma, *rest = ctx.saved_tensors
+        Ws, gammas = rest[:k], rest[k:]
+        need = ctx.needs_input_grad
+        gammas_in = need[3 + k:3 + 2 * k]
+        if torch.is_grad_enabled():  # create_graph: weight by weight, differentiably
+            gW, gg = [], []
+            for W, G, ui, vi, gi, c in zip(Ws, Gs, u.split(sizes), v.split(sizes), gammas, sizes):
+                gi = gi.reshape(c)  # the input itself (the saved cat has no graph)
+                W3, G3 = W.reshape(c, -1, W.shape[1]), G.reshape(c, -1, W.shape[1])
+                si = _vWu(vi, W3, ui)
+                sig = si.clamp_min(eps)
+                gw = (G3 * W3).sum((-2, -1))
+                coef = torch.where(si > eps, gi / sig * gw / sig, torch.zeros_like(gw))
+                gW.append((G3 * (gi / sig).view(-1, 1, 1)
+                           - (vi * coef.unsqueeze(-1)).unsqueeze(-1) * ui.unsqueeze(-2)).reshape(W.shape))
+                gg.append((gw / sig).reshape(()) if c == 1 else gw / sig)
+            return (None, None, None, *gW, *(g if n else None for g, n in zip(gg, gammas_in)),
+                    None, None, None)
+        with torch.autocast(Gs[0].device.type, enabled=False):
+            gw = torch.cat([torch.dot(G.reshape(-1), W.reshape(-1)).reshape(1) if c == 1
+                            else (G.reshape(c, -1) * W.reshape(c, -1)).sum(-1)
+                            for G, W, c in zip(Gs, Ws, sizes)])  # (N,) <G, W> per chunk
+            sig = sigma.clamp_min(eps)
+            scale = gamma / sig
+            grad_gamma = (gw / sig).split(sizes)
+            coef = torch.where(sigma > eps, scale * gw / sig, torch.zeros_like(gw))
+            rank1 = torch.bmm((v * -coef.unsqueeze(-1)).unsqueeze(-1), u.unsqueeze(-2))  # (N, m, n)
+            rank1 = [r.reshape(W.shape) for r, W in zip(rank1.split(sizes), Ws)]
+            rows = [s.view(1, 1) if c == 1 else s.repeat_interleave(W.shape[0] // c).unsqueeze(-1)
+                    for s, c, W in zip(scale.split(sizes), sizes, Ws)]
+            grad_W = torch._foreach_addcmul(rank1, list(Gs), rows)  # scale G - coef v u^T
+        grad_gammas = [(g.reshape(()) if c == 1 else g) if n else None
+                       for g, c, n in zip(grad_gamma, sizes, gammas_in)]
+        grad_W = [g if n else None for g, n in zip(grad_W, need[3:3 + k])]
+        return (None, None, None, *grad_W, *grad_gammas, None, None, None)
 
 
 def _normalize_or_keep(x: torch.Tensor, old: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -550,7 +618,7 @@ def _batched_pre_hook(model: nn.Module, args) -> None:
             if bool(flag.any()):
                 raise _nonfinite_error(labels[int(flag.to(torch.uint8).argmax())])
     pending = model.__dict__.setdefault("_sigma_pending", [])
-    groups: dict[tuple, list[tuple[SigmaReparam, torch.Tensor]]] = {}
+    groups: dict[tuple, list[tuple[SigmaReparam, torch.Tensor, torch.Tensor]]] = {}
     for plist in model.modules():
         if not isinstance(plist, parametrize.ParametrizationList) or not hasattr(plist, "original"):
             continue
@@ -561,16 +629,16 @@ def _batched_pre_hook(model: nn.Module, args) -> None:
         W = p._as_matrices(weight.detach())  # (c, m, n)
         dtype = _compute_dtype(weight.dtype)
         key = (W.shape[1:], dtype, W.device, p.n_power_iterations, p.eps)
-        groups.setdefault(key, []).append((p, _cast(W, dtype)))
+        groups.setdefault(key, []).append((p, _cast(W, dtype), weight))
     for (_, dtype, device, n_steps, eps), members in groups.items():
-        params = [p for p, _ in members]
+        params = [p for p, _, _ in members]
         with torch.no_grad():
             if len(members) == 1:  # nothing to batch: the weight's own step, no stacking
-                p, W = members[0]
+                p, W, _ = members[0]
                 u, v, sigma = _power_steps(W, _cast(p._u, dtype), _cast(p._v, dtype), n_steps, eps)
                 p._u.copy_(u)
                 p._v.copy_(v)
-                p._batched_step = (u, v, sigma)
+                p._batched_step = (u, v, sigma, None, None)
                 pending.append(p)
                 _check_group(model, params, [sigma], sigma)
                 continue
@@ -579,15 +647,23 @@ def _batched_pre_hook(model: nn.Module, args) -> None:
             stack = model.__dict__.get("_sigma_stack")
             if stack is None:
                 stack = device.type != "cpu"
-            u, v, sigma = _batched_power_steps([W for _, W in members], u0, v0, n_steps, eps, stack)
+            u, v, sigma = _batched_power_steps([W for _, W, _ in members], u0, v0, n_steps, eps, stack)
             sizes = [p.n_chunks for p in params]
             us, vs, sigmas = u.split(sizes), v.split(sizes), sigma.split(sizes)
             torch._foreach_copy_([p._u for p in params], list(us))
             torch._foreach_copy_([p._v for p in params], list(vs))
         for p, ui, vi, si in zip(params, us, vs, sigmas):
-            p._batched_step = (ui, vi, si)
+            p._batched_step = (ui, vi, si, None, None)
         pending.extend(params)
         _check_group(model, params, sigmas, sigma)
+        sources = [w for _, _, w in members]
+        if (all(w.ndim == 2 and w.dtype == dtype for w in sources)
+                and not torch.is_autocast_enabled(device.type)):
+            # W_hat of the whole group in one autograd node (one closed-form backward)
+            gammas = [p.gamma for p in params]
+            outs = _GroupScaleBySigma.apply(eps, tuple(sizes), len(params), *sources, *gammas, u, v, sigma)
+            for p, ui, vi, si, out, w in zip(params, us, vs, sigmas, outs, sources):
+                p._batched_step = (ui, vi, si, out, w)
 
 
 def _batched_power_steps(Ws: list[torch.Tensor], u: torch.Tensor, v: torch.Tensor, n_steps: int,
@@ -675,7 +751,12 @@ Vert`,
     step (its ``u``, ``v``, :math:`\sigma = v^	op W u`) instead of taking its own, so values,
     buffers and gradients are those of the unbatched model (up to float rounding); a weight read
     a second time in the same forward (without :func:`torch.nn.utils.parametrize.cached`)
-    takes its own step, as without batching.  What changes: a training forward of ``model``
+    takes its own step, as without batching.  For 2-D weights in fp32/fp64, outside autocast,
+    the hook also computes the :math:`\hat W` of every weight of a group of two or more in one
+    autograd node (:class:`_GroupScaleBySigma`; the first training read returns it), whose
+    backward gives the same closed-form gradients as the per-weight node in batched operations
+    (the Python and per-operation overhead of ~10 small operations per weight was what a
+    CPU step paid).  What changes: a training forward of ``model``
     advances every σReparam weight in training mode by one step, also one that this forward
     does not read.  Eval mode and ``no_grad`` still never change a buffer; ``state_dict`` is
     unchanged; ``copy.deepcopy`` keeps the hooks; :func:`fold_sigma_reparam` removes them;

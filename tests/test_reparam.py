@@ -702,3 +702,40 @@ def test_multihead_attention_takes_one_power_step_per_training_forward():
     assert not param._once_per_forward
     fold_sigma_reparam(mha)
     assert not mha._forward_pre_hooks and not mha._forward_hooks
+
+
+
+def test_batched_group_w_hat_is_one_autograd_node():
+    """The W_hat of a group of equal-shaped weights (here Linear, MHA q/k/v chunks, out_proj)
+    comes from one autograd node (its exact gradients: the twin tests above)."""
+    _, batched = _twins()
+    seen = {}
+
+    def record(module, args):
+        for name, m in (("extra", batched.extra), ("out", batched.net.out),
+                        ("in_proj", batched.net.attn)):
+            step = m.parametrizations[next(iter(m.parametrizations))][0]._batched_step
+            seen[name] = step[3].grad_fn if step is not None and step[3] is not None else None
+
+    batched.net.inp.register_forward_pre_hook(record)
+    batched(torch.randn(2, 3, 8)).sum().backward()
+    node = seen["extra"]
+    assert node is not None and "GroupScaleBySigma" in type(node).__name__
+    assert seen["out"] is node and seen["in_proj"] is node
+
+
+def test_batched_group_double_backward_equals_per_weight_float64():
+    """Gradients taken with create_graph and differentiated again equal the per-weight ones."""
+    torch.manual_seed(0)
+    plain = _scramble_vectors(convert_to_sigma_reparam(nn.Sequential(
+        nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)).double()))
+    batched = batch_power_iterations(copy.deepcopy(plain))
+    x = torch.randn(4, 6, dtype=torch.float64)
+    out = []
+    for model in (plain, batched):
+        params = list(model.parameters())
+        first = torch.autograd.grad(model(x).square().mean(), params, create_graph=True)
+        sum(g.square().sum() for g in first).backward()
+        out.append(([g.detach() for g in first], [p.grad for p in params]))
+    for a, b in zip(out[0][0] + out[0][1], out[1][0] + out[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
