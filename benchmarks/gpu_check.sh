@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and GPU run the project needs, in one script, sized for a 15-minute device
 # lease (about 8-9 minutes of work; each step has its own time limit so a slow step cannot eat
-# the rest).  Run it on the device machine from the repository root:
+# the rest).  Never run on a GPU yet (no GPU was lent so far): the timings are estimates from
+# CALIBRATION.md.  Run it on the device machine from the repository root:
 #
 #     OUT=/some/dir bash benchmarks/gpu_check.sh
 #
@@ -49,7 +50,7 @@ train() { $PY -m sigma_core.cli train --preset h200 --no-progress "$@"; }
   train --out "$RUNS/baseline-lr1e-2" --reparam none --lr 1e-2
   train --out "$RUNS/sigma-lr1e-2" --reparam sigma --lr 1e-2
   train --out "$RUNS/baseline-lr1e-3" --reparam none --lr 1e-3
-  $PY -m sigma_core.cli report "$RUNS/baseline-lr1e-2" "$RUNS/sigma-lr1e-2" "$RUNS/baseline-lr1e-3"
+  $PY -m sigma_core.cli report "$RUNS/baseline-lr1e-2" "$RUNS/sigma-lr1e-2" "$RUNS/baseline-lr1e-3" --out "$RUNS/report"
 } > "$OUT/h200_report.log" 2>&1 &
 TRAIN_PID=$!
 ( sleep 330; kill -TERM $TRAIN_PID 2>/dev/null ) & WATCH=$!
