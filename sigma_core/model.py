@@ -26,6 +26,7 @@ True
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -274,8 +275,7 @@ def apply_reparam(model: nn.Module, reparam: str, *, gamma_init: str = "sigma") 
 
 def build_model(cfg) -> GPT:
     """The :class:`GPT` of a :class:`~sigma_core.config.TrainConfig`, reparametrised as it says."""
-    model = GPT(ModelConfig(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer,
-                            n_head=cfg.n_head, block_size=cfg.block_size, norm=cfg.norm,
-                            mlp_ratio=cfg.mlp_ratio, qk_norm=getattr(cfg, "qk_norm", False),
-                            logit_softcap=getattr(cfg, "logit_softcap", 0.0)))
+    # TrainConfig is flat: it carries every ModelConfig field under the same name
+    shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
+    model = GPT(ModelConfig(**shape))
     return apply_reparam(model, cfg.reparam, gamma_init=cfg.gamma_init)

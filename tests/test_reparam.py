@@ -449,20 +449,27 @@ def test_convert_respects_layer_types_and_exclude():
     assert all(len(m.parametrizations.weight) == 1 for m in (net.inp, net.out, net.attn.out_proj))
 
 
-def test_torch_compile_training_step_matches_eager():
-    torch.manual_seed(0)
-    eager = nn.Sequential(SigmaReparamLinear(8, 8), nn.Tanh(), SigmaReparamLinear(8, 4))
-    model = copy.deepcopy(_scramble_vectors(eager))
-    start = _buffers(model)
+def _train_compiled_beside_eager(model, eager, steps=2):
+    """Two forward/backward passes of torch.compile(model) and of ``eager`` on the same inputs:
+    outputs and, afterwards, every buffer (the power-iteration vectors) agree."""
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    for _ in range(2):
+    for _ in range(steps):
         x = torch.randn(3, 8)
         y_c, y_e = compiled(x), eager(x)
         torch.testing.assert_close(y_c, y_e)
         y_c.sum().backward(), y_e.sum().backward()
     for (k, b), (_, c) in zip(model.named_buffers(), eager.named_buffers()):
-        torch.testing.assert_close(b, c)  # the power iteration ran inside the graph
-        assert not torch.allclose(b, start[k])
+        torch.testing.assert_close(b, c, msg=k)
+
+
+def test_torch_compile_training_step_matches_eager():
+    torch.manual_seed(0)
+    eager = nn.Sequential(SigmaReparamLinear(8, 8), nn.Tanh(), SigmaReparamLinear(8, 4))
+    model = copy.deepcopy(_scramble_vectors(eager))
+    start = _buffers(model)
+    _train_compiled_beside_eager(model, eager)
+    for k, b in model.named_buffers():
+        assert not torch.allclose(b, start[k])  # the power iteration ran inside the graph
     for (k, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=k)
 
@@ -657,14 +664,7 @@ def test_batched_model_under_torch_compile_matches_eager():
     torch.manual_seed(0)
     eager = _scramble_vectors(nn.Sequential(SigmaReparamLinear(8, 8), nn.Tanh(), SigmaReparamLinear(8, 8)))
     model = batch_power_iterations(copy.deepcopy(eager))
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    for _ in range(2):
-        x = torch.randn(3, 8)
-        y_c, y_e = compiled(x), eager(x)
-        torch.testing.assert_close(y_c, y_e)
-        y_c.sum().backward(), y_e.sum().backward()
-    for (k, b), (_, c) in zip(model.named_buffers(), eager.named_buffers()):
-        torch.testing.assert_close(b, c, msg=k)
+    _train_compiled_beside_eager(model, eager)
 
 
 def test_multihead_attention_takes_one_power_step_per_training_forward():
