@@ -92,7 +92,7 @@ def part_memory(args) -> None:
 
 def part_overhead(args) -> None:
     import torch
-    from sigma_core.model import GPT, ModelConfig
+    from sigma_core.models.gpt import GPT, ModelConfig
     from sigma_core.monitor import EntropyMonitor
 
     torch.manual_seed(0)

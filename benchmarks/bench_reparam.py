@@ -1,7 +1,7 @@
 """Training-step cost of sigmaReparam next to a plain model and torch's spectral_norm.
 
 One training step = forward + backward + AdamW step of the project's GPT
-(:mod:`sigma_core.model`) on random tokens.  Variants, timed side by side in one run with the
+(:mod:`sigma_core.models.gpt`) on random tokens.  Variants, timed side by side in one run with the
 repetitions interleaved (plain, spectral, sigma, sigma-batched, folded, plain, ...) so that machine load hits
 all of them alike; medians are reported, with ratios to the plain model:
 
@@ -41,7 +41,7 @@ VARIANTS = ("plain", "spectral", "sigma", "sigma-batched", "sigma-folded")
 
 def make_model(args: argparse.Namespace) -> tuple[nn.Module, callable]:
     """The benchmarked model and a ``loss_fn(model) -> scalar`` for one batch (plain weights)."""
-    from sigma_core.model import GPT, ModelConfig
+    from sigma_core.models.gpt import GPT, ModelConfig
 
     cfg = ModelConfig(d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
                       block_size=args.seq_len)

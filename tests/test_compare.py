@@ -6,7 +6,7 @@ import math
 import pytest
 
 from sigma_core.cli import main
-from sigma_core.compare import (METHODS, RUN_COLUMNS, TABLE_COLUMNS, aggregate, largest_stable_lr,
+from sigma_core.experiments.compare import (METHODS, RUN_COLUMNS, TABLE_COLUMNS, aggregate, largest_stable_lr,
                                 method_of, method_overrides, run_compare, summarise_compare_run,
                                 sweep_jobs)
 

@@ -1,6 +1,6 @@
 """Data-parallel training: 2 gloo processes on the CPU against one process with the whole batch.
 
-The design of :mod:`sigma_core.distributed`: every rank draws the same global batch of 8 windows
+The design of :mod:`sigma_core.experiments.distributed`: every rank draws the same global batch of 8 windows
 and trains on its half; DDP averages the gradients.  So the two-process run must reproduce the
 one-process run's losses up to the order of floating-point reductions, sigmaReparam's
 power-iteration vectors must be bit-identical on both ranks, and only rank 0 writes the run.
@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from sigma_core.config import preset
-from sigma_core.distributed import replicas_agree, shard
-from sigma_core.train import CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, Trainer, read_checkpoint
+from sigma_core.experiments.config import preset
+from sigma_core.experiments.distributed import replicas_agree, shard
+from sigma_core.experiments.train import CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, Trainer, read_checkpoint
 
 CFG = dict(reparam="sigma", steps=6, log_every=1, eval_every=6, batch_size=8, threads=1, checkpoint_every=3,
            sample_steps=(6,))
 
 WORKER = textwrap.dedent(f"""
     import sys, torch
-    from sigma_core import distributed
-    from sigma_core.config import preset
-    from sigma_core.train import Trainer
+    from sigma_core.experiments import distributed
+    from sigma_core.experiments.config import preset
+    from sigma_core.experiments.train import Trainer
     trainer = Trainer(preset("cpu-smoke", **{CFG!r}), sys.argv[1])
     seen = []
     trainer.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
@@ -88,7 +88,7 @@ def test_sigma_reparam_vectors_and_weights_are_identical_on_every_rank(two_ranks
 
 
 def test_each_rank_trains_on_its_half_of_the_global_batch(two_ranks):
-    from sigma_core.data import get_batch, load_stdlib_corpus
+    from sigma_core.experiments.data import get_batch, load_stdlib_corpus
 
     cfg = preset("cpu-smoke", **CFG)
     corpus = load_stdlib_corpus(cfg.corpus_bytes, cfg.val_fraction)

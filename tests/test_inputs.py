@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import theory
-from sigma_core.config import TrainConfig, preset
+from sigma_core.experiments.config import TrainConfig, preset
 from sigma_core.entropy import attention_entropy, head_sigma
-from sigma_core.model import build_model
+from sigma_core.models.gpt import build_model
 from sigma_core.monitor import EntropyMonitor
 from sigma_core.reparam import sigma_reparam
 
@@ -89,7 +89,7 @@ CASES = {
     "em/path": (lambda: EntropyMonitor(build_model(preset("cpu-smoke")), path=3), TypeError, "path"),
     "em/bound_samples": (lambda: EntropyMonitor(build_model(preset("cpu-smoke")), bound_samples=-1), ValueError,
                          "bound_samples"),
-    # sigma_core.config.TrainConfig
+    # sigma_core.experiments.config.TrainConfig
     "tc/lr type": (lambda: TrainConfig(lr="0.1"), TypeError, "lr"),
     "tc/lr nan": (lambda: TrainConfig(lr=NAN), ValueError, "lr"),
     "tc/lr negative": (lambda: TrainConfig(lr=-1e-3), ValueError, "lr"),

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sigma_core.config import PRESETS, TrainConfig, preset
-from sigma_core.data import get_batch, load_stdlib_corpus, stdlib_files
-from sigma_core.model import GPT, ModelConfig, apply_reparam, build_model
+from sigma_core.experiments.config import PRESETS, TrainConfig, preset
+from sigma_core.experiments.data import get_batch, load_stdlib_corpus, stdlib_files
+from sigma_core.models.gpt import GPT, ModelConfig, apply_reparam, build_model
 
 
 def tiny(norm="pre", **kw):

@@ -246,7 +246,7 @@ def test_monitor_rejects_models_without_attention_and_bad_arguments():
 
 
 def test_project_gpt_is_observed_without_changing_its_output():
-    model_mod = pytest.importorskip("sigma_core.model")
+    model_mod = pytest.importorskip("sigma_core.models.gpt")
     torch.manual_seed(0)
     cfg = model_mod.ModelConfig(d_model=32, n_layer=2, n_head=4, block_size=16)
     gpt = model_mod.GPT(cfg)

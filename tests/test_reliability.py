@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from sigma_core.cli import main
-from sigma_core.config import preset
-from sigma_core.train import (CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, CheckpointError, Diverged,
+from sigma_core.experiments.config import preset
+from sigma_core.experiments.train import (CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, CheckpointError, Diverged,
                               Trainer, atomic_torch_save, read_checkpoint, truncate_metrics)
 
 STEPS = 40

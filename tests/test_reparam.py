@@ -477,7 +477,7 @@ def test_torch_compile_training_step_matches_eager():
 @pytest.mark.slow
 def test_torch_compile_of_the_project_gpt_with_sigma_reparam():
     """The whole model in one graph (fullgraph): buffer updates and gradients match eager."""
-    from sigma_core.model import GPT, ModelConfig
+    from sigma_core.models.gpt import GPT, ModelConfig
 
     torch.manual_seed(0)
     eager = convert_to_sigma_reparam(GPT(ModelConfig(d_model=16, n_layer=1, n_head=2, block_size=8)))

@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
-from sigma_core import cmd_report
-from sigma_core.config import preset
-from sigma_core.report import read_metrics, summarise_run, write_report
-from sigma_core.train import Trainer
+from sigma_core.cli import report as cmd_report
+from sigma_core.experiments.config import preset
+from sigma_core.experiments.report import read_metrics, summarise_run, write_report
+from sigma_core.experiments.train import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_report_command_rejects_missing_runs(tmp_path):
 
 
 def test_demo_trains_both_runs_and_says_where_the_report_is(tmp_path):
-    from sigma_core.train import run_demo
+    from sigma_core.experiments.train import run_demo
 
     said = []
     report = run_demo(tmp_path, preset_name="cpu-smoke", steps=3, log=said.append)

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sigma_core.config import preset
-from sigma_core.train import METRICS_NAME, Trainer
+from sigma_core.experiments.config import preset
+from sigma_core.experiments.train import METRICS_NAME, Trainer
 from theory import entropy_lower_bound, extremal_logits, row_entropy_bounds, softmax_entropy
 
 pytestmark = pytest.mark.slow

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sigma_core.config import TrainConfig, preset
-from sigma_core.model import GPT, ModelConfig, apply_reparam
+from sigma_core.experiments.config import TrainConfig, preset
+from sigma_core.models.gpt import GPT, ModelConfig, apply_reparam
 from sigma_core.monitor import EntropyMonitor
-from sigma_core.train import Trainer
+from sigma_core.experiments.train import Trainer
 
 NORMS = ("pre", "post", "none")
 
@@ -75,7 +75,7 @@ def test_softcap_bounds_logits_and_probe_factors_give_the_capped_logits(norm):
 def test_softcap_path_matches_reference_attention_and_large_cap_matches_sdpa():
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, 7, 4) * 3, torch.randn(2, 3, 7, 4) * 3, torch.randn(2, 3, 7, 4)
-    from sigma_core.model import CausalSelfAttention
+    from sigma_core.models.gpt import CausalSelfAttention
 
     attn = CausalSelfAttention(12, 3, logit_softcap=1.5)
     a = 1.5 * torch.tanh((q @ k.transpose(-1, -2)) * attn.scale / 1.5)

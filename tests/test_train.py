@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sigma_core.cmd_train import config_from_args, register
-from sigma_core.config import preset
-from sigma_core.train import CONFIG_NAME, METRICS_NAME, Trainer
+from sigma_core.cli.train import config_from_args, register
+from sigma_core.experiments.config import preset
+from sigma_core.experiments.train import CONFIG_NAME, METRICS_NAME, Trainer
 from theory import entropy_lower_bound
 
 REQUIRED = {"step", "train_loss", "grad_norm", "lr", "entropy_mean", "entropy_min_head", "sigma_max",

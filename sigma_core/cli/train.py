@@ -1,6 +1,6 @@
 """``entropy-collapse train``: train the GPT on the stdlib bytes and write a run directory.
 
-Flags map onto :class:`~sigma_core.config.TrainConfig`: ``--preset`` picks the starting point
+Flags map onto :class:`~sigma_core.experiments.config.TrainConfig`: ``--preset`` picks the starting point
 and every other flag overrides one field (``--lr 1e-2 --reparam sigma --steps 400``).
 
 ``--resume RUN_DIR`` continues the run in RUN_DIR from its ``checkpoint.pt`` with the config
@@ -20,8 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from sigma_core.argtypes import finite_float, nonnegative_int, positive_float, positive_int
-from sigma_core.config import GAMMA_INITS, NORMS, PRESETS, REPARAMS, TrainConfig, preset
+from sigma_core.cli.argtypes import finite_float, nonnegative_int, positive_float, positive_int
+from sigma_core.experiments.config import GAMMA_INITS, NORMS, PRESETS, REPARAMS, TrainConfig, preset
 
 #: flags that are not plain scalar fields of TrainConfig
 _SPECIAL = {"preset", "betas", "sample_steps", "compile", "progress"}
@@ -52,7 +52,7 @@ def _out_dir(text: str) -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
-    from sigma_core.train import CHECKPOINT_NAME, METRICS_NAME  # noqa: PLC0415
+    from sigma_core.experiments.train import CHECKPOINT_NAME, METRICS_NAME  # noqa: PLC0415
 
     if any((path / n).exists() for n in (CHECKPOINT_NAME, METRICS_NAME)):
         raise argparse.ArgumentTypeError(f"{text} already holds a run: continue it with --resume {text} "
@@ -65,7 +65,7 @@ def _resume_dir(text: str) -> Path:
     path = Path(text)
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a directory")
-    from sigma_core.train import CHECKPOINT_NAME  # noqa: PLC0415
+    from sigma_core.experiments.train import CHECKPOINT_NAME  # noqa: PLC0415
 
     if not (path / CHECKPOINT_NAME).is_file():
         raise argparse.ArgumentTypeError(f"{text} holds no {CHECKPOINT_NAME}: nothing to resume")
@@ -117,8 +117,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
 
 
 def _resume(args: argparse.Namespace):
-    """The :class:`~sigma_core.train.Trainer` of ``--resume``; bad flags or checkpoints exit 2."""
-    from sigma_core.train import RUNTIME_FIELDS, CheckpointError, Trainer  # noqa: PLC0415
+    """The :class:`~sigma_core.experiments.train.Trainer` of ``--resume``; bad flags or checkpoints exit 2."""
+    from sigma_core.experiments.train import RUNTIME_FIELDS, CheckpointError, Trainer  # noqa: PLC0415
 
     parser = args._parser
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -135,8 +135,8 @@ def _resume(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sigma_core import distributed  # noqa: PLC0415
-    from sigma_core.train import Trainer, TrainingInterrupted  # noqa: PLC0415
+    from sigma_core.experiments import distributed  # noqa: PLC0415
+    from sigma_core.experiments.train import Trainer, TrainingInterrupted  # noqa: PLC0415
 
     try:
         if args.resume is not None:

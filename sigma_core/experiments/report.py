@@ -2,7 +2,7 @@
 
 ``write_report(run_dirs, out_dir)`` reads each run's ``config.json``, ``metrics.jsonl`` (partial
 or truncated logs included: a half-written last line is skipped) and ``samples/*.npz`` written by
-:mod:`sigma_core.train`, and writes to ``out_dir``:
+:mod:`sigma_core.experiments.train`, and writes to ``out_dir``:
 
 - ``loss.png``: training and validation loss over steps;
 - ``entropy.png``: mean attention entropy per layer and the minimum head entropy over steps;

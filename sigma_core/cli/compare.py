@@ -1,22 +1,22 @@
 """``entropy-collapse compare``: sigmaReparam vs QK-LayerNorm, soft-capping and spectral norm.
 
-A learning-rate sweep of every method of :data:`sigma_core.compare.METHODS` on one preset
+A learning-rate sweep of every method of :data:`sigma_core.experiments.compare.METHODS` on one preset
 (``cpu-compare`` by default, ``h200`` when CUDA is available), written as ``compare.md``,
 ``compare.csv``, ``runs.csv``, ``loss_vs_lr.png`` and ``entropy_vs_lr.png`` with the largest
-stable learning rate per method (definitions in :mod:`sigma_core.compare`).
+stable learning rate per method (definitions in :mod:`sigma_core.experiments.compare`).
 """
 from __future__ import annotations
 
 import argparse
 
-from sigma_core.argtypes import nonnegative_int, positive_float, positive_int
-from sigma_core.compare import DEFAULT_LRS, DEFAULT_SOFTCAP, METHODS
+from sigma_core.cli.argtypes import nonnegative_int, positive_float, positive_int
+from sigma_core.experiments.compare import DEFAULT_LRS, DEFAULT_SOFTCAP, METHODS
 
 
 def run(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
-    from sigma_core.compare import run_compare  # noqa: PLC0415
+    from sigma_core.experiments.compare import run_compare  # noqa: PLC0415
 
     name = args.preset or ("h200" if torch.cuda.is_available() else "cpu-compare")
     paths = run_compare(args.out, preset_name=name, methods=tuple(args.methods), lrs=tuple(args.lrs),
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the ``compare`` sub-command."""
-    from sigma_core.config import PRESETS  # noqa: PLC0415
+    from sigma_core.experiments.config import PRESETS  # noqa: PLC0415
 
     parser = subparsers.add_parser(
         "compare", help="learning-rate sweep: sigmaReparam vs QK-LayerNorm, soft-capping, spectral norm",

@@ -3,7 +3,7 @@
 A run started by ``torchrun --nproc_per_node N -m sigma_core.cli train ...`` (or ``torchrun
 $(which entropy-collapse) train ...``) finds ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in its
 environment; :func:`setup` then joins the process group (NCCL on CUDA, gloo on CPU) and the
-:class:`~sigma_core.train.Trainer` wraps its model in
+:class:`~sigma_core.experiments.train.Trainer` wraps its model in
 :class:`~torch.nn.parallel.DistributedDataParallel`.
 
 Design (what makes a run of N processes equal to one process up to reduction order):

@@ -3,12 +3,12 @@
 :class:`Trainer` owns everything a run's state consists of (model, AdamW optimiser, the data
 order's :class:`torch.Generator`, the step counter) and writes a run directory:
 
-- ``config.json``: the full :class:`~sigma_core.config.TrainConfig` plus provenance (git
+- ``config.json``: the full :class:`~sigma_core.experiments.config.TrainConfig` plus provenance (git
   commit, package versions, device name, corpus SHA-256 and size);
 - ``metrics.jsonl``: one JSON record per logged step, appended and flushed as it is written;
 - ``samples/step_NNNNNN.npz``: per attention row of a fixed held-out batch, the measured entropy,
   the centred logit norm, the number of visible keys T_i and the theorem's sigma-bold
-  (theory/README.md eq. (1)), for the confirmation figure of :mod:`sigma_core.report`;
+  (theory/README.md eq. (1)), for the confirmation figure of :mod:`sigma_core.experiments.report`;
 - ``checkpoint.pt``: model, optimiser, data-order and RNG state, written atomically every
   ``checkpoint_every`` steps and at the end; :meth:`Trainer.resume` continues from it so that the
   continued ``metrics.jsonl`` equals an uninterrupted run's (on the CPU: bit for bit, apart from
@@ -20,7 +20,7 @@ Faults: SIGINT/SIGTERM finish the current step, write the checkpoint and raise
 step, keeps the last good checkpoint and appends ``{"step": N, "diverged": true, ...}`` to the
 metrics (divergence is a result, so :meth:`Trainer.run` returns normally); a truncated,
 corrupted or incompatible checkpoint raises :class:`CheckpointError` saying which.  Under
-``torchrun`` the model is wrapped in DistributedDataParallel (see :mod:`sigma_core.distributed`).
+``torchrun`` the model is wrapped in DistributedDataParallel (see :mod:`sigma_core.experiments.distributed`).
 
 Optimisation follows shared/CALIBRATION.md: AdamW betas (0.9, 0.95), no weight decay, no
 warm-up, constant learning rate, bf16 autocast on CUDA.
@@ -28,7 +28,7 @@ warm-up, constant learning rate, bf16 autocast on CUDA.
 Example
 -------
 >>> import tempfile
->>> from sigma_core.config import preset
+>>> from sigma_core.experiments.config import preset
 >>> with tempfile.TemporaryDirectory() as out:
 ...     summary = Trainer(preset("cpu-smoke", steps=4, log_every=2, eval_every=4), out).run()
 >>> summary["steps"], summary["bound_violations"]
@@ -52,11 +52,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sigma_core import distributed
-from sigma_core.config import TrainConfig
-from sigma_core.data import Corpus, get_batch, load_stdlib_corpus
+from sigma_core.experiments import distributed
+from sigma_core.experiments.config import TrainConfig
+from sigma_core.experiments.data import Corpus, get_batch, load_stdlib_corpus
 from sigma_core.entropy import VARIANTS, attention_row_stats, bound_variant_norms, head_sigma
-from sigma_core.model import GPT, build_model
+from sigma_core.models.gpt import GPT, build_model
 from sigma_core.monitor import EntropyMonitor
 from theory import entropy_lower_bound
 
@@ -279,7 +279,7 @@ def _sigma_state_names(model: GPT):
 
 
 class Trainer:
-    """One training run of :class:`~sigma_core.model.GPT` under a :class:`TrainConfig`.
+    """One training run of :class:`~sigma_core.models.gpt.GPT` under a :class:`TrainConfig`.
 
     Parameters
     ----------
@@ -288,7 +288,7 @@ class Trainer:
     out_dir : path or None
         The run directory (created); ``None`` trains without writing anything.
     corpus : Corpus, optional
-        Pre-loaded data (default: :func:`~sigma_core.data.load_stdlib_corpus` of the config).
+        Pre-loaded data (default: :func:`~sigma_core.experiments.data.load_stdlib_corpus` of the config).
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *,
@@ -601,7 +601,7 @@ class Trainer:
                    "bound_violations": None, "train_time_s": self.train_time,
                    "tokens_per_s": tokens_per_s, "device_name": device_name(self.device)}
         if self.out_dir is not None:
-            from sigma_core.report import read_metrics  # noqa: PLC0415
+            from sigma_core.experiments.report import read_metrics  # noqa: PLC0415
 
             records = read_metrics(self.out_dir)
             summary["bound_violations"] = int(sum(r.get("bound_violations", 0) + r.get("sample_violations", 0)
@@ -663,8 +663,8 @@ def run_demo(out_dir: str | os.PathLike, *, preset_name: str | None = None, step
     ``out_dir/baseline`` and ``out_dir/sigma-reparam``, the report to ``out_dir/report``.
     Returns the path of ``report.md``.
     """
-    from sigma_core.config import preset  # noqa: PLC0415
-    from sigma_core.report import summarise_run, write_report  # noqa: PLC0415
+    from sigma_core.experiments.config import preset  # noqa: PLC0415
+    from sigma_core.experiments.report import summarise_run, write_report  # noqa: PLC0415
 
     name = preset_name or ("h200" if torch.cuda.is_available() else "cpu-demo")
     overrides = {"steps": steps} if steps is not None else {}

@@ -274,7 +274,7 @@ def apply_reparam(model: nn.Module, reparam: str, *, gamma_init: str = "sigma") 
 
 
 def build_model(cfg) -> GPT:
-    """The :class:`GPT` of a :class:`~sigma_core.config.TrainConfig`, reparametrised as it says."""
+    """The :class:`GPT` of a :class:`~sigma_core.experiments.config.TrainConfig`, reparametrised as it says."""
     # TrainConfig is flat: it carries every ModelConfig field under the same name
     shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
     model = GPT(ModelConfig(**shape))

@@ -12,10 +12,10 @@ import sys
 
 #: modules that register a sub-command, in the order ``--help`` lists them
 COMMAND_MODULES = (
-    "sigma_core.cmd_train",
-    "sigma_core.cmd_report",
-    "sigma_core.cmd_demo",
-    "sigma_core.cmd_compare",
+    "sigma_core.cli.train",
+    "sigma_core.cli.report",
+    "sigma_core.cli.demo",
+    "sigma_core.cli.compare",
 )
 
 

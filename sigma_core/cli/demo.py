@@ -11,7 +11,7 @@ import argparse
 
 import numpy as np
 
-from sigma_core.argtypes import positive_int
+from sigma_core.cli.argtypes import positive_int
 from theory import entropy_lower_bound, extremal_instance, softmax_entropy, theorem_bound
 
 #: the grid of the demo table
@@ -81,7 +81,7 @@ def print_bound_demo(sigmas=DEMO_SIGMAS, seq_lens=DEMO_SEQ_LENS, *, file=None):
 def run(args: argparse.Namespace) -> int:
     print_bound_demo()
     if args.train:
-        from sigma_core.train import run_demo
+        from sigma_core.experiments.train import run_demo
 
         print()
         run_demo(args.out, preset_name=args.preset, steps=args.steps)

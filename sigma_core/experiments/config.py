@@ -58,7 +58,7 @@ class TrainConfig:
     steps), ends at val loss 2.34 with sigma_h 0.26, against 2.20 and sigma_h 0.50 for ``"one"``
     (README, "Choosing gamma_init").
     ``qk_norm`` adds QK-LayerNorm and ``logit_softcap`` > 0 soft-caps the attention logits
-    (``c tanh(a / c)``; 0 is off); see :class:`sigma_core.model.CausalSelfAttention`.
+    (``c tanh(a / c)``; 0 is off); see :class:`sigma_core.models.gpt.CausalSelfAttention`.
     Optimiser: AdamW with betas (0.9, 0.95), no weight decay, no warm-up, constant ``lr``;
     ``grad_clip`` 0 disables clipping (the gradient norm is logged either way).
     Runtime: ``checkpoint_every`` steps a checkpoint is written (0: only at the end of the run).

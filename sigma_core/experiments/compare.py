@@ -1,6 +1,6 @@
 """sigmaReparam against the attention stabilisers used instead of it, in one learning-rate sweep.
 
-:func:`run_compare` trains the project's GPT (:mod:`sigma_core.model`) with each method of
+:func:`run_compare` trains the project's GPT (:mod:`sigma_core.models.gpt`) with each method of
 :data:`METHODS` at each learning rate and seed, and writes a table (markdown and CSV), two
 figures and the largest stable learning rate per method:
 
@@ -79,7 +79,7 @@ RUN_COLUMNS = ("method", "lr", "seed", "final_val_loss", "entropy_min", "entropy
 
 
 def method_overrides(method: str, softcap: float = DEFAULT_SOFTCAP) -> dict:
-    """The :class:`~sigma_core.config.TrainConfig` overrides of ``method`` (see :data:`METHODS`).
+    """The :class:`~sigma_core.experiments.config.TrainConfig` overrides of ``method`` (see :data:`METHODS`).
 
     >>> method_overrides("softcap", 30.0), method_overrides("sigma-reparam-no-ln")
     ({'logit_softcap': 30.0}, {'reparam': 'sigma', 'norm': 'none'})
@@ -122,7 +122,7 @@ def summarise_compare_run(run_dir: str | os.PathLike, *, fraction: float = 0.05)
     Reads ``config.json``, ``metrics.jsonl`` and, when present, ``summary.json`` (a crashed run
     has none and counts as diverged).
     """
-    from sigma_core.report import read_config, read_metrics  # noqa: PLC0415
+    from sigma_core.experiments.report import read_config, read_metrics  # noqa: PLC0415
 
     run_dir = Path(run_dir)
     config, records = read_config(run_dir), read_metrics(run_dir)
@@ -325,8 +325,8 @@ def write_compare(rows: list[dict], out_dir: str | os.PathLike, *, meta: dict | 
 
 def _train_one(job: dict) -> dict:
     """Worker: train one (method, lr, seed) into its run directory and summarise it."""
-    from sigma_core.config import preset  # noqa: PLC0415
-    from sigma_core.train import Trainer  # noqa: PLC0415
+    from sigma_core.experiments.config import preset  # noqa: PLC0415
+    from sigma_core.experiments.train import Trainer  # noqa: PLC0415
 
     run_dir = Path(job["run_dir"])
     cfg = preset(job["preset"], **job["overrides"])
@@ -360,7 +360,7 @@ def _tag(row: dict, job: dict) -> dict:
 def sweep_jobs(out_dir, *, preset_name: str, methods, lrs, seeds, softcap: float = DEFAULT_SOFTCAP,
                overrides: dict | None = None, keep_checkpoints: bool = False) -> list[dict]:
     """One job per (method, lr, seed), with run directories ``out_dir/runs/METHOD/lr_LR/seed_S``."""
-    from sigma_core.config import PRESETS  # noqa: PLC0415
+    from sigma_core.experiments.config import PRESETS  # noqa: PLC0415
 
     if preset_name not in PRESETS:
         raise ValueError(f"preset_name must be one of {sorted(PRESETS)}, got {preset_name!r}")
@@ -389,8 +389,8 @@ def run_compare(out_dir, *, preset_name: str = "cpu-compare", methods=tuple(METH
     Runs whose directory already holds a ``summary.json`` of the same config are reused, so an
     interrupted sweep continues where it stopped.  Returns the paths of :func:`write_compare`.
     """
-    from sigma_core.config import preset  # noqa: PLC0415
-    from sigma_core.train import device_name, git_commit, package_versions, resolve_device  # noqa: PLC0415
+    from sigma_core.experiments.config import preset  # noqa: PLC0415
+    from sigma_core.experiments.train import device_name, git_commit, package_versions, resolve_device  # noqa: PLC0415
 
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")

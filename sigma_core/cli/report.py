@@ -14,7 +14,7 @@ def default_out(run_dirs: list[str]) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sigma_core.report import write_report
+    from sigma_core.experiments.report import write_report
 
     for d in args.run_dirs:
         if not Path(d).is_dir():
