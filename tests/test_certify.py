@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from fractions import Fraction
 
 import mpmath
 import numpy as np
@@ -36,8 +37,9 @@ def test_mp_matches_float_closed_form(s, t):
 def test_mp_matches_explicit_row_entropy_at_high_precision():
     """h_T(s) in mpmath equals the mpmath entropy of the explicit extremal row, eq. (5)."""
     with mpmath.workdps(60):
-        for t, s in [(2, "0.1"), (7, "3"), (64, "8")]:
-            g = mpmath.mpf(s) * mpmath.sqrt(mpmath.mpf(t) / (t - 1))
+        for t, s in [(2, Fraction(1, 10)), (7, 3), (64, 8)]:
+            g = mpmath.mpf(s.numerator) / s.denominator if isinstance(s, Fraction) else mpmath.mpf(s)
+            g *= mpmath.sqrt(mpmath.mpf(t) / (t - 1))
             z = [g * (1 - mpmath.mpf(1) / t)] + [-g / t] * (t - 1)
             log_z = mpmath.log(mpmath.fsum(mpmath.exp(x) for x in z))
             ent = -mpmath.fsum(mpmath.exp(x - log_z) * (x - log_z) for x in z)

@@ -1,12 +1,11 @@
 """The GPT model, the stdlib corpus and the training config: claims a user relies on."""
-import hashlib
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from sigma_core.experiments.config import PRESETS, TrainConfig, preset
-from sigma_core.experiments.data import get_batch, load_stdlib_corpus, stdlib_files
+from sigma_core.experiments.data import get_batch, load_stdlib_corpus
 from sigma_core.models.gpt import GPT, ModelConfig, apply_reparam, build_model
 
 
@@ -83,15 +82,7 @@ def test_model_rejects_sequences_longer_than_its_context():
         ModelConfig(norm="sandwich")
 
 
-def test_corpus_is_the_sorted_stdlib_prefix_with_its_hash():
-    corpus = load_stdlib_corpus(max_bytes=50_000, val_fraction=0.2)
-    files = stdlib_files()
-    expected = b"".join(p.read_bytes() for p in files[: corpus.n_files])[:50_000]
-    joined = bytes(torch.cat([corpus.train, corpus.val]).tolist())
-    assert joined == expected
-    assert corpus.sha256 == hashlib.sha256(expected).hexdigest()
-    assert corpus.val.numel() == 10_000
-    assert all("site-packages" not in p.parts for p in files)
+# the corpus itself (shipped bytes, sha256, licence, refusal of a damaged file): tests/test_data.py
 
 
 def test_batches_are_a_function_of_the_generator_state():

@@ -12,6 +12,8 @@ numpy only; float64 throughout.
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 from scipy.optimize import elementwise as _elementwise
 
@@ -25,13 +27,36 @@ _CHUNK = 8192
 
 # ----------------------------------------------------------------------------- validation
 def _real_array(x, name):
-    """``x`` as an array of a real dtype (not converted); ``TypeError`` otherwise."""
+    """``x`` as an array of a real dtype (not converted); ``TypeError`` otherwise.
+
+    Strings, bytes and bools are rejected. Python integers beyond the int64 range (numpy
+    makes them an ``object`` array) are accepted like their float64 value; one too large
+    even for float64 is a ``ValueError`` (not finite).
+    """
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{name} must be a real number or array of real numbers, got {x!r}")
     arr = np.asarray(x)
+    if arr.dtype == object:
+        arr = _object_to_float(arr, name)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer)
                                  or np.issubdtype(arr.dtype, np.floating)):
         raise TypeError(f"{name} must be a real number or array of real numbers, "
                         f"got dtype {arr.dtype}")
     return arr
+
+
+def _object_to_float(arr, name):
+    """An object array of Python/numpy reals (e.g. ints beyond int64) as float64."""
+    flat = arr.reshape(-1)
+    for v in flat:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer,
+                                                                  np.floating)):
+            raise TypeError(f"{name} must be a real number or array of real numbers, "
+                            f"got an element {v!r}")
+    try:
+        return np.array([float(v) for v in flat], dtype=np.float64).reshape(arr.shape)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite (an integer too large for float64)") from None
 
 
 def _check_range(arr, name, lowest):
@@ -68,6 +93,16 @@ def _check_seq_len(x, name="seq_len", integer_check=True):
 
 def _is_integral(arr):
     return bool(np.all(np.floor(arr) == arr))
+
+
+def _check_axis(axis):
+    """``axis`` as a Python int (``operator.index``); ``TypeError`` naming it otherwise."""
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    try:
+        return operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {axis!r}") from None
 
 
 def _broadcast_shape(a, b, name_a, name_b):
@@ -108,9 +143,12 @@ def softmax_entropy(logits, axis=-1):
 
     Raises
     ------
+    TypeError
+        If ``logits`` is not real (strings, bools, complex) or ``axis`` is not an integer.
     ValueError
-        If ``logits`` holds ``nan``/``+inf``, the key axis is empty, or a row has every key
-        masked.
+        If ``logits`` holds ``nan``/``+inf``, is 0-dimensional, ``axis`` is out of range, the
+        key axis is empty, or a row has every key masked. An empty batch (e.g. shape
+        ``(0, T)``) gives an empty result.
 
     Examples
     --------
@@ -123,11 +161,8 @@ def softmax_entropy(logits, axis=-1):
     >>> bool(np.allclose(softmax_entropy(z + 7.0), h))
     True
     """
-    z = np.asarray(logits)
-    if z.dtype == bool or not (np.issubdtype(z.dtype, np.integer)
-                               or np.issubdtype(z.dtype, np.floating)):
-        raise TypeError(f"logits must be a real array, got dtype {z.dtype}")
-    z = z.astype(np.float64, copy=False)
+    z = _real_array(logits, "logits").astype(np.float64, copy=False)
+    axis = _check_axis(axis)
     if z.ndim == 0:
         raise ValueError("logits must have at least one dimension (the keys)")
     try:
@@ -141,7 +176,10 @@ def softmax_entropy(logits, axis=-1):
     m = z.max(axis=-1, keepdims=True)
     if np.isneginf(m).any():
         raise ValueError("logits has a row with every key masked (-inf); its softmax is undefined")
-    neg_y = m - z                                     # >= 0; +inf at masked keys
+    # >= 0; +inf at masked keys, and where the range exceeds the float64 range (that key's
+    # probability is 0 either way: e^-inf = 0)
+    with np.errstate(over="ignore"):
+        neg_y = m - z
     with np.errstate(under="ignore"):                 # far-below-max keys: p underflows to 0
         e = np.exp(-neg_y)                            # 0 at masked keys, 1 at the max
     # R = sum of e over all keys but one maximal key (that key contributes exactly 1)
@@ -166,7 +204,7 @@ def _h_chunk(s, t, out, b1, b2, b3):
     np.log1p(b3, out=out)                             # log(1 + a), exact for tiny a
     np.add(b3, 1.0, out=b1)
     np.divide(b3, b1, out=b3)
-    np.multiply(b3, b2, out=b3)                       # g a / (1 + a)
+    np.multiply(b3, b2, out=b3, where=b3 > 0)         # g a / (1 + a); 0 where a = 0 (g = inf)
     np.add(out, b3, out=out)
 
 
@@ -178,7 +216,7 @@ def _h_chunk_scalar_t(s, log_tm1, c, out, b1, b2, b3):
     np.log1p(b1, out=out)
     np.add(b1, 1.0, out=b3)
     np.divide(b1, b3, out=b1)
-    np.multiply(b1, b2, out=b1)                       # g a / (1 + a)
+    np.multiply(b1, b2, out=b1, where=b1 > 0)         # g a / (1 + a); 0 where a = 0 (g = inf)
     np.add(out, b1, out=out)
 
 
@@ -214,8 +252,20 @@ def entropy_lower_bound(logit_norm, seq_len):
 
     Raises
     ------
+    TypeError
+        Non-real input (strings, bools, complex, other objects).
     ValueError
         Negative, non-finite, or non-broadcasting input; ``seq_len`` < 1 or not an integer.
+        Empty arrays are checked like any other and give an empty result.
+
+    Notes
+    -----
+    This is the value of h_T(s) rounded to about the nearest float64 (not rounded down): at
+    most ``4 eps (log(T-1) + g + 4)`` relative error where the result is a normal float64
+    (``tests/test_bound.py``). The functions that bound concrete rows
+    (:func:`theory.instances.theorem_bound`, :func:`theory.instances.row_entropy_bounds`) and
+    :func:`max_logit_norm` round outward from it. Integers beyond int64 are taken as their
+    float64 value.
 
     Examples
     --------
@@ -232,11 +282,19 @@ def entropy_lower_bound(logit_norm, seq_len):
     shape = _broadcast_shape(s, t, "logit_norm", "seq_len")
     out = np.empty(shape, dtype=np.float64)
     if out.size == 0:
+        if t.size and not _is_integral(t):            # empty input is validated like any other
+            raise ValueError("seq_len must be integer-valued (a number of keys)")
         return out
-    # a = (T-1) e^{-g} may underflow to 0 by design (h then underflows towards 0 too)
-    with np.errstate(under="ignore"):
-        _fill_h(s, t, shape, out)
+    _h_into(s, t, shape, out)
     return out[()]
+
+
+def _h_into(s, t, shape, out):
+    """h_T(s) into ``out``; s may be +inf here (h = 0), used by theory.instances."""
+    # a = (T-1) e^{-g} may underflow to 0 by design (h then underflows towards 0 too); g may
+    # overflow to inf for s near the float64 maximum (then a = 0 and h = 0)
+    with np.errstate(under="ignore", over="ignore"):
+        _fill_h(s, t, shape, out)
 
 
 def _fill_h(s, t, shape, out):
@@ -295,8 +353,18 @@ def _log_h_of_g(g, log_tm1):
     return log_a + np.log(ratio + g / (1.0 + a))
 
 
+def _h_error_bound(g, t):
+    """Relative error bound of :func:`entropy_lower_bound` at gap g (float64, T >= 2).
+
+    ``4 eps (log(T-1) + g + 4)``: forming g costs a few ulp, and ``a = exp(log(T-1) - g)``
+    turns the absolute error of its argument into a relative one; 3x the largest error seen
+    against 50-digit mpmath on the reference grid (``tests/test_bound.py``).
+    """
+    return 4.0 * np.finfo(np.float64).eps * (np.log(np.maximum(t - 1.0, 1.0)) + g + 4.0)
+
+
 def max_logit_norm(entropy, seq_len):
-    r"""Inverse of :func:`entropy_lower_bound` in s, eq. (10).
+    r"""Inverse of :func:`entropy_lower_bound` in s, eq. (10), rounded to the safe side.
 
     The largest s such that every row z in R^T with ``||z - mean(z)|| <= s`` has
     ``Ent(softmax(z)) >= entropy``: the unique root of h_T(s) = H (h_T is strictly decreasing
@@ -306,36 +374,48 @@ def max_logit_norm(entropy, seq_len):
     bracket [0, max(2L, 3)] with L = log(T-1) - log H, which holds the root because
     h <= a(1+g) and g - log(1+g) >= g/2 for g >= 3.
 
+    The result is conservative: it is the root for ``H (1 + e)``, with ``e`` the relative
+    error bound ``4 eps (log(T-1) + g + 4)`` of the float64 evaluation of h_T, and is then
+    lowered ulp by ulp until ``entropy_lower_bound(s, T) >= H (1 + e)``. So the exact h_T(s)
+    (checked against 50-digit mpmath in ``tests/test_bound.py``) is >= H: every row within
+    that norm really has entropy >= H. The price is a relative shortfall of about
+    ``e / |d log h / d log s|`` against the exact inverse (about 1e-12 away from H = log T).
+
     Parameters
     ----------
     entropy : float or array_like
-        H in [0, log T], nats.
+        H in [0, log T], nats. H above log T by at most 4 eps relative (rounding of log T
+        computed elsewhere) is taken as log T.
     seq_len : int or array_like
         T >= 1, integer-valued. Broadcast against ``entropy``.
 
     Returns
     -------
     numpy.float64 or numpy.ndarray
-        s >= 0 (``inf`` where H = 0).
+        s >= 0 (``inf`` where H = 0); an empty array for empty input.
 
     Raises
     ------
+    TypeError
+        Non-real input (strings, bools, complex, other objects).
     ValueError
         H < 0, H > log T (no row has more entropy than the uniform one), non-finite or
-        non-broadcasting input, ``seq_len`` < 1 or not an integer.
+        non-broadcasting input, ``seq_len`` < 1 or not an integer. Empty arrays are checked
+        like any other.
 
     Examples
     --------
-    A round trip returns the entropy:
+    A round trip returns the entropy, from the safe side:
 
     >>> s = max_logit_norm([0.5, 1.0, 2.0], 64)
-    >>> bool(np.allclose(entropy_lower_bound(s, 64), [0.5, 1.0, 2.0], rtol=1e-12))
+    >>> h = entropy_lower_bound(s, 64)
+    >>> bool(np.allclose(h, [0.5, 1.0, 2.0], rtol=1e-12)) and bool(np.all(h >= [0.5, 1.0, 2.0]))
     True
     """
     h = _as_real_array(entropy, "entropy")
     t = _check_seq_len(seq_len, "seq_len")
     shape = _broadcast_shape(h, t, "entropy", "seq_len")
-    h, t = np.broadcast_arrays(h, t)
+    h, t = np.broadcast_arrays(h, t.astype(np.float64, copy=False))
     if (h < 0).any():
         raise ValueError("entropy must be >= 0")
     log_t = np.log(t)
@@ -347,25 +427,51 @@ def max_logit_norm(entropy, seq_len):
     out[(h >= log_t) & (h > 0)] = 0.0
     todo = (h > 0) & (h < log_t)
     if todo.any():
-        hv, tv = h[todo], t[todo]
-        log_tm1 = np.log(tv - 1.0)                    # T >= 2 here, since 0 < H < log T
-        log_hv = np.log(hv)
-        g_hi = np.maximum(2.0 * (log_tm1 - log_hv), 3.0)
-
-        def f(g, lt, lh):
-            return _log_h_of_g(g, lt) - lh
-
-        # H within rounding of log T: h(0) may evaluate a hair below H; the answer is 0
-        inside = f(0.0, log_tm1, log_hv) > 0
-        g = np.zeros_like(hv)
-        if inside.any():
-            res = _elementwise.find_root(
-                f, (np.zeros(inside.sum()), g_hi[inside]),
-                args=(log_tm1[inside], log_hv[inside]),
-                tolerances=dict(xrtol=4 * np.finfo(float).eps, xatol=0.0, fatol=0.0, frtol=0.0))
-            g[inside] = res.x
-        out[todo] = g / np.sqrt(tv / (tv - 1.0))
+        out[todo] = _inverse_safe(h[todo], t[todo])
     return out[()]
+
+
+def _root_in_g(hv, log_tm1):
+    """g with h(g) = hv (0 where h(0) <= hv), by Chandrupatla on log h; 1-d arrays."""
+    log_hv = np.log(hv)
+    g_hi = np.maximum(2.0 * (log_tm1 - log_hv), 3.0)
+
+    def f(g, lt, lh):
+        return _log_h_of_g(g, lt) - lh
+
+    # H within rounding of log T: h(0) may evaluate a hair below H; the answer is 0
+    inside = f(0.0, log_tm1, log_hv) > 0
+    g = np.zeros_like(hv)
+    if inside.any():
+        res = _elementwise.find_root(
+            f, (np.zeros(inside.sum()), g_hi[inside]),
+            args=(log_tm1[inside], log_hv[inside]),
+            tolerances=dict(xrtol=4 * np.finfo(float).eps, xatol=0.0, fatol=0.0, frtol=0.0))
+        g[inside] = res.x
+    return g
+
+
+def _inverse_safe(hv, tv):
+    """The conservative inverse for 0 < H < log T (1-d arrays, T >= 2)."""
+    log_tm1 = np.log(tv - 1.0)
+    c = np.sqrt(tv / (tv - 1.0))
+    g0 = _root_in_g(hv, log_tm1)
+    # the error bound at a gap a little beyond the root (it grows with g)
+    target = hv * (1.0 + _h_error_bound(g0 + 1.0, tv))
+    below = target < np.log(tv)
+    s = np.zeros_like(hv)
+    if below.any():
+        s[below] = _root_in_g(target[below], log_tm1[below]) / c[below]
+    # lower s until the float64 value, less its error bound, is >= H (a handful of steps)
+    for k in range(54):
+        with np.errstate(under="ignore"):
+            hs = entropy_lower_bound(s, tv)
+        bad = (hs < hv * (1.0 + _h_error_bound(s * c, tv))) & (s > 0)
+        if not bad.any():
+            break
+        s[bad] *= 1.0 - 2.0 ** (k - 52)
+    s[bad] = 0.0 if k == 53 else s[bad]
+    return s
 
 
 # ------------------------------------------------------------------------- extremal row

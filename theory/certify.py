@@ -16,12 +16,12 @@ References are to the equation numbers of ``theory/README.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import mpmath
 import numpy as np
 from scipy.linalg import null_space
 from scipy.optimize import minimize
-from scipy.special import log_softmax
 
 from theory.bound import entropy_lower_bound, softmax_entropy
 
@@ -34,18 +34,34 @@ __all__ = [
     "box_min_entropy_search",
     "OneHotCounterexample",
     "one_hot_counterexample",
+    "AdamUpdateBound",
+    "adam_update_bound",
 ]
+
+EPS = float(np.finfo(np.float64).eps)
 
 
 def _check_seq_len_mp(seq_len):
-    arr = np.asarray(seq_len)
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        if not (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr))
-                and np.all(arr == np.round(arr))):
-            raise TypeError(f"seq_len must be an integer (or integer array), got {seq_len!r}")
-    if np.any(arr < 1):
-        raise ValueError(f"seq_len must be >= 1, got {seq_len!r}")
-    return arr.astype(np.int64)
+    """An object array of Python ints >= 1 (exact, also beyond int64)."""
+    if isinstance(seq_len, (str, bytes)):
+        raise TypeError(f"seq_len must be an integer (or integer array), got {seq_len!r}")
+    arr = np.asarray(seq_len, dtype=object)
+
+    def to_int(x):
+        if isinstance(x, (bool, np.bool_)):
+            raise TypeError(f"seq_len must be an integer (or integer array), got {x!r}")
+        if isinstance(x, (int, np.integer)):
+            return int(x)
+        if isinstance(x, (float, np.floating)) and np.isfinite(x) and x == np.round(x):
+            return int(x)
+        raise TypeError(f"seq_len must be an integer (or integer array), got {x!r}")
+
+    out = np.empty(arr.shape, dtype=object)
+    for idx in np.ndindex(arr.shape):
+        out[idx] = to_int(arr[idx])
+        if out[idx] < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len!r}")
+    return out
 
 
 def _h_mp(s, t):
@@ -70,11 +86,13 @@ def entropy_lower_bound_mp(logit_norm, seq_len, dps=50):
 
     Parameters
     ----------
-    logit_norm : float, str, mpmath.mpf or array_like
-        s >= 0, the bound on the centred logit norm. Strings and mpf are taken exactly
-        (e.g. ``"0.1"`` is 1/10 to ``dps`` digits, whereas the float 0.1 is its binary value).
+    logit_norm : float, int, fractions.Fraction, mpmath.mpf or array_like of these
+        s >= 0, the bound on the centred logit norm. Floats are taken as their exact binary
+        value; a ``Fraction`` is rounded once to ``dps`` digits (``Fraction(1, 10)`` is 1/10
+        to ``dps`` digits, whereas the float 0.1 is its binary value). Strings are rejected.
     seq_len : int or array_like of int
-        T >= 1, the number of visible keys. Broadcast against ``logit_norm``.
+        T >= 1, the number of visible keys (exact, also beyond int64; integer-valued floats
+        are accepted). Broadcast against ``logit_norm``.
     dps : int, default 50
         Decimal digits of working precision.
 
@@ -85,6 +103,14 @@ def entropy_lower_bound_mp(logit_norm, seq_len, dps=50):
         holding ``mpf`` values, with the broadcast shape of the inputs (convert with
         ``.astype(float)`` for float64). The ``mpf`` values carry ``dps`` digits, but
         arithmetic on them later uses the then-current ``mpmath.mp.dps``.
+
+    Raises
+    ------
+    TypeError
+        ``logit_norm`` not real (strings, bools, complex) or ``seq_len`` not an integer.
+    ValueError
+        ``logit_norm`` negative or not finite, ``seq_len`` < 1, ``dps`` not a positive integer,
+        or the inputs do not broadcast.
 
     Examples
     --------
@@ -101,21 +127,30 @@ def entropy_lower_bound_mp(logit_norm, seq_len, dps=50):
         raise ValueError(f"dps must be a positive integer, got {dps!r}")
     scalar = np.ndim(logit_norm) == 0 and np.ndim(seq_len) == 0
     t_arr = _check_seq_len_mp(seq_len)
+    if isinstance(logit_norm, (str, bytes)):
+        raise TypeError(f"logit_norm must be real, got {logit_norm!r}")
     s_obj = np.asarray(logit_norm, dtype=object)
     with mpmath.workdps(int(dps)):
         def to_mpf(x):
-            if isinstance(x, (bool, np.bool_)):
+            if isinstance(x, np.generic) and not isinstance(x, np.bool_):
+                x = x.item()
+            if isinstance(x, (bool, np.bool_)) or not isinstance(
+                    x, (int, float, Fraction, mpmath.mpf)):
                 raise TypeError(f"logit_norm must be real, got {x!r}")
-            try:
-                v = mpmath.mpf(x.item() if isinstance(x, np.generic) else x)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"logit_norm must be real, got {x!r}") from exc
+            v = mpmath.mpf(x.numerator) / x.denominator if isinstance(x, Fraction) \
+                else mpmath.mpf(x)
             if not mpmath.isfinite(v) or v < 0:
                 raise ValueError(f"logit_norm must be finite and >= 0, got {x!r}")
             return v
 
-        s_mp = np.vectorize(to_mpf, otypes=[object])(s_obj) if s_obj.size else s_obj
-        s_b, t_b = np.broadcast_arrays(s_mp, t_arr)
+        s_mp = np.empty(s_obj.shape, dtype=object)
+        for idx in np.ndindex(s_obj.shape):
+            s_mp[idx] = to_mpf(s_obj[idx])
+        try:
+            s_b, t_b = np.broadcast_arrays(s_mp, t_arr)
+        except ValueError:
+            raise ValueError(f"logit_norm of shape {s_mp.shape} and seq_len of shape "
+                             f"{t_arr.shape} do not broadcast") from None
         out = np.empty(s_b.shape, dtype=object)
         for idx in np.ndindex(s_b.shape):
             out[idx] = _h_mp(s_b[idx], int(t_b[idx]))
@@ -128,26 +163,48 @@ def entropy_lower_bound_mp(logit_norm, seq_len, dps=50):
 def _check_scalar_norm(x, name):
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a real number, got {x!r}")
-    x = float(x)
+    try:
+        x = float(x)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an integer too large for float64") from None
     if not np.isfinite(x) or x < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {x!r}")
     return x
 
 
-def _check_int(x, name, minimum):
+def _check_int(x, name, minimum, maximum=None):
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {x!r}")
     if x < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    if maximum is not None and x > maximum:
+        raise ValueError(f"{name} must be <= {maximum} here, got {x}")
     return int(x)
 
 
 def _entropy_and_grad(z):
-    """Softmax entropy of z and its gradient, eq. (6): dH/dz_k = -p_k (z_k - sum_j p_j z_j)."""
-    log_p = log_softmax(z)
-    p = np.exp(log_p)
-    h = -np.dot(p, log_p)
-    return h, -p * (z - np.dot(p, z))
+    """Softmax entropy of z and its gradient, eq. (6): dH/dz_k = -p_k (z_k - sum_j p_j z_j).
+
+    Both to a few ulp *relative*, also for nearly one-hot rows (H ~ 1e-300): with y = z - max,
+    e = exp(y), R = sum of e over the non-maximal keys, H = log1p(R) + sum(-y e)/(1 + R)
+    (as :func:`theory.bound.softmax_entropy`), and z_k - E_p z = y_k - E_p y with
+    E_p y = sum p_j y_j summed without cancellation (all terms <= 0).
+    """
+    top = int(np.argmax(z))
+    y = z - z[top]
+    with np.errstate(under="ignore"):
+        e = np.exp(y)
+    e_rest = e.copy()
+    e_rest[top] = 0.0
+    rest = e_rest.sum()
+    denom = 1.0 + rest
+    with np.errstate(under="ignore"):
+        weighted = np.dot(e, -y)
+        h = np.log1p(rest) + weighted / denom
+        p = e / denom
+        mean_y = -weighted / denom                    # E_p y <= 0
+        grad = -p * (y - mean_y)
+    return h, grad
 
 
 # ------------------------------------------------------------ global minimisation on the sphere
@@ -167,6 +224,15 @@ class EntropyMinimum:
         h_T(s) from :func:`theory.bound.entropy_lower_bound`.
     start_values : numpy.ndarray
         The local minimum reached from each start (random starts first, then adversarial).
+    spread : float
+        How much the entropy varies over the sphere, at least: the entropy of the most
+        balanced two-valued row (``T // 2`` high entries, eq. (6)) minus ``bound``. Where it is
+        below the rounding noise of an entropy (``noise``), agreement of ``value`` with
+        ``bound`` proves nothing: every point of the sphere has that entropy to rounding
+        (small s, where the variation is O(s^3) (eq. (8)), and T = 2, where the sphere holds
+        only the two extremal rows).
+    noise : float
+        ``16 eps max(value, bound)``, the rounding noise of the entropies compared here.
     """
 
     value: float
@@ -174,6 +240,13 @@ class EntropyMinimum:
     gap: float
     bound: float
     start_values: np.ndarray
+    spread: float = np.nan
+    noise: float = np.nan
+
+    @property
+    def informative(self) -> bool:
+        """``spread > 100 * noise``: the search could have found something below ``bound``."""
+        return bool(self.spread > 100 * self.noise)
 
 
 def _two_valued_direction(n_high, seq_len):
@@ -194,8 +267,11 @@ def minimize_entropy(logit_norm, seq_len, *, restarts=16, seed=0, gtol=1e-10):
     parametrises the sphere as :math:`z = s\,B u/\|u\|`, with B an orthonormal basis of the
     centred plane (eq. (4): softmax ignores shifts, so that plane is all there is), and runs
     BFGS (``scipy.optimize.minimize``) with the analytic gradient of eq. (6) chained
-    through the normalisation, on the rescaled objective :math:`(H - \log T)\,T/s^2` (of order 1
-    even for tiny s, where H varies on the sphere only at order s³).
+    through the normalisation. The objective is chosen for *relative* accuracy: where
+    h_T(s) >= (log T)/2 the rescaled :math:`(H - \log T)\,T/s^2` (of order 1 even for tiny s,
+    where H varies on the sphere only at order s³), elsewhere :math:`\log H` (H and its
+    gradient are evaluated without cancellation, so a nearly one-hot row with H ~ 1e-13 is
+    found to ~1e-12 relative instead of ~1e-9 absolute).
     Starts: ``restarts`` uniform random points, plus up to ``restarts`` adversarial ones: small
     perturbations of the other critical points, the two-valued rows with k = 2, ..., T-1 high
     entries (the saddles and maximiser of eq. (6)); the one-high vertex itself is never a start.
@@ -217,7 +293,16 @@ def minimize_entropy(logit_norm, seq_len, *, restarts=16, seed=0, gtol=1e-10):
     Returns
     -------
     EntropyMinimum
-        ``value``, ``logits``, ``gap = value - h_T(s)``, ``bound``, ``start_values``.
+        ``value``, ``logits``, ``gap = value - h_T(s)``, ``bound``, ``start_values``,
+        ``spread``, ``noise`` (agreement proves something only where ``informative``).
+
+    Raises
+    ------
+    TypeError
+        ``logit_norm`` not a real number, ``seq_len``/``restarts``/``seed`` not ints.
+    ValueError
+        ``logit_norm`` negative or not finite, ``seq_len`` outside [2, 2048] (BFGS keeps a
+        dense (T-1)x(T-1) matrix), ``restarts`` < 1, ``seed`` < 0, ``gtol`` not positive.
 
     Examples
     --------
@@ -230,18 +315,21 @@ def minimize_entropy(logit_norm, seq_len, *, restarts=16, seed=0, gtol=1e-10):
     True
     """
     s = _check_scalar_norm(logit_norm, "logit_norm")
-    t = _check_int(seq_len, "seq_len", 2)
+    t = _check_int(seq_len, "seq_len", 2, maximum=2048)
     restarts = _check_int(restarts, "restarts", 1)
     seed = _check_int(seed, "seed", 0)
-    if not (isinstance(gtol, (int, float)) and gtol > 0):
+    if isinstance(gtol, bool) or not (isinstance(gtol, (int, float)) and gtol > 0):
         raise ValueError(f"gtol must be a positive number, got {gtol!r}")
     bound = float(entropy_lower_bound(s, t))
+    balanced = float(softmax_entropy(s * _two_valued_direction(t // 2, t)))
     if s == 0.0:
         z = np.zeros(t)
         value = float(softmax_entropy(z))
-        return EntropyMinimum(value, z, value - bound, bound, np.array([value]))
+        return EntropyMinimum(value, z, value - bound, bound, np.array([value]),
+                              balanced - bound, 16 * EPS * max(value, bound))
     basis = null_space(np.ones((1, t)))               # (T, T-1), orthonormal, columns sum to 0
     log_t, scale = np.log(t), t / s**2
+    relative = bound < 0.5 * log_t                    # minimise log H: relative accuracy
 
     def objective(u):
         norm_u = np.linalg.norm(u)
@@ -249,6 +337,9 @@ def minimize_entropy(logit_norm, seq_len, *, restarts=16, seed=0, gtol=1e-10):
         h, grad_z = _entropy_and_grad(s * (basis @ u_hat))
         grad_u = basis.T @ grad_z
         grad_u = (s / norm_u) * (grad_u - u_hat * np.dot(u_hat, grad_u))
+        if relative:
+            h = max(h, 1e-300)
+            return np.log(h), grad_u / h
         return (h - log_t) * scale, grad_u * scale
 
     rng = np.random.default_rng(seed)
@@ -266,7 +357,8 @@ def minimize_entropy(logit_norm, seq_len, *, restarts=16, seed=0, gtol=1e-10):
         minimisers.append(z)
     best = int(np.argmin(values))
     return EntropyMinimum(values[best], minimisers[best], values[best] - bound, bound,
-                          np.array(values))
+                          np.array(values), balanced - bound,
+                          16 * EPS * max(values[best], bound))
 
 
 # ------------------------------------------------------------------- the box pitfall
@@ -444,3 +536,90 @@ def one_hot_counterexample(seq_len=10, bound=1.0):
     box = box_min_entropy(b, t)
     naive = float(box.vertex_values[1])
     return OneHotCounterexample(naive, box, bool(box.value < naive))
+
+
+# ------------------------------------------------------------- Prop. 3.2, numerically
+@dataclass(frozen=True)
+class AdamUpdateBound:
+    """Result of :func:`adam_update_bound`.
+
+    Attributes
+    ----------
+    update : numpy.ndarray
+        Adam's idealised update Δ = μ / sqrt(μ² + n²), entrywise.
+    spectral_norm : float
+        σ(Δ) = ``||Δ||_2`` (LAPACK SVD).
+    bound : float
+        The right side of eq. (14), sqrt((r c - Σ n²/(μ² + n²)) / min(r, c)) for an r×c
+        matrix: sqrt(w) sqrt(1 - Σ n²/(μ²+n²) / w²) when r = c = w.
+    """
+
+    update: np.ndarray
+    spectral_norm: float
+    bound: float
+
+
+def adam_update_bound(mean, noise_std):
+    r"""Prop. 3.2, eq. (14), for one matrix: σ(Δ) and its lower bound, evaluated separately.
+
+    For a gradient g = μ + ε with 𝔼ε = 0, 𝔼ε² = n² entrywise, Adam's idealised update is
+    :math:`Δ = 𝔼[g]/\sqrt{𝔼[g^2]} = μ/\sqrt{μ^2 + n^2}`. Since ``||Δ||_2² >= ||Δ||_F² / rank``
+    and :math:`\|Δ\|_F^2 = \sum μ^2/(μ^2+n^2) = rc - \sum n^2/(μ^2+n^2)`,
+
+    .. math:: σ(Δ) \ge \sqrt{(rc - \textstyle\sum n^2/(μ^2+n^2)) / \min(r, c)},
+
+    which is eq. (14) for r = c = w: with little noise it is about sqrt(w), so the spectral
+    norm of a matrix's update grows like the square root of its width, while a scalar's is at
+    most 1. ``spectral_norm`` comes from an SVD of Δ; ``bound`` from the sum of the noise
+    ratios, not from Δ's norm, so the two are independent computations.
+
+    Parameters
+    ----------
+    mean : array_like, shape (r, c)
+        μ, the mean gradient (finite reals).
+    noise_std : float or array_like
+        n >= 0, the gradient noise's standard deviation, broadcast to ``mean``'s shape; at
+        no entry may μ and n both be 0.
+
+    Returns
+    -------
+    AdamUpdateBound
+        ``update``, ``spectral_norm``, ``bound``.
+
+    Raises
+    ------
+    TypeError
+        Non-real input (strings, bools, complex).
+    ValueError
+        ``mean`` not 2-d or empty, non-finite values, negative ``noise_std``, shapes that do
+        not broadcast, or an entry with μ = n = 0 (its update is undefined).
+
+    Examples
+    --------
+    A noiseless Hadamard sign pattern meets the bound with equality, σ(Δ) = sqrt(w):
+
+    >>> from scipy.linalg import hadamard
+    >>> r = adam_update_bound(hadamard(8), 0.0)
+    >>> round(r.spectral_norm, 12), round(r.bound, 12)
+    (2.828427124746, 2.828427124746)
+    """
+    from theory.bound import _as_real_array
+    mu = _as_real_array(mean, "mean")
+    if mu.ndim != 2 or mu.size == 0:
+        raise ValueError(f"mean must be a non-empty 2-d array, got shape {mu.shape}")
+    n = _as_real_array(noise_std, "noise_std")
+    if n.size and n.min() < 0:
+        raise ValueError("noise_std must be >= 0")
+    try:
+        n = np.broadcast_to(n, mu.shape)
+    except ValueError:
+        raise ValueError(f"noise_std of shape {n.shape} does not broadcast to mean's shape "
+                         f"{mu.shape}") from None
+    denom = np.hypot(mu, n)                           # no overflow of mu^2 + n^2
+    if np.any(denom == 0):
+        raise ValueError("mean and noise_std are both 0 at some entry: the update is undefined")
+    update = mu / denom
+    ratio_sum = float(np.sum((n / denom) ** 2))       # sum n^2 / (mu^2 + n^2)
+    r, c = mu.shape
+    bound = float(np.sqrt(max(r * c - ratio_sum, 0.0) / min(r, c)))
+    return AdamUpdateBound(update, float(np.linalg.norm(update, 2)), bound)

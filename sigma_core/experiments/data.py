@@ -1,11 +1,17 @@
-"""Byte-level training data with no download: the CPython standard library's source.
+"""Byte-level training data, the same on every machine: a shipped CPython standard-library snapshot.
 
-The corpus (shared/CALIBRATION.md) is the concatenation of every ``*.py`` file under
-``sysconfig.get_paths()["stdlib"]`` (installed third-party packages under ``site-packages`` /
-``dist-packages`` excluded, so the bytes depend on the Python version only), sorted by their
-path relative to that directory, cut to the first ``max_bytes`` bytes.  Its SHA-256 and size go
-into every run's config, so two runs can be compared only when they trained on the same bytes.
-The last ``val_fraction`` of it is held out for the validation loss.
+The corpus is a fixed file that ships with the package, ``corpus/stdlib-3.11.7.bin.xz`` beside
+this module: the ``*.py`` files of CPython 3.11.7's standard library, sorted by their path
+relative to the library directory, concatenated and cut to the first 8 MiB (8 388 608 bytes),
+xz-compressed (1.3 MB).  Every load checks the SHA-256 of the uncompressed bytes against
+:data:`CORPUS_SHA256` and refuses a file that does not match (:class:`CorpusError`), so a run
+on any machine and any Python version trains on exactly these bytes.  ``corpus/manifest.json``
+lists the contributing files, ``corpus/LICENSE-CPython.txt`` is their licence (the PSF License
+Agreement), and ``corpus/build_corpus.py`` rebuilds the file from a CPython 3.11.7 installation.
+
+A run uses the first ``corpus_bytes`` bytes of it; the last ``val_fraction`` of those is held out
+for the validation loss.  :meth:`Corpus.describe` (written into every run's ``config.json``) holds
+the size, SHA-256 and number of files of the prefix used, and no path of the machine.
 
 Batches are random windows drawn with a caller-owned :class:`torch.Generator`, so the data order
 is a pure function of the generator's state (and can be saved and restored with it).
@@ -13,8 +19,8 @@ is a pure function of the generator's state (and can be saved and restored with 
 Example
 -------
 >>> corpus = load_stdlib_corpus(max_bytes=4096)
->>> corpus.size, len(corpus.sha256), corpus.train.numel() + corpus.val.numel() == corpus.size
-(4096, 64, True)
+>>> corpus.size, corpus.sha256[:12], corpus.train.numel() + corpus.val.numel() == corpus.size
+(4096, 'f471aa37246d', True)
 >>> g = torch.Generator().manual_seed(0)
 >>> x, y = get_batch(corpus.train, batch_size=2, block_size=8, generator=g)
 >>> tuple(x.shape), bool((x[:, 1:] == y[:, :-1]).all())  # targets are inputs shifted by one
@@ -24,13 +30,27 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import sysconfig
+import json
+import lzma
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-_THIRD_PARTY = ("site-packages", "dist-packages")
+#: the directory of the shipped corpus (inside the installed package)
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+#: the compressed corpus file's name
+CORPUS_FILE = "stdlib-3.11.7.bin.xz"
+#: its uncompressed size in bytes (8 MiB)
+CORPUS_SIZE = 8 * 2**20
+#: SHA-256 of the uncompressed bytes, checked on every load
+CORPUS_SHA256 = "4bec1bd5ca08aed8bbc2c8ea524433cc24585fdce4c938cbc2697eaa33672350"
+#: what the bytes are, as recorded in every run's config.json
+CORPUS_SOURCE = "CPython 3.11.7 standard library *.py, sorted by relative path (shipped: " + CORPUS_FILE + ")"
+
+
+class CorpusError(ValueError):
+    """The shipped corpus file is missing, unreadable or not the expected bytes."""
 
 
 @dataclass(frozen=True)
@@ -42,57 +62,85 @@ class Corpus:
     sha256: str
     size: int
     n_files: int
-    root: str
+    source: str = CORPUS_SOURCE
 
     def describe(self) -> dict:
         """JSON-ready provenance: source, size in bytes, SHA-256, number of files, split sizes."""
-        return {"source": "cpython-stdlib", "root": self.root, "size": self.size,
-                "sha256": self.sha256, "n_files": self.n_files,
+        return {"source": self.source, "size": self.size, "sha256": self.sha256,
+                "n_files": self.n_files, "full_corpus_sha256": CORPUS_SHA256,
                 "train_bytes": int(self.train.numel()), "val_bytes": int(self.val.numel())}
 
 
-def stdlib_files(root: str | Path | None = None) -> list[Path]:
-    """The ``*.py`` files of the standard library at ``root``, sorted by relative path."""
-    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
-    if not root.is_dir():
-        raise ValueError(f"root is not a directory: {root}")
-    files = [p for p in root.rglob("*.py")
-             if p.is_file() and not any(part in _THIRD_PARTY for part in p.relative_to(root).parts)]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+def _fix_hint() -> str:
+    return ("reinstall the package (pip install --force-reinstall entropy-collapse, or `make env` "
+            "in a clone) or restore the file from the repository (git checkout -- "
+            f"sigma_core/experiments/corpus/{CORPUS_FILE})")
 
 
-@functools.lru_cache(maxsize=4)
-def _read_corpus(max_bytes: int, root: str | None) -> tuple[bytes, int, str]:
-    chunks, total, n_files = [], 0, 0
-    base = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
-    for path in stdlib_files(base):
-        data = path.read_bytes()
-        chunks.append(data[: max_bytes - total])
-        total += len(chunks[-1])
-        n_files += 1
-        if total >= max_bytes:
-            break
-    return b"".join(chunks), n_files, str(base)
+@functools.lru_cache(maxsize=1)
+def shipped_corpus_bytes() -> bytes:
+    """The whole shipped corpus (8 MiB), decompressed and checked against :data:`CORPUS_SHA256`.
 
-
-def load_stdlib_corpus(max_bytes: int = 8 * 2**20, val_fraction: float = 0.1,
-                       root: str | None = None) -> Corpus:
-    """Load the first ``max_bytes`` bytes of the stdlib corpus, holding out the last ``val_fraction``.
-
-    Raises ``ValueError`` when the standard library holds fewer than ``max_bytes`` bytes of
-    source, so a run never silently trains on a different amount of data than it records.
+    Raises :class:`CorpusError` naming the file and how to restore it when the file is missing,
+    is not valid xz data, or decompresses to other bytes than the expected ones.
     """
-    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 2:
-        raise ValueError(f"max_bytes must be an integer >= 2, got {max_bytes!r}")
-    if not 0.0 < val_fraction < 1.0:
+    path = CORPUS_DIR / CORPUS_FILE
+    try:
+        raw = lzma.decompress(path.read_bytes())
+    except FileNotFoundError:
+        raise CorpusError(f"the training corpus {path} is missing; {_fix_hint()}") from None
+    except lzma.LZMAError as exc:
+        raise CorpusError(f"the training corpus {path} is corrupted (not valid xz data: {exc}); "
+                          f"{_fix_hint()}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if len(raw) != CORPUS_SIZE or digest != CORPUS_SHA256:
+        raise CorpusError(f"the training corpus {path} is not the expected data ({len(raw)} bytes, "
+                          f"sha256 {digest[:16]}..., expected {CORPUS_SIZE} bytes, sha256 "
+                          f"{CORPUS_SHA256[:16]}...); {_fix_hint()}")
+    return raw
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_manifest() -> dict:
+    """``corpus/manifest.json``: source, licence, SHA-256 and ``files`` (relative path -> bytes used)."""
+    return json.loads((CORPUS_DIR / "manifest.json").read_text())
+
+
+def _n_files(max_bytes: int) -> int:
+    """How many of the manifest's files contribute to the first ``max_bytes`` bytes."""
+    total = 0
+    for n, used in enumerate(corpus_manifest()["files"].values(), start=1):
+        total += used
+        if total >= max_bytes:
+            return n
+    return len(corpus_manifest()["files"])
+
+
+def load_corpus(max_bytes: int = CORPUS_SIZE, val_fraction: float = 0.1) -> Corpus:
+    """The first ``max_bytes`` bytes of the shipped corpus, holding out the last ``val_fraction``.
+
+    ``max_bytes`` must be an integer in [2, 8 388 608]; ``val_fraction`` must lie in (0, 1).
+    """
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or not 2 <= max_bytes <= CORPUS_SIZE:
+        raise ValueError(f"max_bytes must be an integer in [2, {CORPUS_SIZE}] (the shipped corpus "
+                         f"holds {CORPUS_SIZE} bytes), got {max_bytes!r}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+            or not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
-    raw, n_files, base = _read_corpus(max_bytes, root)
-    if len(raw) < max_bytes:
-        raise ValueError(f"max_bytes={max_bytes} exceeds the {len(raw)} bytes of source under {base}")
+    raw = shipped_corpus_bytes()[:max_bytes]
     tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)  # (N,)
     n_val = max(1, int(round(len(raw) * val_fraction)))
     return Corpus(train=tokens[:-n_val], val=tokens[-n_val:],
-                  sha256=hashlib.sha256(raw).hexdigest(), size=len(raw), n_files=n_files, root=base)
+                  sha256=hashlib.sha256(raw).hexdigest(), size=len(raw), n_files=_n_files(max_bytes))
+
+
+def load_stdlib_corpus(max_bytes: int = CORPUS_SIZE, val_fraction: float = 0.1) -> Corpus:
+    """The historical name of :func:`load_corpus` (same arguments, same result).
+
+    It no longer reads the local Python's standard library: the bytes come from the shipped
+    snapshot of CPython 3.11.7's, identical on every machine.
+    """
+    return load_corpus(max_bytes, val_fraction)
 
 
 def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator,
