@@ -35,8 +35,14 @@ contribute exactly 0.
 
 Masks follow :func:`torch.nn.functional.scaled_dot_product_attention`: a bool ``attn_mask`` is
 True where a query may attend; a float mask is added to the logits and its ``-inf`` entries hide
-keys.  ``causal=True`` lets query ``i`` see keys ``j <= i`` (top-left aligned, as in SDPA).  A
-row with no visible key has no entropy: it raises ``ValueError``.
+keys, as do entries at or below ``torch.finfo(dtype).min / 2`` (the ``finfo.min`` masks of Hugging
+Face and x-transformers; they would otherwise enter the centred norm as huge finite logits).  A
+float mask holding only 0 and 1 is ambiguous (keep-mask or bias?) and raises ``ValueError``: pass
+it as bool.  ``causal=True`` lets query ``i`` see keys ``j <= i`` (top-left aligned, as in SDPA).
+A row with no visible key has no entropy: it raises ``ValueError``.
+
+:func:`logits_row_stats` computes the same statistics from logits a model has already formed
+(eager attention: the input of its softmax), with no second ``q k^T`` product.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ __all__ = [
     "RowStats",
     "attention_entropy",
     "attention_row_stats",
+    "logits_row_stats",
     "logit_row_norms",
     "head_sigma",
     "prefix_token_norms",
@@ -88,7 +95,7 @@ def _check_finite(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} must be finite: it holds NaN or infinite entries")
 
 
-def _check_inputs(q, k, scale, causal, attn_mask, method, block_size):
+def _check_inputs(q, k, scale, causal, attn_mask, method, block_size, float_mask_is_bias=False):
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -129,7 +136,29 @@ def _check_inputs(q, k, scale, causal, attn_mask, method, block_size):
             raise ValueError(
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {(B, H, Tq, Tk)}"
             ) from err
+        if attn_mask.is_floating_point() and not float_mask_is_bias:
+            compact = _compact(attn_mask)
+            if bool(((compact == 0) | (compact == 1)).all()) and bool((compact == 1).any()):
+                raise ValueError(
+                    "attn_mask is a float tensor of only 0 and 1, which is ambiguous (a keep-mask or an "
+                    "additive bias?): pass a bool mask (True = attend, e.g. attn_mask.bool()) or an "
+                    "additive float mask (0 where attended, -inf or torch.finfo(dtype).min where hidden)")
     return scale, attn_mask
+
+
+def _hidden_threshold(dtype: torch.dtype) -> float:
+    """Additive mask values at or below this hide a key: half of ``torch.finfo(dtype).min``.
+
+    Hugging Face and x-transformers mask with ``finfo(dtype).min`` (or ``-finfo.max``) instead of
+    ``-inf``; logits plus such a value stay far below this line, while no real logit comes near it.
+    """
+    return torch.finfo(dtype).min / 2
+
+
+def _hide_huge_negatives(mask: torch.Tensor) -> torch.Tensor:
+    """A float mask with every ``finfo.min``-like entry (see :func:`_hidden_threshold`) set to ``-inf``."""
+    huge = mask <= _hidden_threshold(mask.dtype)
+    return mask.masked_fill(huge, -math.inf) if bool(huge.any()) else mask
 
 
 def _compact(mask: torch.Tensor) -> torch.Tensor:
@@ -264,7 +293,7 @@ def _row_stats(q, k, scale, causal, attn_mask, block_size):
     kt = k.to(cdt).transpose(-1, -2)
     mask = None if attn_mask is None else _compact(attn_mask)
     if mask is not None and mask.is_floating_point():
-        mask = mask.to(cdt)
+        mask = _hide_huge_negatives(mask).to(cdt)
     state = _State((B, H, Tq), cdt, dev)
     for j0 in range(0, Tk, block_size):
         j1 = min(j0 + block_size, Tk)
@@ -287,7 +316,7 @@ def _row_stats(q, k, scale, causal, attn_mask, block_size):
 
 
 def attention_row_stats(q, k, *, scale=None, causal=False, attn_mask=None, method="auto",
-                        block_size=512) -> RowStats:
+                        block_size=512, _float_mask_is_bias=False) -> RowStats:
     """Entropy, centred logit norm, visible-key count and extent of every attention row, in one pass.
 
     Parameters
@@ -300,7 +329,9 @@ def attention_row_stats(q, k, *, scale=None, causal=False, attn_mask=None, metho
     causal : bool
         Query ``i`` sees keys ``j <= i``.
     attn_mask : Tensor, optional
-        Broadcastable to ``(B, H, Tq, Tk)``; bool (True = attend) or float (added to the logits).
+        Broadcastable to ``(B, H, Tq, Tk)``; bool (True = attend) or float (added to the logits;
+        ``-inf`` and ``finfo.min``-like entries hide keys).  A float mask of only 0 and 1 raises
+        ``ValueError`` (ambiguous: pass ``attn_mask.bool()`` for a keep-mask).
     method : {"auto", "dense", "streaming"}
         ``"auto"`` streams when the logits would exceed ``AUTO_DENSE_MAX_ELEMENTS`` elements.
     block_size : int
@@ -323,7 +354,8 @@ def attention_row_stats(q, k, *, scale=None, causal=False, attn_mask=None, metho
     >>> st.n_keys.tolist(), bool(torch.allclose(st.entropy, torch.log(st.n_keys.double()).float()))
     ([[[1, 2, 3]]], True)
     """
-    scale, attn_mask = _check_inputs(q, k, scale, causal, attn_mask, method, block_size)
+    scale, attn_mask = _check_inputs(q, k, scale, causal, attn_mask, method, block_size,
+                                     float_mask_is_bias=_float_mask_is_bias)
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     if method == "auto":
@@ -331,6 +363,45 @@ def attention_row_stats(q, k, *, scale=None, causal=False, attn_mask=None, metho
     with torch.no_grad():
         return _row_stats(q.detach(), k.detach(), scale, causal, attn_mask,
                           Tk if method == "dense" else block_size)
+
+
+def logits_row_stats(logits: torch.Tensor, *, block_rows: int = 256) -> RowStats:
+    """:class:`RowStats` of attention logits that are already formed, ``(B, H, Tq, Tk)``.
+
+    ``logits`` is what a softmax attention normalises (scale, mask and any bias included); keys
+    at ``-inf`` or at most ``torch.finfo(dtype).min / 2`` are hidden (the additive masks of
+    Hugging Face and x-transformers).  The result equals :func:`attention_row_stats` of the
+    factors of these logits; query rows are processed ``block_rows`` at a time, so the extra
+    memory is a few ``(B, H, block_rows, Tk)`` buffers.
+
+    Examples
+    --------
+    >>> z = torch.tensor([[[[0.0, 1.0, torch.finfo(torch.float32).min], [2.0, 0.5, -1.0]]]])
+    >>> st = logits_row_stats(z)
+    >>> st.n_keys.tolist(), round(float(st.entropy[0, 0, 0]), 6)  # row 0: softmax of (0, 1)
+    ([[[2, 3]]], 0.582203)
+    """
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 4 or logits.shape[-1] < 1 or logits.shape[-2] < 1:
+        raise ValueError(f"logits must have shape (B, H, Tq, Tk) with Tq, Tk >= 1, got {tuple(logits.shape)}")
+    if not isinstance(block_rows, int) or block_rows < 1:
+        raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
+    B, H, Tq, Tk = logits.shape
+    cdt = _compute_dtype(logits.dtype)
+    thr = _hidden_threshold(logits.dtype)
+    with torch.no_grad():
+        z = logits.detach()
+        if bool(torch.isnan(z).any()) or bool((z == math.inf).any()):
+            raise ValueError("logits must not hold NaN or +inf")
+        state = _State((B, H, Tq), cdt, z.device)
+        for i0 in range(0, Tq, block_rows):
+            rows = slice(i0, min(i0 + block_rows, Tq))
+            zb = z[..., rows, :]
+            visible = zb > thr  # -inf and finfo.min-like entries are hidden
+            s = zb.to(cdt).masked_fill(~visible, 0.0)  # a new buffer: update() consumes it
+            state.update(rows, s, None if bool(visible.all()) else visible, 0, Tk)
+        return state.finish()
 
 
 def attention_entropy(q, k, *, scale=None, causal=False, attn_mask=None, method="auto",

@@ -1,42 +1,69 @@
 """Watch the entropy of every attention head while a model runs, and check the bound live.
 
-:class:`EntropyMonitor` attaches forward hooks to a model and, on every ``every``-th forward
-of the whole model, records per attention layer and head the row entropies (mean, min), the
-head's ``sigma_h`` (eq. (3) of theory/README.md) and the lower bounds ``h_{T_i}(s_i)``
-(``h_T`` of eq. (2)) for the four variants of :data:`sigma_core.entropy.VARIANTS` (eq. (7)),
-with the number of rows whose measured entropy falls below each bound.  A violation contradicts a theorem, so it is a bug: it is
-reported loudly (:class:`BoundViolationWarning` and a logged error).
+:class:`EntropyMonitor` attaches to a model and, on every ``every``-th forward of the whole
+model, records per attention layer and head the row entropies (mean, min), the head's ``sigma_h``
+(eq. (3) of theory/README.md) and the lower bounds ``h_{T_i}(s_i)`` (``h_T`` of eq. (2)) for the
+four variants of :data:`sigma_core.entropy.VARIANTS` (eq. (7)), with the number of rows whose
+measured entropy falls below each bound.  A violation contradicts a theorem, so it is a bug: it
+is reported loudly (:class:`BoundViolationWarning` and a logged error).
 
-Supported attention modules:
+Where the monitor sees attention (``source`` of a record):
 
-- any module with a ``probe`` attribute of type :class:`~sigma_core.probe.AttentionProbe`
-  (the project's ``CausalSelfAttention``): a forward hook on the probe receives ``(x, q, k)``;
-  ``n_head``, ``scale``, ``causal`` and ``head_weights()`` of the owner give the rest;
-- :class:`torch.nn.MultiheadAttention`, alone or inside ``nn.TransformerEncoderLayer``: a
-  forward pre-hook (with kwargs) recomputes ``q`` and ``k`` from the inputs and in-projection
-  (``batch_first`` or not, unbatched inputs, ``attn_mask`` / ``key_padding_mask`` as bool or
-  float, ``kdim``/``vdim`` with separate projection weights).  Projection biases enter the bound
-  through augmented tokens ``[x, 1]`` and weights ``[W; b]`` (the logits are then exactly
-  ``[x_i,1] W~_Q W~_K^T [x_j,1]^T``).  ``add_bias_kv`` / ``add_zero_attn`` are not supported
-  (such modules are skipped with a warning).  As in PyTorch itself, any hook disables the fused
-  inference fast path of ``nn.TransformerEncoderLayer`` (eval mode without grad), so there the
-  output can differ from the unhooked one by rounding; everywhere else it is bit-identical.
+- ``"sdpa"``: any call of :func:`torch.nn.functional.scaled_dot_product_attention` inside the
+  model (Hugging Face ``attn_implementation="sdpa"``, x-transformers, most new code).  During a
+  recorded forward only, a :class:`torch.overrides.TorchFunctionMode`
+  (:class:`sigma_core.capture.AttentionInterceptor`) sees ``q``, ``k``, ``attn_mask``,
+  ``is_causal``, ``scale`` and ``enable_gqa`` (or already repeated key heads) of each call; the
+  statistics are computed by :func:`sigma_core.entropy.attention_row_stats` (streaming over key
+  blocks when large), and the call itself runs unchanged.
+- ``"softmax"``: a softmax over the last axis of a 4-D tensor inside the model, the
+  ``(B, H, Tq, Tk)`` logits of an eager attention (Hugging Face ``attn_implementation="eager"``,
+  x-transformers without flash): the statistics come from these logits
+  (:func:`sigma_core.entropy.logits_row_stats`), with no second ``q k^T`` product.  Keys masked
+  with ``-inf`` or ``finfo.min`` count as hidden.
+- ``"probe"``: a module with an :class:`~sigma_core.probe.AttentionProbe` named ``probe`` (the
+  project's attention): a forward hook on the probe receives ``(x, q, k)``; ``n_head``,
+  ``scale``, ``causal`` and ``head_weights()`` of the owner give the rest.
+- ``"mha"``: :class:`torch.nn.MultiheadAttention`, alone or inside
+  ``nn.TransformerEncoderLayer``: a forward pre-hook recomputes ``q`` and ``k`` from the inputs
+  and in-projection (``batch_first`` or not, unbatched inputs, ``attn_mask`` /
+  ``key_padding_mask`` as bool or float, ``kdim``/``vdim``).  ``add_bias_kv`` /
+  ``add_zero_attn`` are not supported (skipped with a warning).
 
-Hooks only read; statistics are computed under ``torch.no_grad()`` (which never advances
-sigmaReparam's power iteration) and consume no random numbers, so outputs, gradients and RNG
-streams are unchanged.
+Calls inside a ``probe`` or ``mha`` module are not recorded a second time.  A captured call is
+named by the qualified name of the innermost module executing it (``transformer.h.0.attn``), and
+captured layers are numbered in call order (after the ``probe``/``mha`` layers, which are
+numbered in module order).
+
+The weight-based variants (theorem, per_query, centered) need the tokens and the per-head
+``W_Q, W_K``: the probe protocol's ``head_weights()``, the in-projection of
+``nn.MultiheadAttention``, or an adapter of :mod:`sigma_core.adapters` (Hugging Face GPT-2 and
+BERT, x-transformers ``Attention``).  For a captured call the monitor checks, on the sampled rows,
+that the adapter's ``scale (x W_Q)(x W_K)^T`` equals the logits actually used; where it cannot
+apply (rotary embeddings, QK-normalisation, additive position biases, no adapter) those variants
+are ``None`` and ``weight_bound_note`` says why; ``exact`` is always checked.
+
+Hooks and the mode only read; statistics are computed under ``torch.no_grad()`` (which never
+advances sigmaReparam's power iteration) and consume no random numbers, so outputs, gradients and
+RNG streams are unchanged.  A recorded forward runs with a torch-function mode and forward hooks
+active, which (as in PyTorch itself) turns off the fused inference fast path of
+``nn.TransformerEncoder(Layer)`` (eval mode without grad, nested tensors for padding masks):
+there, and only there, a recorded forward's output can differ from an unrecorded one by rounding.
+A failure while recording is turned into a warning; the model's forward never fails because of
+the monitor.
 
 Record fields (one plain dict per layer and head, JSON-serialisable; ``None`` = not available):
 
-``step`` (index of the model forward, from 0), ``layer`` (index among attention modules),
-``name`` (module path), ``head``, ``seq_len`` (keys ``Tk``), ``n_rows`` (``B*Tq``),
-``entropy_mean`` (over all rows), ``entropy_mean_half`` (over rows with at least ``Tk/2``
-visible keys: the convention of CALIBRATION.md; equals ``entropy_mean`` without masks),
-``entropy_min``, ``entropy_max``, ``log_seq_len``, ``sigma`` (``sigma_h``, with the scale),
-``logit_norm_max`` (largest centred logit norm), ``bound_<variant>`` (min over checked rows of
-``h_{T_i}(s_i)``), ``violations_<variant>`` (rows with entropy < bound - tol), ``bound_rows``
-(rows checked: the first ``bound_samples`` batch elements).  With an additive (float, non-0/-inf)
-attention mask only the ``exact`` variant applies; the others are ``None``.
+``step`` (index of the model forward, from 0), ``layer`` (index among attention layers),
+``name`` (module path), ``source`` (see above), ``head``, ``seq_len`` (keys ``Tk``), ``n_rows``
+(``B*Tq``), ``entropy_mean`` (over all rows), ``entropy_mean_half`` (over rows with at least
+``Tk/2`` visible keys; equals ``entropy_mean`` without masks), ``entropy_min``,
+``entropy_max``, ``log_seq_len``, ``sigma`` (``sigma_h``, with the scale; ``None`` without
+weights), ``logit_norm_max`` (largest centred logit norm), ``bound_<variant>`` (min over checked
+rows of ``h_{T_i}(s_i)``), ``violations_<variant>`` (rows with entropy < bound - tol),
+``bound_rows`` (rows checked: the first ``bound_samples`` batch elements) and
+``weight_bound_note`` (why the weight-based variants are ``None``, else ``None``).  With an
+additive (float, not only 0/-inf) attention mask only the ``exact`` variant applies.
 """
 from __future__ import annotations
 
@@ -54,7 +81,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sigma_core.entropy import VARIANTS, attention_row_stats, bound_variant_norms, head_sigma
+from sigma_core.adapters import Projections, find_adapter
+from sigma_core.capture import AttentionInterceptor, ModuleStack, sdpa_arguments
+from sigma_core.entropy import (
+    VARIANTS, RowStats, _hidden_threshold, attention_row_stats, bound_variant_norms, head_sigma,
+    logits_row_stats,
+)
 from sigma_core.probe import AttentionProbe
 
 try:  # one source of truth for h_T (eq. (2))
@@ -67,6 +99,10 @@ __all__ = ["EntropyMonitor", "CollapseDetector", "BoundViolationWarning"]
 logger = logging.getLogger(__name__)
 
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+#: largest |difference| between an adapter's logits and the logits used, relative to 1 + max|logit|
+_ADAPTER_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+_ADAPTER_RTOL_HALF = 3e-2
 
 
 class BoundViolationWarning(RuntimeWarning):
@@ -85,13 +121,21 @@ def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
+def _pure_mask(mask: torch.Tensor | None) -> bool:
+    """True when ``mask`` only hides keys (bool, or float of 0 and -inf/finfo.min-like values)."""
+    if mask is None or mask.dtype == torch.bool:
+        return True
+    hidden = mask <= _hidden_threshold(mask.dtype)
+    return not bool(torch.where(hidden, 0, mask).any())
+
+
 class EntropyMonitor:
     """Record per-head attention entropy and the entropy bound on every ``every``-th forward.
 
     Parameters
     ----------
     model : nn.Module
-        Contains at least one supported attention module (see the module docstring).
+        Any PyTorch model with softmax attention (see the module docstring for what is seen).
     every : int
         Record on forwards ``0, every, 2*every, ...`` of ``model`` (counted by a forward
         pre-hook on ``model`` itself).
@@ -104,6 +148,8 @@ class EntropyMonitor:
         elements (``None``: all); entropies use every row.
     method, block_size
         Passed to :func:`sigma_core.entropy.attention_row_stats`.
+    capture : bool
+        See calls of ``scaled_dot_product_attention`` and eager softmax attention (default True).
 
     Attributes
     ----------
@@ -111,6 +157,8 @@ class EntropyMonitor:
         The records of the most recent recorded forward (nothing older is kept).
     events : list of dict
         Collapse events of the most recent recorded forward.
+    n_layers : int
+        Attention layers seen so far.
 
     Examples
     --------
@@ -126,12 +174,14 @@ class EntropyMonitor:
     """
 
     def __init__(self, model: nn.Module, *, every: int = 1, path=None, detector=None,
-                 bound_samples: int | None = 2, method: str = "auto", block_size: int = 512):
+                 bound_samples: int | None = 2, method: str = "auto", block_size: int = 512,
+                 capture: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
-        if bound_samples is not None and (not isinstance(bound_samples, int) or bound_samples < 1):
+        if bound_samples is not None and (not isinstance(bound_samples, int) or isinstance(bound_samples, bool)
+                                          or bound_samples < 1):
             raise ValueError(f"bound_samples must be a positive int or None, got {bound_samples!r}")
         if detector is not None and not hasattr(detector, "update"):
             raise TypeError("detector must have an update(records) method")
@@ -141,11 +191,14 @@ class EntropyMonitor:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if path is not None and not isinstance(path, (str, bytes, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        if not isinstance(capture, bool):
+            raise TypeError(f"capture must be a bool, got {type(capture).__name__}")
         self.every = every
         self.detector = detector
         self.bound_samples = bound_samples
         self.method = method
         self.block_size = block_size
+        self.capture = capture
         self.last: list[dict] = []
         self.events: list[dict] = []
         self._current: list[dict] = []
@@ -154,13 +207,25 @@ class EntropyMonitor:
         self._active = False
         self._handles = []
         self._file = None
+        self._handled: set[int] = set()  # ids of probe/MHA modules (recorded by their own hooks)
+        self._adapters: dict[int, object] = {}
+        self._captured_layers: dict[tuple[str, int], int] = {}
+        self._calls: dict[str, int] = {}
+        self._warned: set[str] = set()
+        self._mode = None
+        self._seen = False
         layer = 0
         handles = [model.register_forward_pre_hook(self._on_root_pre, prepend=True)]
         for name, mod in model.named_modules():
+            ad = find_adapter(mod)
+            if ad is not None:
+                self._adapters[id(mod)] = ad
             if isinstance(getattr(mod, "probe", None), AttentionProbe):
                 handles.append(mod.probe.register_forward_hook(partial(self._on_probe, layer, name, mod)))
+                self._handled.add(id(mod))
                 layer += 1
             elif isinstance(mod, nn.MultiheadAttention):
+                self._handled.add(id(mod))  # its internal SDPA call is not a second layer
                 if mod.bias_k is not None or mod.add_zero_attn:
                     warnings.warn(f"EntropyMonitor: {name or 'model'} uses add_bias_kv/add_zero_attn, "
                                   "not supported: skipped", stacklevel=2)
@@ -168,18 +233,26 @@ class EntropyMonitor:
                 handles.append(mod.register_forward_pre_hook(
                     partial(self._on_mha, layer, name, mod), with_kwargs=True))
                 layer += 1
-        handles.append(model.register_forward_hook(self._on_root_post))
+        handles.append(model.register_forward_hook(self._on_root_post, always_call=True))
         self._handles = handles
-        if layer == 0:
+        self._n_static = layer
+        self._stack = ModuleStack(model) if capture else None
+        if layer == 0 and not capture:
             self.close()
-            raise ValueError("model has no supported attention module (probe protocol or nn.MultiheadAttention)")
-        self.n_layers = layer
+            raise ValueError("model has no supported attention module (probe protocol or "
+                             "nn.MultiheadAttention) and capture=False")
         if path is not None:
             self._file = open(path, "a", encoding="utf-8")
+
+    @property
+    def n_layers(self) -> int:
+        """Attention layers known so far (probe/MHA modules, plus captured calls seen)."""
+        return self._n_static + len(self._captured_layers)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
         """Remove every hook and close the JSON-lines file (idempotent)."""
+        self._stop_capture()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -194,19 +267,52 @@ class EntropyMonitor:
         self.close()
         return False
 
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    def _start_capture(self) -> None:
+        if self._stack is None:
+            return
+        self._stack.attach()
+        self._mode = AttentionInterceptor(self._on_sdpa, self._on_softmax)
+        self._mode.__enter__()
+
+    def _stop_capture(self) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            try:
+                mode.__exit__(None, None, None)
+            except Exception as err:  # pragma: no cover - a mode entered inside the forward and left open
+                self._warn_once("mode", f"EntropyMonitor: could not leave its torch-function mode: {err}")
+        if self._stack is not None:
+            self._stack.detach()
+
     # -- root hooks ----------------------------------------------------------------------------
     def _on_root_pre(self, module, args):
+        if self._mode is not None:  # a previous forward raised before the post hook could run
+            self._stop_capture()
         self._step = self._forwards
         self._forwards += 1
         self._active = self._step % self.every == 0
         self._current = []
+        self._calls = {}
+        self._seen = False
+        if self._active:
+            self._start_capture()
 
     def _on_root_post(self, module, args, output):
+        self._stop_capture()
         if not self._active:
             return
         self._active = False
         self.last = self._current
         self._current = []
+        if not self._seen:
+            self._warn_once("nothing", "EntropyMonitor: the recorded forward made no attention call the monitor "
+                            "can see (scaled_dot_product_attention, a softmax over (B, H, Tq, Tk) logits, the "
+                            "probe protocol or nn.MultiheadAttention)")
         if self._file is not None:
             for rec in self.last:
                 self._file.write(json.dumps(rec) + "\n")
@@ -216,24 +322,190 @@ class EntropyMonitor:
             for ev in self.events:
                 logger.warning("attention entropy collapse: %s", ev)
 
-    # -- attention hooks ---------------------------------------------------------------------
+    # -- captured calls (SDPA, eager softmax) -------------------------------------------------------
+    def _owner(self):
+        """(name, adapter entry or None), or None when a probe/MHA module records this call."""
+        stack = self._stack.stack
+        if any(id(m) in self._handled for _, m, _, _ in stack):
+            return None
+        name = stack[-1][0] if stack else ""
+        entry = next(((m, a, kw) for _, m, a, kw in reversed(stack) if id(m) in self._adapters), None)
+        return name, entry
+
+    def _layer_for(self, name: str) -> int:
+        k = self._calls.get(name, 0)
+        self._calls[name] = k + 1
+        key = (name, k)
+        if key not in self._captured_layers:
+            self._captured_layers[key] = self._n_static + len(self._captured_layers)
+        return self._captured_layers[key]
+
+    def _guarded(self, name, fn, *args):
+        try:
+            fn(*args)
+        except BoundViolationWarning:
+            raise
+        except Exception as err:  # never fail the user's forward
+            self._warn_once(f"fail:{name}:{type(err).__name__}",
+                            f"EntropyMonitor: could not record the attention call in {name or 'model'} "
+                            f"at step {self._step}: {type(err).__name__}: {err}")
+
+    def _on_sdpa(self, args, kwargs):
+        if not self._active:
+            return
+        owner = self._owner()
+        if owner is None:
+            return
+        self._seen = True
+        self._guarded(owner[0], self._record_sdpa, owner, args, kwargs)
+
+    def _on_softmax(self, logits, probs):
+        if not self._active:
+            return
+        owner = self._owner()
+        if owner is None:
+            return
+        self._seen = True
+        self._guarded(owner[0], self._record_softmax, owner, logits)
+
+    def _record_sdpa(self, owner, args, kwargs):
+        name, entry = owner
+        a = sdpa_arguments(args, kwargs)
+        q, k, mask = a["query"], a["key"], a["attn_mask"]
+        if q.is_nested or k.is_nested:
+            self._warn_once(f"nested:{name}", f"EntropyMonitor: {name or 'model'} calls attention on nested "
+                            "tensors, which the monitor cannot read: not recorded")
+            return
+        layer = self._layer_for(name)
+        with torch.no_grad():
+            q, k = q.detach(), k.detach()
+            if q.dim() == 3:  # (B, T, E): one head
+                q, k = q.unsqueeze(1), k.unsqueeze(1)
+                mask = mask.unsqueeze(1) if mask is not None and mask.dim() == 3 else mask
+            elif q.dim() > 4:  # extra batch dims folded into the heads
+                q = q.reshape(q.shape[0], -1, *q.shape[-2:])
+                k = k.reshape(k.shape[0], -1, *k.shape[-2:])
+                if mask is not None and mask.dim() > 4:
+                    mask = mask.reshape(mask.shape[0], -1, *mask.shape[-2:])
+            H, Hk = q.shape[1], k.shape[1]
+            if Hk != H:  # grouped-query attention (enable_gqa=True): key head h // (H / Hk)
+                if H % Hk:
+                    raise ValueError(f"{H} query heads are not a multiple of {Hk} key heads")
+                k = k.repeat_interleave(H // Hk, dim=1)
+            scale = a["scale"]
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            causal = bool(a["is_causal"])
+            if not self._finite(layer, name, q, k):
+                return
+            st = attention_row_stats(q, k, scale=scale, causal=causal, attn_mask=mask, method=self.method,
+                                     block_size=self.block_size, _float_mask_is_bias=True)
+            nb = self._nb(q.shape[0])
+            bound = "additive attention mask (a bias on the logits)" if not _pure_mask(mask) else None
+            if bound is None:
+                z = torch.matmul(q[:nb].float() if q.dtype != torch.float64 else q[:nb],
+                                 (k[:nb].float() if k.dtype != torch.float64 else k[:nb]).transpose(-1, -2))
+                bound = self._weights(entry, z.mul_(scale), None, q.dtype)
+            self._record(layer, name, "sdpa", st, k.shape[2], bound)
+
+    def _record_softmax(self, owner, logits):
+        name, entry = owner
+        layer = self._layer_for(name)
+        with torch.no_grad():
+            z = logits.detach()
+            if bool(torch.isnan(z).any()) or bool((z == math.inf).any()):
+                self._warn_once(f"nonfinite:{name}", f"EntropyMonitor: layer {layer} ({name}) has non-finite "
+                                f"logits at step {self._step}; not recorded")
+                return
+            st = logits_row_stats(z)
+            nb = self._nb(z.shape[0])
+            zs = z[:nb].double() if z.dtype == torch.float64 else z[:nb].float()
+            visible = zs > _hidden_threshold(z.dtype)
+            bound = self._weights(entry, zs, visible, z.dtype)
+            self._record(layer, name, "softmax", st, z.shape[3], bound)
+
+    def _nb(self, B: int) -> int:
+        return B if self.bound_samples is None else min(B, self.bound_samples)
+
+    def _weights(self, entry, z, visible, dtype):
+        """(sigma, x_q, x_k) for the weight-based variants, or the reason why they do not apply.
+
+        ``z``: the logits used, ``(nb, H, Tq, Tk)`` for the sampled batch elements (mask not
+        included for SDPA; ``visible`` marks the keys compared, None = all).
+        """
+        if entry is None:
+            return "no adapter for this attention module (sigma_core.adapters)"
+        module, args, kwargs = entry
+        proj = self._adapters[id(module)](module, args, kwargs)
+        if isinstance(proj, str):
+            return proj
+        if not isinstance(proj, Projections):
+            raise TypeError(f"adapter for {type(module).__name__} returned {type(proj).__name__}")
+        nb, H, Tq, Tk = z.shape
+        w_q, w_k, x_q, x_k = proj.w_q, proj.w_k, proj.x_q, proj.x_k
+        if (x_q.dim() != 3 or x_k.dim() != 3 or x_q.shape[1] != Tq or x_k.shape[1] != Tk
+                or x_q.shape[0] < nb or w_q.shape[0] != H or H % w_k.shape[0]
+                or w_q.shape[1] != x_q.shape[-1] or w_k.shape[1] != x_k.shape[-1]):
+            return (f"the adapter's tokens/weights ({tuple(x_q.shape)}, {tuple(w_q.shape)}) do not match the "
+                    f"attention call ({H} heads, {Tq} x {Tk}): a KV cache or packed sequences?")
+        if w_k.shape[0] != H:
+            w_k = w_k.repeat_interleave(H // w_k.shape[0], dim=0)
+        cdt = z.dtype
+        qa = torch.einsum("btd,hde->bhte", x_q[:nb].to(cdt), w_q.to(cdt))
+        ka = torch.einsum("btd,hde->bhte", x_k[:nb].to(cdt), w_k.to(cdt))
+        za = torch.matmul(qa, ka.transpose(-1, -2)).mul_(proj.scale)
+        diff = (za - z).abs()
+        ref = z.abs()
+        if visible is not None:
+            diff, ref = diff.masked_fill(~visible, 0), ref.masked_fill(~visible, 0)
+        rtol = _ADAPTER_RTOL.get(dtype, _ADAPTER_RTOL_HALF)
+        err, big = float(diff.max()), float(ref.max())
+        if not err <= rtol * (1.0 + big):
+            return (f"the logits differ from scale (x W_Q)(x W_K)^T by up to {err:.3g} (max |logit| {big:.3g}): "
+                    "a position bias, rotary embedding or other extra not covered by the adapter")
+        return head_sigma(w_q, w_k, proj.scale), x_q, x_k if x_k is not x_q else None
+
+    def _finite(self, layer, name, q, k) -> bool:
+        # one reduction first: a finite sum proves finite entries (the elementwise check only on doubt)
+        if bool(torch.isfinite(q.sum())) and bool(torch.isfinite(k.sum())):
+            return True
+        if bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all()):
+            return True
+        # a diverging model: no entropy to measure; the training loop reports the divergence
+        warnings.warn(f"EntropyMonitor: layer {layer} ({name}) has non-finite queries or keys "
+                      f"at step {self._step}; not recorded", RuntimeWarning, stacklevel=3)
+        return False
+
+    # -- probe and nn.MultiheadAttention hooks ---------------------------------------------------
     def _on_probe(self, layer, name, owner, probe, args, output):
         if not self._active:
             return
         x, q, k = args[:3]
         with torch.no_grad():
-            w_q, w_k = owner.head_weights()
-        self._record(layer, name, x, x, q, k, float(owner.scale), bool(owner.causal), None, w_q, w_k,
-                     weights_valid=getattr(owner, "weight_bounds_valid", True))  # False: QK-LayerNorm
+            if not self._finite(layer, name, q, k):
+                return
+            st = attention_row_stats(q, k, scale=float(owner.scale), causal=bool(owner.causal),
+                                     method=self.method, block_size=self.block_size)
+            if getattr(owner, "weight_bounds_valid", True):
+                w_q, w_k = owner.head_weights()
+                bound = (head_sigma(w_q, w_k, float(owner.scale)), x, None)
+            else:  # QK-LayerNorm: logits not x W_Q W_K^T x^T
+                bound = "QK-normalisation: the logits are formed from normalised q, k, not from x W"
+        self._seen = True
+        self._record(layer, name, "probe", st, k.shape[2], bound)
 
     def _on_mha(self, layer, name, mod, module, args, kwargs):
         if not self._active:
             return
+        self._seen = True
         with torch.no_grad():
             ba = _MHA_SIGNATURE.bind(mod, *args, **kwargs)
             ba.apply_defaults()
             a = ba.arguments
             query, key = a["query"], a["key"]
+            if query.is_nested or key.is_nested:  # the fused inference path of nn.TransformerEncoder
+                self._warn_once(f"nested:{name}", f"EntropyMonitor: {name or 'model'} receives nested tensors "
+                                "(the fast path of nn.TransformerEncoder with a padding mask): not recorded")
+                return
             unbatched = query.dim() == 2
             if unbatched:
                 query, key = query.unsqueeze(1), key.unsqueeze(1)  # (L, 1, E)
@@ -271,38 +543,37 @@ class EntropyMonitor:
                 kp = _to_additive(kpm, cdt).view(N, 1, 1, S)
                 mask = kp if mask is None else mask + kp
             causal = bool(a["is_causal"]) and attn_mask is None
-            if mask is not None:
-                finite = torch.isfinite(mask)
-                if not bool(torch.where(finite, mask, 0).any()):
-                    mask = finite  # pure masking: bool, True = attend
-        if a["query"] is a["key"]:
-            xk = xq  # self-attention: one set of token norms
-        self._record(layer, name, xq, xk, q, k, 1.0 / math.sqrt(dh), causal, mask, w_q, w_k)
+            if mask is not None and _pure_mask(mask):
+                mask = mask > _hidden_threshold(mask.dtype)  # pure masking: bool, True = attend
+            if not self._finite(layer, name, q, k):
+                return
+            scale = 1.0 / math.sqrt(dh)
+            st = attention_row_stats(q, k, scale=scale, causal=causal, attn_mask=mask, method=self.method,
+                                     block_size=self.block_size, _float_mask_is_bias=True)
+            if mask is not None and mask.dtype != torch.bool:
+                bound = "additive attention mask (a bias on the logits)"
+            else:
+                bound = (head_sigma(w_q, w_k, scale), xq, xk if a["query"] is not a["key"] else None)
+        self._record(layer, name, "mha", st, S, bound)
 
     # -- the record ----------------------------------------------------------------------------
-    def _record(self, layer, name, xq, xk, q, k, scale, causal, mask, w_q, w_k, weights_valid=True):
+    def _record(self, layer, name, source, st: RowStats, Tk: int, bound):
+        """Append one record per head.  ``bound``: ``(sigma, x_q, x_k or None)`` for the weight
+        variants, or a string saying why only the exact variant applies."""
         with torch.no_grad():
-            if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())):
-                # a diverging model: no entropy to measure; the training loop reports the divergence
-                warnings.warn(f"EntropyMonitor: layer {layer} ({name}) has non-finite queries or keys "
-                              f"at step {self._step}; not recorded", RuntimeWarning, stacklevel=2)
-                return
-            st = attention_row_stats(q, k, scale=scale, causal=causal, attn_mask=mask,
-                                     method=self.method, block_size=self.block_size)
             B, H, Tq = st.entropy.shape
-            Tk = k.shape[2]
             ent = st.entropy
             half = st.n_keys >= Tk / 2  # (B, H, Tq)
             n_half = half.sum((0, 2))
             mean_half = torch.where(half, ent, 0).sum((0, 2)) / n_half.clamp(min=1)
-            sigma = head_sigma(w_q, w_k, scale)  # (H,)
-            nb = B if self.bound_samples is None else min(B, self.bound_samples)
-            sub = type(st)(*(t[:nb] for t in st))
-            additive = mask is not None and mask.dtype != torch.bool
-            if additive or not weights_valid:  # logits not x W_Q W_K^T x^T: only the exact variant
-                norms = {"exact": sub.logit_norm.double()}
+            nb = self._nb(B)
+            sub = RowStats(*(t[:nb] for t in st))
+            note, sigma = (bound, None) if isinstance(bound, str) else (None, bound[0])
+            if note is None:
+                _, xq, xk = bound
+                norms = bound_variant_norms(sub, sigma, xq[:nb], None if xk is None else xk[:nb])
             else:
-                norms = bound_variant_norms(sub, sigma, xq[:nb], xk[:nb] if xk is not xq else None)
+                norms = {"exact": sub.logit_norm.double()}
             n_keys = sub.n_keys.cpu().numpy()
             sub_ent = sub.entropy.double().cpu().numpy()
             tol = _tolerance(sub.entropy)
@@ -311,7 +582,7 @@ class EntropyMonitor:
                 "entropy_mean_half": mean_half.tolist(),
                 "entropy_min": ent.amin((0, 2)).tolist(),
                 "entropy_max": ent.amax((0, 2)).tolist(),
-                "sigma": sigma.tolist(),
+                "sigma": [None] * H if sigma is None else sigma.tolist(),
                 "logit_norm_max": st.logit_norm.amax((0, 2)).tolist(),
             }
             for v in VARIANTS:
@@ -332,12 +603,13 @@ class EntropyMonitor:
                     warnings.warn(msg, BoundViolationWarning, stacklevel=2)
         half_counts = n_half.tolist()
         for hd in range(H):
-            rec = {"step": self._step, "layer": layer, "name": name, "head": hd, "seq_len": Tk,
-                   "n_rows": B * Tq, "log_seq_len": math.log(Tk), "bound_rows": nb * Tq}
+            rec = {"step": self._step, "layer": layer, "name": name, "source": source, "head": hd,
+                   "seq_len": Tk, "n_rows": B * Tq, "log_seq_len": math.log(Tk), "bound_rows": nb * Tq}
             for key, vals in per_head.items():
                 rec[key] = vals[hd]
             if half_counts[hd] == 0:
                 rec["entropy_mean_half"] = None
+            rec["weight_bound_note"] = note
             self._current.append(rec)
 
 

@@ -189,8 +189,9 @@ def test_bound_variants_are_valid_ordered_and_match_theory(seed, causal, mag):
             for v in order:
                 mine = norms[v][b, hd].numpy()
                 if causal and v in ("per_query", "centered"):
-                    # power-of-four prefix envelope: an upper bound on the exact prefix norm
-                    assert (mine >= ref[v] * (1 - 1e-12)).all(), v
+                    # power-of-four prefix envelope: an upper bound on the exact prefix norm (theory's
+                    # reference carries a rounding slack of a few eps, hence the absolute term)
+                    assert (mine >= ref[v] * (1 - 1e-12) - 1e-12).all(), v
                     # ... and equal at the prefixes that are checkpoints (T_i = 1, 4, T)
                     at = np.array([0, 3, T - 1])
                     np.testing.assert_allclose(mine[at], ref[v][at], rtol=1e-9, atol=1e-12)

@@ -81,7 +81,8 @@ CASES = {
     "sr/nan weight": (lambda: sigma_reparam(_linear_with_nan()), ValueError, "weight"),
     # sigma_core.monitor.EntropyMonitor(model, every, path, bound_samples, method, block_size)
     "em/type": (lambda: EntropyMonitor("gpt"), TypeError, "model"),
-    "em/no attention": (lambda: EntropyMonitor(torch.nn.Linear(2, 2)), ValueError, "model"),
+    "em/no attention": (lambda: EntropyMonitor(torch.nn.Linear(2, 2), capture=False), ValueError, "model"),
+    "em/capture": (lambda: EntropyMonitor(torch.nn.Linear(2, 2), capture=1), TypeError, "capture"),
     "em/every": (lambda: EntropyMonitor(build_model(preset("cpu-smoke")), every=0), ValueError, "every"),
     "em/method": (lambda: EntropyMonitor(build_model(preset("cpu-smoke")), method="x"), ValueError, "method"),
     "em/block_size": (lambda: EntropyMonitor(build_model(preset("cpu-smoke")), block_size=0), ValueError,

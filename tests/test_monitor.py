@@ -238,7 +238,11 @@ def test_detector_drop_rule_and_refiring_after_recovery():
 
 def test_monitor_rejects_models_without_attention_and_bad_arguments():
     with pytest.raises(ValueError, match="no supported attention"):
-        EntropyMonitor(nn.Linear(3, 3))
+        EntropyMonitor(nn.Linear(3, 3), capture=False)
+    lin = nn.Linear(3, 3)
+    with EntropyMonitor(lin) as mon, pytest.warns(RuntimeWarning, match="no attention call"):
+        lin(torch.randn(2, 3))  # nothing to see: a warning, not an error, and no records
+    assert mon.last == []
     with pytest.raises(ValueError, match="every"):
         EntropyMonitor(tiny_model(), every=0)
     with pytest.raises(ValueError, match="fraction"):

@@ -1,0 +1,68 @@
+"""Tiny random-initialised third-party Transformers built from configs (nothing is downloaded).
+
+Each factory returns ``(model, example_inputs)`` with ``model(**example_inputs)`` a valid forward;
+it calls ``pytest.importorskip`` for its library, so a test using it skips cleanly when the
+library is absent.  Shared by the monitor and sigmaReparam compatibility tests: keep the names.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _ids(vocab: int, batch: int, seq: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def tiny_gpt2(attn_implementation: str = "sdpa", *, batch: int = 2, seq: int = 12, seed: int = 0,
+              **config):
+    """Hugging Face GPT-2 (causal, fused c_attn with biases): 2 layers, 4 heads, d=32."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                  attn_implementation=attn_implementation, **config)
+    model = transformers.GPT2LMHeadModel(cfg)
+    return model, {"input_ids": _ids(97, batch, seq, seed)}
+
+
+def tiny_bert(attn_implementation: str = "sdpa", *, batch: int = 3, seq: int = 10, seed: int = 0,
+              padding: bool = True, **config):
+    """Hugging Face BERT (bidirectional, q/k with biases): 2 layers, 4 heads, d=32; with
+    ``padding`` the later batch elements are right-padded (an attention mask with zeros)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64,
+                                  attn_implementation=attn_implementation, **config)
+    model = transformers.BertModel(cfg, add_pooling_layer=False)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if padding:
+        for b in range(1, batch):
+            mask[b, seq - 3 * b:] = 0
+    return model, {"input_ids": _ids(97, batch, seq, seed), "attention_mask": mask}
+
+
+def tiny_llama(attn_implementation: str = "sdpa", *, batch: int = 2, seq: int = 12, seed: int = 0,
+               **config):
+    """Hugging Face Llama (causal, rotary, grouped-query: 4 query heads share 2 key heads), d=32."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attn_implementation=attn_implementation, **config)
+    model = transformers.LlamaForCausalLM(cfg)
+    return model, {"input_ids": _ids(97, batch, seq, seed)}
+
+
+def tiny_xtransformer(*, flash: bool = True, batch: int = 2, seq: int = 12, seed: int = 0, **attn):
+    """x-transformers decoder (causal), 2 layers, 4 heads of 8, d=32; ``attn`` adds ``attn_*`` options
+    (e.g. ``rotary_pos_emb=True`` at the decoder level is passed through ``rotary_pos_emb``)."""
+    xt = pytest.importorskip("x_transformers")
+    torch.manual_seed(seed)
+    rotary = attn.pop("rotary_pos_emb", False)
+    model = xt.TransformerWrapper(
+        num_tokens=97, max_seq_len=64,
+        attn_layers=xt.Decoder(dim=32, depth=2, heads=4, attn_dim_head=8, attn_flash=flash,
+                               rotary_pos_emb=rotary, **{f"attn_{k}": v for k, v in attn.items()}))
+    return model, {"x": _ids(97, batch, seq, seed)}
