@@ -79,13 +79,15 @@ class ModuleStack:
     """
 
     def __init__(self, model: nn.Module):
+        self._root = model
         self._modules = [(name, mod) for name, mod in model.named_modules() if mod is not model]
         self.stack: list[tuple[str, nn.Module, tuple, dict]] = []
         self._handles: list = []
 
-    def attach(self) -> None:
+    def attach(self, root_args: tuple = (), root_kwargs: dict | None = None) -> None:
+        """Hook every submodule; the root (already running) enters the stack with its arguments."""
         self.detach()
-        self.stack = []
+        self.stack = [("", self._root, root_args, root_kwargs or {})]
         for name, mod in self._modules:
             self._handles.append(mod.register_forward_pre_hook(
                 self._pusher(name), with_kwargs=True, prepend=True))

@@ -215,7 +215,7 @@ class EntropyMonitor:
         self._mode = None
         self._seen = False
         layer = 0
-        handles = [model.register_forward_pre_hook(self._on_root_pre, prepend=True)]
+        handles = [model.register_forward_pre_hook(self._on_root_pre, prepend=True, with_kwargs=True)]
         for name, mod in model.named_modules():
             ad = find_adapter(mod)
             if ad is not None:
@@ -272,10 +272,10 @@ class EntropyMonitor:
             self._warned.add(key)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
-    def _start_capture(self) -> None:
+    def _start_capture(self, args, kwargs) -> None:
         if self._stack is None:
             return
-        self._stack.attach()
+        self._stack.attach(args, kwargs)
         self._mode = AttentionInterceptor(self._on_sdpa, self._on_softmax)
         self._mode.__enter__()
 
@@ -290,7 +290,7 @@ class EntropyMonitor:
             self._stack.detach()
 
     # -- root hooks ----------------------------------------------------------------------------
-    def _on_root_pre(self, module, args):
+    def _on_root_pre(self, module, args, kwargs):
         if self._mode is not None:  # a previous forward raised before the post hook could run
             self._stop_capture()
         self._step = self._forwards
@@ -300,7 +300,7 @@ class EntropyMonitor:
         self._calls = {}
         self._seen = False
         if self._active:
-            self._start_capture()
+            self._start_capture(args, kwargs)
 
     def _on_root_post(self, module, args, output):
         self._stop_capture()
@@ -309,7 +309,7 @@ class EntropyMonitor:
         self._active = False
         self.last = self._current
         self._current = []
-        if not self._seen:
+        if not self._seen and output is not None:  # None: the forward raised (or returns nothing)
             self._warn_once("nothing", "EntropyMonitor: the recorded forward made no attention call the monitor "
                             "can see (scaled_dot_product_attention, a softmax over (B, H, Tq, Tk) logits, the "
                             "probe protocol or nn.MultiheadAttention)")

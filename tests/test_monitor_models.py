@@ -1,0 +1,375 @@
+"""EntropyMonitor on Transformers nobody here wrote: Hugging Face GPT-2, BERT, Llama, x-transformers,
+torch.nn.TransformerEncoder, and bare scaled_dot_product_attention calls.
+
+Reference: the probabilities the model itself returns (``output_attentions=True`` with the eager
+implementation), or a float64 brute force.  Every model is tiny and random-initialised from a
+config (tests/thirdparty_models.py); a test skips when its library is absent.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sigma_core.adapters import ADAPTERS, register_adapter
+from sigma_core.monitor import BoundViolationWarning, EntropyMonitor
+from thirdparty_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_xtransformer
+
+VARIANTS = ("theorem", "per_query", "centered", "exact")
+NO_DROPOUT = {
+    tiny_gpt2: dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+    tiny_bert: dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    tiny_llama: {},
+}
+
+
+def entropy_of(p):
+    p = p.detach().double()
+    return -torch.where(p > 0, p * p.log(), 0).sum(-1)  # (B, H, Tq)
+
+
+def _strict():
+    """A context in which a bound violation is an error (it would contradict a theorem)."""
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("error", BoundViolationWarning)
+    return ctx
+
+
+def _no_violations(records):
+    for r in records:
+        for v in VARIANTS:
+            assert r[f"violations_{v}"] in (0, None), (r["name"], v)
+        assert r["violations_exact"] == 0
+
+
+@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_bert, tiny_llama], ids=["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_entropies_match_the_models_own_attention_probabilities(factory, impl, mode):
+    """GPT-2 (causal), BERT (padding mask), Llama (grouped-query, rotary), eager and sdpa, train and
+    eval: per-head mean and min entropy agree with -sum p log p of output_attentions to 1e-5."""
+    model, inputs = factory(impl, **NO_DROPOUT[factory])
+    ref_model, _ = factory("eager", **NO_DROPOUT[factory])  # same seed: the same weights
+    for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()):
+        assert torch.equal(a, b)
+    model.train(mode == "train")
+    ref_model.train(mode == "train")
+    with torch.no_grad():
+        probs = ref_model(**inputs, output_attentions=True).attentions  # per layer (B, H, T, T)
+    ctx = _strict()
+    try:
+        with EntropyMonitor(model, bound_samples=None) as mon:
+            model(**inputs)
+    finally:
+        ctx.__exit__(None, None, None)
+    L, H = len(probs), probs[0].shape[1]
+    assert len(mon.last) == L * H
+    assert [r["layer"] for r in mon.last] == [h // H for h in range(L * H)]
+    assert {r["source"] for r in mon.last} == {"softmax" if impl == "eager" else "sdpa"}
+    for r in mon.last:
+        ent = entropy_of(probs[r["layer"]][:, r["head"]])  # (B, T)
+        assert r["entropy_mean"] == pytest.approx(float(ent.mean()), abs=1e-5)
+        assert r["entropy_min"] == pytest.approx(float(ent.min()), abs=1e-5)
+        assert r["entropy_max"] == pytest.approx(float(ent.max()), abs=1e-5)
+    _no_violations(mon.last)
+
+
+@pytest.mark.parametrize("factory,names", [
+    (tiny_gpt2, ["transformer.h.0.attn", "transformer.h.1.attn"]),
+    (tiny_bert, ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]),
+    (tiny_llama, ["model.layers.0.self_attn", "model.layers.1.self_attn"]),
+], ids=["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_records_name_the_owning_module_and_the_weight_variants_that_apply(factory, names, impl):
+    model, inputs = factory(impl)
+    with EntropyMonitor(model, bound_samples=None) as mon:
+        model(**inputs)
+    assert [r["name"] for r in mon.last if r["head"] == 0] == names
+    assert all(n in dict(model.named_modules()) for n in names)
+    for r in mon.last:
+        if factory is tiny_llama:  # rotary: only the exact variant
+            assert "rotary" in r["weight_bound_note"]
+            assert r["sigma"] is None and r["bound_theorem"] is None and r["bound_exact"] is not None
+        else:
+            assert r["weight_bound_note"] is None and r["sigma"] > 0
+            assert r["bound_theorem"] <= r["bound_per_query"] <= r["bound_centered"] <= r["bound_exact"] + 1e-9
+            assert r["bound_exact"] <= r["entropy_min"] + 1e-4
+    _no_violations(mon.last)
+
+
+@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_bert, tiny_llama], ids=["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_outputs_and_gradients_are_bit_identical_with_and_without_the_monitor(factory, impl):
+    model, inputs = factory(impl)  # default dropout: the monitor must not consume random numbers
+    model.train()
+
+    def run():
+        torch.manual_seed(123)
+        model.zero_grad()
+        out = model(**inputs).last_hidden_state if factory is tiny_bert else model(**inputs).logits
+        out.square().mean().backward()
+        return out.detach().clone(), [p.grad.clone() for p in model.parameters() if p.grad is not None], \
+            torch.rand(3)
+
+    y0, g0, r0 = run()
+    with EntropyMonitor(model) as mon:
+        y1, g1, r1 = run()
+    assert len(mon.last) > 0
+    assert torch.equal(y0, y1) and torch.equal(r0, r1) and len(g0) == len(g1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+def test_a_forward_that_does_not_record_installs_nothing():
+    """every=2: the second forward runs with no torch-function mode and no submodule hooks."""
+    model, inputs = tiny_gpt2("sdpa")
+    seen = []
+    probe = model.transformer.h[0].attn
+    handle = probe.register_forward_pre_hook(
+        lambda m, a: seen.append((torch._C._is_torch_function_mode_enabled(),
+                                  sum(len(x._forward_pre_hooks) + len(x._forward_hooks) for x in model.modules()))))
+    with EntropyMonitor(model, every=2) as mon:
+        model(**inputs)
+        model(**inputs)
+        hooks_between = sum(len(x._forward_pre_hooks) + len(x._forward_hooks) for x in model.modules())
+    handle.remove()
+    assert seen[0][0] and not seen[1][0]  # the mode is active only in the recorded forward
+    assert seen[1][1] == 1 + 2  # the probe hook above, and the monitor's two root hooks
+    assert hooks_between == 1 + 2
+    assert not torch._C._is_torch_function_mode_enabled() and mon.last[0]["step"] == 0
+    assert sum(len(x._forward_pre_hooks) + len(x._forward_hooks) for x in model.modules()) == 0
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_llama_grouped_query_attention_both_sdpa_layouts(padding):
+    """Without a mask HF passes enable_gqa=True (2 key heads); with a padding mask it repeats the key
+    heads itself: both give the eager reference."""
+    model, inputs = tiny_llama("sdpa")
+    ref, _ = tiny_llama("eager")
+    if padding:
+        mask = torch.ones_like(inputs["input_ids"])
+        mask[1, 8:] = 0
+        inputs["attention_mask"] = mask
+    calls = []
+    orig = F.scaled_dot_product_attention
+
+    from torch.overrides import TorchFunctionMode
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is orig:
+                calls.append((args[1].shape[1], bool((kwargs or {}).get("enable_gqa", False))))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        probs = ref(**inputs, output_attentions=True).attentions
+        with EntropyMonitor(model, bound_samples=None) as mon, Spy():
+            model(**inputs)
+    assert calls[0] == ((2, True) if not padding else (4, False))
+    for r in mon.last:
+        ent = entropy_of(probs[r["layer"]][:, r["head"]])
+        if padding:  # the padded rows of sample 1 still attend to earlier keys: all rows compare
+            pass
+        assert r["entropy_mean"] == pytest.approx(float(ent.mean()), abs=1e-5)
+        assert r["entropy_min"] == pytest.approx(float(ent.min()), abs=1e-5)
+    _no_violations(mon.last)
+
+
+def test_xtransformers_flash_and_eager_paths_agree_and_rotary_switches_the_weight_variants_off():
+    flash, inputs = tiny_xtransformer(flash=True)
+    eager, _ = tiny_xtransformer(flash=False)
+    eager.load_state_dict(flash.state_dict())
+    recs = {}
+    for name, model in (("flash", flash), ("eager", eager)):
+        ctx = _strict()
+        try:
+            with EntropyMonitor(model, bound_samples=None) as mon:
+                model(**inputs)
+        finally:
+            ctx.__exit__(None, None, None)
+        recs[name] = mon.last
+        _no_violations(mon.last)
+    assert {r["source"] for r in recs["flash"]} == {"sdpa"} and {r["source"] for r in recs["eager"]} == {"softmax"}
+    assert len(recs["flash"]) == len(recs["eager"]) == 2 * 4
+    for a, b in zip(recs["flash"], recs["eager"]):
+        assert (a["name"], a["layer"], a["head"]) == (b["name"], b["layer"], b["head"])
+        assert a["entropy_mean"] == pytest.approx(b["entropy_mean"], abs=1e-5)
+        assert a["entropy_min"] == pytest.approx(b["entropy_min"], abs=1e-5)
+        assert a["sigma"] == pytest.approx(b["sigma"], rel=1e-9) and a["weight_bound_note"] is None
+        assert a["bound_centered"] == pytest.approx(b["bound_centered"], rel=1e-6, abs=1e-9)
+    rot, inputs = tiny_xtransformer(rotary_pos_emb=True)
+    with EntropyMonitor(rot) as mon:
+        rot(**inputs)
+    assert all("rotary" in r["weight_bound_note"] and r["bound_theorem"] is None for r in mon.last)
+    _no_violations(mon.last)
+    qkn, inputs = tiny_xtransformer(qk_norm=True)
+    with EntropyMonitor(qkn) as mon:
+        qkn(**inputs)
+    assert all("QK-normalisation" in r["weight_bound_note"] for r in mon.last)
+    _no_violations(mon.last)
+
+
+class BareSDPA(nn.Module):
+    """Attention written directly on scaled_dot_product_attention, with every option exposed."""
+
+    def __init__(self, d=12, heads=3, kv_heads=3, three_d=False):
+        super().__init__()
+        self.h, self.kv, self.dh, self.three_d = heads, kv_heads, d // heads, three_d
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, kv_heads * (d // heads))
+
+    def forward(self, x, mask=None, causal=False, scale=None):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.h, self.dh).transpose(1, 2)
+        k = self.k(x).view(B, T, self.kv, self.dh).transpose(1, 2)
+        if self.three_d:
+            q, k = q.reshape(B * self.h, T, self.dh), k.reshape(B * self.kv, T, self.dh)
+        return F.scaled_dot_product_attention(q, k, k, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=self.kv != self.h)
+
+
+def _brute(q, k, scale, visible, bias=None):
+    s = scale * q.double() @ k.double().transpose(-1, -2)
+    if bias is not None:
+        s = s + bias.double()
+    s = s.masked_fill(~visible, -math.inf)
+    return entropy_of(s.softmax(-1))
+
+
+@pytest.mark.parametrize("case", ["plain", "causal_scale", "finfo_min_padding", "bias", "gqa", "three_d"])
+def test_bare_sdpa_calls_against_a_float64_brute_force(case):
+    torch.manual_seed(0)
+    B, T, d = 2, 7, 12
+    mod = BareSDPA(kv_heads=1 if case == "gqa" else 3, three_d=case == "three_d")
+    x = torch.randn(B, T, d)
+    kw, bias = {}, None
+    visible = torch.ones(B, 1, T, T, dtype=torch.bool)
+    if case == "causal_scale":
+        kw = dict(causal=True, scale=0.9)
+        visible = visible & torch.ones(T, T, dtype=torch.bool).tril()
+    elif case == "finfo_min_padding":  # the Hugging Face convention: finfo.min, not -inf
+        keep = torch.ones(B, 1, 1, T, dtype=torch.bool)
+        keep[1, ..., 4:] = False
+        kw = dict(mask=torch.zeros(B, 1, 1, T).masked_fill(~keep, torch.finfo(torch.float32).min))
+        visible = visible & keep
+    elif case == "bias":
+        bias = torch.randn(1, 3, T, T)
+        kw = dict(mask=bias)
+    with EntropyMonitor(mod, bound_samples=None) as mon:
+        mod(x, **kw)
+    with torch.no_grad():
+        q = mod.q(x).view(B, T, 3, 4).transpose(1, 2)
+        k = mod.k(x).view(B, T, mod.kv, 4).transpose(1, 2).repeat_interleave(3 // mod.kv, 1)
+        ent = _brute(q, k, kw.get("scale") or 0.5, visible, bias)
+    heads = 1 if case == "three_d" else 3
+    assert len(mon.last) == heads
+    for r in mon.last:
+        e = ent.reshape(B * 3, 1, T)[:, 0] if case == "three_d" else ent[:, r["head"]]
+        assert r["entropy_mean"] == pytest.approx(float(e.mean()), abs=1e-6)
+        assert r["entropy_min"] == pytest.approx(float(e.min()), abs=1e-6)
+        assert math.isfinite(r["logit_norm_max"]) and r["name"] == ""
+        assert r["weight_bound_note"] is not None  # no adapter for BareSDPA: exact variant only
+        assert r["violations_exact"] == 0 and r["bound_theorem"] is None
+    if case == "finfo_min_padding":  # padded keys are hidden: sample 1 sees 4 keys, not 7
+        assert mon.last[0]["entropy_max"] <= math.log(7) + 1e-6
+
+
+def test_a_registered_adapter_enables_the_weight_variants_and_a_wrong_one_is_caught():
+    from sigma_core.adapters import Projections, _heads
+    torch.manual_seed(1)
+    mod = BareSDPA()
+    x = torch.randn(2, 6, 12)
+    key = (BareSDPA.__module__, BareSDPA.__qualname__)
+
+    def adapter(scale_error):
+        def fn(module, args, kwargs):
+            xa = torch.cat([args[0], args[0].new_ones(*args[0].shape[:-1], 1)], -1)
+            return Projections(xa, xa, _heads(module.q.weight.T, module.q.bias, 3),
+                               _heads(module.k.weight.T, module.k.bias, 3), 0.5 * scale_error)
+        return fn
+
+    try:
+        register_adapter(*key, adapter(1.0))
+        with EntropyMonitor(mod) as mon:
+            mod(x, causal=True)
+        assert all(r["weight_bound_note"] is None and r["violations_theorem"] == 0 for r in mon.last)
+        register_adapter(*key, adapter(0.5))  # a wrong scale: the logits check must refuse it
+        with EntropyMonitor(mod) as mon:
+            mod(x, causal=True)
+        assert all("differ" in r["weight_bound_note"] and r["bound_theorem"] is None for r in mon.last)
+    finally:
+        ADAPTERS.pop(key, None)
+
+
+def test_a_failing_adapter_warns_and_never_breaks_the_forward():
+    torch.manual_seed(2)
+    mod = BareSDPA()
+    x = torch.randn(2, 5, 12)
+    key = (BareSDPA.__module__, BareSDPA.__qualname__)
+    ref = mod(x)
+
+    def broken(module, args, kwargs):
+        raise KeyError("no such weight")
+
+    try:
+        register_adapter(*key, broken)
+        with EntropyMonitor(mod) as mon, pytest.warns(RuntimeWarning, match="could not record.*KeyError"):
+            out = mod(x)
+    finally:
+        ADAPTERS.pop(key, None)
+    assert torch.equal(out, ref) and mon.last == []
+
+
+def test_an_exception_in_the_forward_leaves_no_mode_and_no_hooks_behind():
+    model, inputs = tiny_gpt2("sdpa")
+    with EntropyMonitor(model) as mon:
+        with pytest.raises(Exception):
+            model(input_ids=inputs["input_ids"], attention_mask=torch.ones(5, 5))  # wrong shape
+        assert not torch._C._is_torch_function_mode_enabled()
+        assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 1  # only the root's
+        model(**inputs)  # the monitor still works
+    assert len(mon.last) == 2 * 4 and mon.last[0]["step"] == 1
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_transformer_encoder_fast_path_with_a_padding_mask_never_crashes(every):
+    """nn.TransformerEncoder in eval mode with a padding mask takes the nested-tensor fast path; a
+    recorded forward steps off it (and records), a forward that does not record keeps it."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), num_layers=2,
+                                enable_nested_tensor=True).eval()
+    x = torch.randn(3, 9, 16)
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    pad[2, 3:] = True
+    with torch.no_grad():
+        ref = enc(x, src_key_padding_mask=pad)
+        with EntropyMonitor(enc, every=every, bound_samples=None) as mon:
+            outs = [enc(x, src_key_padding_mask=pad) for _ in range(2)]
+    assert len(mon.last) == 2 * 4 and mon.last[0]["step"] == (1 if every == 1 else 0)
+    _no_violations(mon.last)
+    keep = ~pad
+    for out in outs:  # padded positions are undefined (0 on the fast path): compare the real ones
+        assert torch.allclose(out[keep], ref[keep], atol=1e-5)
+    if every == 2:
+        assert torch.equal(outs[1], ref)  # unrecorded: the fast path, bit-identical
+    # sample 2 sees 3 keys: no row of it can exceed log 3
+    assert all(r["entropy_min"] <= math.log(3) + 1e-6 for r in mon.last)
+
+
+def test_nested_tensors_reaching_multihead_attention_are_stepped_over_with_a_warning():
+    """Without the capture mode nothing steps the encoder off its nested-tensor path: the MHA hook
+    then sees nested tensors, warns once and records nothing; the forward is untouched."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), num_layers=2,
+                                enable_nested_tensor=True).eval()
+    x = torch.randn(2, 6, 16)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    with torch.no_grad():
+        ref = enc(x, src_key_padding_mask=pad)
+        with EntropyMonitor(enc, capture=False) as mon, pytest.warns(RuntimeWarning, match="nested tensors"):
+            out = enc(x, src_key_padding_mask=pad)
+    assert torch.equal(out, ref) and mon.last == []
