@@ -470,7 +470,7 @@ STEPS: tuple[Step, ...] = (
 )
 
 
-def run_steps(steps=STEPS, *, full=False, out=sys.stdout, only=None):
+def run_steps(steps=STEPS, *, full=False, out=None, only=None):
     """Run (or list, for "paper" steps) each step; return True when every checked step passed.
 
     Examples
@@ -479,6 +479,7 @@ def run_steps(steps=STEPS, *, full=False, out=sys.stdout, only=None):
     >>> run_steps([s for s in STEPS if s.key in ("reduce", "second-order")], out=io.StringIO())
     True
     """
+    out = sys.stdout if out is None else out
     all_ok = True
     for step in steps:
         if only and step.key not in only:
