@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mpmath
 import numpy as np
 import pytest
 import scipy.special
@@ -137,13 +138,78 @@ def test_small_and_large_norm_asymptotics():
     s = np.array([1e-3, 1e-4])
     err = np.abs(entropy_lower_bound(s, t) - (np.log(t) - s**2 / (2 * t)))
     assert np.all(err <= s**3 + 4 * EPS * np.log(t))
-    s = np.array([200.0, 400.0])
+
+
+@pytest.mark.parametrize("t", [2, 3, 50, 10**6])
+def test_large_norm_asymptotic_is_tight_enough_to_reject_wrong_forms(t):
+    """eq. (9): h / ((T-1)(1+g)e^{-g}) = 1 - O(a), a = (T-1)e^{-g}: exactly,
+    log1p(a) + g a/(1+a) = a(1+g)(1 + r) with |r| <= a. So |ratio - 1| <= a + the float64
+    error 4 eps (log(T-1) + g + 4) of each side: at g >= 30 that is ~1e-12, far below the
+    1/g by which the wrong form (T-1) g e^{-g} differs (and e^{-0.4 g}, dropped sqrt(T/(T-1)))."""
+    s = np.array([30.0, 60.0, 200.0, 400.0, 480.0])     # e^{-g} a normal float64
     g = s * np.sqrt(t / (t - 1))
-    ratio = entropy_lower_bound(s, t) / ((t - 1) * (1 + g) * np.exp(-g))
-    assert np.all(np.abs(ratio - 1) < 1.0 / g)
+    with np.errstate(under="ignore"):
+        a = (t - 1) * np.exp(-g)
+        h = entropy_lower_bound(s, t)
+        ratio = h / ((t - 1) * (1 + g) * np.exp(-g))
+        wrong = h / ((t - 1) * g * np.exp(-g))
+    tol = a + 2 * 4 * EPS * (np.log(t - 1) + g + 4)
+    assert np.all(np.abs(ratio - 1) <= tol), (ratio - 1, tol)
+    assert np.all(np.abs(wrong - 1) > 100 * tol)
+    # and against 50-digit mpmath, the same bound on the remainder
+    from theory.certify import entropy_lower_bound_mp
+    with mpmath.workdps(50):
+        for si in s:
+            gm = mpmath.mpf(si) * mpmath.sqrt(mpmath.mpf(t) / (t - 1))
+            am = (t - 1) * mpmath.exp(-gm)
+            r = entropy_lower_bound_mp(si, t) / (am * (1 + gm)) - 1
+            assert -am <= r <= mpmath.mpf(10) ** -45      # r <= 0 up to the 50 digits
+
+
+def test_huge_norms_and_ranges_give_zero_without_warnings():
+    """Issue 13, 1: s near the float64 maximum makes g overflow to inf; h is then 0, not nan
+    (no inf * 0); logits spanning more than the float64 range have entropy 0, not a warning."""
+    with np.errstate(all="raise"):
+        assert entropy_lower_bound(1.7e308, 2) == 0.0
+        np.testing.assert_array_equal(entropy_lower_bound([1.7e308, np.finfo(float).max], [2, 10**12]), 0.0)
+        assert softmax_entropy([1e308, -1e308]) == 0.0
+        assert softmax_entropy([np.finfo(float).max, -np.finfo(float).max, 0.0]) == 0.0
+        h = softmax_entropy([[1e308, -1e308, 1e308], [0.0, -1e308, 0.0]])
+        np.testing.assert_allclose(h, np.log(2), rtol=4 * EPS)
 
 
 # ----------------------------------------------------------------- the inverse
+def _h_exact(s, t):
+    from theory.certify import entropy_lower_bound_mp
+    return entropy_lower_bound_mp(float(s), int(t), dps=60)
+
+
+@given(st.one_of(st.floats(1e-300, 1), st.floats(1 - 1e-6, 1),
+                 st.floats(0, 60).map(lambda k: 1 - 2.0 ** -k)),
+       st.one_of(st.integers(2, 100), st.integers(2, 10**12)))
+@example(1.0, 2)
+@example(1 - 2**-52, 2)
+@example(1 - 2**-52, 10**12)
+@example(0.5, 3)
+@example(1e-300, 10**12)
+def test_max_logit_norm_is_conservative_against_mpmath(frac, t):
+    """Issue 13, 5: every s returned has h_T(s) >= H exactly (60-digit mpmath), so every row
+    within norm s has entropy >= H; and it is not needlessly small: h_T(s) - H <= 4e-12 H,
+    the error bound of the float evaluation it guards against (about 1e-12 at g ~ 700)."""
+    target = frac * np.log(t)
+    if target == 0:
+        return
+    s = max_logit_norm(target, t)
+    assert 0 <= s < np.inf
+    with mpmath.workdps(60):
+        h = _h_exact(s, t)
+        # H = float(log T) may exceed the exact log T by half an ulp: then s = 0 is the best
+        want = min(mpmath.mpf(float(target)), mpmath.log(t))
+        assert h >= want
+        if s > 0:
+            assert h - want <= 4e-12 * target
+
+
 @given(st.floats(1e-300, 1), st.integers(2, 10**9))
 @example(1.0, 2)
 @example(0.9999999999999999, 438)
@@ -159,16 +225,57 @@ def test_max_logit_norm_round_trip(frac, t):
     assert entropy_lower_bound(s, t) == pytest.approx(target, rel=1e-10, abs=0)
 
 
-@given(st.floats(1e-3, 480), st.integers(2, 10**6))
+@given(st.one_of(st.floats(1e-3, 480), st.floats(1e-8, 1e-3)), st.integers(2, 10**6))
 @example(1e-3, 2)
 @example(480.0, 2)
 @example(480.0, 10**6)
+@example(1e-8, 2)
+@example(1e-6, 10**6)
 def test_max_logit_norm_inverts_in_s(s, t):
-    """s -> h_T(s) -> s, for s where h_T(s) is a normal float64. Tolerance: relative error in h is ~eps, amplified by the condition
-    number |h / (s h'(s))|, which is ~ 2 T log T / s^2 at small s (eq. (8)) and <= 1 at large s."""
+    """s -> h_T(s) -> s, for s where h_T(s) is a normal float64. Tolerance: the relative error
+    e = 4 eps (log(T-1) + g + 4) in h (plus the conservative step of the same size) amplified
+    by the condition number |h / (s h'(s))|, ~ 2 T log T / s^2 at small s (eq. (8)) and
+    <= 1 at large s. Below s ~ sqrt(T eps) the round trip cannot resolve s at all (h(s) rounds
+    to log T); then the answer may be 0, never larger than needed."""
     h = entropy_lower_bound(s, t)
+    g = s * np.sqrt(t / (t - 1))
     cond = max(1.0, 2 * t * np.log(t) / s**2)
-    assert max_logit_norm(h, t) == pytest.approx(s, rel=64 * EPS * cond + 1e-13)
+    err = 4 * EPS * (np.log(t - 1) + g + 4)
+    back = max_logit_norm(h, t)
+    if 2 * err * cond >= 1:                 # unresolvable: only "not above s by more than e"
+        assert back <= s * (1 + 1e-9) or h == np.log(t)
+    else:
+        assert back == pytest.approx(s, rel=3 * err * cond + 1e-13)
+
+
+def test_empty_input_is_treated_alike():
+    """Issue 13, 6: empty arrays give empty results from every function, after the same checks
+    as non-empty ones (a fractional T is an error either way)."""
+    for fn in (entropy_lower_bound, max_logit_norm):
+        out = fn(np.zeros(0), 5)
+        assert out.shape == (0,) and out.dtype == np.float64
+        assert fn(np.zeros((0, 3)), np.array([2, 3, 4])).shape == (0, 3)
+        with pytest.raises(ValueError, match="seq_len"):
+            fn([], 2.5)
+        with pytest.raises(ValueError, match="seq_len"):
+            fn([], 0)
+        with pytest.raises(TypeError):
+            fn(np.array([], dtype=str), 5)
+    assert softmax_entropy(np.zeros((0, 4))).shape == (0,)
+    assert extremal_logits(np.zeros(0), 4).shape == (0, 4)
+
+
+def test_integers_beyond_int64_are_their_float():
+    """Issue 13, 6: Python ints too large for int64 are taken as their float64 value."""
+    assert entropy_lower_bound(1.0, 10**20) == entropy_lower_bound(1.0, 1e20)
+    assert entropy_lower_bound(10**20, 3) == entropy_lower_bound(1e20, 3) == 0.0
+    np.testing.assert_array_equal(entropy_lower_bound([1.0, 2.0], [10**20, 3]),
+                                  entropy_lower_bound([1.0, 2.0], [1e20, 3]))
+    assert max_logit_norm(1.0, 10**20) == max_logit_norm(1.0, 1e20)
+    with pytest.raises(ValueError, match="seq_len"):
+        entropy_lower_bound(1.0, 10**400)
+    with pytest.raises(TypeError, match="seq_len"):
+        entropy_lower_bound(1.0, [10**20, "3"])
 
 
 def test_max_logit_norm_edges_and_vectorization():
@@ -229,6 +336,45 @@ def test_every_row_with_that_norm_has_at_least_h(seed, s, t, shift):
     z = shift + (s * u / nrm if nrm > 0 else u * 0)
     centred = np.linalg.norm(z - z.mean())
     assert softmax_entropy(z) >= entropy_lower_bound(centred, t) * (1 - 1e-9)
+
+
+def _scaled_norm(c):
+    """Row norms without overflow or underflow of squares (rows of any magnitude)."""
+    m = np.max(np.abs(c), axis=-1, keepdims=True)
+    m = np.where(m > 0, m, 1.0)
+    return m[..., 0] * np.linalg.norm(c / m, axis=-1)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(2, 64), st.floats(-300, 300),
+       st.floats(0, 300), st.sampled_from(["random", "near-extremal", "two-level"]))
+@example(0, 2, -300.0, 0.0, "random")
+@example(1, 64, 300.0, 0.0, "near-extremal")
+@example(2, 10, 0.0, 3.0, "near-extremal")
+@example(3, 10, 1.0, 1.0, "two-level")
+def test_thousands_of_rows_lie_above_h_of_their_centred_norm(seed, t, log10_mid, spread, kind):
+    """eqs. (2), (5)-(6) on 2048 rows per example (~200k in the default profile): every row
+    z has Ent(softmax(z)) >= h_T(||z - mean z||). Magnitudes 10^(mid +- spread) up to 1e300;
+    "near-extremal" rows are z* of eq. (5) plus noise 1e-6 |z*| (T up to 64, not only T = 2);
+    "two-level" rows have k high keys, the other stationary points of eq. (6).
+    Tolerance: the float64 error of h, 4 eps (log(T-1) + g + 4), plus that of the measured
+    entropy and of the norm (~T eps relative, amplified by g): 8 eps (log T + (1+T) g + T + 8)."""
+    rng = np.random.default_rng(seed)
+    n = 2048
+    mag = 10.0 ** np.clip(log10_mid + spread * rng.uniform(-1, 1, n), -300, 300)
+    if kind == "random":
+        z = rng.standard_normal((n, t))
+    else:
+        k = np.ones(n, dtype=int) if kind == "near-extremal" else rng.integers(1, t, n)
+        z = (np.arange(t) < k[:, None]).astype(float) - k[:, None] / t
+        z = z + (1e-6 * rng.standard_normal((n, t)) if kind == "near-extremal" else 0.0)
+    z = z / _scaled_norm(z)[:, None] * mag[:, None] + rng.uniform(-1e3, 1e3, (n, 1))
+    s = _scaled_norm(z - z.mean(axis=1, keepdims=True))
+    with np.errstate(all="raise"):
+        ent = softmax_entropy(z)
+        h = entropy_lower_bound(s, t)
+    g = np.minimum(s * np.sqrt(t / (t - 1)), 1e300)
+    tol = 8 * EPS * (np.log(t) + (1 + t) * g + t + 8)
+    assert np.all(ent >= h * (1 - tol)), float(np.max((h - ent) / np.maximum(h, 1e-300)))
 
 
 # ----------------------------------------------------------------- the stable entropy
@@ -295,6 +441,17 @@ def test_entropy_lower_bound_rejects_bad_input(s, t, match):
 def test_type_errors_name_the_argument():
     with pytest.raises(TypeError, match="logit_norm"):
         entropy_lower_bound("1.0", 3)
+    with pytest.raises(TypeError, match="seq_len"):
+        entropy_lower_bound(1.0, "3")
+    with pytest.raises(TypeError, match="entropy"):
+        max_logit_norm("0.5", 3)
+    with pytest.raises(TypeError, match="logits"):
+        softmax_entropy("1.0")
+    with pytest.raises(TypeError, match="axis"):
+        softmax_entropy(np.ones((2, 3)), axis=1.0)
+    with pytest.raises(TypeError, match="axis"):
+        softmax_entropy(np.ones((2, 3)), axis=True)
+    assert softmax_entropy(np.ones((2, 3)), axis=np.int64(0)).shape == (3,)
     with pytest.raises(TypeError, match="logits"):
         softmax_entropy(np.array([True, False]))
     with pytest.raises(TypeError, match="top"):

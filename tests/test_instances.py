@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from theory.bound import entropy_lower_bound, softmax_entropy
@@ -210,3 +210,186 @@ def test_bad_scale_and_causal():
 def test_extremal_instance_rejects_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         extremal_instance(**kwargs)
+
+
+# ----------------------------------------------------------------- issue 13: edges
+small_instances = st.tuples(
+    st.integers(0, 2**32 - 1), st.integers(1, 20), st.integers(1, 12), st.integers(1, 6),
+    st.just(1), st.just(np.float64), st.floats(0.5, 6), st.sampled_from([1.0, 0.125, -2.0]),
+    st.booleans())
+
+
+@given(small_instances, st.integers(-500, 500), st.integers(-800, 800), st.integers(-800, 800))
+@example((5, 16, 8, 4, 1, np.float64, 2.0, 0.5, True), -500, 800, 200)
+@example((6, 16, 8, 4, 1, np.float64, 2.0, 0.5, False), 500, -800, -200)
+@example((7, 3, 2, 2, 1, np.float64, 2.0, 1.0, False), -500, 800, 800)
+def test_bounds_are_exactly_invariant_to_powers_of_two(inst, kx, kq, kk):
+    """Issue 13, 1: X 2^kx, W_Q 2^kq, W_K 2^kk with scale 2^-(2kx+kq+kk) is the same attention
+    (same logits), and the bounds are computed from scaled matrices, so they are *identical*,
+    whatever the magnitudes (1e-150 .. 1e240 here: W_K W_Q^T, ||X||^2 and their product
+    leave the float64 range)."""
+    assume(abs(2 * kx + kq + kk) <= 1000)             # the scale itself stays a normal float
+    seed, T, d, n, _, _, magnitude, scale, causal = inst
+    X, W_Q, W_K = random_instance(seed, T, d, n, 1, np.float64, magnitude)
+    W_Q, W_K = W_Q[0], W_K[0]
+    ref = row_entropy_bounds(X, W_Q, W_K, scale=scale, causal=causal)
+    ref_s = row_logit_norm_bounds(X, W_Q, W_K, scale=scale, causal=causal)
+    args = (np.ldexp(X, kx), np.ldexp(W_Q, kq), np.ldexp(W_K, kk))
+    sc = float(np.ldexp(scale, -(2 * kx + kq + kk)))
+    with np.errstate(all="raise"):
+        got = row_entropy_bounds(*args, scale=sc, causal=causal)
+        got_s = row_logit_norm_bounds(*args, scale=sc, causal=causal)
+        tb = theorem_bound(*args, scale=sc, causal=causal)
+    for name in VARIANTS:
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+        np.testing.assert_array_equal(got_s[name], ref_s[name], err_msg=name)
+    np.testing.assert_array_equal(tb.value, ref["theorem"])
+
+
+def test_extreme_magnitudes_give_finite_correct_bounds():
+    """Issue 13, 1: tiny tokens and huge weights (logits of order 1), huge tokens and zero
+    weights (logits 0: log T), and logits near 1e300 with finite values."""
+    with np.errstate(all="raise"):
+        tb = theorem_bound(np.eye(3) * 1e-160, np.eye(3) * 1e160, np.eye(3) * 1e160)
+        assert tb.logit_norm == pytest.approx(1.0, rel=1e-13)
+        assert tb.value == pytest.approx(entropy_lower_bound(1.0, 3), rel=1e-13)
+        assert tb.value <= entropy_lower_bound(1.0, 3)
+        tb = theorem_bound(np.eye(4) * 1e200, np.zeros((4, 2)), np.zeros((4, 2)))
+        assert tb.logit_norm == 0.0 and tb.value == pytest.approx(np.log(4), rel=1e-14)
+        assert tb.value <= softmax_entropy(np.zeros(4))
+        X = np.array([[1e200, 0.0], [0.0, 1e200]])
+        W_Q, W_K = np.eye(2) * 1e200, np.eye(2) * 1e-300            # logits 1e300, finite
+        b = row_entropy_bounds(X, W_Q, W_K)
+        s = row_logit_norm_bounds(X, W_Q, W_K)
+    logits = (X @ (W_Q * 1e-100)) @ (X @ (W_K * 1e100)).T          # (1e300, 0; 0, 1e300)
+    assert np.isfinite(logits).all()
+    assert np.all(s["exact"] >= 1e300 * np.sqrt(0.5))              # ||(1e300, 0) - mean||
+    assert s["exact"][0] == pytest.approx(1e300 * np.sqrt(0.5), rel=1e-12)
+    with np.errstate(all="raise"):
+        for name in VARIANTS:
+            assert np.all(np.isfinite(b[name])) and np.all(b[name] == 0.0)
+        assert theorem_bound(X, W_Q, W_K).logit_norm == pytest.approx(1e300, rel=1e-13)
+        assert theorem_bound(X * 1e10, W_Q, W_K).logit_norm == np.inf    # 1e320: beyond float64
+        assert theorem_bound(X * 1e10, W_Q, W_K).value == 0.0
+
+
+@given(st.floats(0, 500), st.integers(1, 256), st.integers(0, 8), st.data(),
+       st.floats(0.05, 4))
+@example(0.0, 1, 0, None, 1.0)
+@example(500.0, 256, 8, None, 0.05)
+@example(1e-7, 256, 0, None, 4.0)
+@example(120.0, 3, 0, None, 2.0)
+def test_outward_rounding_on_extremal_instances(sigma, T, extra_dim, data, token_norm):
+    """Issue 13, 2: on the instances that attain the bound, no variant ever exceeds the entropy
+    softmax_entropy measures for the row (no tolerance), the order of eq. (7) holds exactly,
+    and the outward rounding costs at most 1e-12 (1 + g) relative."""
+    row = data.draw(st.integers(0, T - 1)) if data is not None else T - 1
+    X, W_Q, W_K = extremal_instance(sigma, T, T + extra_dim, row=row, token_norm=token_norm)
+    ent = softmax_entropy(logits_of(X, W_Q, W_K))
+    b = row_entropy_bounds(X, W_Q, W_K)
+    s = row_logit_norm_bounds(X, W_Q, W_K)
+    tb = theorem_bound(X, W_Q, W_K)
+    assert np.all(ent >= tb.value)
+    for name in VARIANTS:
+        assert np.all(ent >= b[name]), name
+    for weak, strong in zip(VARIANTS, VARIANTS[1:]):
+        assert np.all(b[weak] <= b[strong]) and np.all(s[weak] >= s[strong]), (weak, strong)
+    g = sigma * token_norm**2 * np.sqrt(T / max(T - 1, 1))
+    assert b["exact"][row] >= ent[row] * (1 - 1e-12 * (1 + g))
+
+
+def _independent_s(X, W_Q, W_K, scale, causal):
+    """per_query and centered from eigenvalues (eigvalsh of Gram matrices), not from the SVDs
+    and not from the code under test: sigma^2 = lambda_max(W_Q W_K^T W_K W_Q^T) and so on."""
+    T = X.shape[0]
+    lam = lambda m: float(np.sqrt(max(np.linalg.eigvalsh(m)[-1], 0.0)))  # noqa: E731
+    sigma = abs(scale) * lam(W_Q @ (W_K.T @ W_K) @ W_Q.T)
+    per_query, centered = np.empty(T), np.empty(T)
+    for i in range(T):
+        Xi = X[: i + 1] if causal else X
+        P = np.eye(len(Xi)) - 1.0 / len(Xi)
+        xi = float(np.sqrt(X[i] @ X[i]))
+        per_query[i] = sigma * xi * lam(Xi.T @ Xi)
+        centered[i] = sigma * xi * lam(Xi.T @ P @ Xi)
+    return per_query, centered
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(2, 24), st.integers(1, 8), st.integers(1, 4),
+       st.sampled_from([1.0, 0.25, -0.5]), st.booleans())
+@example(0, 24, 8, 4, 1.0, True)
+@example(1, 2, 1, 1, 0.25, True)
+def test_per_query_and_centered_match_an_independent_computation(seed, T, d, n, scale, causal):
+    """The causal (and full) per_query / centered logit-norm bounds are sigma ||x_i|| ||X_i||_2
+    and sigma ||x_i|| ||P X_i||_2 with X_i the *visible* keys: replacing ||X_i|| by ||X||
+    (valid, weaker) or the centring of X_i by that of X changes them by O(1) and fails here.
+    Tolerance 1e-9 relative: eigvalsh of a Gram matrix gives its top eigenvalue to ~T eps
+    relative (the square root halves it)."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((T, d)) + 2.0 * rng.standard_normal(d)   # shared mean direction
+    W_Q, W_K = rng.standard_normal((d, n)), rng.standard_normal((d, n))
+    s = row_logit_norm_bounds(X, W_Q, W_K, scale=scale, causal=causal)
+    per_query, centered = _independent_s(X, W_Q, W_K, scale, causal)
+    np.testing.assert_allclose(s["per_query"], np.minimum(per_query, s["theorem"]), rtol=1e-9)
+    centered_ref = np.minimum(centered, per_query)
+    np.testing.assert_allclose(s["centered"], centered_ref, rtol=1e-9,
+                               atol=1e-12 * float(np.max(per_query)))
+
+
+def test_theorem_bound_causal_is_per_row():
+    """Issue 13, 3: theorem_bound's single value is for unmasked rows; under a causal mask
+    row 0 has entropy 0 < value, so causal=True gives h_{i+1}(sigma sigma_x) per row, which
+    every causal row respects, and its last row (T keys) is the unmasked value."""
+    rng = np.random.default_rng(3)
+    X, W_Q, W_K = rng.standard_normal((7, 3)), rng.standard_normal((3, 2)), rng.standard_normal((3, 2))
+    scale = 0.3
+    full = theorem_bound(X, W_Q, W_K, scale=scale)
+    causal = theorem_bound(X, W_Q, W_K, scale=scale, causal=True)
+    ent = softmax_entropy(logits_of(X, W_Q, W_K, scale, causal=True))
+    assert ent[0] == 0.0 < full.value                 # the unmasked statement fails on row 0
+    assert causal.value.shape == (7,) and causal.value[0] == 0.0
+    assert np.all(ent >= causal.value)
+    assert causal.value[-1] == full.value
+    expected = entropy_lower_bound(causal.logit_norm, np.arange(1, 8))
+    np.testing.assert_allclose(causal.value, expected, rtol=1e-13)
+    assert np.all(causal.value <= expected)
+    np.testing.assert_array_equal(causal.value,
+                                  row_entropy_bounds(X, W_Q, W_K, scale=scale, causal=True)["theorem"])
+    with pytest.raises(TypeError, match="causal"):
+        theorem_bound(X, W_Q, W_K, causal=1)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(3, 48), st.floats(0.5, 60), st.floats(0, 1e-3))
+@example(0, 48, 60.0, 0.0)
+@example(1, 3, 0.5, 1e-3)
+def test_near_extremal_causal_rows_beyond_two_keys(seed, T, sigma, noise):
+    """Near-extremal instances under a causal mask: the extremal row is the last one (it sees
+    all T >= 3 keys), perturbed by relative noise; every row respects every variant exactly."""
+    X, W_Q, W_K = extremal_instance(sigma, T, row=T - 1)
+    rng = np.random.default_rng(seed)
+    X = X + noise * rng.standard_normal(X.shape)
+    W_K = W_K * (1 + noise * rng.standard_normal(W_K.shape))
+    ent = softmax_entropy(logits_of(X, W_Q, W_K, causal=True))
+    b = row_entropy_bounds(X, W_Q, W_K, causal=True)
+    for name in VARIANTS:
+        assert np.all(ent >= b[name]), name
+    if noise == 0:
+        assert b["exact"][-1] == pytest.approx(ent[-1], rel=1e-12 * (1 + 2 * sigma))
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(scale="2"), TypeError, "scale"),
+    (dict(scale=b"2"), TypeError, "scale"),
+    (dict(scale=True), TypeError, "scale"),
+    (dict(scale=10**400), ValueError, "scale"),
+    (dict(causal="yes"), TypeError, "causal"),
+])
+def test_instance_functions_reject_strings_and_huge_ints(kwargs, exc, match):
+    X, W = np.ones((3, 2)), np.ones((2, 2))
+    fns = (theorem_bound, row_logit_norm_bounds, row_entropy_bounds)
+    for fn in fns:
+        with pytest.raises(exc, match=match):
+            fn(X, W, W, **kwargs)
+    with pytest.raises(TypeError, match="X"):
+        theorem_bound("abc", W, W)
+    # ||W W^T||_2 = 4, ||X||_2^2 = 6: a Python int beyond int64 is taken as its float
+    assert theorem_bound(X, W, W, scale=10**20).logit_norm == pytest.approx(1e20 * 4 * 6)

@@ -22,10 +22,12 @@ __all__ = [
 # module explicitly (``from theory import symbolic``) -- it is not imported here, to keep
 # ``import theory`` free of sympy's import cost.
 from theory.certify import (  # noqa: E402
+    adam_update_bound,
     box_min_entropy,
     entropy_lower_bound_mp,
     minimize_entropy,
     one_hot_counterexample,
 )
 
-__all__ += ["entropy_lower_bound_mp", "minimize_entropy", "box_min_entropy", "one_hot_counterexample"]
+__all__ += ["entropy_lower_bound_mp", "minimize_entropy", "box_min_entropy", "one_hot_counterexample",
+            "adam_update_bound"]

@@ -225,7 +225,7 @@ def _entropy_bounds_down(s, seq):
     seq = np.broadcast_to(np.asarray(seq, dtype=np.float64), s.shape)
     h = np.empty(s.shape)
     _h_into(s, seq, s.shape, h)
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         g = s * np.sqrt(seq / np.maximum(seq - 1.0, 1.0))
         h *= 1.0 - np.where(np.isfinite(g), _h_error_bound(np.where(np.isfinite(g), g, 0.0),
                                                            seq), 0.0)
