@@ -8,7 +8,7 @@ from hypothesis import example, given, settings, strategies as st
 from scipy.special import entr
 
 from sigma_core.entropy import (
-    attention_entropy, attention_row_stats, bound_variant_norms, head_sigma, logit_row_norms,
+    attention_entropy, attention_row_stats, bound_variant_norms, head_sigma, logit_row_norms, logits_row_stats,
     prefix_token_norms,
 )
 
@@ -272,3 +272,73 @@ def test_rows_with_logit_gaps_beyond_the_exp_floor_are_exact(dtype, tol):
         st_ = attention_row_stats(q, k, scale=1.0, method=method, block_size=block)
         np.testing.assert_allclose(st_.entropy.double().numpy(), ref, rtol=0, atol=tol)
         np.testing.assert_allclose(st_.logit_norm.double().numpy(), nrm, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["dense", "streaming"])
+def test_finfo_min_masks_hide_keys_like_bool_masks(dtype, method):
+    """Hugging Face masks with torch.finfo(dtype).min, not -inf: finite values, equal to a bool mask."""
+    torch.manual_seed(4)
+    q = torch.randn(2, 2, 6, 4, dtype=torch.float64).to(dtype)
+    k = torch.randn(2, 2, 6, 4, dtype=torch.float64).to(dtype)
+    keep = torch.rand(2, 1, 6, 6) < 0.6
+    keep[..., 0] = True
+    fmin = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+    ent_ref, nrm_ref = reference(q, k, 0.5, keep.numpy())
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for mask in (fmin, fmin.view(2, 1, 6, 6).expand(2, 2, 6, 6)):
+        st_ = attention_row_stats(q, k, scale=0.5, attn_mask=mask, method=method, block_size=4)
+        assert torch.isfinite(st_.logit_norm).all() and torch.isfinite(st_.entropy).all()
+        np.testing.assert_allclose(st_.entropy.double().numpy(), ent_ref, atol=tol * 10)
+        np.testing.assert_allclose(st_.logit_norm.double().numpy(), nrm_ref, rtol=tol * 10, atol=tol * 10)
+        assert st_.n_keys.tolist() == np.broadcast_to(keep.numpy(), (2, 2, 6, 6)).sum(-1).tolist()
+    # logits plus finfo.min (an eager attention's softmax input) read the same way
+    z = 0.5 * q.double() @ k.double().transpose(-1, -2) + fmin.double()
+    z = z.to(dtype) if dtype != torch.float64 else z
+    st_ = logits_row_stats(z)
+    np.testing.assert_allclose(st_.entropy.double().numpy(), ent_ref,
+                               atol=1e-12 if dtype == torch.float64 else 5e-3 if dtype in (
+                                   torch.float16, torch.bfloat16) else 1e-5)
+
+
+def test_a_zero_one_float_mask_is_rejected_with_what_to_pass_instead():
+    q, k = torch.randn(1, 2, 4, 3), torch.randn(1, 2, 4, 3)
+    keep01 = torch.tensor([1.0, 1.0, 0.0, 1.0]).expand(4, 4)
+    for fn in (attention_entropy, logit_row_norms, attention_row_stats):
+        with pytest.raises(ValueError, match="attn_mask.*only 0 and 1.*bool"):
+            fn(q, k, attn_mask=keep01)
+    # the bool keep-mask it stands for works, and so does an all-zero float mask (no bias at all)
+    ok = attention_entropy(q, k, attn_mask=keep01.bool())
+    assert torch.equal(ok, attention_entropy(q, k, attn_mask=torch.where(keep01.bool(), 0.0, -math.inf)))
+    assert torch.equal(attention_entropy(q, k, attn_mask=torch.zeros(4, 4)), attention_entropy(q, k))
+
+
+@given(instances())
+@settings(max_examples=40)
+def test_logits_row_stats_match_the_float64_reference(inst):
+    """The statistics of formed logits (eager attention) equal those of their factors."""
+    q, k, causal, mask, dtype, block = inst
+    vis = np.broadcast_to(_visible(q.shape[2], k.shape[2], causal, mask),
+                          (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    ent_ref, nrm_ref = reference(q, k, 0.7, vis)
+    z = 0.7 * q @ k.transpose(-1, -2)
+    z = z.masked_fill(~torch.from_numpy(vis.copy()), torch.finfo(dtype).min if block % 2 else -math.inf)
+    st_ = logits_row_stats(z, block_rows=block)
+    tol = TOL[dtype]
+    np.testing.assert_allclose(st_.entropy.double().numpy(), ent_ref, rtol=0, atol=tol * max(1, ent_ref.max()))
+    np.testing.assert_allclose(st_.logit_norm.double().numpy(), nrm_ref, rtol=tol * 10,
+                               atol=tol * 10 * max(1.0, nrm_ref.max()))
+    assert st_.n_keys.tolist() == vis.sum(-1).tolist()
+    ref = attention_row_stats(q, k, scale=0.7, causal=causal, attn_mask=mask)
+    assert torch.equal(st_.extent, ref.extent)
+
+
+def test_logits_row_stats_rejects_bad_input():
+    with pytest.raises(ValueError, match="logits"):
+        logits_row_stats(torch.zeros(2, 3, 4))
+    with pytest.raises(TypeError, match="logits"):
+        logits_row_stats(torch.zeros(1, 1, 2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="logits"):
+        logits_row_stats(torch.tensor([[[[0.0, math.nan]]]]))
+    with pytest.raises(ValueError, match="no visible key"):
+        logits_row_stats(torch.full((1, 1, 1, 3), -math.inf))
