@@ -125,3 +125,22 @@ def test_cli_compare_rejects_bad_arguments():
     assert err.value.code == 2
     with pytest.raises(SystemExit):
         main(["compare", "--methods", "nope"])
+
+
+def test_compare_figures_say_what_markers_and_bars_mean_and_clip_tiny_entropies(tmp_path):
+    from sigma_core.experiments.compare import ENTROPY_FLOOR, plot_compare
+
+    rows = [row("baseline", lr, s, collapsed=lr > 0.02, loss=2.0 + lr + 0.1 * s) for lr in (1e-2, 1e-1)
+            for s in (0, 1)] + [row("sigma-reparam", lr, s) for lr in (1e-2, 1e-1) for s in (0, 1)]
+    rows[2]["entropy_min"] = rows[3]["entropy_min"] = 1e-32  # a collapsed head far below the floor
+    paths = plot_compare(aggregate(rows), tmp_path, seq_len=64)
+    loss_svg = paths["loss"].with_suffix(".svg").read_text()
+    assert "collapsed (some seed)" in loss_svg and "diverged (some seed)" in loss_svg
+    assert "± 1 std over 2 seeds" in loss_svg
+    assert loss_svg.count('id="LineCollection_') == 2  # one set of error bars per method
+    ent_svg = paths["entropy"].with_suffix(".svg").read_text()
+    assert f"below {ENTROPY_FLOOR:g} nats (drawn at the floor)" in ent_svg
+    assert "collapse line 0.05 log T = 0.21" in ent_svg
+    # no tiny entropy: no floor legend
+    plot_compare(aggregate([row("baseline", 1e-2), row("baseline", 1e-1)]), tmp_path)
+    assert "drawn at the floor" not in (tmp_path / "entropy_vs_lr.svg").read_text()

@@ -220,61 +220,103 @@ def _write_csv(path: Path, rows: list[dict], columns) -> Path:
     return path
 
 
+#: the lowest entropy the entropy-vs-lr figure shows; smaller values are drawn on this floor
+#: as downward triangles (a head at 1e-30 nats and one at 1e-3 are both collapsed)
+ENTROPY_FLOOR = 1e-3
+
+
 def plot_compare(table: list[dict], out_dir: Path, *, seq_len: int | None = None,
-                 fraction: float = 0.05) -> dict[str, Path]:
-    """``loss_vs_lr.png`` (final validation loss per method) and ``entropy_vs_lr.png``
-    (minimum and mean head entropy per method, with the collapse line ``fraction * log T``).
-    Collapsed points are drawn as crosses, diverged ones as open circles."""
+                 fraction: float = 0.05, formats=("png", "svg")) -> dict[str, Path]:
+    """``loss_vs_lr.png`` (final validation loss per method, with ± one standard deviation over
+    seeds as error bars when there are several) and ``entropy_vs_lr.png`` (least and mean head
+    entropy per method, with the collapse line ``fraction * log T``; values below
+    :data:`ENTROPY_FLOOR` are drawn on the floor as downward triangles).  Markers: filled circle
+    stable, cross collapsed (in at least one seed), open circle diverged; the legend says so.
+    Each figure is also written in the other ``formats`` (SVG by default) beside the PNG."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.lines import Line2D  # noqa: PLC0415
 
     methods = list(dict.fromkeys(r["method"] for r in table))
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    marker_key = [Line2D([], [], ls="", marker="o", color="grey", ms=7, label="stable"),
+                  Line2D([], [], ls="", marker="x", color="grey", ms=7, mew=2, label="collapsed (some seed)"),
+                  Line2D([], [], ls="", marker="o", color="grey", mfc="none", ms=7, label="diverged (some seed)")]
 
-    def draw(ax, key):
+    def draw(ax, key, *, floor=None, errors=None):
+        clipped = False
         for m in methods:
             rs = [r for r in table if r["method"] == m and _finite(r.get(key))]
             if not rs:
                 continue
-            ax.plot([r["lr"] for r in rs], [r[key] for r in rs], "-", color=colours[m], label=m)
-            for r in rs:
+            ys = [r[key] if floor is None else max(r[key], floor) for r in rs]
+            ax.plot([r["lr"] for r in rs], ys, "-", color=colours[m], label=m)
+            if errors:
+                err = [r.get(errors) if _finite(r.get(errors)) else 0.0 for r in rs]
+                ax.errorbar([r["lr"] for r in rs], ys, yerr=err, fmt="none", ecolor=colours[m],
+                            capsize=3, lw=1)
+            for r, y in zip(rs, ys):
+                if floor is not None and r[key] < floor:
+                    clipped = True
+                    ax.plot(r["lr"], y, "v", color=colours[m], ms=8, markerfacecolor="none", mew=1.5)
                 marker = "x" if r["collapsed"] else "o"
                 face = "none" if r["diverged"] else colours[m]
-                ax.plot(r["lr"], r[key], marker, color=colours[m], markerfacecolor=face, ms=7)
+                ax.plot(r["lr"], y, marker, color=colours[m], markerfacecolor=face, ms=7,
+                        mew=2 if marker == "x" else 1)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.grid(alpha=0.3)
+        return clipped
+
+    def save(fig, name):
+        path = out_dir / name
+        fig.savefig(path, dpi=120)
+        with plt.rc_context({"svg.fonttype": "none"}):  # SVG text stays text: editable on a slide
+            for fmt in formats:
+                if fmt != "png":
+                    fig.savefig(path.with_suffix("." + fmt), dpi=120)
+        plt.close(fig)
+        return path
 
     paths = {}
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    draw(ax, "final_val_loss")
+    fig, ax = plt.subplots(figsize=(8.6, 4.6))
+    draw(ax, "final_val_loss", errors="final_val_loss_std")
+    seeds = sorted({r["n_seeds"] for r in table})
     ax.set_ylabel("final validation loss (nats/byte)")
-    ax.set_title("Final loss vs learning rate (x: collapsed, open: diverged)")
-    ax.legend(fontsize=8)
+    bars = (f"; bars: ± 1 std over {seeds[-1]} seeds" if seeds and seeds[-1] > 1 else "")
+    ax.set_title(f"Final loss vs learning rate{bars}", fontsize=10)
+    method_legend = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method",
+                              title_fontsize=8)
+    ax.add_artist(method_legend)  # the legends sit right of the axes, where they hide no point
+    ax.legend(handles=marker_key, fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0.0), title="marker",
+              title_fontsize=8)
     fig.tight_layout()
-    paths["loss"] = out_dir / "loss_vs_lr.png"
-    fig.savefig(paths["loss"], dpi=120)
-    plt.close(fig)
+    paths["loss"] = save(fig, "loss_vs_lr.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    draw(axes[0], "entropy_min")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    clipped = draw(axes[0], "entropy_min", floor=ENTROPY_FLOOR)
     axes[0].set_yscale("log")
-    axes[0].set_ylabel("min head entropy at the end (nats)")
+    axes[0].set_ylim(bottom=ENTROPY_FLOOR / 1.6)
+    axes[0].set_ylabel("least head entropy at the end (nats)")
+    handles = list(marker_key)
     if seq_len:
-        axes[0].axhline(fraction * math.log(seq_len), color="k", ls="--", lw=1,
-                        label=f"collapse line {fraction:g} log T")
-    axes[0].legend(fontsize=8)
+        axes[0].axhline(fraction * math.log(seq_len), color="k", ls="--", lw=1)
+        handles.append(Line2D([], [], color="k", ls="--", lw=1,
+                              label=f"collapse line {fraction:g} log T = {fraction * math.log(seq_len):.2f}"))
+    if clipped:
+        handles.append(Line2D([], [], ls="", marker="v", color="grey", mfc="none", ms=8,
+                              label=f"below {ENTROPY_FLOOR:g} nats (drawn at the floor)"))
+    axes[0].legend(handles=handles, fontsize=8, loc="lower left")
     draw(axes[1], "entropy_mean")
     axes[1].set_ylabel("mean head entropy at the end (nats)")
     if seq_len:
-        axes[1].axhline(math.log(seq_len), color="grey", ls=":", lw=1)
-    fig.suptitle("Attention entropy vs learning rate (x: collapsed, open: diverged)")
+        axes[1].axhline(math.log(seq_len), color="grey", ls=":", lw=1, label=f"uniform: log T")
+    axes[1].legend(fontsize=8, loc="lower left", title="method", title_fontsize=8)
+    fig.suptitle("Attention entropy vs learning rate")
     fig.tight_layout()
-    paths["entropy"] = out_dir / "entropy_vs_lr.png"
-    fig.savefig(paths["entropy"], dpi=120)
-    plt.close(fig)
+    paths["entropy"] = save(fig, "entropy_vs_lr.png")
     return paths
 
 

@@ -5,12 +5,21 @@ or truncated logs included: a half-written last line is skipped) and ``samples/*
 :mod:`sigma_core.experiments.train`, and writes to ``out_dir``:
 
 - ``loss.png``: training and validation loss over steps;
-- ``entropy.png``: mean attention entropy per layer and the minimum head entropy over steps;
+- ``entropy.png``: mean attention entropy per layer and the minimum head entropy over steps
+  (log scale, the 0.1-nat collapse threshold drawn and labelled);
+- ``entropy_over_training.png``: the slide-ready figure: every run's least head entropy (thick)
+  and mean entropy (thin) in one panel, large type, the collapse threshold labelled and the
+  first step below it marked;
 - ``sigma.png``: sigma_h = scale * ||W_Q^h W_K^h^T||_2 of every head over steps (eq. (1));
-- ``confirmation.png``: every sampled attention row's measured entropy against its centred logit
-  norm (left) and against the theorem's sigma-bold = sigma_h ||X||_2^2 (right), with the bound
-  h_T(s) of eq. (2) drawn underneath, all runs in one picture;
+- ``confirmation.png``: one panel per bound variant (exact, centred, per query, theorem): every
+  sampled attention row's measured entropy against its own bound h_{T_i}(s_i) of eq. (2), with
+  T_i its number of keys and s_i the variant's logit-norm bound.  No point may lie below the
+  diagonal, whatever its number of keys; how far right the points sit shows how much each
+  variant knows (the theorem's sits at 0 in a trained model);
 - ``report.md``: a table of the final numbers, the rows checked and the bound violations.
+
+Every figure is written as PNG and, beside it, in the vector formats of ``formats`` (SVG by
+default; ``"pdf"`` too for LaTeX slides), with the same stem.
 
 Example
 -------
@@ -35,6 +44,17 @@ from theory import entropy_lower_bound
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
 COLLAPSE_NATS = 0.1
+#: a row counts as below its bound when entropy < bound - BELOW_TOL (the trainer's tolerance)
+BELOW_TOL = 1e-4
+#: the formats every figure is written in besides PNG (the first is always PNG)
+FIGURE_FORMATS = ("png", "svg")
+#: the bound variants of the confirmation figure, tightest first, with their panel titles
+CONFIRMATION_VARIANTS = {
+    "exact": "exact: $s_i$ = the row's centred logit norm",
+    "centered": r"centred: $\sigma_h\|x_i\|\,\|(I - \frac{1}{T}\mathbf{1}\mathbf{1}^\top)X\|_2$",
+    "per_query": r"per query: $\sigma_h\|x_i\|\,\|X\|_2$",
+    "theorem": r"theorem: $\boldsymbol{\sigma} = \sigma_h\|X\|_2^2$ (eq. (1))",
+}
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
@@ -114,12 +134,34 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, formats=FIGURE_FORMATS) -> Path:
+    """Save ``fig`` as ``path`` (PNG) and beside it in every other format of ``formats``."""
+    plt = _plt()
+    path = Path(path)
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad:
+        raise ValueError(f"formats must be among 'png', 'svg', 'pdf', got {bad}")
+    fig.savefig(path, dpi=120)
+    with plt.rc_context({"svg.fonttype": "none"}):  # SVG text stays text: editable on a slide
+        for fmt in formats:
+            if fmt != path.suffix.lstrip("."):
+                fig.savefig(path.with_suffix("." + fmt), dpi=120)
+    plt.close(fig)
+    return path
+
+
+def matplotlib_transforms():
+    import matplotlib.transforms  # noqa: PLC0415
+
+    return matplotlib.transforms
+
+
 def _series(records, key):
     pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
     return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
 
 
-def plot_loss(runs: dict[str, list[dict]], path: Path) -> Path:
+def plot_loss(runs: dict[str, list[dict]], path: Path, formats=FIGURE_FORMATS) -> Path:
     """Training (solid) and validation (markers) loss of every run over steps."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -130,34 +172,94 @@ def plot_loss(runs: dict[str, list[dict]], path: Path) -> Path:
     ax.set(xlabel="step", ylabel="loss (nats/byte)", title="Loss")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, formats)
 
 
-def plot_entropy(runs: dict[str, list[dict]], path: Path) -> Path:
-    """Per run: mean attention entropy of each layer and the minimum head entropy over steps."""
+def plot_entropy(runs: dict[str, list[dict]], path: Path, formats=FIGURE_FORMATS) -> Path:
+    """Per run: mean attention entropy of each layer (wide coloured lines) and the minimum head
+    entropy (thin black line on top, so a layer whose heads all collapsed stays visible under
+    it) over steps, on a log scale, with the collapse threshold drawn and labelled."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4.3), squeeze=False, sharey=True)
     for ax, (label, records) in zip(axes[0], runs.items()):
         recs = [r for r in records if r.get("entropy")]
         if recs:
             steps = [r["step"] for r in recs]
             per_layer = np.array([[np.mean(layer) for layer in r["entropy"]] for r in recs])  # (S, L)
             for layer in range(per_layer.shape[1]):
-                ax.plot(steps, per_layer[:, layer], label=f"layer {layer} mean")
-        ax.plot(*_series(records, "entropy_min_head"), "k--", label="min head")
-        ax.axhline(COLLAPSE_NATS, color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="step", title=label)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("attention entropy (nats)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+                ax.plot(steps, per_layer[:, layer], lw=3, alpha=0.75, color=f"C{layer}",
+                        label=f"layer {layer}: mean over heads", zorder=2)
+        ax.plot(*_series(records, "entropy_min_head"), color="k", lw=1, ls="--", marker=".", ms=3,
+                label="least head entropy", zorder=4)
+        ax.axhline(COLLAPSE_NATS, color="r", lw=1, ls=":", zorder=3,
+                   label=f"collapse threshold ({COLLAPSE_NATS:g} nats)")
+        ax.set(xlabel="step", title=label, yscale="log")
+        ax.grid(alpha=0.3, which="major")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:  # runs may have different depths: collect every label once
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    axes[0][0].set_ylabel("attention entropy (nats, log scale)")
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 4), 1, 1))
+    return _save(fig, path, formats)
 
 
-def plot_sigma(runs: dict[str, list[dict]], path: Path) -> Path:
+def _pretty_label(config: dict, run_dir) -> str:
+    """``"baseline, lr 0.03"`` / ``"σReparam, lr 0.03"``: the name a slide shows."""
+    name = {"none": "baseline", "sigma": "σReparam", "spectral": "spectral norm"}.get(
+        config.get("reparam"), str(config.get("reparam", Path(run_dir).name)))
+    extras = [x for x, on in (("QK-LayerNorm", config.get("qk_norm")),
+                              ("soft-cap", config.get("logit_softcap")),
+                              ("no LayerNorm", config.get("norm") == "none")) if on]
+    lr = config.get("lr")
+    return ", ".join([name, *extras] + ([f"lr {lr:g}"] if isinstance(lr, (int, float)) else []))
+
+
+def plot_entropy_slide(runs: dict[str, list[dict]], path: Path, *, seq_len: int | None = None,
+                       formats=FIGURE_FORMATS) -> Path:
+    """The slide-ready figure: every run's least head entropy (thick) and mean entropy (thin,
+    dashed) over training in one 16:9 panel with large type, the collapse threshold labelled on
+    the plot, the first step below it marked, and the uniform entropy log T when ``seq_len`` is
+    given."""
+    plt = _plt()
+    with plt.rc_context({"font.size": 15, "axes.titlesize": 18, "axes.labelsize": 16,
+                         "legend.fontsize": 13}):
+        fig, ax = plt.subplots(figsize=(11, 6.2))
+        last_step = 1
+        for i, (label, records) in enumerate(runs.items()):
+            colour = f"C{i}"
+            steps, least = _series(records, "entropy_min_head")
+            if not steps:
+                continue
+            last_step = max(last_step, steps[-1])
+            below = [(s, e) for s, e in zip(steps, least) if e < COLLAPSE_NATS]
+            when = f" (collapsed at step {below[0][0]})" if below else " (never collapsed)"
+            ax.plot(steps, least, color=colour, lw=3.5, label=f"{label}: least head{when}")
+            ax.plot(*_series(records, "entropy_mean"), color=colour, lw=1.8, ls="--",
+                    label=f"{label}: mean of heads")
+            if below:
+                ax.plot([below[0][0]], [below[0][1]], "o", color=colour, ms=12, mfc="none", mew=2.5)
+        # the horizontal lines are labelled in the right margin, where no curve can hide them
+        edge = matplotlib_transforms().blended_transform_factory(ax.transAxes, ax.transData)
+        ax.axhline(COLLAPSE_NATS, color="r", lw=1.8, ls=":")
+        ax.text(1.01, COLLAPSE_NATS, f"collapse\nthreshold\n{COLLAPSE_NATS:g} nats", transform=edge,
+                color="r", ha="left", va="center", fontsize=13)
+        if seq_len:
+            ax.axhline(math.log(seq_len), color="grey", lw=1.2, ls=":")
+            ax.text(1.01, math.log(seq_len), f"uniform:\nlog T = {math.log(seq_len):.2f}", transform=edge,
+                    color="grey", ha="left", va="center", fontsize=13)
+        ax.set(yscale="log", xlabel="training step", ylabel="attention entropy (nats)",
+               title="Attention entropy during training")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False, fontsize=12)
+        fig.tight_layout()
+        return _save(fig, path, formats)
+
+
+def plot_sigma(runs: dict[str, list[dict]], path: Path, formats=FIGURE_FORMATS) -> Path:
     """Per run: sigma_h of every (layer, head) over steps, log scale."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False, sharey=True)
@@ -174,47 +276,78 @@ def plot_sigma(runs: dict[str, list[dict]], path: Path) -> Path:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel(r"$\sigma_h$ = scale $\cdot\|W_Q^h W_K^{h\top}\|_2$")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, formats)
 
 
-def plot_confirmation(samples: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
-    """Measured row entropy vs centred logit norm and vs the theorem's sigma-bold, with h_T(s).
+def confirmation_points(samples: dict[str, dict[str, np.ndarray]], variant: str
+                        ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per run: ``(bound, entropy)`` of every sampled row with at least 2 keys, where ``bound`` is
+    ``h_{T_i}(s_i)`` of eq. (2) with T_i the row's number of keys and s_i its ``variant`` norm."""
+    if variant not in CONFIRMATION_VARIANTS:
+        raise ValueError(f"variant must be one of {list(CONFIRMATION_VARIANTS)}, got {variant!r}")
+    out = {}
+    for label, s in samples.items():
+        if not s:
+            continue
+        keep = s["n_keys"] >= 2
+        out[label] = (entropy_lower_bound(s[variant][keep], s["n_keys"][keep]), s["entropy"][keep])
+    return out
 
-    Each point is one attention row with at least T/2 visible keys (every layer and head of every
-    run; T = the context length); the curves are the bound h_T(s) of eq. (2) for T/2 keys (solid:
-    every plotted row must lie above it, since a row with T_i keys lies above h_{T_i} and h_T
-    grows with T) and for T keys (dashed).
+
+def rows_below(points: dict[str, tuple[np.ndarray, np.ndarray]], tol: float = BELOW_TOL) -> int:
+    """How many rows of :func:`confirmation_points` lie below their bound by more than ``tol``."""
+    return int(sum(np.count_nonzero(entropy < bound - tol) for bound, entropy in points.values()))
+
+
+def plot_confirmation(samples: dict[str, dict[str, np.ndarray]], path: Path,
+                      formats=FIGURE_FORMATS) -> Path:
+    """Each sampled row's measured entropy against its own bound, one panel per bound variant.
+
+    A row with T_i visible keys (T_i >= 2) and variant logit-norm bound s_i is drawn at
+    (h_{T_i}(s_i), entropy): Theorem 3.1 (and its sharper variants, eq. (7)) puts every point on
+    or above the diagonal, the red region is where no row may lie.  The panel's note gives the
+    rows drawn, how many lie below the diagonal by more than :data:`BELOW_TOL` (rounding: 0 on
+    every run) and the median bound: a variant whose points crowd at 0 says nothing about this
+    model.
     """
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
-    t_max = max((int(s["n_keys"].max()) for s in samples.values() if s), default=2)
-    t_half = max(2, (t_max + 1) // 2)
-    keeps = {label: s["n_keys"] >= t_half for label, s in samples.items() if s}
-    for ax, key, xlabel in ((axes[0], "exact", r"centred logit norm $\|z_i - \bar z_i\|_2$"),
-                            (axes[1], "theorem", r"theorem's $\boldsymbol{\sigma} = \sigma_h \|X\|_2^2$")):
-        vals = np.concatenate([samples[label][key][keep] for label, keep in keeps.items()] or [np.ones(1)])
-        vals = vals[vals > 0]
-        lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (1e-3, 10.0)
-        grid = np.geomspace(max(lo / 2, 1e-6), max(hi * 2, 20.0), 400)
-        ax.plot(grid, entropy_lower_bound(grid, t_half), color="k", lw=1.5, zorder=3,
-                label=f"$h_T(s)$, T={t_half} (fewest keys plotted)")
-        ax.plot(grid, entropy_lower_bound(grid, t_max), color="grey", lw=1.2, ls="--", zorder=3,
-                label=f"$h_T(s)$, T={t_max}")
-        for i, (label, keep) in enumerate(keeps.items()):
-            s = samples[label]
-            ax.scatter(s[key][keep], s["entropy"][keep], s=2, alpha=0.25, color=f"C{i}",
-                       zorder=2, label=f"{label}: {int(keep.sum())} rows", rasterized=True)
-        ax.set(xscale="log", xlabel=xlabel)
-        ax.legend(fontsize=7, markerscale=4, loc="lower left")
-    axes[0].set_ylabel("measured row entropy (nats)")
-    axes[0].set_title("rows lie above $h_T$ of their centred logit norm")
-    axes[1].set_title("and above $h_T$ of the theorem's $\\boldsymbol{\\sigma}$ (eq. (1))")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    runs = {label: s for label, s in samples.items() if s}
+    variants = [v for v in CONFIRMATION_VARIANTS if all(v in s for s in runs.values())]
+    if not runs or not variants:
+        raise ValueError("samples must hold at least one run with n_keys, entropy and a bound variant")
+    top = max(math.log(max(2, int(s["n_keys"].max()))) for s in runs.values()) * 1.05
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.5 * len(variants) + 0.5, 4.6), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, v in zip(axes[0], variants):
+        ax.fill_between([0, top], [0, 0], [0, top], color="r", alpha=0.08, lw=0, zorder=0)
+        ax.plot([0, top], [0, top], color="k", lw=1, zorder=3)
+        ax.text(0.97 * top, 0.04 * top, "no row\nmay lie here", color="r", alpha=0.7, ha="right",
+                va="bottom", fontsize=8)
+        points = confirmation_points(runs, v)
+        medians = []
+        for i, (bound, entropy) in enumerate(points.values()):
+            ax.scatter(bound, entropy, s=6, alpha=0.3, color=f"C{i}", lw=0,
+                       zorder=2 + 0.1 * (len(runs) - i), rasterized=True)  # the first run on top
+            medians.append(float(np.median(bound)) if bound.size else float("nan"))
+        n_rows = sum(b.size for b, _ in points.values())
+        below = rows_below(points)
+        ax.text(0.03 * top, 0.97 * top, f"{below} of {n_rows} rows below the diagonal",
+                va="top", fontsize=8, bbox=dict(facecolor="white", alpha=0.8, lw=0))
+        for i, med in enumerate(medians):
+            ax.text(0.03 * top, (0.89 - 0.07 * i) * top, f"median bound, run {i + 1}: {med:.2f} nats",
+                    color=f"C{i}", va="top", fontsize=8, bbox=dict(facecolor="white", alpha=0.8, lw=0))
+        ax.set(title=CONFIRMATION_VARIANTS[v], xlim=(-0.02 * top, top), ylim=(-0.02 * top, top),
+               xlabel=r"bound $h_{T_i}(s_i)$ (nats)", aspect="equal")
+        ax.title.set_fontsize(9)
+    axes[0][0].set_ylabel("measured row entropy (nats)")
+    handles = [plt.Line2D([], [], ls="", marker="o", color=f"C{i}", label=f"run {i + 1}: {label}")
+               for i, label in enumerate(runs)]
+    handles.append(plt.Line2D([], [], color="k", lw=1, label="entropy = bound"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), fontsize=8, frameon=False)
+    fig.suptitle("Every attention row lies on or above its own bound (one panel per bound variant, "
+                 "tightest first)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(handles) - 1) // 3), 1, 1))
+    return _save(fig, path, formats)
 
 
 def _fmt(value, spec=".3g") -> str:
@@ -225,8 +358,9 @@ def _fmt(value, spec=".3g") -> str:
     return str(value)
 
 
-def write_report(run_dirs, out_dir: str | os.PathLike) -> Path:
-    """Write the figures and ``report.md`` for ``run_dirs`` into ``out_dir``; returns report.md's path."""
+def write_report(run_dirs, out_dir: str | os.PathLike, *, formats=FIGURE_FORMATS) -> Path:
+    """Write the figures (PNG plus ``formats``) and ``report.md`` for ``run_dirs`` into ``out_dir``;
+    returns report.md's path."""
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise ValueError("run_dirs must name at least one run directory")
@@ -235,14 +369,25 @@ def write_report(run_dirs, out_dir: str | os.PathLike) -> Path:
             raise ValueError(f"run_dirs: {d} has neither {METRICS_NAME} nor {CONFIG_NAME}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    formats = tuple(formats)
+    if "png" not in formats:
+        formats = ("png", *formats)
     summaries = [summarise_run(d) for d in run_dirs]
     runs = {s["label"]: read_metrics(d) for s, d in zip(summaries, run_dirs)}
     samples = {s["label"]: load_samples(d)[1] for s, d in zip(summaries, run_dirs)}
-    figures = {"loss": plot_loss(runs, out / "loss.png"),
-               "entropy": plot_entropy(runs, out / "entropy.png"),
-               "sigma": plot_sigma(runs, out / "sigma.png")}
+    configs = [read_config(d) for d in run_dirs]
+    pretty = [_pretty_label(c, d) for c, d in zip(configs, run_dirs)]
+    if len(set(pretty)) < len(pretty):  # e.g. two seeds: keep the labels apart
+        pretty = [f"{p} ({Path(d).name})" for p, d in zip(pretty, run_dirs)]
+    seq_lens = {c.get("block_size") for c in configs}
+    figures = {"loss": plot_loss(runs, out / "loss.png", formats),
+               "entropy": plot_entropy(runs, out / "entropy.png", formats),
+               "entropy_over_training": plot_entropy_slide(
+                   dict(zip(pretty, runs.values())), out / "entropy_over_training.png",
+                   seq_len=seq_lens.pop() if len(seq_lens) == 1 else None, formats=formats),
+               "sigma": plot_sigma(runs, out / "sigma.png", formats)}
     if any(samples.values()):
-        figures["confirmation"] = plot_confirmation(samples, out / "confirmation.png")
+        figures["confirmation"] = plot_confirmation(samples, out / "confirmation.png", formats)
     rows_checked = sum(s["logged_rows"] + s["sample_rows"] for s in summaries)
     violations = sum(s["logged_violations"] + s["sample_violations"] for s in summaries)
     lines = ["# Attention entropy collapse: training report", "",
@@ -265,10 +410,13 @@ def write_report(run_dirs, out_dir: str | os.PathLike) -> Path:
                      f"entropy − h_T(centred norm) = {_fmt(s['min_slack'])} nats; device {s['device_name']}.")
     lines += ["", "## Figures", ""]
     captions = {"loss": "Training and validation loss.",
-                "entropy": "Mean attention entropy per layer and the minimum head entropy.",
+                "entropy": "Mean attention entropy per layer and the least head entropy (log scale); "
+                           "the dotted red line is the 0.1-nat collapse threshold.",
+                "entropy_over_training": "Least and mean head entropy of every run over training, "
+                                         "with the collapse threshold (slide version).",
                 "sigma": "σ_h of every head (log scale).",
-                "confirmation": "Every sampled row's entropy against its centred logit norm (left) and "
-                                "the theorem's 𝛔 (right), with h_T(s) underneath."}
+                "confirmation": "Every sampled row's entropy against its own bound h_{T_i}(s_i), one "
+                                "panel per bound variant: no point may lie below the diagonal."}
     for name, fig in figures.items():
         lines += [f"![{captions[name]}]({fig.name})", "", captions[name], ""]
     report = out / "report.md"
