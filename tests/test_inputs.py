@@ -57,7 +57,7 @@ CASES = {
     "ei/negative": (lambda: theory.extremal_instance(-1.0, 5), ValueError, "sigma"),
     "ei/nan": (lambda: theory.extremal_instance(NAN, 5), ValueError, "sigma"),
     "ei/seq_len": (lambda: theory.extremal_instance(1.0, 0), ValueError, "seq_len"),
-    "ei/dim": (lambda: theory.extremal_instance(1.0, 5, dim=2), ValueError, "dim"),
+    "ei/dim": (lambda: theory.extremal_instance(1.0, 5, dim=1), ValueError, "dim"),
     "ei/row": (lambda: theory.extremal_instance(1.0, 5, row=5), ValueError, "row"),
     "ei/token_norm": (lambda: theory.extremal_instance(1.0, 5, token_norm=INF), ValueError, "token_norm"),
     # sigma_core.entropy.attention_entropy(q, k)

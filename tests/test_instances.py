@@ -201,7 +201,12 @@ def test_bad_scale_and_causal():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(sigma=1.0, seq_len=4, dim=3), "dim"),
+    (dict(sigma=1.0, seq_len=4, dim=1), "dim"),
+    (dict(sigma=1.0, seq_len=2, dim=1), "dim"),
+    (dict(sigma=1.0, seq_len=1, dim=0), "dim"),
+    (dict(sigma=1.0, seq_len=4, dim=3, construction="orthogonal"), "dim"),
+    (dict(sigma=1.0, seq_len=4, construction="diagonal"), "construction"),
+    (dict(sigma=1.0, seq_len=4, construction=None), "construction"),
     (dict(sigma=-1.0, seq_len=4), "sigma"),
     (dict(sigma=1.0, seq_len=0), "seq_len"),
     (dict(sigma=1.0, seq_len=4, row=4), "row"),
@@ -210,6 +215,104 @@ def test_bad_scale_and_causal():
 def test_extremal_instance_rejects_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         extremal_instance(**kwargs)
+
+
+# ------------------------------------------------- tightness in two dimensions (README)
+def _row_logits(X, W_Q, W_K, row):
+    """Row `row` of the logits only (T keys; the full T x T matrix is not formed)."""
+    return (X[row] @ W_Q) @ (X @ W_K).T
+
+
+@given(st.floats(0, 40), st.integers(2, 10**4), st.integers(2, 6), st.data(),
+       st.floats(0.1, 2.5))
+@example(0.0, 2, 2, None, 1.0)
+@example(40.0, 2, 2, None, 2.5)
+@example(1e-9, 10**4, 2, None, 0.1)
+@example(25.0, 10**4, 2, None, 2.5)
+@example(3.0, 10**4, 3, None, 1.0)
+@example(7.0, 3, 2, None, 1.7)
+def test_planar_instance_attains_the_bound(sigma, T, dim, data, token_norm):
+    """README "Tightness": with d = 2 (token i = c e1, the others c e2/sqrt(T-1), rank-one
+    maps) row i has entropy h_T(sigma c^2) to 1e-12 relative, checked against 50-digit mpmath,
+    for T up to 10^4; X^T X = c^2 I, ||x_i|| = ||X||_2 = c, ||W_K W_Q^T||_2 = sigma."""
+    from theory.certify import entropy_lower_bound_mp
+    row = data.draw(st.integers(0, T - 1)) if data is not None else T - 1
+    X, W_Q, W_K = extremal_instance(sigma, T, dim, row=row, token_norm=token_norm,
+                                    construction="planar")
+    assert X.shape == (T, dim) and W_Q.shape == W_K.shape == (dim, 1)
+    assert np.count_nonzero(X[:, 2:]) == 0            # only two coordinates are used
+    c2 = token_norm**2
+    np.testing.assert_allclose(X.T @ X, c2 * np.eye(dim)[:, :2] @ np.eye(dim)[:2], atol=1e-14 * c2)
+    assert np.linalg.norm(X[row]) ** 2 == pytest.approx(c2, rel=1e-15)
+    ent = softmax_entropy(_row_logits(X, W_Q, W_K, row))
+    s = sigma * c2
+    ref = float(entropy_lower_bound_mp(s, T))
+    assert ent == pytest.approx(ref, rel=1e-12, abs=1e-300)
+    assert entropy_lower_bound(s, T) == pytest.approx(ref, rel=1e-12, abs=1e-300)
+    tb = theorem_bound(X, W_Q, W_K)
+    assert tb.sigma == pytest.approx(sigma, rel=1e-14, abs=1e-300)
+    assert tb.sigma_x == pytest.approx(c2, rel=1e-14)
+    # theorem_bound rounds outward (its s up by ~4 T eps, README): never above the entropy
+    assert tb.logit_norm == pytest.approx(s, rel=1e-10, abs=1e-300) and tb.value <= ent
+
+
+@pytest.mark.parametrize("T", [2, 3, 10, 1000])
+def test_dim_below_seq_len_uses_the_planar_construction(T):
+    """construction="auto": orthogonal (the earlier instances, unchanged) when d >= T, planar
+    otherwise; both attain h_T, and an explicit choice is honoured."""
+    X, W_Q, W_K = extremal_instance(2.0, T, max(T - 1, 2), row=T - 1, token_norm=1.3)
+    assert np.count_nonzero(X[:, 2:]) == 0
+    Xo, _, _ = extremal_instance(2.0, T, T + 1, row=T - 1, token_norm=1.3)
+    np.testing.assert_array_equal(Xo, 1.3 * np.eye(T, T + 1))
+    Xp, W_Qp, W_Kp = extremal_instance(2.0, T, T + 1, row=T - 1, token_norm=1.3,
+                                       construction="planar")
+    assert np.count_nonzero(Xp[:, 2:]) == 0
+    h = entropy_lower_bound(2.0 * 1.3**2, T)
+    for inst in ((X, W_Q, W_K), (Xp, W_Qp, W_Kp), extremal_instance(2.0, T, T + 1, row=T - 1,
+                                                                    token_norm=1.3)):
+        assert softmax_entropy(_row_logits(*inst, T - 1)) == pytest.approx(h, rel=1e-12)
+
+
+def _rho(T):
+    """The sharp d = 1 constant: max |x_i| ||x - mean(x)|| / ||x||^2 = (1 + sqrt(1 - 1/T))/2."""
+    return (1 + np.sqrt(1 - 1 / T)) / 2
+
+
+@given(st.integers(2, 64), st.integers(0, 2**32 - 1), st.floats(0.01, 20))
+@example(2, 0, 20.0)
+@example(64, 1, 0.01)
+def test_one_dimension_never_attains_the_bound(T, seed, w):
+    """README "Tightness": with d = 1 every row has centred logit norm <= rho_T sigma sigma_x,
+    rho_T = (1 + sqrt(1 - 1/T))/2 < 1, so its entropy is >= h_T(rho_T 𝛔) > h_T(𝛔) = the
+    theorem's value whenever 𝛔 > 0 (checked on random x and weights of either sign)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, 1)) * rng.choice([0.01, 1.0, 30.0])
+    x[rng.integers(T)] *= rng.choice([1.0, 100.0])              # sometimes one dominant token
+    W_Q, W_K = np.array([[w]]), np.array([[rng.choice([-1.0, 1.0])]])
+    tb = theorem_bound(x, W_Q, W_K)
+    logits = logits_of(x, W_Q, W_K)
+    centred = np.linalg.norm(logits - logits.mean(axis=1, keepdims=True), axis=1)
+    assert np.all(centred <= _rho(T) * tb.logit_norm * (1 + 1e-12))
+    sharper = entropy_lower_bound(_rho(T) * tb.logit_norm, T)
+    ent = softmax_entropy(logits)
+    assert np.all(ent >= sharper * (1 - 1e-9))
+    if tb.logit_norm > 1e-3 and tb.value > 0:                  # (both may underflow to 0)
+        assert sharper > tb.value                                # so equality is impossible
+
+
+@pytest.mark.parametrize("T", [2, 3, 7, 100])
+def test_the_one_dimensional_constant_is_sharp(T):
+    """x_i = cos t*, the other T-1 entries -sin t*/sqrt(T-1), 2t* = pi/2 - arctan(sqrt(T-1)):
+    row i's centred norm is rho_T 𝛔 and, being one-high, its entropy is h_T(rho_T 𝛔)."""
+    t = (np.pi / 2 - np.arctan(np.sqrt(T - 1))) / 2
+    x = np.full((T, 1), -np.sin(t) / np.sqrt(T - 1))
+    x[0, 0] = np.cos(t)
+    W_Q, W_K = np.array([[3.0]]), np.array([[1.0]])
+    tb = theorem_bound(x, W_Q, W_K)
+    row = logits_of(x, W_Q, W_K)[0]
+    assert np.linalg.norm(row - row.mean()) == pytest.approx(_rho(T) * tb.logit_norm, rel=1e-12)
+    assert softmax_entropy(row) == pytest.approx(
+        entropy_lower_bound(_rho(T) * tb.logit_norm, T), rel=1e-12)
 
 
 # ----------------------------------------------------------------- issue 13: edges

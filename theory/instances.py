@@ -408,19 +408,24 @@ def row_entropy_bounds(X, W_Q, W_K, *, scale=1.0, causal=False):
 
 
 # --------------------------------------------------------------------------- tightness
-def extremal_instance(sigma, seq_len, dim=None, *, row=0, token_norm=1.0):
+def extremal_instance(sigma, seq_len, dim=None, *, row=0, token_norm=1.0, construction="auto"):
     r"""An instance (X, W_Q, W_K) whose row ``row`` attains Theorem 3.1 with equality.
 
-    Orthogonal tokens of equal norm c and rank-one maps (``theory/README.md``, eq. (5)):
+    Two constructions (``theory/README.md``, "Tightness"), both with rank-one maps
+    W_Q = sqrt(sigma) q, W_K = sqrt(sigma) k (unit q, k), so ``||W_K W_Q^T||_2 = sigma``,
+    sigma_x = ``||X||_2^2`` = c^2 = ``||x_i||^2``, and row i of the logits is
+    sigma c^2 (e_i - 1/T)/``||e_i - 1/T||``: centred, of norm sigma * sigma_x, with the
+    one-high shape of eq. (5), so its entropy is h_T(sigma c^2) = ``theorem_bound(X, W_Q,
+    W_K).value``.
 
-    .. math::
+    - ``"planar"`` (any d >= 2): token i is c e_1, every other token c e_2/sqrt(T-1), so
+      X^T X = c^2 I_2 (on the first two coordinates); q = e_1,
+      k = (sqrt(T-1) e_1 - e_2)/sqrt(T).
+    - ``"orthogonal"`` (d >= T): X = c [I_T 0], q = e_i,
+      k = (e_i - 1/T)/``||e_i - 1/T||`` on the first T coordinates.
 
-        X = c\,[I_T\;0],\quad W_Q = \sqrt{\sigma}\,e_i,\quad W_K = \sqrt{\sigma}\,u,\quad
-        u = \frac{e_i - \mathbf 1/T}{\lVert e_i - \mathbf 1/T\rVert},
-
-    so ``||W_K W_Q^T||_2 = sigma``, sigma_x = c^2 and a_i = c^2 sigma u^T: centred, of norm
-    sigma * sigma_x, with the extremal shape of eq. (5) (the query attends to itself). Its
-    entropy is h_T(sigma c^2) = ``theorem_bound(X, W_Q, W_K).value``.
+    With d = 1 and T >= 2 no instance attains the bound unless sigma * sigma_x = 0 (README,
+    "Tightness"), so ``dim`` must be >= 2 then.
 
     Parameters
     ----------
@@ -429,23 +434,42 @@ def extremal_instance(sigma, seq_len, dim=None, *, row=0, token_norm=1.0):
     seq_len : int
         T >= 1.
     dim : int, optional
-        d >= T (default T): orthogonal tokens need T dimensions.
+        The token dimension d: >= 2 (>= 1 when T = 1); default T. Memory is T x d, so for
+        long sequences pass a small ``dim`` (2 suffices).
     row : int, default 0
         The query row i that attains the bound, 0 <= i < T.
     token_norm : float, default 1.0
-        c >= 0, the norm of every token.
+        c >= 0, the norm of token i (and the spectral norm of X).
+    construction : {"auto", "planar", "orthogonal"}, default "auto"
+        "auto" is "orthogonal" when d >= T (the instances of earlier versions) and
+        "planar" otherwise; "orthogonal" needs d >= T.
 
     Returns
     -------
     X : numpy.ndarray, shape (T, d)
     W_Q, W_K : numpy.ndarray, shape (d, 1)
 
+    Raises
+    ------
+    TypeError
+        Non-scalar ``sigma``/``token_norm``, non-integer ``seq_len``/``dim``/``row``.
+    ValueError
+        Negative or non-finite ``sigma``/``token_norm``, ``seq_len`` < 1, ``row`` out of
+        range, ``dim`` too small for the construction, unknown ``construction``.
+
     Examples
     --------
-    >>> from theory.bound import softmax_entropy
+    >>> from theory.bound import entropy_lower_bound, softmax_entropy
     >>> X, W_Q, W_K = extremal_instance(2.0, 6, dim=8, row=4)
     >>> ent = softmax_entropy((X @ W_Q) @ (X @ W_K).T)
     >>> bool(np.isclose(ent[4], theorem_bound(X, W_Q, W_K).value, rtol=1e-12))
+    True
+
+    Two dimensions suffice for any T:
+
+    >>> X, W_Q, W_K = extremal_instance(1.5, 1000, dim=2, row=7)
+    >>> ent_row = softmax_entropy((X[7] @ W_Q) @ (X @ W_K).T)
+    >>> bool(np.isclose(ent_row, entropy_lower_bound(1.5, 1000), rtol=1e-12))
     True
     """
     for name, v in (("sigma", sigma), ("token_norm", token_norm)):
@@ -456,25 +480,39 @@ def extremal_instance(sigma, seq_len, dim=None, *, row=0, token_norm=1.0):
     for name, v in (("seq_len", seq_len), ("row", row)) + ((("dim", dim),) if dim is not None else ()):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"{name} must be an integer, got {v!r}")
+    if not isinstance(construction, str) or construction not in ("auto", "planar", "orthogonal"):
+        raise ValueError(f"construction must be 'auto', 'planar' or 'orthogonal', "
+                         f"got {construction!r}")
     T = int(seq_len)
     if T < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     d = T if dim is None else int(dim)
-    if d < T:
-        raise ValueError(f"dim must be >= seq_len={T} (orthogonal tokens), got {dim}")
+    if d < min(T, 2) or d < 1:
+        raise ValueError(f"dim must be >= 2 when seq_len >= 2 (with d = 1 no instance attains "
+                         f"the bound unless sigma * sigma_x = 0), got {dim}")
+    if construction == "orthogonal" and d < T:
+        raise ValueError(f"dim must be >= seq_len={T} for the orthogonal construction, got {dim}")
     if not 0 <= row < T:
         raise ValueError(f"row must satisfy 0 <= row < seq_len={T}, got {row}")
+    if construction == "auto":
+        construction = "orthogonal" if d >= T else "planar"
     c, root = float(token_norm), np.sqrt(float(sigma))
     X = np.zeros((T, d))
-    X[np.arange(T), np.arange(T)] = c
-    u = np.zeros(d)
-    if T == 1:
-        u[0] = 1.0                              # one key: every row is one-hot, entropy 0 = h_1
-    else:
-        u[:T] = -1.0 / T
-        u[row] += 1.0
-        u /= np.linalg.norm(u)
     W_Q = np.zeros((d, 1))
-    W_Q[row, 0] = root
-    W_K = (root * u)[:, None]
+    k = np.zeros(d)
+    if T == 1:                                  # one key: every row is one-hot, entropy 0 = h_1
+        X[0, 0], W_Q[0, 0], k[0] = c, root, 1.0
+    elif construction == "planar":
+        X[:, 1] = c / np.sqrt(T - 1.0)          # the other tokens: c e_2 / sqrt(T-1)
+        X[row] = 0.0
+        X[row, 0] = c                           # token i: c e_1
+        W_Q[0, 0] = root                        # q = e_1
+        k[0], k[1] = np.sqrt((T - 1.0) / T), -np.sqrt(1.0 / T)
+    else:
+        X[np.arange(T), np.arange(T)] = c
+        W_Q[row, 0] = root                      # q = e_i
+        k[:T] = -1.0 / T
+        k[row] += 1.0
+        k /= np.linalg.norm(k)
+    W_K = (root * k)[:, None]
     return X, W_Q, W_K
