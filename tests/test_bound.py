@@ -126,8 +126,10 @@ def test_decreasing_in_logit_norm(s1, s2, t):
 @example(1e3, 10**9 - 1, 10**9)
 @example(0.5, 1, 10**9)
 def test_increasing_in_seq_len(s, t1, t2):
-    """More keys allow more entropy at the same centred norm (every row of T keys extends to
-    one of T+1 keys with the same norm and larger entropy, by adding a key at the mean)."""
+    """h_T(s) increases in T (theory/README.md, step 6): deleting the least likely key of a
+    row of T+1 keys lowers its entropy (by >= p_min log((T+1)/T)) and does not raise its
+    centred norm, so h_{T+1}(s) >= h_T(s). (Adding a key at the mean would run the wrong
+    way: it shows only that the *largest* entropy at a given norm grows.)"""
     lo, hi = min(t1, t2), max(t1, t2)
     assert entropy_lower_bound(s, lo) <= entropy_lower_bound(s, hi) * (1 + 4 * EPS)
 
