@@ -165,3 +165,116 @@ def test_one_hot_wins_again_for_large_bound():
 def test_small_bound_minimiser_is_near_half():
     assert box_min_entropy(1e-3, 10).n_high == 5
     assert box_min_entropy(1e-3, 11).n_high in (5, 6)
+
+
+# ----------------------------------------------------------------- issue 13: accuracy, edges
+@pytest.mark.parametrize("s, t", [(30.0, 5), (40.0, 16), (25.0, 3), (60.0, 64), (12.0, 2)])
+def test_minimize_entropy_is_accurate_in_relative_terms_where_h_is_tiny(s, t):
+    """Issue 13, 4: at s = 30, T = 5, h = 3.7e-13; the search must reproduce it relatively
+    (the old rescaled objective (H - log T) T/s^2 cancels and stopped at ~1e-9 absolute).
+    Reference: 50-digit mpmath. 1e-12 relative: H and its gradient are evaluated without
+    cancellation, so the rounding is a few ulp times g."""
+    r = minimize_entropy(s, t, restarts=4, seed=0)
+    ref = float(entropy_lower_bound_mp(s, t))
+    assert ref < 1e-6
+    assert abs(r.value - ref) <= 1e-12 * ref, (r.value, ref)
+    assert r.start_values.min() >= ref * (1 - 1e-12)
+    assert r.informative or t == 2
+
+
+def test_agreement_proves_nothing_where_the_sphere_is_flat():
+    """Issue 13, 4: as s -> 0 the entropy varies over the sphere only at O(s^3) (eq. (8));
+    below ~(eps log T / |c3|)^(1/3) that is below rounding, and at T = 2 the sphere holds only
+    the two extremal rows: the result says so (``informative`` False), and the spread it
+    reports is the variation of an explicit row, checked here in mpmath."""
+    assert minimize_entropy(1.0, 5, restarts=2).informative
+    assert not minimize_entropy(1e-6, 5, restarts=2).informative
+    assert not minimize_entropy(3.0, 2, restarts=2).informative
+    r = minimize_entropy(0.5, 6, restarts=2)
+    with mpmath.workdps(50):
+        g = mpmath.mpf(0.5) * mpmath.sqrt(mpmath.mpf(6) / 5)
+        # the balanced row: 3 entries +0.5/sqrt(6), 3 entries -0.5/sqrt(6) (norm 0.5)
+        z = [mpmath.mpf(0.5) / mpmath.sqrt(6)] * 3 + [-mpmath.mpf(0.5) / mpmath.sqrt(6)] * 3
+        lse = mpmath.log(mpmath.fsum(mpmath.exp(x) for x in z))
+        ent = -mpmath.fsum(mpmath.exp(x - lse) * (x - lse) for x in z)
+        assert abs(float(ent - entropy_lower_bound_mp(0.5, 6)) - r.spread) < 1e-14
+    del g
+
+
+def test_box_rows_near_the_vertex_minimisers():
+    """Rows just inside the box next to the minimising vertex (and next to every other vertex
+    with k high logits) never go below the closed form of eq. (11); a row at the vertex meets
+    it. Random box rows alone (uniform in the box) never come near those vertices."""
+    rng = np.random.default_rng(0)
+    for t, b in [(10, 1.0), (10, 1.3), (10, 1.35), (6, 0.2), (25, 0.7)]:
+        r = box_min_entropy(b, t)
+        for k in range(t + 1):
+            vertex = np.where(np.arange(t) < k, b, -b)
+            inward = -np.sign(vertex) * b * rng.uniform(0, 1e-3, (256, t))
+            rows = vertex + inward
+            ents = softmax_entropy(rows)
+            assert ents.min() >= r.value - 1e-13, (t, b, k)
+            assert softmax_entropy(vertex) == pytest.approx(r.vertex_values[k], abs=1e-13)
+        assert softmax_entropy(r.logits) == pytest.approx(r.value, abs=1e-14)
+
+
+def test_box_k_switch_at_T10():
+    """At T = 10 the box minimiser has k = 2 high logits for small b and k = 1 from
+    b* ~ 1.3141 on, where H_1 = H_2 in eq. (11). b* is found here independently: mpmath's
+    root of the entropy difference of the two explicit rows (not the package's closed form),
+    and the package must switch exactly there (and one_hot_counterexample with it)."""
+    def ent(k, b):
+        z = [b] * k + [-b] * (10 - k)
+        lse = mpmath.log(mpmath.fsum(mpmath.exp(x) for x in z))
+        return -mpmath.fsum(mpmath.exp(x - lse) * (x - lse) for x in z)
+
+    with mpmath.workdps(40):
+        b_star = float(mpmath.findroot(lambda b: ent(1, b) - ent(2, b), 1.3))
+    assert b_star == pytest.approx(1.31426, abs=1e-5)          # "b ~ 1.314"
+    for delta in (1e-3, 1e-6):
+        lo, hi = box_min_entropy(b_star - delta, 10), box_min_entropy(b_star + delta, 10)
+        assert lo.n_high == 2 and hi.n_high == 1, delta
+        assert one_hot_counterexample(10, b_star - delta).is_counterexample
+        assert not one_hot_counterexample(10, b_star + delta).is_counterexample
+        # exhaustive over all 2^10 vertices on both sides
+        for b, k in ((b_star - delta, 2), (b_star + delta, 1)):
+            verts = np.array(list(itertools.product([-b, b], repeat=10)))
+            ents = softmax_entropy(verts)
+            best = verts[np.argmin(ents)]
+            assert int((best > 0).sum()) == k
+            assert ents.min() == pytest.approx(box_min_entropy(b, 10).value, abs=1e-13)
+
+
+def test_mp_inputs_exact_and_validated():
+    """Issue 13, 6: Fractions are exact (strings rejected), seq_len beyond int64 is exact."""
+    with mpmath.workdps(50):
+        tenth = mpmath.mpf(1) / 10
+        h = entropy_lower_bound_mp(Fraction(1, 10), 7, dps=50)
+        assert h == entropy_lower_bound_mp(tenth, 7, dps=50)
+        assert h != entropy_lower_bound_mp(0.1, 7, dps=50)       # the float 0.1 is not 1/10
+        big = entropy_lower_bound_mp(0, 10**30, dps=50)
+        assert abs(big - mpmath.log(mpmath.mpf(10) ** 30)) < mpmath.mpf(10) ** -45
+    for bad, exc in (("0.1", TypeError), (b"1", TypeError), (True, TypeError), (1j, TypeError),
+                     (-1, ValueError), (float("nan"), ValueError)):
+        with pytest.raises(exc, match="logit_norm"):
+            entropy_lower_bound_mp(bad, 3)
+    for bad, exc in (("3", TypeError), (2.5, TypeError), (0, ValueError), (True, TypeError)):
+        with pytest.raises(exc, match="seq_len"):
+            entropy_lower_bound_mp(1.0, bad)
+    with pytest.raises(ValueError, match="broadcast"):
+        entropy_lower_bound_mp([1.0, 2.0], [2, 3, 4])
+    assert entropy_lower_bound_mp(np.zeros(0), 3).shape == (0,)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: minimize_entropy(1.0, 10**20), ValueError, "seq_len"),
+    (lambda: minimize_entropy(10**400, 3), ValueError, "logit_norm"),
+    (lambda: minimize_entropy(1.0, 3, gtol=True), ValueError, "gtol"),
+    (lambda: box_min_entropy("1", 3), TypeError, "bound"),
+    (lambda: box_min_entropy(1.0, 10**20), ValueError, "seq_len"),
+    (lambda: box_min_entropy_search(1.0, 3, restarts=0), ValueError, "restarts"),
+    (lambda: one_hot_counterexample(1, 1.0), ValueError, "seq_len"),
+])
+def test_certify_rejects_bad_input_naming_it(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -48,6 +48,20 @@ CASES = {
     "se/axis": (lambda: theory.softmax_entropy(np.ones((2, 3)), axis=5), ValueError, "axis"),
     # theory.max_logit_norm(entropy, seq_len), the inverse of eq. (2)
     "mln/nan": (lambda: theory.max_logit_norm(NAN, 5), ValueError, "entropy"),
+    # issue 13: strings, integers beyond float64, axis type, empty input checked alike
+    "elb/str seq_len": (lambda: theory.entropy_lower_bound(1.0, "5"), TypeError, "seq_len"),
+    "elb/int beyond float64": (lambda: theory.entropy_lower_bound(1.0, 10**400), ValueError, "seq_len"),
+    "elb/empty fractional T": (lambda: theory.entropy_lower_bound([], 2.5), ValueError, "seq_len"),
+    "mln/empty fractional T": (lambda: theory.max_logit_norm([], 2.5), ValueError, "seq_len"),
+    "mln/str": (lambda: theory.max_logit_norm("0.5", 5), TypeError, "entropy"),
+    "se/axis float": (lambda: theory.softmax_entropy(np.ones((2, 3)), axis=1.0), TypeError, "axis"),
+    "se/str": (lambda: theory.softmax_entropy("1 2"), TypeError, "logits"),
+    "tb/scale str": (lambda: theory.theorem_bound(X, W, W, scale="2"), TypeError, "scale"),
+    "tb/causal": (lambda: theory.theorem_bound(X, W, W, causal=None), TypeError, "causal"),
+    "mp/str": (lambda: theory.entropy_lower_bound_mp("0.1", 5), TypeError, "logit_norm"),
+    "me/seq_len huge": (lambda: theory.minimize_entropy(1.0, 10**20), ValueError, "seq_len"),
+    "box/str": (lambda: theory.box_min_entropy("1", 5), TypeError, "bound"),
+    "adam/str": (lambda: theory.adam_update_bound("1", 0.1), TypeError, "mean"),
     # theory.row_entropy_bounds(X, W_Q, W_K)
     "reb/shape": (lambda: theory.row_entropy_bounds(X, W[:3], W), ValueError, "W_Q"),
     "reb/ndim": (lambda: theory.row_entropy_bounds(X[0], W, W), ValueError, "X"),

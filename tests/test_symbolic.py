@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from theory import symbolic as S
 from theory.bound import entropy_lower_bound
-from theory.certify import entropy_lower_bound_mp
+from theory.certify import adam_update_bound, entropy_lower_bound_mp
 
 ALL_CLAIMS = {
     "extremal_entropy": S.extremal_entropy,
@@ -115,22 +115,66 @@ def test_large_s_asymptotic_numerically():
         assert popular < mpmath.exp(-40 * (mpmath.sqrt(mpmath.mpf(t) / (t - 1)) - 1) / 2)
 
 
-@given(w=st.integers(2, 24), seed=st.integers(0, 2**16), noise=st.floats(0.01, 10))
-def test_prop_3_2_holds_for_random_adam_statistics(w, seed, noise):
-    """Prop. 3.2 (eq. (14)): sigma(Delta) >= sqrt(w) sqrt(1 - sum n^2/(mu^2+n^2) / w^2)."""
+@given(w=st.integers(1, 24), c=st.integers(1, 24), seed=st.integers(0, 2**16),
+       noise=st.floats(0.0, 10), log_mag=st.floats(-150, 150))
+def test_prop_3_2_package_twin_holds_for_random_adam_statistics(w, c, seed, noise, log_mag):
+    """Prop. 3.2 (eq. (14)) through the package (theory.certify.adam_update_bound): the bound
+    equals the formula computed here independently, sqrt(w) sqrt(1 - sum n^2/(mu^2+n^2)/w^2)
+    for square matrices (mpmath, 30 digits, from the raw statistics), and sigma(Delta) (an SVD
+    computed here) is >= it. Magnitudes 1e-150 .. 1e150: Delta is scale-free."""
     rng = np.random.default_rng(seed)
-    mu = rng.standard_normal((w, w))
-    n = noise * rng.uniform(0.1, 1.0, (w, w))
-    delta = mu / np.sqrt(mu**2 + n**2)
-    bound = np.sqrt(w) * np.sqrt(1 - np.sum(n**2 / (mu**2 + n**2)) / w**2)
-    assert np.linalg.norm(delta, 2) >= bound * (1 - 1e-12)
+    shape = (w, w) if seed % 2 else (w, c)
+    mu = rng.standard_normal(shape) * 10.0**log_mag
+    n = noise * rng.uniform(0.0, 1.0, shape) * 10.0**log_mag
+    mu[mu == 0] = 1.0
+    r = adam_update_bound(mu, n)
+    sig = np.linalg.svd(mu / np.hypot(mu, n), compute_uv=False)[0]
+    assert r.spectral_norm == pytest.approx(sig, rel=1e-12)
+    with mpmath.workdps(30):
+        ratios = mpmath.fsum(mpmath.mpf(float(b)) ** 2 / (mpmath.mpf(float(a)) ** 2
+                                                          + mpmath.mpf(float(b)) ** 2)
+                             for a, b in zip(mu.ravel(), n.ravel()))
+        rows, cols = shape
+        ref = mpmath.sqrt((rows * cols - ratios) / min(rows, cols))
+        if rows == cols:   # eq. (14) as written
+            ref14 = mpmath.sqrt(rows) * mpmath.sqrt(1 - ratios / rows**2)
+            assert abs(ref - ref14) < mpmath.mpf(10) ** -25
+    assert r.bound == pytest.approx(float(ref), rel=1e-12)
+    assert r.spectral_norm >= r.bound * (1 - 1e-12)
 
 
-def test_prop_3_2_spectral_update_grows_like_sqrt_width():
-    """With little noise the bound is ~sqrt(w): the update's spectral norm grows with width."""
-    rng = np.random.default_rng(1)
-    sig = [np.linalg.norm(np.sign(rng.standard_normal((w, w))), 2) / np.sqrt(w) for w in (8, 64)]
-    assert min(sig) >= 1.0 - 1e-12
+def test_prop_3_2_is_tight_and_grows_like_sqrt_width():
+    """Equality for a noiseless Hadamard sign pattern (all singular values equal sqrt(w)), so
+    a weaker bound (e.g. ||Delta||_F / w) or a wrong one (sqrt(w) times more) fails here; a
+    scalar's update never exceeds 1; with noise n = mu/10 the bound is sqrt(w/1.01)."""
+    from scipy.linalg import hadamard
+    for w in (2, 8, 64):
+        r = adam_update_bound(hadamard(w), 0.0)
+        assert r.bound == pytest.approx(np.sqrt(w), rel=1e-14)
+        assert r.spectral_norm == pytest.approx(r.bound, rel=1e-12)
+        r = adam_update_bound(hadamard(w) * 3.0, 0.3)
+        assert r.bound == pytest.approx(np.sqrt(w / 1.01), rel=1e-13)
+        assert r.spectral_norm >= r.bound * (1 - 1e-13)
+    for mu, n in ((5.0, 0.0), (1e-300, 1e300), (-2.0, 1.0)):
+        r = adam_update_bound([[mu]], n)
+        assert r.spectral_norm == pytest.approx(r.bound, rel=1e-15) and r.spectral_norm <= 1.0
+    # rank one: sigma = ||Delta||_F, far above the bound ||Delta||_F / sqrt(w)
+    r = adam_update_bound(np.ones((16, 16)), 0.0)
+    assert r.spectral_norm == pytest.approx(16.0) and r.bound == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("mean, noise, exc, match", [
+    (np.ones(3), 0.1, ValueError, "mean"),
+    (np.ones((0, 3)), 0.1, ValueError, "mean"),
+    ("1", 0.1, TypeError, "mean"),
+    (np.ones((2, 2)), -0.1, ValueError, "noise_std"),
+    (np.ones((2, 2)), np.ones(3), ValueError, "noise_std"),
+    (np.zeros((2, 2)), 0.0, ValueError, "both 0"),
+    (np.full((2, 2), np.nan), 0.1, ValueError, "mean"),
+])
+def test_adam_update_bound_rejects_bad_input(mean, noise, exc, match):
+    with pytest.raises(exc, match=match):
+        adam_update_bound(mean, noise)
 
 
 def test_sigma_reparam_gradient_matches_finite_differences_of_true_spectral_norm():
@@ -161,7 +205,32 @@ def test_sigma_reparam_gradient_matches_finite_differences_of_true_spectral_norm
     (lambda: S.spectral_norm_gradient(((1, 0), (0, 1))), ValueError),
     (lambda: S.spectral_norm_gradient(((1, 0, 0), (0, 1, 0))), ValueError),
     (lambda: S.spectral_norm_gradient(((0.5, 0), (0, 1))), TypeError),
+    (lambda: S.spectral_norm_gradient("ab"), TypeError),
+    (lambda: S.spectral_norm_gradient(object()), TypeError),
+    (lambda: S.entropy_gradient(7), ValueError),
+    (lambda: S.adam_update_spectral_bound("2"), TypeError),
 ])
 def test_rejects_bad_input(call, exc):
     with pytest.raises(exc):
         call()
+
+
+def test_every_public_theory_function_documents_what_it_raises():
+    """Issue 13, 6: every public function of theory/ that takes arguments has a ``Raises``
+    section naming TypeError/ValueError, and the sympy-free ones are exported by ``theory``."""
+    import inspect
+
+    import theory
+    from theory import bound, certify, instances
+    missing = []
+    for mod in (bound, certify, instances, S):
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if not inspect.isfunction(obj) or not inspect.signature(obj).parameters:
+                continue
+            doc = inspect.getdoc(obj) or ""
+            if "Raises\n------" not in doc or "Error" not in doc.split("Raises\n------")[1]:
+                missing.append(f"{mod.__name__}.{name}")
+            if mod is not S:
+                assert hasattr(theory, name) or name.startswith("box_min_entropy_search"), name
+    assert not missing, missing

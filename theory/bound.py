@@ -498,6 +498,14 @@ def extremal_logits(logit_norm, seq_len, top=0):
     numpy.ndarray
         float64 logits of shape ``np.shape(logit_norm) + (seq_len,)`` (all zeros for T = 1).
 
+    Raises
+    ------
+    TypeError
+        Non-real ``logit_norm``/``seq_len`` (strings, bools, complex), ``top`` not an integer.
+    ValueError
+        Negative or non-finite ``logit_norm``, ``seq_len`` not a scalar integer >= 1, ``top``
+        out of range.
+
     Examples
     --------
     >>> z = extremal_logits(2.5, 8, top=3)

@@ -226,7 +226,8 @@ class EntropyMinimum:
         The local minimum reached from each start (random starts first, then adversarial).
     spread : float
         How much the entropy varies over the sphere, at least: the entropy of the most
-        balanced two-valued row (``T // 2`` high entries, eq. (6)) minus ``bound``. Where it is
+        balanced two-valued row (``max(T // 2, 2)`` high entries for T >= 3, eq. (6)) minus
+        ``bound``. Where it is
         below the rounding noise of an entropy (``noise``), agreement of ``value`` with
         ``bound`` proves nothing: every point of the sphere has that entropy to rounding
         (small s, where the variation is O(s^3) (eq. (8)), and T = 2, where the sphere holds
@@ -321,7 +322,7 @@ def minimize_entropy(logit_norm, seq_len, *, restarts=16, seed=0, gtol=1e-10):
     if isinstance(gtol, bool) or not (isinstance(gtol, (int, float)) and gtol > 0):
         raise ValueError(f"gtol must be a positive number, got {gtol!r}")
     bound = float(entropy_lower_bound(s, t))
-    balanced = float(softmax_entropy(s * _two_valued_direction(t // 2, t)))
+    balanced = float(softmax_entropy(s * _two_valued_direction(max(t // 2, min(2, t - 1)), t)))
     if s == 0.0:
         z = np.zeros(t)
         value = float(softmax_entropy(z))
@@ -411,6 +412,13 @@ def box_min_entropy(bound, seq_len):
     BoxMinimum
         ``value``, ``n_high`` (the smallest minimising k), ``logits``, ``vertex_values``.
 
+    Raises
+    ------
+    TypeError
+        ``bound`` not a real number, ``seq_len`` not an int.
+    ValueError
+        ``bound`` negative or not finite, ``seq_len`` outside [1, 10^7] (memory is O(T)).
+
     Examples
     --------
     At T = 10, b = 1 two high logits beat one:
@@ -422,7 +430,7 @@ def box_min_entropy(bound, seq_len):
     True
     """
     b = _check_scalar_norm(bound, "bound")
-    t = _check_int(seq_len, "seq_len", 1)
+    t = _check_int(seq_len, "seq_len", 1, maximum=10**7)
     k = np.arange(1, t + 1, dtype=np.float64)
     gap = 2.0 * b
     decay = np.exp(-gap)
@@ -461,6 +469,14 @@ def box_min_entropy_search(bound, seq_len, *, restarts=16, seed=0):
     tuple of (float, numpy.ndarray)
         The least entropy found and its logits.
 
+    Raises
+    ------
+    TypeError
+        ``bound`` not a real number, ``seq_len``/``restarts``/``seed`` not ints.
+    ValueError
+        ``bound`` negative or not finite, ``seq_len`` outside [1, 10^4], ``restarts`` < 1,
+        ``seed`` < 0.
+
     Examples
     --------
     >>> value, z = box_min_entropy_search(1.0, 6, restarts=8)
@@ -468,7 +484,7 @@ def box_min_entropy_search(bound, seq_len, *, restarts=16, seed=0):
     True
     """
     b = _check_scalar_norm(bound, "bound")
-    t = _check_int(seq_len, "seq_len", 1)
+    t = _check_int(seq_len, "seq_len", 1, maximum=10**4)
     restarts = _check_int(restarts, "restarts", 1)
     seed = _check_int(seed, "seed", 0)
     rng = np.random.default_rng(seed)
@@ -511,8 +527,9 @@ def one_hot_counterexample(seq_len=10, bound=1.0):
 
     Under per-token norms each logit lies in [-b, b]; the naive analogue of eq. (5) puts one
     logit at +b and the rest at -b. At T = 10, b = 1 that row has entropy 1.8949 nats, while
-    the row with two logits at +b (eq. (11)) has 1.8282 nats. For b >= 2 (at T = 10) k = 1
-    wins again.
+    the row with two logits at +b (eq. (11)) has 1.8282 nats. From b* = 1.31426 on (at
+    T = 10, where H_1 = H_2; ``tests/test_certify.py`` finds b* with mpmath) k = 1 wins
+    again.
 
     Parameters
     ----------
@@ -525,6 +542,13 @@ def one_hot_counterexample(seq_len=10, bound=1.0):
     -------
     OneHotCounterexample
 
+    Raises
+    ------
+    TypeError
+        ``bound`` not a real number, ``seq_len`` not an int.
+    ValueError
+        ``bound`` negative or not finite, ``seq_len`` outside [2, 10^7].
+
     Examples
     --------
     >>> c = one_hot_counterexample(10, 1.0)
@@ -532,7 +556,7 @@ def one_hot_counterexample(seq_len=10, bound=1.0):
     (1.8949, 1.8282, 2, True)
     """
     b = _check_scalar_norm(bound, "bound")
-    t = _check_int(seq_len, "seq_len", 2)
+    t = _check_int(seq_len, "seq_len", 2, maximum=10**7)
     box = box_min_entropy(b, t)
     naive = float(box.vertex_values[1])
     return OneHotCounterexample(naive, box, bool(box.value < naive))

@@ -160,6 +160,13 @@ def extremal_entropy_vector(seq_len):
         ``lhs`` the entropy of the explicit softmax vector, ``rhs`` :func:`entropy_bound_expr`
         at this T.
 
+    Raises
+    ------
+    TypeError
+        ``seq_len`` not an int.
+    ValueError
+        ``seq_len`` outside [2, 12].
+
     Examples
     --------
     >>> extremal_entropy_vector(3).holds
@@ -234,13 +241,20 @@ def entropy_gradient(seq_len=3):
     Parameters
     ----------
     seq_len : int, default 3
-        T in [2, 12]: the identity is checked on T free symbols z_0, ..., z_{T-1}.
+        T in [2, 6]: the identity is checked on T free symbols z_0, ..., z_{T-1}.
 
     Returns
     -------
     Claim
         Column matrices: ``lhs`` the gradient of :math:`-\sum p_j \log p_j` by sympy.diff,
         ``rhs`` the formula; ``residual`` the zero matrix.
+
+    Raises
+    ------
+    TypeError
+        ``seq_len`` not an int.
+    ValueError
+        ``seq_len`` outside [2, 6].
 
     Examples
     --------
@@ -360,6 +374,13 @@ def adam_update_spectral_bound(width=2):
         for a 2×2 matrix, tr(ΔᵀΔ)² - 4 det(Δ)² equals an explicit sum of squares (so the top
         eigenvalue of ΔᵀΔ is at least half its trace); 1 - μ²/(μ²+n²) = n²/(μ²+n²) ≥ 0.
 
+    Raises
+    ------
+    TypeError
+        ``width`` not an int.
+    ValueError
+        ``width`` outside [2, 4].
+
     Examples
     --------
     >>> frob, disc, scalar = adam_update_spectral_bound(2)
@@ -407,6 +428,13 @@ def sigma_reparam_gradient(rows=2, cols=3):
         ``(gradient, scale_invariance)``: matrices ``sympy.diff(L, W_ij)`` against the formula;
         ⟨∂L/∂W, W⟩ against 0 (rescaling W does not change Ŵ).
 
+    Raises
+    ------
+    TypeError
+        ``rows`` or ``cols`` not an int.
+    ValueError
+        ``rows`` or ``cols`` outside [1, 4].
+
     Examples
     --------
     >>> all(c.holds for c in sigma_reparam_gradient(2, 2))
@@ -449,12 +477,24 @@ def spectral_norm_gradient(matrix=((2, 1), (0, 1))):
     Claim
         ``lhs`` the gradient matrix, ``rhs`` v uᵀ, ``residual`` the zero matrix.
 
+    Raises
+    ------
+    TypeError
+        Entries not rational (int or sympy.Rational).
+    ValueError
+        Not 2x2, or the two singular values coincide.
+
     Examples
     --------
     >>> spectral_norm_gradient().holds
     True
     """
-    w0 = sp.Matrix(matrix)
+    if isinstance(matrix, (str, bytes)):
+        raise TypeError(f"matrix must be a 2x2 nested sequence of rationals, got {matrix!r}")
+    try:
+        w0 = sp.Matrix(matrix)
+    except (TypeError, ValueError, sp.SympifyError) as exc:
+        raise TypeError(f"matrix must be a 2x2 nested sequence of rationals, got {matrix!r}") from exc
     if w0.shape != (2, 2):
         raise ValueError(f"matrix must be 2x2, got shape {w0.shape}")
     if not all(x.is_rational for x in w0):
