@@ -34,7 +34,7 @@ def test_the_chain_has_every_link():
     keys = [s.key for s in STEPS]
     for key in ("reduce", "gradient", "ray", "existence", "first-order", "second-variation",
                 "second-order", "phi", "two-values", "one-high", "h-decreasing", "monotone-T",
-                "planar", "d=1"):
+                "planar", "d=1", "d=1-constant"):
         assert key in keys
     assert {s.kind for s in STEPS} == {"paper", "sympy", "arb"}
 

@@ -325,6 +325,28 @@ def _step_planar(full):
               "sigma c^2 and the one-high gap s sqrt(T/(T-1))")
 
 
+def _step_d1_constant(full):
+    """d = 1: with x_i = cos t and the other keys summing to -sqrt(T-1) sin t (equal entries),
+    x_i^2 ||x - mean||^2 = cos^2 t sin^2(t + phi), and 2 cos t sin(t + phi) = sin(2t + phi) +
+    sin phi, where sin phi = sqrt((T-1)/T), cos phi = 1/sqrt(T) (symbolic T = m + 1)."""
+    th = sp.Symbol("theta", real=True)
+    n_keys = _m + 1
+    sin_phi, cos_phi = sp.sqrt(_m / n_keys), 1 / sp.sqrt(n_keys)
+    sin_t_phi = sp.sin(th) * cos_phi + sp.cos(th) * sin_phi            # sin(t + phi)
+    mean_sq_T = (sp.cos(th) - sp.sqrt(_m) * sp.sin(th)) ** 2 / n_keys   # T * mean(x)^2
+    sin_2t_phi = sp.sin(2 * th) * cos_phi + sp.cos(2 * th) * sin_phi
+    checks = [
+        certify_identity(sp.cos(th) ** 2 * (1 - mean_sq_T), sp.cos(th) ** 2 * sin_t_phi ** 2),
+        certify_identity(2 * sp.cos(th) * sin_t_phi, sp.expand_trig(sin_2t_phi) + sin_phi,
+                         simplifier=lambda e: sp.simplify(sp.expand_trig(e))),
+        certify_identity(sin_phi ** 2 + cos_phi ** 2, 1),
+    ]
+    bad = [c for c in checks if not c.ok]
+    return bad[0] if bad else Outcome(
+        True, "sympy: x_i^2 ||x - mean||^2 = cos^2 t sin^2(t + phi) <= ((1 + sin phi)/2)^2, "
+              "sin phi = sqrt(1 - 1/T)")
+
+
 # ----------------------------------------------------------------- corroboration steps
 def _s_grid(full):
     if full:
@@ -456,8 +478,10 @@ STEPS: tuple[Step, ...] = (
     Step("monotone-T", "h_{T+1}(s) > h_T(s): delete the least likely key", "paper", "step 6"),
     Step("planar", "d = 2: X^T X = c^2 I and row i is the one-high row of norm sigma c^2",
          "sympy", "Tightness", _step_planar),
-    Step("d=1", "d = 1, T >= 2, sigma sigma_x > 0: equality is never attained", "paper",
-         "Tightness"),
+    Step("d=1", "d = 1: ||a_i - mean|| <= rho_T sigma sigma_x, rho_T = (1 + sqrt(1 - 1/T))/2 < 1, "
+         "so for T >= 2 and sigma sigma_x > 0 equality is never attained", "paper", "Tightness"),
+    Step("d=1-constant", "d = 1: the trigonometric identities behind rho_T (every T)", "sympy",
+         "Tightness", _step_d1_constant),
     Step("cor-two-valued", "n-high rows (n >= 2) have entropy > h_T(s) at grid points", "arb",
          "corroborates step 4", _step_two_valued),
     Step("cor-second-order", "n-high rows violate the second-order condition (n >= 2); the "
