@@ -194,9 +194,3 @@ def test_cli_exit_status_and_options():
                              timeout=120)
     assert listing.returncode == 0 and all(s.key in listing.stdout for s in STEPS)
 
-
-@pytest.mark.slow
-def test_full_run_passes(capsys):
-    """`python -m theory.proof --full` (about 15 s)."""
-    assert main(["--full"]) == 0
-    assert "ALL STEPS PASSED (full run" in capsys.readouterr().out
