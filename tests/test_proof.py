@@ -193,4 +193,3 @@ def test_cli_exit_status_and_options():
     listing = subprocess.run(run + ["--list"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
     assert listing.returncode == 0 and all(s.key in listing.stdout for s in STEPS)
-
