@@ -12,7 +12,7 @@ import sympy as sp
 from flint import arb, fmpq
 
 import theory.proof as proof
-from theory.proof import (STEPS, Outcome, Step, certify_identity, certify_positive, h_arb, main,
+from theory.proof import (STEPS, Step, certify_identity, certify_positive, h_arb, main,
                           two_valued_entropy_arb)
 
 ROOT = Path(__file__).resolve().parents[1]
