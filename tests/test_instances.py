@@ -496,3 +496,52 @@ def test_instance_functions_reject_strings_and_huge_ints(kwargs, exc, match):
         theorem_bound("abc", W, W)
     # ||W W^T||_2 = 4, ||X||_2^2 = 6: a Python int beyond int64 is taken as its float
     assert theorem_bound(X, W, W, scale=10**20).logit_norm == pytest.approx(1e20 * 4 * 6)
+
+
+def _mp_spectral(rows):
+    """||M||_2 of a list-of-lists of mpf, at the current mpmath precision (singular values)."""
+    import mpmath
+    return max(mpmath.svd_r(mpmath.matrix(rows), compute_uv=False))
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(2, 6), st.integers(1, 3),
+       st.integers(0, 13), st.integers(0, 13), st.booleans())
+@example(0, 6, 3, 12, 0, True)
+@example(1, 6, 3, 0, 12, False)
+@example(2, 5, 2, 10, 10, True)
+def test_each_norm_bound_is_rounded_up_from_its_exact_value_under_cancellation(
+        seed, T, d, k_tokens, k_weights, causal):
+    """Issue 13, 2: each variant's s_i is >= the exact value of its own formula for the float64
+    instance, computed here in 60-digit mpmath from the exact binary inputs, also when the
+    float64 evaluation cancels: tokens equal up to 10^-k_tokens (the centring P X_i and the
+    centred logit row cancel) and W_Q = W_K (e_1 e_1^T - e_1 e_2^T ...) up to 10^-k_weights
+    (W_K W_Q^T cancels). A bound computed without the absolute rounding terms falls below."""
+    import mpmath
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal(d) + 10.0 ** -k_tokens * rng.standard_normal((T, d))
+    W_K = rng.standard_normal((d, 2))
+    W_Q = np.stack([W_K[:, 0], -W_K[:, 0]], axis=1) + 10.0 ** -k_weights * rng.standard_normal((d, 2))
+    W_Q[:, 1] = -W_Q[:, 0] + 10.0 ** -k_weights * rng.standard_normal(d)
+    W_K[:, 1] = W_K[:, 0]                  # W_K W_Q^T = k (q_0 + q_1)^T, q_0 + q_1 ~ 10^-k
+    s = row_logit_norm_bounds(X, W_Q, W_K, causal=causal)
+    with mpmath.workdps(60):
+        mp = lambda a: [[mpmath.mpf(float(v)) for v in r] for r in np.atleast_2d(a)]  # noqa: E731
+        Xm, Qm, Km = mpmath.matrix(mp(X)), mpmath.matrix(mp(W_Q)), mpmath.matrix(mp(W_K))
+        M = Km * Qm.T
+        sigma = _mp_spectral(M.tolist())
+        sigma_x = _mp_spectral(Xm.tolist()) ** 2
+        logits = (Xm * Qm) * (Xm * Km).T
+        assert s["theorem"][0] >= sigma * sigma_x
+        for i in range(T):
+            Ti = i + 1 if causal else T
+            keys = [Xm[j, :] for j in range(Ti)]
+            mean = [mpmath.fsum(kj[c] for kj in keys) / Ti for c in range(d)]
+            xi = mpmath.sqrt(mpmath.fsum(Xm[i, c] ** 2 for c in range(d)))
+            prefix = _mp_spectral([[kj[c] for c in range(d)] for kj in keys])
+            prefix_c = _mp_spectral([[kj[c] - mean[c] for c in range(d)] for kj in keys])
+            row = [logits[i, j] for j in range(Ti)]
+            rbar = mpmath.fsum(row) / Ti
+            centred = mpmath.sqrt(mpmath.fsum((r - rbar) ** 2 for r in row))
+            assert s["per_query"][i] >= sigma * xi * prefix, i
+            assert s["centered"][i] >= sigma * xi * prefix_c, i
+            assert s["exact"][i] >= centred, (i, float(centred), s["exact"][i])

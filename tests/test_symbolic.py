@@ -21,6 +21,7 @@ ALL_CLAIMS = {
     "lagrange_condition": S.lagrange_condition,
     "small_s_series": S.small_s_series,
     "large_s_asymptotic": S.large_s_asymptotic,
+    "large_s_remainder": S.large_s_remainder,
     "adam_update_spectral_bound_w2": lambda: S.adam_update_spectral_bound(2),
     "adam_update_spectral_bound_w3": lambda: S.adam_update_spectral_bound(3),
     "sigma_reparam_gradient": S.sigma_reparam_gradient,

@@ -30,6 +30,7 @@ __all__ = [
     "lagrange_condition",
     "small_s_series",
     "large_s_asymptotic",
+    "large_s_remainder",
     "adam_update_spectral_bound",
     "sigma_reparam_gradient",
     "spectral_norm_gradient",
@@ -327,6 +328,34 @@ def small_s_series():
     return second, cubic
 
 
+def _large_s_ratio():
+    """(g, h_T(s) / ((T-1)(1+g)e^{-g})) with g = s sqrt(T/(T-1)), eq. (9)."""
+    g_of_s = s * sp.sqrt((m + 1) / m)
+    return g_of_s, _h_of_g(g_of_s, m) / (m * (1 + g_of_s) * sp.exp(-g_of_s))
+
+
+@lru_cache(maxsize=None)
+def large_s_remainder():
+    r"""Proves: the remainder of eq. (9) is o(1/g): :math:`g\,(h_T(s)/((T-1)(1+g)e^{-g}) - 1) 	o 0`.
+
+    So the form (T-1)(1+g)e^{-g} is pinned beyond its leading order: the plausible
+    (T-1) g e^{-g}, whose ratio also tends to 1, has g (ratio - 1) -> 1 instead.
+
+    Returns
+    -------
+    Claim
+        ``lhs`` the limit as s -> oo, ``rhs`` 0.
+
+    Examples
+    --------
+    >>> large_s_remainder().holds
+    True
+    """
+    g_of_s, ratio = _large_s_ratio()
+    return _claim("lim g (h_T(s) / ((T-1)(1+g)e^{-g}) - 1) = 0",
+                  sp.limit(g_of_s * (ratio - 1), s, sp.oo), sp.Integer(0))
+
+
 @lru_cache(maxsize=None)
 def large_s_asymptotic():
     r"""Proves: h_T(s) ~ (T-1)(1+g)e^{-g} with g = s√(T/(T-1)) as s → ∞, eq. (9); dropping √(T/(T-1)) is wrong.
@@ -344,9 +373,8 @@ def large_s_asymptotic():
     >>> all(c.holds for c in large_s_asymptotic())
     True
     """
-    g_of_s = s * sp.sqrt((m + 1) / m)
-    h = _h_of_g(g_of_s, m)
-    kept = sp.limit(h / (m * (1 + g_of_s) * sp.exp(-g_of_s)), s, sp.oo)
+    g_of_s, ratio = _large_s_ratio()
+    kept = sp.limit(ratio, s, sp.oo)
     # h / (T s e^{-s}) = [h / ((T-1)(1+g)e^{-g})] * [(T-1)(1+g) e^{-(g-s)} / (T s)], g = (1+δ)s.
     delta = sp.Symbol("delta", positive=True)
     second = sp.limit(m * (1 + (1 + delta) * s) * sp.exp(-delta * s) / ((m + 1) * s), s, sp.oo)
