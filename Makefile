@@ -1,18 +1,23 @@
-# Two commands do everything: `make demo` and `make test` (see README.md).
+# Two commands do everything: `make demo` and `make test` (see README.md and docs/install.md).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# The CPU wheel of torch 2.13.0 lies on disk on the project's machines; an unpinned
-# `torch` would pull a multi-GB CUDA build.  Installed only if no torch is importable.
-TORCH_SPEC ?= torch==2.13.0
+# torch is installed first, only if the venv has none.  On Linux an unqualified `pip install torch`
+# pulls a multi-GB CUDA build; for the CPU-only wheel (about 200 MB) use PyTorch's CPU index:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# TORCH_SPEC chooses the version (the project is tested with torch 2.13.0; it supports >= 2.11).
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# `make results` regenerates the committed results/ from a clean checkout (see docs/running.md)
+STAGE  ?= runs/results-staging
 
-.PHONY: demo test env notebooks bench clean
+.PHONY: demo test env notebooks bench results clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
@@ -32,6 +37,21 @@ bench: env
 	$(PY) benchmarks/bench_bound.py
 	$(PY) benchmarks/bench_reparam.py
 	$(PY) benchmarks/bench_entropy.py
+	$(PY) benchmarks/bench_collapsed_step.py
+
+# results/cpu-demo and results/compare-cpu, from the committed code only: refuses a checkout whose
+# tracked files differ from HEAD, trains into $(STAGE) (outside results/, so the tree stays clean
+# while it runs), then replaces the two folders.  About 10 minutes on 2 CPU cores; commit after.
+results: env
+	@git diff --quiet HEAD -- || { echo "make results: tracked files differ from HEAD; commit or stash them first" >&2; exit 1; }
+	rm -rf $(STAGE)
+	$(VENV)/bin/entropy-collapse demo --out $(STAGE)/cpu-demo --preset cpu-demo
+	$(VENV)/bin/entropy-collapse compare --out $(STAGE)/compare-cpu --preset cpu-compare --seeds 0 1 2 --jobs 2 --threads 1
+	rm -rf results/cpu-demo results/compare-cpu
+	mkdir -p results
+	find $(STAGE) -name '*.pt' -delete
+	mv $(STAGE)/cpu-demo $(STAGE)/compare-cpu results/
+	@echo "results/ regenerated from $$(git rev-parse --short HEAD); review with git status, then commit"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -30,9 +30,16 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``report`` sub-command."""
-    parser = subparsers.add_parser("report", help="figures and report.md from run directories",
-                                   description=__doc__)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories written by `train`")
-    parser.add_argument("--out", default=None, help="output directory (default: see report --help)")
+    parser = subparsers.add_parser(
+        "report", help="figures and report.md from one or more run folders",
+        description="Read the metrics.jsonl, summary.json and samples/ of each run folder and write "
+                    "report.md with a table of the final numbers, the bound check (every recorded "
+                    "attention row against h_T) and four figures: loss, entropy per layer, sigma_h of "
+                    "every head, and every sampled row's entropy against the bound.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run folders written by `entropy-collapse train` (or `demo`)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="where report.md and the figures go (default: the run folder itself for one "
+                             "RUN_DIR; for several, a folder named report beside them, in their common parent)")
     parser.set_defaults(func=_run, _parser=parser)
     return parser

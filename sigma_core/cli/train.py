@@ -1,27 +1,151 @@
-"""``entropy-collapse train``: train the GPT on the stdlib bytes and write a run directory.
+"""``entropy-collapse train``: train one model and write a run folder.
 
-Flags map onto :class:`~sigma_core.experiments.config.TrainConfig`: ``--preset`` picks the starting point
-and every other flag overrides one field (``--lr 1e-2 --reparam sigma --steps 400``).
-
-``--resume RUN_DIR`` continues the run in RUN_DIR from its ``checkpoint.pt`` with the config
-stored there (only ``--device``, ``--threads``, ``--compile``, ``--progress`` and
-``--checkpoint-every`` may be given again).  Under ``torchrun`` the run is data-parallel.
-
-Exit status: 0 when the run finished or diverged (divergence is a result: the message names the
-step and ``summary.json`` has ``"diverged": true``); 2 for a bad flag, path or checkpoint
-(truncated, corrupted or of another config); 128 + the signal number (130 for SIGINT, 143 for
-SIGTERM) when a signal stopped the run after writing its checkpoint.
+Every flag maps onto one field of :class:`~sigma_core.experiments.config.TrainConfig`; ``--preset``
+picks the starting values.  :data:`DESCRIPTION` and :data:`FIELD_HELP` are the plain-text help;
+:func:`format_summary` is what a finished run prints (the full numbers stay in ``summary.json``).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import re
 import sys
 from pathlib import Path
 
-from sigma_core.cli.argtypes import finite_float, nonnegative_int, positive_float, positive_int
+from sigma_core.cli.argtypes import finite_float, integer, nonnegative_int, positive_float, positive_int
+from sigma_core.experiments import config as _config
 from sigma_core.experiments.config import GAMMA_INITS, NORMS, PRESETS, REPARAMS, TrainConfig, preset
+
+DESCRIPTION = """\
+Train one model and write a run folder: config.json (the whole configuration, git commit,
+package versions, corpus SHA-256), metrics.jsonl (loss, per-head attention entropy, sigma_h
+and bound violations at every logged step), samples/, summary.json and checkpoint.pt.
+At the end it prints a short summary; `entropy-collapse report RUN_DIR` draws the figures.
+
+--preset picks the starting values (the table below); every other flag overrides one of them:
+  entropy-collapse train --out runs/base  --preset cpu-demo
+  entropy-collapse train --out runs/sigma --preset cpu-demo --reparam sigma
+  entropy-collapse train --resume runs/sigma     (continue from its checkpoint)
+
+A resumed run keeps its stored configuration; only --device, --threads, --compile,
+--progress and --checkpoint-every may be given again.  Under torchrun the run is
+data-parallel and --batch-size is the global batch.
+
+Exit status: 0 when the run finished or diverged (divergence is a result: the message names
+the step and summary.json says "diverged": true); 2 for a bad flag, folder or checkpoint;
+130 (Ctrl-C) or 143 (SIGTERM) after the checkpoint of an interrupted run is written."""
+
+#: the help line of each TrainConfig field (a field missing here gets a generic line)
+FIELD_HELP = {
+    "model": "which model: gpt (byte-level GPT on the shipped corpus), vit (ViT on 8x8 digits) "
+             "or seq2seq (encoder-decoder on a synthetic task)",
+    "vocab_size": "vocabulary size (256 bytes for the GPT)",
+    "d_model": "model width d",
+    "n_layer": "number of Transformer blocks",
+    "n_head": "attention heads per block (must divide --d-model)",
+    "block_size": "sequence length T",
+    "norm": "LayerNorm placement: pre, post or none",
+    "mlp_ratio": "MLP hidden width as a multiple of d",
+    "reparam": "weight reparametrisation of every linear layer: none, sigma (sigmaReparam) or "
+               "spectral (torch's spectral_norm)",
+    "gamma_init": "sigmaReparam's initial gamma: one (gamma = 1) or sigma (gamma = sigma(W0), "
+                  "the layer computes what it did before)",
+    "qk_norm": "LayerNorm on each head's queries and keys (QK-LayerNorm)",
+    "logit_softcap": "soft-cap the attention logits at c*tanh(a/c); 0 is off",
+    "patch_size": "ViT patch size in pixels (1, 2, 4 or 8)",
+    "seq_task": "seq2seq task: reverse or copy",
+    "optimizer": "adamw or sgd",
+    "lr": "peak learning rate",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay on every parameter",
+    "warmup_steps": "linear warm-up steps (0: none)",
+    "lr_schedule": "constant or cosine (to 0 at the last step)",
+    "grad_clip": "clip the gradient norm at this value; 0 is off",
+    "batch_size": "sequences per step (the global batch under torchrun)",
+    "steps": "optimiser steps",
+    "seed": "random seed (weights and data order)",
+    "corpus_bytes": "bytes of the shipped corpus to use (at most 8388608)",
+    "val_fraction": "fraction of the data held out for the validation loss",
+    "log_every": "record entropy and metrics every N steps",
+    "eval_every": "validation loss every N steps",
+    "eval_batches": "batches per validation loss",
+    "sample_batch": "sequences whose every attention row is saved at --sample-steps",
+    "device": "auto, cpu, cuda or cuda:N",
+    "threads": "torch CPU threads; 0 keeps torch's default",
+    "checkpoint_every": "write checkpoint.pt every N steps; 0: only at the end",
+}
+
+#: help sections, in order; fields not listed go to the last one
+_GROUPS = (
+    ("model", ("model", "vocab_size", "d_model", "n_layer", "n_head", "block_size", "norm",
+               "mlp_ratio", "reparam", "gamma_init", "qk_norm", "logit_softcap", "patch_size", "seq_task")),
+    ("optimisation", ("optimizer", "lr", "momentum", "weight_decay", "warmup_steps", "lr_schedule",
+                      "grad_clip", "batch_size", "steps", "seed")),
+    ("data and logging", ("corpus_bytes", "val_fraction", "log_every", "eval_every", "eval_batches",
+                          "sample_steps", "sample_batch")),
+    ("runtime", ()),
+)
+
+#: the preset whose value a flag's help shows: the model's default preset
+_SHOWN_PRESET = {"patch_size": "vit-digits", "seq_task": "seq2seq-reverse", "momentum": "vit-digits-sgd"}
+
+
+#: the placeholder a flag's value shows in the help
+_METAVARS = {"lr": "LR", "device": "DEVICE", "model": "NAME", "optimizer": "NAME", "lr_schedule": "NAME",
+             "seq_task": "NAME", integer: "N", positive_int: "N", nonnegative_int: "N", str: "TEXT"}
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return " ".join(str(v) for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _preset_value(name: str) -> str:
+    where = _SHOWN_PRESET.get(name, "cpu-demo")
+    if where not in PRESETS:
+        where = "cpu-demo"
+    return f"{where}: {_shown(getattr(preset(where), name))}"
+
+
+def preset_table() -> str:
+    """The presets' main values as a plain-text table (the epilog of ``train --help``)."""
+    cols = ("model", "d_model", "n_layer", "n_head", "block_size", "batch_size", "steps", "lr", "reparam")
+    head = ("preset", "model", "d", "layers", "heads", "T", "batch", "steps", "lr", "reparam")
+    rows = [head]
+    for name in PRESETS:
+        cfg = preset(name)
+        values = [_shown(getattr(cfg, c, "")) for c in cols]
+        if getattr(cfg, "model", "gpt") == "vit":
+            values[cols.index("block_size")] = "-"  # images: T comes from the patch size
+        rows.append((name, *values))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    notes = ("cpu-smoke: seconds (the tests).  cpu-demo: what `demo` trains on a CPU; at lr 3e-2 the\n"
+             "baseline collapses.  cpu-compare: one run of the `compare` sweep.  classroom: a\n"
+             "baseline/sigmaReparam pair in under a minute.  h200: what `demo` trains on a GPU.")
+    return "presets (flags override any value):\n  " + "\n  ".join(lines) + "\n" + notes
+
+
+def flag_of(field_name: str) -> str:
+    """``weight_decay`` -> ``--weight-decay``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def flags_in_message(message: str) -> str:
+    """A config error message with the TrainConfig field names it is about written as flags.
+
+    >>> flags_in_message("d_model (30) must be divisible by n_head (4)")
+    '--d-model (30) must be divisible by --n-head (4)'
+    >>> flags_in_message("model='vit' does not fit preset 'cpu-demo' (a gpt preset)")
+    "--model='vit' does not fit preset 'cpu-demo' (a gpt preset)"
+    """
+    names = sorted((f.name for f in dataclasses.fields(TrainConfig)), key=len, reverse=True)
+    # only where the name is the subject of the sentence ("lr must ...", "d_model (30) ...",
+    # "model='vit' ..."), not inside prose ("a gpt preset")
+    return re.sub(r"(?<![-\w'])(" + "|".join(names) + r")(?= must| \(|=)", lambda m: flag_of(m.group(1)), message)
 
 #: flags that are not plain scalar fields of TrainConfig
 _SPECIAL = {"preset", "betas", "sample_steps", "compile", "progress"}
@@ -73,16 +197,25 @@ def _resume_dir(text: str) -> Path:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per :class:`TrainConfig` field (default: the preset's value)."""
+    """One ``--flag`` per :class:`TrainConfig` field (default: the preset's value), in sections."""
     choices = {"norm": NORMS, "reparam": REPARAMS, "gamma_init": GAMMA_INITS}
+    for name, attr in (("model", "MODELS"), ("optimizer", "OPTIMIZERS"), ("lr_schedule", "LR_SCHEDULES"),
+                       ("seq_task", "SEQ_TASKS")):
+        if hasattr(_config, attr):
+            choices[name] = getattr(_config, attr)
+    groups = {title: parser.add_argument_group(title) for title, _ in _GROUPS}
+    group_of = {name: groups[title] for title, names in _GROUPS for name in names}
+    runtime = groups[_GROUPS[-1][0]]
     for f in dataclasses.fields(TrainConfig):
         if f.name in _SPECIAL:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_of(f.name)
+        where = group_of.get(f.name, runtime)
+        text = FIELD_HELP.get(f.name, f"the config field {f.name}")
         if f.name == "device":
             kind = _device
         elif f.type in ("int", int):
-            kind = {"seed": int, "threads": nonnegative_int,
+            kind = {"seed": integer, "threads": nonnegative_int,
                     "checkpoint_every": nonnegative_int}.get(f.name, positive_int)
         elif f.type in ("float", float):
             kind = positive_float if f.name == "lr" else finite_float
@@ -90,18 +223,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kind = None  # boolean fields get --flag/--no-flag below
         else:
             kind = str
+        shown = f" ({_preset_value(f.name)})" if f.name != "device" else " (default: auto, CUDA when available)"
         if kind is None:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"TrainConfig.{f.name} (preset value by default)")
+            where.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=text + shown)
             continue
-        parser.add_argument(flag, dest=f.name, type=kind, choices=choices.get(f.name), default=None,
-                            help=f"TrainConfig.{f.name} (preset value by default)")
-    parser.add_argument("--sample-steps", dest="sample_steps", type=positive_int, nargs="+", default=None,
-                        help="steps at which every attention row of a held-out batch is saved")
-    parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the model for the unobserved steps")
-    parser.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="show a progress bar")
+        where.add_argument(flag, dest=f.name, type=kind, choices=choices.get(f.name), default=None,
+                           metavar=None if f.name in choices else _METAVARS.get(f.name, _METAVARS.get(kind, "X")),
+                           help=text + shown)
+    groups["data and logging"].add_argument(
+        "--sample-steps", dest="sample_steps", type=positive_int, nargs="+", default=None, metavar="STEP",
+        help="steps at which every attention row of a held-out batch is saved; the last step "
+             "always is (cpu-demo: 400)")
+    runtime.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+                         help="torch.compile the model for the steps that are not recorded (default off)")
+    runtime.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction, default=None,
+                         help="progress bar (default: on when the output is a terminal)")
 
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> TrainConfig:
@@ -110,10 +247,10 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
                  if f.name != "preset" and getattr(args, f.name, None) is not None}
     try:
         return preset(args.preset or "cpu-demo", **overrides)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         if parser is None:
             raise
-        parser.error(str(exc))
+        parser.error(flags_in_message(str(exc)).replace("name must be one of", "--preset must be one of"))
 
 
 def _resume(args: argparse.Namespace):
@@ -138,6 +275,8 @@ def _run(args: argparse.Namespace) -> int:
     from sigma_core.experiments import distributed  # noqa: PLC0415
     from sigma_core.experiments.train import Trainer, TrainingInterrupted  # noqa: PLC0415
 
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()  # the bar (tqdm) writes to stderr
     try:
         if args.resume is not None:
             trainer = _resume(args)
@@ -154,27 +293,79 @@ def _run(args: argparse.Namespace) -> int:
             return 128 + exc.signum
         if not trainer.is_main:
             return 0
-        print(json.dumps(summary, indent=2))
+        print(format_summary(summary, run_dir))
         if summary["diverged"]:
             print(f"entropy-collapse train: {trainer.diverged}; the run stopped there, the last good "
                   f"checkpoint is kept in {run_dir} and metrics.jsonl ends with a diverged record",
                   file=sys.stderr)
-        print(f"run written to {run_dir}")
         return 0
     finally:
         distributed.teardown()
 
 
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {sec:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _num(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_summary(summary: dict, run_dir) -> str:
+    """The few lines ``train`` prints at the end; the full numbers are in ``run_dir/summary.json``.
+
+    >>> print(format_summary({"steps": 400, "diverged": False, "final_train_loss": 2.0312,
+    ...     "final_val_loss": 2.2, "entropy_mean": 2.51, "entropy_min_head": 1.4801, "sigma_max": 0.5,
+    ...     "bound_violations": 0, "train_time_s": 133.2, "tokens_per_s": 12299.6}, "runs/sigma"))
+    finished 400 steps in 2 min 13 s (12 300 tokens/s)
+      loss              train 2.031, validation 2.200
+      attention entropy mean 2.51 nats, lowest head 1.480 nats, largest sigma_h 0.5
+      bound violations  0
+      run folder        runs/sigma  (summary.json holds every number)
+      figures           entropy-collapse report runs/sigma
+    """
+    steps = summary.get("steps")
+    head = (f"stopped by divergence at step {summary.get('diverged_step')}" if summary.get("diverged")
+            else f"finished {steps} steps")
+    speed = summary.get("tokens_per_s")
+    lines = [f"{head} in {_duration(summary.get('train_time_s') or 0.0)}"
+             + (f" ({speed:,.0f} tokens/s)".replace(",", " ") if speed else "")]
+    loss = f"train {_num(summary.get('final_train_loss'), '.3f')}"
+    if summary.get("final_val_loss") is not None:
+        loss += f", validation {summary['final_val_loss']:.3f}"
+    if summary.get("final_val_accuracy") is not None:
+        loss += f", validation accuracy {summary['final_val_accuracy']:.1%}"
+    lines.append(f"  loss              {loss}")
+    lines.append(f"  attention entropy mean {_num(summary.get('entropy_mean'), '.3g')} nats, lowest head "
+                 f"{_num(summary.get('entropy_min_head'), '.4g')} nats, largest sigma_h "
+                 f"{_num(summary.get('sigma_max'), '.3g')}")
+    lines.append(f"  bound violations  {summary.get('bound_violations')}")
+    if summary.get("mfu") is not None:
+        lines.append(f"  MFU               {summary['mfu']:.1%}")
+    lines.append(f"  run folder        {run_dir}  (summary.json holds every number)")
+    lines.append(f"  figures           entropy-collapse report {run_dir}")
+    return "\n".join(lines)
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` sub-command."""
-    parser = subparsers.add_parser("train", help="train the GPT (baseline or sigmaReparam) and log entropy",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from sigma_core.cli import HelpFormatter  # noqa: PLC0415
+
+    parser = subparsers.add_parser(
+        "train", help="train one model; record each head's attention entropy, sigma_h and the bound",
+        description=DESCRIPTION, epilog=preset_table(), formatter_class=HelpFormatter,
+        usage="entropy-collapse train (--out RUN_DIR | --resume RUN_DIR) [--preset NAME] [options]")
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--out", type=_out_dir, help="run directory (created; must not hold a run)")
+    where.add_argument("--out", type=_out_dir, metavar="RUN_DIR",
+                       help="new run folder (created; must not hold a run)")
     where.add_argument("--resume", type=_resume_dir, metavar="RUN_DIR",
                        help="continue the run in RUN_DIR from its checkpoint")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="starting configuration (default cpu-demo)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
+                        help="starting values, one of: " + ", ".join(PRESETS) + " (default cpu-demo)")
     add_config_arguments(parser)
     parser.set_defaults(func=_run, _parser=parser)
     return parser

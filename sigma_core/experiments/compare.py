@@ -48,6 +48,7 @@ import json
 import math
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -320,6 +321,14 @@ def plot_compare(table: list[dict], out_dir: Path, *, seq_len: int | None = None
     return paths
 
 
+def _relative_to(path, base: Path) -> str:
+    """``path`` relative to ``base`` in POSIX form when it lies inside it, else unchanged."""
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def write_compare(rows: list[dict], out_dir: str | os.PathLike, *, meta: dict | None = None) -> dict[str, Path]:
     """Write ``runs.csv``, ``compare.csv``, ``compare.md`` and the figures of the sweep ``rows``.
 
@@ -333,6 +342,9 @@ def write_compare(rows: list[dict], out_dir: str | os.PathLike, *, meta: dict | 
     meta = dict(meta or {})
     table = aggregate(rows)
     best = largest_stable_lr(table)
+    # run folders inside out_dir are written relative to it (runs/METHOD/lr_LR/seed_S), so the
+    # table stays valid wherever the folder is copied or committed
+    rows = [{**r, "run_dir": _relative_to(r["run_dir"], out)} if r.get("run_dir") else r for r in rows]
     paths = {"runs_csv": _write_csv(out / "runs.csv", rows, RUN_COLUMNS),
              "csv": _write_csv(out / "compare.csv", table, TABLE_COLUMNS)}
     paths.update(plot_compare(table, out, seq_len=meta.get("block_size")))
@@ -440,6 +452,7 @@ def run_compare(out_dir, *, preset_name: str = "cpu-compare", methods=tuple(METH
     if steps is not None:
         overrides["steps"] = steps
     overrides["checkpoint_every"] = 0  # only the final checkpoint (deleted unless keep_checkpoints)
+    started = time.perf_counter()
     todo = sweep_jobs(out_dir, preset_name=preset_name, methods=methods, lrs=lrs, seeds=seeds,
                       softcap=softcap, overrides=overrides, keep_checkpoints=keep_checkpoints)
     rows = []
@@ -468,6 +481,10 @@ def run_compare(out_dir, *, preset_name: str = "cpu-compare", methods=tuple(METH
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "steps": cfg.steps, "seeds": list(seeds), "lrs": [float(x) for x in lrs], "methods": list(methods),
             "softcap": softcap, "block_size": cfg.block_size, "jobs": jobs, "threads": threads,
+            # wall-clock time of this invocation (reused runs cost nothing) and the runs' own
+            # training time summed (with --jobs N it exceeds the wall time up to N times)
+            "wall_time_s": round(time.perf_counter() - started, 1),
+            "train_time_s_sum": round(sum(r.get("train_time_s") or 0.0 for r in rows), 1),
             "model": f"d={cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, T={cfg.block_size}, "
                      f"batch {cfg.batch_size}"}
     paths = write_compare(rows, out_dir, meta=meta)
