@@ -71,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = args.func(args)
     except Exception as exc:  # only the errors a user can fix; anything else keeps its traceback
+        from sigma_core.experiments import train  # noqa: PLC0415
         from sigma_core.experiments.data import CorpusError  # noqa: PLC0415
 
-        if not isinstance(exc, CorpusError):
+        fixable = (CorpusError, *((train.DirtyTreeError,) if hasattr(train, "DirtyTreeError") else ()))
+        if not isinstance(exc, fixable):
             raise
         print(f"entropy-collapse {args.command}: error: {exc}", file=sys.stderr)
         return 2
