@@ -7,13 +7,18 @@ CPU the process's peak resident set (``ru_maxrss``) minus its resident set just 
 tensors; when that estimate exceeds ``--dense-budget-gb`` it is reported as skipped rather than
 risking the machine (an out-of-memory error is caught and reported too).
 
-Part 2 trains the project's GPT (CALIBRATION.md CPU preset by default) and times a training step
-with no monitor, a monitor recording every step and one recording every 10th step, interleaving
-the three configurations round by round so that machine load hits them alike; it prints median
-step times and the overhead ratios.
+Part 2 trains the project's GPT (the cpu-demo shape by default: d=128, 4 layers, 4 heads, T=128,
+batch 32) and times a training step with no monitor, a monitor attached but not recording
+("attached": the cost of a forward that does not record), one recording every 10th step, one
+recording every step, and one recording every step with every row through the blocked pass
+(``fused=False``, the method before the fused entropy pass), interleaving the configurations round
+by round so that machine load hits them alike; it prints mean and median step times and the
+overhead ratios.  Run it with one thread (``OMP_NUM_THREADS=1``) to compare with the numbers in
+docs/monitor.md.
 
     python benchmarks/bench_entropy.py                 # both parts
     python benchmarks/bench_entropy.py --part memory --max-T 8192
+    OMP_NUM_THREADS=1 python benchmarks/bench_entropy.py --part overhead
 """
 from __future__ import annotations
 
@@ -111,27 +116,43 @@ def part_overhead(args) -> None:
 
     for _ in range(3):
         step()  # warm-up
-    configs = {"none": None, "every=1": 1, "every=10": 10}
-    times = {name: [] for name in configs}
-    for _ in range(args.rounds):
-        for name, every in configs.items():
-            mon = EntropyMonitor(model, every=every) if every else None
-            for _ in range(10):  # 10 consecutive steps: every=10 records exactly once
-                times[name].append(step())
+    # "attached": a monitor that records only its first forward (not timed), then sits idle: what a
+    # forward that does not record costs; "blocked": every step, all rows through the blocked pass
+    configs = {"none": None, "attached": dict(every=10**9), "every=10": dict(every=10),
+               "every=1": dict(every=1), "every=1 blocked": dict(every=1, fused=False)}
+    names = list(configs)
+    times = {name: [] for name in names}
+    ratios = {name: [] for name in names}  # per round: block mean / the same round's "none" mean
+    for r in range(args.rounds):
+        block = {}
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order each round
+            kw = configs[name]
+            mon = EntropyMonitor(model, **kw) if kw else None
+            if name == "attached":
+                step()  # the one recorded forward, untimed
+            n = 10 if name == "every=10" else args.block_steps  # every=10: exactly one recorded step
+            ts = [step() for _ in range(n)]
             if mon:
                 mon.close()
-    base = statistics.mean(times["none"])
+            times[name] += ts
+            block[name] = statistics.mean(ts)
+        for name in names:
+            ratios[name].append(block[name] / block["none"])
+    base_med = statistics.median(times["none"])
     print(f"# monitor overhead, GPT d={args.d_model} L={args.n_layer} H={args.n_head} T={args.T} "
-          f"batch={args.batch}, {args.rounds} rounds x 10 steps, torch threads={torch.get_num_threads()}")
-    print(f"{'config':>9} {'mean s/step':>12} {'median':>9} {'overhead (mean)':>16}")
-    for name, ts in times.items():
-        m = statistics.mean(ts)
-        print(f"{name:>9} {m:>12.4f} {statistics.median(ts):>9.4f} {100 * (m / base - 1):>15.1f}%")
+          f"batch={args.batch}, {args.rounds} rounds (configs interleaved, order rotated), "
+          f"{args.block_steps} steps per config and round (every=10: 10), torch threads={torch.get_num_threads()}")
+    print(f"{'config':>16} {'median s/step':>14} {'overhead':>9}   {'paired overhead: median [quartiles]':>36}")
+    for name in names:
+        q1, q2, q3 = statistics.quantiles(ratios[name], n=4) if len(ratios[name]) > 1 else [ratios[name][0]] * 3
+        md = statistics.median(times[name])
+        print(f"{name:>16} {md:>14.4f} {100 * (md / base_med - 1):>8.1f}%   "
+              f"{100 * (q2 - 1):>8.1f}% [{100 * (q1 - 1):.1f}%, {100 * (q3 - 1):.1f}%]")
     # every=10 differs from none by one recorded step in ten, which machine noise can hide; the
     # cost of a recorded step measured at every=1 gives a steadier estimate of the same ratio
-    extra = statistics.median(times["every=1"]) - statistics.median(times["none"])
-    print(f"# recorded step costs {extra:.4f} s extra (medians): every=10 overhead estimated at "
-          f"{100 * extra / 10 / statistics.median(times['none']):.1f}% of a step")
+    extra = statistics.median(ratios["every=1"]) - 1
+    print(f"# a recorded step costs {100 * extra:.1f}% of a step (paired median): every=10 estimated at "
+          f"{100 * extra / 10:.1f}%")
 
 
 def main(argv=None) -> int:
@@ -148,7 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--T", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--block-steps", type=int, default=2)
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.device, args.d, args.block)))

@@ -15,12 +15,14 @@ the innermost module by its qualified name.  Its hooks exist only during the rec
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["AttentionInterceptor", "ModuleStack", "SDPA_ARGS", "sdpa_arguments", "softmax_input"]
+__all__ = ["AttentionInterceptor", "ModuleStack", "SDPA_ARGS", "sdpa_arguments", "softmax_input", "suspended"]
 
 #: positional order of the arguments of scaled_dot_product_attention
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -69,6 +71,21 @@ class AttentionInterceptor(TorchFunctionMode):
                 self.on_softmax(logits, out)
             return out
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def suspended(mode: TorchFunctionMode | None):
+    """Leave ``mode`` for the body (the monitor's own arithmetic in a hook) when it is the innermost
+    torch-function mode, and enter it again after; otherwise (None, or another mode on top) do nothing."""
+    n = torch._C._len_torch_function_stack()
+    if mode is None or n == 0 or torch._C._get_function_stack_at(n - 1) is not mode:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
 
 
 class ModuleStack:

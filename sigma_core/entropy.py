@@ -56,6 +56,7 @@ __all__ = [
     "attention_entropy",
     "attention_row_stats",
     "logits_row_stats",
+    "fused_row_entropy",
     "logit_row_norms",
     "head_sigma",
     "prefix_token_norms",
@@ -402,6 +403,57 @@ def logits_row_stats(logits: torch.Tensor, *, block_rows: int = 256) -> RowStats
             s = zb.to(cdt).masked_fill(~visible, 0.0)  # a new buffer: update() consumes it
             state.update(rows, s, None if bool(visible.all()) else visible, 0, Tk)
         return state.finish()
+
+
+#: rows whose logit scale ``|scale| ||q_i|| max_j ||k_j||`` exceeds this are recomputed exactly by
+#: :func:`fused_row_entropy` (its float32 error grows like eps times this scale)
+FUSED_MAX_LOGIT_SCALE = 32.0
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_MAX_LOGIT_SCALE):
+    """Row entropies from one fused attention pass, or None where that pass is not available.
+
+    By ``Ent(p_i) = logsumexp(z_i) - sum_j p_ij z_ij`` and ``z_ij = scale q_i . k_j``, the entropy
+    is ``lse_i - scale q_i . (P K)_i``: one flash-attention call with the keys as values returns
+    both ``P K`` and ``lse`` (PyTorch's CPU flash kernel), never forming the ``T x T`` logits and
+    skipping the hidden half of a causal pass.  The two terms cancel when the logits are large, so
+    the float32 error grows like ``eps * |scale| ||q_i|| max_j ||k_j||``; every ``(batch, head)``
+    with a row whose logit scale exceeds ``max_logit_scale`` (default
+    :data:`FUSED_MAX_LOGIT_SCALE`, an error of a few 1e-6 nats) is recomputed exactly by
+    :func:`attention_row_stats`.
+
+    Returns None (use :func:`attention_row_stats`) unless ``q``, ``k`` are float32 tensors on the
+    CPU of shape ``(B, H, T, d)`` with the same ``T`` when ``causal``.  Inputs are not validated:
+    this is the monitor's fast path, for finite inputs of a running model.
+
+    Examples
+    --------
+    >>> torch.manual_seed(0) and None
+    >>> q, k = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 40, 8)
+    >>> fast = fused_row_entropy(q, k, causal=True)
+    >>> bool((fast - attention_entropy(q, k, causal=True)).abs().max() < 1e-5)
+    True
+    """
+    if (_FLASH_CPU is None or q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32
+            or q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]
+            or (causal and q.shape[2] != k.shape[2])):
+        return None
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    with torch.no_grad():
+        q, k = q.detach(), k.detach()
+        o, lse = _FLASH_CPU(q, k, k, 0.0, bool(causal), scale=scale)[:2]  # o: (B, H, Tq, d), lse: (B, H, Tq)
+        ent = lse - scale * (q * o).sum(-1)  # (B, H, Tq)
+        reach = abs(scale) * torch.linalg.vector_norm(q, dim=-1).amax(-1) \
+            * torch.linalg.vector_norm(k, dim=-1).amax(-1)  # (B, H): the largest row's logit scale
+        redo = reach > max_logit_scale  # (B, H)
+        if bool(redo.any()):
+            b, h = redo.nonzero(as_tuple=True)
+            exact = _row_stats(q[b, h].unsqueeze(0), k[b, h].unsqueeze(0), scale, bool(causal), None,
+                               block_size=128).entropy[0]  # (n, Tq)
+            ent[b, h] = exact
+        return ent.clamp_(min=0.0)  # an entropy is >= 0; rounding can leave -1e-7
 
 
 def attention_entropy(q, k, *, scale=None, causal=False, attn_mask=None, method="auto",

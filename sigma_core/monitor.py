@@ -59,7 +59,7 @@ Record fields (one plain dict per layer and head, JSON-serialisable; ``None`` = 
 (``B*Tq``), ``entropy_mean`` (over all rows), ``entropy_mean_half`` (over rows with at least
 ``Tk/2`` visible keys; equals ``entropy_mean`` without masks), ``entropy_min``,
 ``entropy_max``, ``log_seq_len``, ``sigma`` (``sigma_h``, with the scale; ``None`` without
-weights), ``logit_norm_max`` (largest centred logit norm), ``bound_<variant>`` (min over checked
+weights), ``logit_norm_max`` (largest centred logit norm of the checked rows), ``bound_<variant>`` (min over checked
 rows of ``h_{T_i}(s_i)``), ``violations_<variant>`` (rows with entropy < bound - tol),
 ``bound_rows`` (rows checked: the first ``bound_samples`` batch elements) and
 ``weight_bound_note`` (why the weight-based variants are ``None``, else ``None``).  With an
@@ -82,10 +82,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigma_core.adapters import Projections, find_adapter
-from sigma_core.capture import AttentionInterceptor, ModuleStack, sdpa_arguments
+from sigma_core.capture import AttentionInterceptor, ModuleStack, sdpa_arguments, suspended
 from sigma_core.entropy import (
-    VARIANTS, RowStats, _hidden_threshold, attention_row_stats, bound_variant_norms, head_sigma,
-    logits_row_stats,
+    VARIANTS, RowStats, _hidden_threshold, attention_row_stats, bound_variant_norms, fused_row_entropy,
+    head_sigma, logits_row_stats,
 )
 from sigma_core.probe import AttentionProbe
 
@@ -144,12 +144,16 @@ class EntropyMonitor:
     detector : CollapseDetector, optional
         Fed with each recorded step; its events of the last recorded step are in ``events``.
     bound_samples : int or None
-        Bound variants and violations are evaluated on the first ``bound_samples`` batch
-        elements (``None``: all); entropies use every row.
+        Bound variants and violations are evaluated on every row of the first ``bound_samples``
+        batch elements (default 1; ``None``: all); entropies use every row.
     method, block_size
         Passed to :func:`sigma_core.entropy.attention_row_stats`.
     capture : bool
         See calls of ``scaled_dot_product_attention`` and eager softmax attention (default True).
+    fused : bool
+        Take the entropies of unmasked attention from one fused attention pass where available
+        (:func:`sigma_core.entropy.fused_row_entropy`; default True); the bound is checked on the
+        sampled rows with the exact blocked pass either way.
 
     Attributes
     ----------
@@ -174,8 +178,8 @@ class EntropyMonitor:
     """
 
     def __init__(self, model: nn.Module, *, every: int = 1, path=None, detector=None,
-                 bound_samples: int | None = 2, method: str = "auto", block_size: int = 512,
-                 capture: bool = True):
+                 bound_samples: int | None = 1, method: str = "auto", block_size: int = 512,
+                 capture: bool = True, fused: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
@@ -193,12 +197,15 @@ class EntropyMonitor:
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         if not isinstance(capture, bool):
             raise TypeError(f"capture must be a bool, got {type(capture).__name__}")
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
         self.every = every
         self.detector = detector
         self.bound_samples = bound_samples
         self.method = method
         self.block_size = block_size
         self.capture = capture
+        self.fused = fused
         self.last: list[dict] = []
         self.events: list[dict] = []
         self._current: list[dict] = []
@@ -397,15 +404,14 @@ class EntropyMonitor:
             causal = bool(a["is_causal"])
             if not self._finite(layer, name, q, k):
                 return
-            st = attention_row_stats(q, k, scale=scale, causal=causal, attn_mask=mask, method=self.method,
-                                     block_size=self.block_size, _float_mask_is_bias=True)
+            st, sub = self._stats(q, k, scale, causal, mask)
             nb = self._nb(q.shape[0])
             bound = "additive attention mask (a bias on the logits)" if not _pure_mask(mask) else None
             if bound is None:
                 z = torch.matmul(q[:nb].float() if q.dtype != torch.float64 else q[:nb],
                                  (k[:nb].float() if k.dtype != torch.float64 else k[:nb]).transpose(-1, -2))
                 bound = self._weights(entry, z.mul_(scale), None, q.dtype)
-            self._record(layer, name, "sdpa", st, k.shape[2], bound)
+            self._record(layer, name, "sdpa", st, k.shape[2], bound, sub)
 
     def _record_softmax(self, owner, logits):
         name, entry = owner
@@ -422,6 +428,39 @@ class EntropyMonitor:
             visible = zs > _hidden_threshold(z.dtype)
             bound = self._weights(entry, zs, visible, z.dtype)
             self._record(layer, name, "softmax", st, z.shape[3], bound)
+
+    def _stats(self, q, k, scale, causal, mask):
+        """``(st, sub)``: row statistics of every row (``logit_norm`` may be NaN outside the sampled
+        rows) and exact ones of the first ``bound_samples`` batch elements (the rows checked).
+
+        Without a mask the entropies of all rows come from one fused attention pass
+        (:func:`sigma_core.entropy.fused_row_entropy`, CPU float32, accurate to a few 1e-6 nats)
+        and the sampled rows' centred logit norms from their logits (a small dense product);
+        otherwise every row takes the blocked pass of :func:`~sigma_core.entropy.attention_row_stats`.
+        """
+        nb = self._nb(q.shape[0])
+        ent = fused_row_entropy(q, k, scale=scale, causal=causal) if mask is None and self.fused else None
+        if ent is None:
+            st = attention_row_stats(q, k, scale=scale, causal=causal, attn_mask=mask, method=self.method,
+                                     block_size=self.block_size, _float_mask_is_bias=True)
+            return st, RowStats(*(t[:nb] for t in st))
+        B, H, Tq = ent.shape
+        Tk = k.shape[2]
+        n = (torch.arange(1, Tq + 1, device=q.device).clamp(max=Tk) if causal
+             else torch.full((Tq,), Tk, device=q.device)).expand(B, H, Tq)
+        st = RowStats(ent, torch.full_like(ent, math.nan), n, n)  # visible keys form a prefix: extent = n
+        # the sampled rows' centred logit norms: their (small) logits once, centred over the visible keys
+        z = torch.matmul(q[:nb] * scale, k[:nb].transpose(-1, -2))  # (nb, H, Tq, Tk)
+        vis = None
+        if causal:
+            vis = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril().to(z.dtype)  # (Tq, Tk)
+            z.mul_(vis)
+        mean = z.sum(-1, keepdim=True) / n[:nb].unsqueeze(-1).to(z.dtype)
+        dev = z.sub_(mean)
+        if vis is not None:
+            dev.mul_(vis)
+        norm = torch.linalg.vector_norm(dev, dim=-1)  # (nb, H, Tq)
+        return st, RowStats(ent[:nb], norm, n[:nb], n[:nb])
 
     def _nb(self, B: int) -> int:
         return B if self.bound_samples is None else min(B, self.bound_samples)
@@ -479,23 +518,30 @@ class EntropyMonitor:
     def _on_probe(self, layer, name, owner, probe, args, output):
         if not self._active:
             return
+        with suspended(self._mode):  # the monitor's own arithmetic does not go through the mode
+            self._probe(layer, name, owner, args)
+
+    def _probe(self, layer, name, owner, args):
         x, q, k = args[:3]
         with torch.no_grad():
             if not self._finite(layer, name, q, k):
                 return
-            st = attention_row_stats(q, k, scale=float(owner.scale), causal=bool(owner.causal),
-                                     method=self.method, block_size=self.block_size)
+            st, sub = self._stats(q, k, float(owner.scale), bool(owner.causal), None)
             if getattr(owner, "weight_bounds_valid", True):
                 w_q, w_k = owner.head_weights()
                 bound = (head_sigma(w_q, w_k, float(owner.scale)), x, None)
             else:  # QK-LayerNorm: logits not x W_Q W_K^T x^T
                 bound = "QK-normalisation: the logits are formed from normalised q, k, not from x W"
         self._seen = True
-        self._record(layer, name, "probe", st, k.shape[2], bound)
+        self._record(layer, name, "probe", st, k.shape[2], bound, sub)
 
     def _on_mha(self, layer, name, mod, module, args, kwargs):
         if not self._active:
             return
+        with suspended(self._mode):  # the monitor's own arithmetic does not go through the mode
+            self._mha(layer, name, mod, args, kwargs)
+
+    def _mha(self, layer, name, mod, args, kwargs):
         self._seen = True
         with torch.no_grad():
             ba = _MHA_SIGNATURE.bind(mod, *args, **kwargs)
@@ -557,9 +603,11 @@ class EntropyMonitor:
         self._record(layer, name, "mha", st, S, bound)
 
     # -- the record ----------------------------------------------------------------------------
-    def _record(self, layer, name, source, st: RowStats, Tk: int, bound):
+    def _record(self, layer, name, source, st: RowStats, Tk: int, bound, sub: RowStats | None = None):
         """Append one record per head.  ``bound``: ``(sigma, x_q, x_k or None)`` for the weight
-        variants, or a string saying why only the exact variant applies."""
+        variants, or a string saying why only the exact variant applies; ``sub``: the exact
+        statistics of the checked rows (default: the first ``bound_samples`` batch elements of
+        ``st``)."""
         with torch.no_grad():
             B, H, Tq = st.entropy.shape
             ent = st.entropy
@@ -567,7 +615,8 @@ class EntropyMonitor:
             n_half = half.sum((0, 2))
             mean_half = torch.where(half, ent, 0).sum((0, 2)) / n_half.clamp(min=1)
             nb = self._nb(B)
-            sub = RowStats(*(t[:nb] for t in st))
+            if sub is None:
+                sub = RowStats(*(t[:nb] for t in st))
             note, sigma = (bound, None) if isinstance(bound, str) else (None, bound[0])
             if note is None:
                 _, xq, xk = bound
@@ -583,7 +632,7 @@ class EntropyMonitor:
                 "entropy_min": ent.amin((0, 2)).tolist(),
                 "entropy_max": ent.amax((0, 2)).tolist(),
                 "sigma": [None] * H if sigma is None else sigma.tolist(),
-                "logit_norm_max": st.logit_norm.amax((0, 2)).tolist(),
+                "logit_norm_max": sub.logit_norm.amax((0, 2)).tolist(),
             }
             for v in VARIANTS:
                 if v not in norms:

@@ -342,3 +342,35 @@ def test_logits_row_stats_rejects_bad_input():
         logits_row_stats(torch.tensor([[[[0.0, math.nan]]]]))
     with pytest.raises(ValueError, match="no visible key"):
         logits_row_stats(torch.full((1, 1, 1, 3), -math.inf))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mag", [0.3, 1.0, 3.0, 6.0])
+def test_fused_row_entropy_matches_the_float64_reference(causal, mag):
+    """lse - scale q.(P K) from one flash pass: within 1e-5 nats of the float64 reference, for
+    small logits and for large ones (those heads are recomputed by the exact blocked pass)."""
+    from sigma_core.entropy import fused_row_entropy
+    g = torch.Generator().manual_seed(int(mag * 10) + causal)
+    q = torch.randn(3, 4, 33, 16, generator=g) * mag
+    k = torch.randn(3, 4, 33, 16, generator=g) * mag
+    fast = fused_row_entropy(q, k, scale=0.25, causal=causal)
+    ref, _ = reference(q, k, 0.25, _visible(33, 33, causal, None))
+    assert fast is not None and fast.shape == (3, 4, 33) and fast.dtype == torch.float32
+    np.testing.assert_allclose(fast.double().numpy(), ref, rtol=0, atol=1e-5)
+
+
+def test_fused_row_entropy_recomputes_large_logit_heads_and_declines_what_it_cannot_do():
+    from sigma_core.entropy import fused_row_entropy
+    torch.manual_seed(5)
+    q, k = torch.randn(2, 3, 20, 8), torch.randn(2, 3, 20, 8)
+    q[1, 2] *= 60.0  # one head with logits of order 1e2: its rows must come from the exact pass
+    ref, _ = reference(q, k, 1.0, _visible(20, 20, True, None))
+    loose = fused_row_entropy(q, k, scale=1.0, causal=True, max_logit_scale=math.inf)  # no recompute
+    fast = fused_row_entropy(q, k, scale=1.0, causal=True)
+    np.testing.assert_allclose(fast.double().numpy(), ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fast[1, 2].double().numpy(), ref[1, 2], rtol=0, atol=1e-6)  # recomputed
+    assert (loose[1, 2].double().numpy() - ref[1, 2]).__abs__().max() > (
+        fast[1, 2].double().numpy() - ref[1, 2]).__abs__().max()
+    assert fused_row_entropy(q.double(), k.double()) is None  # float64: the blocked pass is exact enough
+    assert fused_row_entropy(q[:, :, :5], k, causal=True) is None  # causal with Tq != Tk
+    assert fused_row_entropy(q.to("meta"), k.to("meta")) is None
