@@ -50,6 +50,7 @@ results: env
 	rm -rf results/cpu-demo results/compare-cpu
 	mkdir -p results
 	find $(STAGE) -name '*.pt' -delete
+	find $(STAGE)/compare-cpu/runs -name '*.npz' -delete   # per-run samples: 3.5 MB, not needed by runs.csv
 	mv $(STAGE)/cpu-demo $(STAGE)/compare-cpu results/
 	@echo "results/ regenerated from $$(git rev-parse --short HEAD); review with git status, then commit"
 
