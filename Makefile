@@ -45,7 +45,8 @@ bench: env
 results: env
 	@git diff --quiet HEAD -- || { echo "make results: tracked files differ from HEAD; commit or stash them first" >&2; exit 1; }
 	rm -rf $(STAGE)
-	$(VENV)/bin/entropy-collapse demo --out $(STAGE)/cpu-demo --preset cpu-demo
+	start=$$(date +%s); $(VENV)/bin/entropy-collapse demo --out $(STAGE)/cpu-demo --preset cpu-demo \
+	  && echo "make results: the demo took $$(( $$(date +%s) - start )) s of wall-clock time"
 	$(VENV)/bin/entropy-collapse compare --out $(STAGE)/compare-cpu --preset cpu-compare --seeds 0 1 2 --jobs 2 --threads 1
 	rm -rf results/cpu-demo results/compare-cpu
 	mkdir -p results
