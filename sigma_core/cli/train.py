@@ -323,7 +323,8 @@ def format_summary(summary: dict, run_dir) -> str:
     ...     "bound_violations": 0, "train_time_s": 133.2, "tokens_per_s": 12299.6}, "runs/sigma"))
     finished 400 steps in 2 min 13 s (12 300 tokens/s)
       loss              train 2.031, validation 2.200
-      attention entropy mean 2.51 nats, lowest head 1.480 nats, largest sigma_h 0.5
+      attention entropy mean 2.51 nats, lowest head 1.48 nats
+      largest sigma_h   0.5
       bound violations  0
       run folder        runs/sigma  (summary.json holds every number)
       figures           entropy-collapse report runs/sigma
@@ -341,8 +342,8 @@ def format_summary(summary: dict, run_dir) -> str:
         loss += f", validation accuracy {summary['final_val_accuracy']:.1%}"
     lines.append(f"  loss              {loss}")
     lines.append(f"  attention entropy mean {_num(summary.get('entropy_mean'), '.3g')} nats, lowest head "
-                 f"{_num(summary.get('entropy_min_head'), '.4g')} nats, largest sigma_h "
-                 f"{_num(summary.get('sigma_max'), '.3g')}")
+                 f"{_num(summary.get('entropy_min_head'), '.3g')} nats")
+    lines.append(f"  largest sigma_h   {_num(summary.get('sigma_max'), '.3g')}")
     lines.append(f"  bound violations  {summary.get('bound_violations')}")
     if summary.get("mfu") is not None:
         lines.append(f"  MFU               {summary['mfu']:.1%}")
