@@ -18,8 +18,11 @@ Every bound here is rounded outward, so that a bound never exceeds the entropy t
   bound beyond the float64 range becomes ``inf``, and its entropy bound 0);
 - every logit-norm bound s_i is rounded *up*: spectral norms (LAPACK SVD) by the relative
   ``4 max(rows, cols) eps``, Euclidean norms by ``(k + 2) eps`` for k terms, products by
-  a few eps, and each product or centring that can cancel (W_K W_Q^T, X_i - mean, the
-  logits themselves) by the standard absolute bound ``k eps |A| |B|`` with Frobenius norms;
+  a few eps, and each matrix product that can cancel (W_K W_Q^T, the logits themselves) by
+  the standard absolute bound ``k eps |A| |B|`` with Frobenius norms. Centring needs no
+  absolute term: a float64 subtraction is correctly rounded (relative error <= eps/2 per
+  entry), and the rounding error e of the mean only adds 1 e^T, orthogonal to the centred
+  columns, which can only increase the computed norm;
 - every entropy bound is rounded *down*: h_{T_i}(s_i) times ``1 - 4 eps (log(T_i-1) + g + 4)``
   (the error bound of :func:`theory.bound.entropy_lower_bound`), and 0 below the smallest
   normal float64;
@@ -94,7 +97,7 @@ def _real_matrix(x, name):
 
 
 def _check_scale(scale):
-    if isinstance(scale, (bool, np.bool_, str, bytes)) or np.ndim(scale) != 0:
+    if isinstance(scale, (bool, np.bool_)) or np.ndim(scale) != 0:
         raise TypeError(f"scale must be a real scalar, got {scale!r}")
     if not isinstance(scale, (int, float, np.integer, np.floating)):
         if not (isinstance(scale, np.ndarray) and scale.dtype.kind in "iuf"):
@@ -191,13 +194,13 @@ def _norm_bounds(X, W_Q, W_K, scale, causal, variants=VARIANTS):
                 Xi = Xn[: i + 1]
                 prefix[i] = _svd_up(Xi)
                 centred = Xi - Xi.mean(axis=0)
-                prefix_c[i] = _svd_up(centred) + np.sqrt((i + 1) * d) * (i + 3) * EPS
+                prefix_c[i] = _svd_up(centred)        # no absolute term (module docstring)
                 ai = logits_n[i, : i + 1]
                 exact_n[i] = _centred_norm_up(ai, tok_n[i] * fro_prefix[i] * c_logit)
         else:
             prefix[:] = _svd_up(Xn)
             centred = Xn - Xn.mean(axis=0)
-            prefix_c[:] = _svd_up(centred) + np.sqrt(T * d) * (T + 2) * EPS
+            prefix_c[:] = _svd_up(centred)
             for i in range(T):
                 exact_n[i] = _centred_norm_up(logits_n[i], tok_n[i] * fro_prefix[-1] * c_logit)
         scale_x = e_sig + 2 * ex
@@ -214,9 +217,9 @@ def _centred_norm_up(row, err_abs):
     """An upper bound on ``||r - mean(r)||`` of the exact row r whose float64 value is ``row``,
     with ``|row_j - r_j| <= err_abs`` entrywise."""
     k = row.size
+    # centring: relative error only (module docstring); the row's own error: err_abs per entry
     c = np.linalg.norm(row - row.mean()) * (1 + (k + 2) * EPS)
-    # centring error (k + 2) eps max|row| per entry; the row's own error err_abs per entry
-    return c + np.sqrt(k) * ((k + 2) * EPS * float(np.max(np.abs(row))) + err_abs)
+    return c + np.sqrt(k) * err_abs
 
 
 def _entropy_bounds_down(s, seq):
