@@ -45,8 +45,11 @@ def test_train_help_shows_the_preset_values(capsys, monkeypatch):
     assert "--steps N optimiser steps (cpu-demo: 400)" in flat
     assert "(default: on when the output is a terminal)" in flat
     # the preset table: one row per preset with its real values
-    h200 = next(line for line in text.splitlines() if line.strip().startswith("h200"))
-    assert h200.split()[1:9] == ["gpt", "256", "6", "8", "256", "64", "1000", "0.01"]
+    lines = text.splitlines()
+    header = next(line for line in lines if line.split()[:1] == ["preset"]).split()
+    h200 = dict(zip(header, next(line for line in lines if line.strip().startswith("h200 ")).split()))
+    assert {k: h200[k] for k in ("d", "layers", "heads", "T", "batch", "steps", "lr")} == \
+        {"d": "256", "layers": "6", "heads": "8", "T": "256", "batch": "64", "steps": "1000", "lr": "0.01"}
     assert "cpu-demo" in text and "classroom" in text
 
 

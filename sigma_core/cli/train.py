@@ -114,6 +114,8 @@ def preset_table() -> str:
     """The presets' main values as a plain-text table (the epilog of ``train --help``)."""
     cols = ("model", "d_model", "n_layer", "n_head", "block_size", "batch_size", "steps", "lr", "reparam")
     head = ("preset", "model", "d", "layers", "heads", "T", "batch", "steps", "lr", "reparam")
+    if not hasattr(TrainConfig, "model"):  # a config with one model only
+        cols, head = cols[1:], head[:1] + head[2:]
     rows = [head]
     for name in PRESETS:
         cfg = preset(name)
