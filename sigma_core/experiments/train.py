@@ -477,7 +477,9 @@ class Trainer:
                   "device": str(self.device), "device_name": device_name(self.device),
                   "corpus": self.corpus.describe(), "corpus_sha256": self.corpus.sha256,
                   "corpus_size": self.corpus.size, "n_params": sum(p.numel() for p in self.model.parameters()),
-                  "flops_per_token": self._flops_per_token, "argv": sys.argv}
+                  "flops_per_token": self._flops_per_token,
+                  # the command as typed, its program by name only (no install path of this machine)
+                  "argv": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else []}
         if self.out_dir is not None:
             atomic_write_text(self.out_dir / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
         return record
