@@ -142,7 +142,8 @@ def test_run_folder_records_no_path_of_this_machine(tmp_path, capsys):
     assert "root" not in config["corpus"] and config["corpus"]["sha256"] == config["corpus_sha256"]
     for name in ("config.json", "summary.json"):
         record = json.loads((run / name).read_text())
-        record.pop("argv", None)  # the command line as typed (pytest's own here)
+        argv = record.pop("argv", None)  # the command line as typed (pytest's own here) ...
+        assert argv is None or "/" not in argv[0]  # ... with the program by name, not its path
         text = json.dumps(record)
         assert str(ROOT) not in text and str(tmp_path) not in text and str(Path.home()) not in text, name
 
