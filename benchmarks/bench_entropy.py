@@ -10,7 +10,8 @@ risking the machine (an out-of-memory error is caught and reported too).
 Part 2 trains the project's GPT (the cpu-demo shape by default: d=128, 4 layers, 4 heads, T=128,
 batch 32) and times a training step with no monitor, a monitor attached but not recording
 ("attached": the cost of a forward that does not record), one recording every 10th step, one
-recording every step, and one recording every step with every row through the blocked pass
+recording every step (with the bound checked on every step, and on every 10th: ``bound_every=10``),
+and one recording every step with every row through the blocked pass
 (``fused=False``, the method before the fused entropy pass), interleaving the configurations round
 by round so that machine load hits them alike; it prints mean and median step times and the
 overhead ratios.  Run it with one thread (``OMP_NUM_THREADS=1``) to compare with the numbers in
@@ -117,9 +118,11 @@ def part_overhead(args) -> None:
     for _ in range(3):
         step()  # warm-up
     # "attached": a monitor that records only its first forward (not timed), then sits idle: what a
-    # forward that does not record costs; "blocked": every step, all rows through the blocked pass
+    # forward that does not record costs; "bound/10": the bound checked on every 10th recorded step
+    # (entropies and sigma on every one); "blocked": every step, all rows through the blocked pass
     configs = {"none": None, "attached": dict(every=10**9), "every=10": dict(every=10),
-               "every=1": dict(every=1), "every=1 blocked": dict(every=1, fused=False)}
+               "every=1": dict(every=1), "every=1 bound/10": dict(every=1, bound_every=10),
+               "every=1 blocked": dict(every=1, fused=False)}
     names = list(configs)
     times = {name: [] for name in names}
     ratios = {name: [] for name in names}  # per round: block mean / the same round's "none" mean

@@ -424,9 +424,9 @@ def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_M
     :data:`FUSED_MAX_LOGIT_SCALE`, an error of a few 1e-6 nats) is recomputed exactly by
     :func:`attention_row_stats`.
 
-    Returns None (use :func:`attention_row_stats`) unless ``q``, ``k`` are float32 tensors on the
-    CPU of shape ``(B, H, T, d)`` with the same ``T`` when ``causal``.  Inputs are not validated:
-    this is the monitor's fast path, for finite inputs of a running model.
+    Returns None (use :func:`attention_row_stats`) unless ``q``, ``k`` are finite float32 tensors
+    on the CPU of shape ``(B, H, T, d)`` with the same ``T`` when ``causal``.  Shapes are not
+    validated further: this is the monitor's fast path, for the inputs of a running model.
 
     Examples
     --------
@@ -447,6 +447,8 @@ def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_M
         ent = lse - scale * (q * o).sum(-1)  # (B, H, Tq)
         reach = abs(scale) * torch.linalg.vector_norm(q, dim=-1).amax(-1) \
             * torch.linalg.vector_norm(k, dim=-1).amax(-1)  # (B, H): the largest row's logit scale
+        if not bool(torch.isfinite(reach).all()):
+            return None  # NaN or inf in q or k: left to the caller's checks
         redo = reach > max_logit_scale  # (B, H)
         if bool(redo.any()):
             b, h = redo.nonzero(as_tuple=True)

@@ -154,6 +154,10 @@ class EntropyMonitor:
         Take the entropies of unmasked attention from one fused attention pass where available
         (:func:`sigma_core.entropy.fused_row_entropy`; default True); the bound is checked on the
         sampled rows with the exact blocked pass either way.
+    bound_every : int
+        Check the bound on every ``bound_every``-th recorded forward (the first one always);
+        on the others the ``bound_*``/``violations_*`` fields and ``logit_norm_max`` are ``None``
+        and ``bound_rows`` is 0, while the entropies and ``sigma`` are recorded as usual.
 
     Attributes
     ----------
@@ -179,7 +183,7 @@ class EntropyMonitor:
 
     def __init__(self, model: nn.Module, *, every: int = 1, path=None, detector=None,
                  bound_samples: int | None = 1, method: str = "auto", block_size: int = 512,
-                 capture: bool = True, fused: bool = True):
+                 capture: bool = True, fused: bool = True, bound_every: int = 1):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
@@ -199,6 +203,8 @@ class EntropyMonitor:
             raise TypeError(f"capture must be a bool, got {type(capture).__name__}")
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
+        if not isinstance(bound_every, int) or isinstance(bound_every, bool) or bound_every < 1:
+            raise ValueError(f"bound_every must be a positive int, got {bound_every!r}")
         self.every = every
         self.detector = detector
         self.bound_samples = bound_samples
@@ -206,6 +212,9 @@ class EntropyMonitor:
         self.block_size = block_size
         self.capture = capture
         self.fused = fused
+        self.bound_every = bound_every
+        self._recorded = 0  # recorded forwards so far
+        self._check = False  # check the bound in this forward
         self.last: list[dict] = []
         self.events: list[dict] = []
         self._current: list[dict] = []
@@ -303,6 +312,7 @@ class EntropyMonitor:
         self._step = self._forwards
         self._forwards += 1
         self._active = self._step % self.every == 0
+        self._check = self._active and self._recorded % self.bound_every == 0
         self._current = []
         self._calls = {}
         self._seen = False
@@ -314,6 +324,7 @@ class EntropyMonitor:
         if not self._active:
             return
         self._active = False
+        self._recorded += 1
         self.last = self._current
         self._current = []
         if not self._seen and output is not None:  # None: the forward raised (or returns nothing)
@@ -402,9 +413,10 @@ class EntropyMonitor:
             scale = a["scale"]
             scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
             causal = bool(a["is_causal"])
-            if not self._finite(layer, name, q, k):
+            stats = self._stats(layer, name, q, k, scale, causal, mask)
+            if stats is None:
                 return
-            st, sub = self._stats(q, k, scale, causal, mask)
+            st, sub = stats
             nb = self._nb(q.shape[0])
             bound = "additive attention mask (a bias on the logits)" if not _pure_mask(mask) else None
             if bound is None:
@@ -429,8 +441,8 @@ class EntropyMonitor:
             bound = self._weights(entry, zs, visible, z.dtype)
             self._record(layer, name, "softmax", st, z.shape[3], bound)
 
-    def _stats(self, q, k, scale, causal, mask):
-        """``(st, sub)``: row statistics of every row (``logit_norm`` may be NaN outside the sampled
+    def _stats(self, layer, name, q, k, scale, causal, mask):
+        """``(st, sub)`` (None, with a warning, for non-finite ``q``/``k``): row statistics of every row (``logit_norm`` may be NaN outside the sampled
         rows) and exact ones of the first ``bound_samples`` batch elements (the rows checked).
 
         Without a mask the entropies of all rows come from one fused attention pass
@@ -441,6 +453,8 @@ class EntropyMonitor:
         nb = self._nb(q.shape[0])
         ent = fused_row_entropy(q, k, scale=scale, causal=causal) if mask is None and self.fused else None
         if ent is None:
+            if not self._finite(layer, name, q, k):
+                return None
             st = attention_row_stats(q, k, scale=scale, causal=causal, attn_mask=mask, method=self.method,
                                      block_size=self.block_size, _float_mask_is_bias=True)
             return st, RowStats(*(t[:nb] for t in st))
@@ -449,6 +463,8 @@ class EntropyMonitor:
         n = (torch.arange(1, Tq + 1, device=q.device).clamp(max=Tk) if causal
              else torch.full((Tq,), Tk, device=q.device)).expand(B, H, Tq)
         st = RowStats(ent, torch.full_like(ent, math.nan), n, n)  # visible keys form a prefix: extent = n
+        if not self._check:
+            return st, None
         # the sampled rows' centred logit norms: their (small) logits once, centred over the visible keys
         z = torch.matmul(q[:nb] * scale, k[:nb].transpose(-1, -2))  # (nb, H, Tq, Tk)
         vis = None
@@ -523,13 +539,15 @@ class EntropyMonitor:
 
     def _probe(self, layer, name, owner, args):
         x, q, k = args[:3]
+        x_k = args[3] if len(args) > 3 else None  # cross-attention: the key-side tokens
         with torch.no_grad():
-            if not self._finite(layer, name, q, k):
+            stats = self._stats(layer, name, q, k, float(owner.scale), bool(owner.causal), None)
+            if stats is None:
                 return
-            st, sub = self._stats(q, k, float(owner.scale), bool(owner.causal), None)
+            st, sub = stats
             if getattr(owner, "weight_bounds_valid", True):
                 w_q, w_k = owner.head_weights()
-                bound = (head_sigma(w_q, w_k, float(owner.scale)), x, None)
+                bound = (head_sigma(w_q, w_k, float(owner.scale)), x, x_k)
             else:  # QK-LayerNorm: logits not x W_Q W_K^T x^T
                 bound = "QK-normalisation: the logits are formed from normalised q, k, not from x W"
         self._seen = True
@@ -618,7 +636,10 @@ class EntropyMonitor:
             if sub is None:
                 sub = RowStats(*(t[:nb] for t in st))
             note, sigma = (bound, None) if isinstance(bound, str) else (None, bound[0])
-            if note is None:
+            check = self._check
+            if not check:  # the entropy statistics only: the bound is checked every bound_every-th record
+                norms = {}
+            elif note is None:
                 _, xq, xk = bound
                 norms = bound_variant_norms(sub, sigma, xq[:nb], None if xk is None else xk[:nb])
             else:
@@ -632,7 +653,7 @@ class EntropyMonitor:
                 "entropy_min": ent.amin((0, 2)).tolist(),
                 "entropy_max": ent.amax((0, 2)).tolist(),
                 "sigma": [None] * H if sigma is None else sigma.tolist(),
-                "logit_norm_max": sub.logit_norm.amax((0, 2)).tolist(),
+                "logit_norm_max": sub.logit_norm.amax((0, 2)).tolist() if check else [None] * H,
             }
             for v in VARIANTS:
                 if v not in norms:
@@ -653,7 +674,8 @@ class EntropyMonitor:
         half_counts = n_half.tolist()
         for hd in range(H):
             rec = {"step": self._step, "layer": layer, "name": name, "source": source, "head": hd,
-                   "seq_len": Tk, "n_rows": B * Tq, "log_seq_len": math.log(Tk), "bound_rows": nb * Tq}
+                   "seq_len": Tk, "n_rows": B * Tq, "log_seq_len": math.log(Tk),
+                   "bound_rows": nb * Tq if check else 0}
             for key, vals in per_head.items():
                 rec[key] = vals[hd]
             if half_counts[hd] == 0:

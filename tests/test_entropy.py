@@ -374,3 +374,12 @@ def test_fused_row_entropy_recomputes_large_logit_heads_and_declines_what_it_can
     assert fused_row_entropy(q.double(), k.double()) is None  # float64: the blocked pass is exact enough
     assert fused_row_entropy(q[:, :, :5], k, causal=True) is None  # causal with Tq != Tk
     assert fused_row_entropy(q.to("meta"), k.to("meta")) is None
+
+
+def test_fused_row_entropy_declines_non_finite_inputs():
+    from sigma_core.entropy import fused_row_entropy
+    q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
+    q[0, 1, 3, 2] = math.nan
+    assert fused_row_entropy(q, k) is None
+    q[0, 1, 3, 2] = math.inf
+    assert fused_row_entropy(q, k, causal=True) is None

@@ -282,3 +282,30 @@ def test_non_finite_queries_are_skipped_with_a_warning_not_an_exception():
             out, _ = mha(bad, bad, bad)
         assert mon.last == []
         assert torch.isnan(out).any()  # the output is the model's own business, unchanged
+
+
+def test_non_finite_queries_on_the_fused_path_are_skipped_with_a_warning():
+    """The probe path (fused entropy pass) sees inf/NaN queries: a warning, no records, no crash."""
+    torch.manual_seed(0)
+    model = tiny_model(n_layer=1)
+    x = torch.randn(2, 6, 8)
+    x[1, 2, 0] = math.inf
+    with EntropyMonitor(model) as mon, pytest.warns(RuntimeWarning, match="non-finite queries or keys"):
+        model(x)
+    assert mon.last == []
+
+
+def test_bound_every_checks_the_bound_on_every_nth_recorded_forward_only():
+    torch.manual_seed(0)
+    model = tiny_model(n_layer=1)
+    x = torch.randn(2, 6, 8)
+    checked = []
+    with EntropyMonitor(model, every=2, bound_every=3) as mon:
+        for _ in range(12):  # recorded forwards 0, 2, ..., 10: the 1st and 4th check the bound
+            model(x)
+            checked.append((mon.last[0]["step"], mon.last[0]["bound_rows"] > 0, mon.last[0]["bound_exact"] is not None))
+    assert sorted(set(checked)) == [(0, True, True), (2, False, False), (4, False, False), (6, True, True),
+                                    (8, False, False), (10, False, False)]
+    assert all(r["sigma"] is not None and r["entropy_mean"] > 0 for r in mon.last)
+    with pytest.raises(ValueError, match="bound_every"):
+        EntropyMonitor(model, bound_every=0)
