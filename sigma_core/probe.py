@@ -7,7 +7,9 @@ so an unobserved forward pays nothing.  Observers (the :class:`~sigma_core.monit
 attach ordinary forward hooks to the probe; the hook receives ``args = (x, q, k)`` with
 
 - ``x``: the attention input, shape ``(B, T, d)`` (after the block's normalisation, if any);
-- ``q``, ``k``: shape ``(B, H, T, d_head)``, before the logit scale is applied.
+- ``q``, ``k``: shape ``(B, H, T, d_head)``, before the logit scale is applied;
+- optionally a fourth argument ``x_k``, shape ``(B, S, d)``: the tokens the keys come from when
+  they are not ``x`` (cross-attention; ``k`` is then ``(B, H, S, d_head)``).
 
 Protocol of the owning attention module (attributes the observers read):
 
@@ -38,7 +40,8 @@ from torch import nn
 class AttentionProbe(nn.Module):
     """Identity point that exposes ``(x, q, k)`` to forward hooks; returns nothing."""
 
-    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:  # noqa: D102
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                x_k: torch.Tensor | None = None) -> None:  # noqa: D102
         return None
 
 

@@ -118,3 +118,33 @@ def test_train_flags_map_onto_the_config_and_bad_values_exit_2(tmp_path, capsys)
         with pytest.raises(SystemExit) as exc:
             parser.parse_args(["train", "--out", str(tmp_path), *bad])
         assert exc.value.code == 2
+
+
+def test_run_into_results_from_a_dirty_tree_is_refused_or_marked(tmp_path, monkeypatch):
+    from sigma_core.experiments import train
+
+    monkeypatch.setattr(train, "git_state", lambda: (str(tmp_path), "0" * 40, True))
+    cfg = preset("cpu-smoke", steps=2, log_every=1, eval_every=2, threads=1)
+    with pytest.raises(train.DirtyTreeError, match="allow_dirty"):
+        Trainer(cfg, tmp_path / "results" / "run")
+    with pytest.warns(train.DirtyTreeWarning, match="git_dirty"):
+        trainer = Trainer(cfg, tmp_path / "results" / "run", allow_dirty=True)
+    assert trainer.run()["git_dirty"] is True
+    assert json.loads((tmp_path / "results" / "run" / CONFIG_NAME).read_text())["git_dirty"] is True
+    Trainer(cfg, tmp_path / "elsewhere")  # outside results/: allowed (and marked in config.json)
+    monkeypatch.setattr(train, "git_state", lambda: (str(tmp_path), "0" * 40, False))
+    Trainer(cfg, tmp_path / "results" / "clean")
+
+
+def test_learning_rate_warmup_then_cosine_or_constant():
+    from sigma_core.experiments.train import learning_rate
+
+    cfg = preset("cpu-smoke", lr=0.1, warmup_steps=10, lr_schedule="cosine", steps=100)
+    assert learning_rate(cfg, 5) == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * 5 / 100)))
+    assert learning_rate(cfg, 100) == pytest.approx(0.0, abs=1e-15)
+    flat = preset("cpu-smoke", lr=0.1)
+    assert {learning_rate(flat, s) for s in (1, 7, 30)} == {0.1}
+    with pytest.raises(ValueError, match="warmup_steps"):
+        preset("cpu-smoke", warmup_steps=-1)
+    with pytest.raises(ValueError, match="model='vit' does not fit preset 'cpu-smoke'"):
+        preset("cpu-smoke", model="vit")

@@ -217,7 +217,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name == "device":
             kind = _device
         elif f.type in ("int", int):
-            kind = {"seed": integer, "threads": nonnegative_int,
+            kind = {"seed": integer, "threads": nonnegative_int, "warmup_steps": nonnegative_int,
                     "checkpoint_every": nonnegative_int}.get(f.name, positive_int)
         elif f.type in ("float", float):
             kind = positive_float if f.name == "lr" else finite_float
@@ -248,7 +248,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name != "preset" and getattr(args, f.name, None) is not None}
     try:
-        return preset(args.preset or "cpu-demo", **overrides)
+        default = getattr(_config, "DEFAULT_PRESET", {}).get(overrides.get("model", "gpt"), "cpu-demo")
+        return preset(args.preset or default, **overrides)
     except (TypeError, ValueError) as exc:
         if parser is None:
             raise
@@ -268,14 +269,14 @@ def _resume(args: argparse.Namespace):
         parser.error(f"{flags}: the config of a resumed run comes from its checkpoint; only "
                      + ", ".join("--" + n.replace("_", "-") for n in RUNTIME_FIELDS) + " may be given")
     try:
-        return Trainer.resume(args.resume, **given)
+        return Trainer.resume(args.resume, allow_dirty=args.allow_dirty, **given)
     except CheckpointError as exc:
         parser.error(f"--resume {args.resume}: {exc}")
 
 
 def _run(args: argparse.Namespace) -> int:
     from sigma_core.experiments import distributed  # noqa: PLC0415
-    from sigma_core.experiments.train import Trainer, TrainingInterrupted  # noqa: PLC0415
+    from sigma_core.experiments.train import DirtyTreeError, Trainer, TrainingInterrupted  # noqa: PLC0415
 
     if args.progress is None:
         args.progress = sys.stderr.isatty()  # the bar (tqdm) writes to stderr
@@ -285,7 +286,10 @@ def _run(args: argparse.Namespace) -> int:
             run_dir = args.resume
         else:
             cfg = config_from_args(args, args._parser)
-            trainer = Trainer(cfg, args.out)
+            try:
+                trainer = Trainer(cfg, args.out, allow_dirty=args.allow_dirty)
+            except DirtyTreeError as exc:
+                args._parser.error(f"--out {args.out}: {exc}")
             run_dir = args.out
         try:
             summary = trainer.run()
@@ -369,6 +373,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                        help="continue the run in RUN_DIR from its checkpoint")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
                         help="starting values, one of: " + ", ".join(PRESETS) + " (default cpu-demo)")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="write into the checkout's results/ even when tracked files differ from the "
+                             "commit (the run is marked git_dirty; refused otherwise)")
     add_config_arguments(parser)
     parser.set_defaults(func=_run, _parser=parser)
     return parser

@@ -14,7 +14,14 @@ whole config next to its metrics.  Presets are named starting points:
   head ends below 0.1 nats, with ``reparam="sigma"`` every head stays above 1 nat, and the pair
   takes well under a minute on two CPU cores (notebook 04; tests/test_notebooks.py checks it);
 - ``h200``: the CALIBRATION GPU setting (d=256, 6 layers, 8 heads, T=256, batch 64, 1000 steps)
-  at lr 1e-2, where the baseline collapses and sigmaReparam does not.
+  at lr 1e-2, where the baseline collapses and sigmaReparam does not;
+- ``vit-digits``: a ViT (d=64, 4 layers, 4 heads, 2x2 patches) on scikit-learn's 8x8 digits with
+  the standard recipe (pre-LN, AdamW, 30 warm-up steps, weight decay 0.05, cosine, 300 steps);
+- ``vit-digits-sgd``: the same ViT with the paper's harsh recipe: sigmaReparam, no LayerNorm,
+  SGD with momentum 0.9, no warm-up, no weight decay (``reparam="none"``: the baseline under it);
+- ``seq2seq-reverse``: a post-LN encoder-decoder (6 + 6 layers, d=32) reversing 8 symbols of
+  10, SGD with momentum 0.9, no warm-up, constant lr 0.1, 200 steps (``n_layer`` sets the depth);
+- ``vit-smoke``, ``seq2seq-smoke``: the same models at test size (seconds).
 
 Example
 -------
@@ -31,9 +38,13 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+MODELS = ("gpt", "vit", "seq2seq")
 NORMS = ("pre", "post", "none")
 REPARAMS = ("none", "sigma", "spectral")
 GAMMA_INITS = ("sigma", "one")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+SEQ_TASKS = ("reverse", "copy")
 
 
 #: annotation -> (check, description) for the type check of :meth:`TrainConfig.validate`
@@ -50,9 +61,15 @@ _TYPE_NAMES = {"int": "an integer", "float": "a real number", "str": "a string",
 class TrainConfig:
     """Everything one training run needs.
 
-    Model: a byte-level causal GPT (``vocab_size`` 256) with ``n_layer`` blocks of width
-    ``d_model``, ``n_head`` heads, context ``block_size`` and normalisation placement ``norm``.
-    ``reparam`` chooses the weight reparametrisation of every linear layer: ``"none"``,
+    Model (``model``): ``"gpt"``, a byte-level causal GPT (``vocab_size`` 256) on the stdlib
+    bytes; ``"vit"``, a Vision Transformer on scikit-learn's bundled 8x8 digits (patches of
+    ``patch_size`` pixels, a class token, no dropout); ``"seq2seq"``, an encoder-decoder
+    Transformer on a synthetic ``seq_task`` (``"reverse"`` or ``"copy"`` a sequence of
+    ``block_size`` symbols drawn from ``vocab_size``).  Each has ``n_layer`` blocks (for
+    seq2seq: ``n_layer`` encoder and ``n_layer`` decoder blocks) of width ``d_model``, ``n_head``
+    heads and normalisation placement ``norm`` (``"pre"``, ``"post"`` or ``"none"``).
+    ``reparam`` chooses the weight reparametrisation of every linear layer (and of the ViT's
+    patch-embedding convolution): ``"none"``,
     ``"sigma"`` (sigmaReparam, W_hat = gamma/sigma(W) * W, with ``gamma_init`` ``"one"``, as in
     the paper's text and official JAX code, or ``"sigma"``, so that W_hat = W_0 at the start, as
     in the official PyTorch code) or ``"spectral"`` (``torch.nn.utils.parametrizations.spectral_norm``).
@@ -63,13 +80,17 @@ class TrainConfig:
     (README, "Choosing gamma_init").
     ``qk_norm`` adds QK-LayerNorm and ``logit_softcap`` > 0 soft-caps the attention logits
     (``c tanh(a / c)``; 0 is off); see :class:`sigma_core.models.gpt.CausalSelfAttention`.
-    Optimiser: AdamW with betas (0.9, 0.95), no weight decay, no warm-up, constant ``lr``;
-    ``grad_clip`` 0 disables clipping (the gradient norm is logged either way).
+    Optimiser (``optimizer``): ``"adamw"`` with ``betas`` (default (0.9, 0.95)) or ``"sgd"`` with
+    ``momentum`` (0: plain SGD); ``weight_decay`` on every parameter (default 0); the learning
+    rate rises linearly over ``warmup_steps`` (0: no warm-up) to ``lr`` and then stays
+    (``lr_schedule="constant"``, the default) or follows a half cosine to 0 at ``steps``
+    (``"cosine"``); ``grad_clip`` 0 disables clipping (the gradient norm is logged either way).
     Runtime: ``checkpoint_every`` steps a checkpoint is written (0: only at the end of the run).
     """
 
     preset: str = "custom"
     # model
+    model: str = "gpt"
     vocab_size: int = 256
     d_model: int = 128
     n_layer: int = 4
@@ -81,10 +102,16 @@ class TrainConfig:
     gamma_init: str = "one"
     qk_norm: bool = False
     logit_softcap: float = 0.0
+    patch_size: int = 2
+    seq_task: str = "reverse"
     # optimisation
+    optimizer: str = "adamw"
     lr: float = 3e-2
     betas: tuple[float, float] = (0.9, 0.95)
+    momentum: float = 0.9
     weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
     grad_clip: float = 0.0
     batch_size: int = 32
     steps: int = 200
@@ -128,6 +155,20 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.seq_task not in SEQ_TASKS:
+            raise ValueError(f"seq_task must be one of {SEQ_TASKS}, got {self.seq_task!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (0: no warm-up), got {self.warmup_steps!r}")
+        if self.patch_size < 1 or 8 % self.patch_size:
+            raise ValueError(f"patch_size must divide the 8x8 digits images (1, 2, 4 or 8), got {self.patch_size!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.reparam not in REPARAMS:
@@ -195,7 +236,38 @@ PRESETS: dict[str, dict] = {
     "h200": dict(d_model=256, n_layer=6, n_head=8, block_size=256, batch_size=64, steps=1000,
                  lr=1e-2, log_every=10, eval_every=100, eval_batches=8,
                  sample_steps=(100, 1000), compile=False),
+    # ViT on the 8x8 digits: the standard recipe (pre-LN, AdamW, warm-up, weight decay, cosine)
+    "vit-digits": dict(model="vit", d_model=64, n_layer=4, n_head=4, patch_size=2, norm="pre",
+                       optimizer="adamw", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05,
+                       warmup_steps=30, lr_schedule="cosine", batch_size=64, steps=300,
+                       val_fraction=0.2, log_every=5, eval_every=50, sample_batch=8,
+                       sample_steps=(300,), progress=False, checkpoint_every=0),
+    # ... and the paper's harsh recipe: sigmaReparam, no LayerNorm, SGD (momentum), no warm-up,
+    # no weight decay (run it with --reparam none for the baseline under the same recipe)
+    "vit-digits-sgd": dict(model="vit", d_model=64, n_layer=4, n_head=4, patch_size=2, norm="none",
+                           reparam="sigma", optimizer="sgd", momentum=0.9, lr=0.1, weight_decay=0.0,
+                           warmup_steps=0, lr_schedule="cosine", batch_size=64, steps=300,
+                           val_fraction=0.2, log_every=5, eval_every=50, sample_batch=8,
+                           sample_steps=(300,), progress=False, checkpoint_every=0),
+    # deep post-LN encoder-decoder on sequence reversal, SGD with momentum, no warm-up
+    "seq2seq-reverse": dict(model="seq2seq", vocab_size=10, block_size=8, d_model=32, n_layer=6,
+                            n_head=4, norm="post", optimizer="sgd", momentum=0.9, lr=0.1,
+                            warmup_steps=0, batch_size=32, steps=200, eval_batches=8,
+                            log_every=4, eval_every=50, sample_batch=4, sample_steps=(200,),
+                            progress=False, checkpoint_every=0),
+    # smoke-size versions for the tests (seconds)
+    "vit-smoke": dict(model="vit", d_model=16, n_layer=2, n_head=2, patch_size=4, norm="pre",
+                      optimizer="adamw", lr=3e-3, warmup_steps=3, lr_schedule="cosine",
+                      weight_decay=0.05, batch_size=16, steps=12, val_fraction=0.2, log_every=3,
+                      eval_every=6, sample_batch=4, sample_steps=(12,), progress=False),
+    "seq2seq-smoke": dict(model="seq2seq", vocab_size=8, block_size=6, d_model=16, n_layer=2,
+                          n_head=2, norm="post", optimizer="sgd", momentum=0.9, lr=0.1, batch_size=8,
+                          steps=12, eval_batches=2, log_every=3, eval_every=6, sample_batch=2,
+                          sample_steps=(12,), progress=False),
 }
+
+#: the preset a model starts from when the command line names none
+DEFAULT_PRESET = {"gpt": "cpu-demo", "vit": "vit-digits", "seq2seq": "seq2seq-reverse"}
 
 
 def preset(name: str, **overrides) -> TrainConfig:
@@ -206,6 +278,12 @@ def preset(name: str, **overrides) -> TrainConfig:
     """
     if name not in PRESETS:
         raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
+    own = PRESETS[name].get("model", "gpt")
+    if overrides.get("model", own) != own:
+        raise ValueError(f"model={overrides['model']!r} does not fit preset {name!r} (a {own} preset); "
+                         f"choose a {overrides['model']} preset, e.g. {DEFAULT_PRESET[overrides['model']]!r}"
+                         if overrides["model"] in DEFAULT_PRESET else
+                         f"model must be one of {MODELS}, got {overrides['model']!r}")
     values = dict(PRESETS[name], preset=name)
     values.update(overrides)
     steps = values.get("steps", TrainConfig.steps)

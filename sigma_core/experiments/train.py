@@ -1,10 +1,13 @@
-"""Training loop: the GPT on the stdlib bytes, with attention entropy and sigma logged.
+"""Training loop for every model (GPT, ViT, seq2seq), with attention entropy and sigma logged.
 
-:class:`Trainer` owns everything a run's state consists of (model, AdamW optimiser, the data
-order's :class:`torch.Generator`, the step counter) and writes a run directory:
+:class:`Trainer` owns everything a run's state consists of (model, optimiser, the data
+order's :class:`torch.Generator`, the step counter) and writes a run directory.  ``cfg.model``
+picks the model and its task (:mod:`sigma_core.experiments.tasks`): ``"gpt"`` on the stdlib
+bytes, ``"vit"`` on scikit-learn's 8x8 digits, ``"seq2seq"`` on synthetic sequence reversal.
 
-- ``config.json``: the full :class:`~sigma_core.experiments.config.TrainConfig` plus provenance (git
-  commit, package versions, device name, corpus SHA-256 and size);
+- ``config.json``: the full :class:`~sigma_core.experiments.config.TrainConfig` (``model``,
+  ``norm``, ``optimizer``, ``warmup_steps``, ``weight_decay``, ``reparam``, ...) plus provenance
+  (git commit and ``git_dirty``, package versions, device name, the data's SHA-256 and size);
 - ``metrics.jsonl``: one JSON record per logged step, appended and flushed as it is written;
 - ``samples/step_NNNNNN.npz``: per attention row of a fixed held-out batch, the measured entropy,
   the centred logit norm, the number of visible keys T_i and the theorem's sigma-bold
@@ -22,8 +25,14 @@ metrics (divergence is a result, so :meth:`Trainer.run` returns normally); a tru
 corrupted or incompatible checkpoint raises :class:`CheckpointError` saying which.  Under
 ``torchrun`` the model is wrapped in DistributedDataParallel (see :mod:`sigma_core.experiments.distributed`).
 
-Optimisation follows shared/CALIBRATION.md: AdamW betas (0.9, 0.95), no weight decay, no
-warm-up, constant learning rate, bf16 autocast on CUDA.
+Optimisation: AdamW or SGD (``cfg.optimizer``), linear warm-up over ``cfg.warmup_steps`` and a
+constant or cosine schedule (:func:`learning_rate`), bf16 autocast on CUDA.  The GPT presets
+keep AdamW betas (0.9, 0.95), no weight decay, no warm-up and a constant learning rate.
+
+Provenance: a run written into the checkout's ``results/`` folder from a checkout whose tracked
+files differ from the commit is refused (:class:`DirtyTreeError`) unless ``allow_dirty=True``,
+which warns (:class:`DirtyTreeWarning`) and marks ``git_dirty: true`` in ``config.json`` and
+``summary.json``; results are meant to come from a commit that reproduces them.
 
 Example
 -------
@@ -36,6 +45,7 @@ Example
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -46,6 +56,7 @@ import subprocess
 import threading
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -54,9 +65,11 @@ import torch
 
 from sigma_core.experiments import distributed
 from sigma_core.experiments.config import TrainConfig
-from sigma_core.experiments.data import Corpus, get_batch, load_stdlib_corpus
+from sigma_core.experiments.data import Corpus
+from sigma_core.experiments.tasks import make_task
 from sigma_core.entropy import VARIANTS, attention_row_stats, bound_variant_norms, head_sigma
-from sigma_core.models.gpt import GPT, build_model
+from sigma_core.models import gpt as gpt_model
+from sigma_core.models.gpt import GPT, apply_reparam
 from sigma_core.monitor import EntropyMonitor
 from theory import entropy_lower_bound
 
@@ -73,6 +86,14 @@ STATE_KEYS = ("config", "step", "model", "optimizer", "data_generator", "torch_r
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed: missing, truncated/corrupted, or of another config."""
+
+
+class DirtyTreeError(ValueError):
+    """A run into the checkout's ``results/`` from uncommitted code (pass ``allow_dirty`` to mark it instead)."""
+
+
+class DirtyTreeWarning(UserWarning):
+    """A run was written from a checkout whose tracked files differ from its commit."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -111,17 +132,81 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def git_commit() -> str:
-    """The checkout's HEAD commit (with ``-dirty`` when files differ), or ``"unknown"``."""
+def git_state() -> tuple[str | None, str, bool]:
+    """``(top-level directory, HEAD commit, dirty)`` of the checkout holding this code, or
+    ``(None, "unknown", False)`` outside git.  Dirty: a tracked file differs from the commit."""
     here = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head + ("-dirty" if dirty else "")
+        def git(*args):
+            return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+
+        top, head = git("rev-parse", "--show-toplevel"), git("rev-parse", "HEAD")
+        return top, head, bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None, "unknown", False
+
+
+def git_commit() -> str:
+    """The checkout's HEAD commit (with ``-dirty`` when files differ), or ``"unknown"``."""
+    _, head, dirty = git_state()
+    return head + ("-dirty" if dirty else "")
+
+
+def check_clean_tree(out_dir: str | os.PathLike | None, *, allow_dirty: bool = False) -> bool:
+    """Refuse (:class:`DirtyTreeError`) a run into the checkout's ``results/`` from a dirty tree.
+
+    Returns whether the tree is dirty.  With ``allow_dirty`` a dirty run into ``results/`` only
+    warns (:class:`DirtyTreeWarning`); runs elsewhere are never refused.
+    """
+    top, head, dirty = git_state()
+    if not dirty or out_dir is None or top is None:
+        return dirty
+    results = (Path(top) / "results").resolve()
+    target = Path(out_dir).resolve()
+    if target == results or results in target.parents:
+        msg = (f"out_dir {out_dir} lies in {results}, but tracked files of the checkout differ from "
+               f"commit {head[:12]}: commit first (results must come from a clean commit)")
+        if not allow_dirty:
+            raise DirtyTreeError(msg + ", or pass allow_dirty / --allow-dirty to write a run marked dirty")
+        warnings.warn(msg + "; writing it marked git_dirty", DirtyTreeWarning, stacklevel=3)
+    return dirty
+
+
+def build_model(cfg) -> torch.nn.Module:
+    """The model of ``cfg.model`` (``"gpt"``, ``"vit"``, ``"seq2seq"``), reparametrised as
+    ``cfg.reparam`` says (the ViT's patch-embedding convolution included)."""
+    if cfg.model == "gpt":
+        return gpt_model.build_model(cfg)
+    if cfg.model == "vit":
+        from sigma_core.models.vit import build_vit  # noqa: PLC0415
+
+        return apply_reparam(build_vit(cfg), cfg.reparam, gamma_init=cfg.gamma_init,
+                             layer_types=(torch.nn.Linear, torch.nn.Conv2d))
+    if cfg.model == "seq2seq":
+        from sigma_core.models.seq2seq import build_seq2seq  # noqa: PLC0415
+
+        return apply_reparam(build_seq2seq(cfg), cfg.reparam, gamma_init=cfg.gamma_init)
+    raise ValueError(f"cfg.model must be 'gpt', 'vit' or 'seq2seq', got {cfg.model!r}")
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW (``betas``) or SGD (``momentum``; 0 is plain SGD) with ``weight_decay`` on every parameter."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    raise ValueError(f"cfg.optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
+
+
+def learning_rate(cfg, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (1-based): ``lr * min(1, step / warmup_steps)``
+    times 1 (``"constant"``) or ``(1 + cos(pi * step / steps)) / 2`` (``"cosine"``)."""
+    factor = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    if cfg.lr_schedule == "cosine":
+        factor *= 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+    return cfg.lr * factor
 
 
 def package_versions() -> dict[str, str]:
@@ -142,8 +227,11 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def flops_per_token(model: GPT) -> float:
-    """Training FLOPs per token, 6N + 12·L·T·d (PaLM appendix B; nanoGPT ``estimate_mfu``)."""
+def flops_per_token(model: torch.nn.Module) -> float:
+    """Training FLOPs per token, 6N + 12·L·T·d (PaLM appendix B; nanoGPT ``estimate_mfu``) for
+    the GPT; 6N (the attention term left out) for the other models."""
+    if not isinstance(model, GPT):
+        return 6.0 * sum(p.numel() for p in model.parameters())
     cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters()) - model.pos_emb.weight.numel()
     return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.block_size * cfg.d_model
@@ -177,8 +265,9 @@ ENTROPY_ATOL = 1e-4
 
 
 @torch.no_grad()
-def row_samples(model: GPT, idx: torch.Tensor) -> dict[str, np.ndarray]:
-    """Every attention row of ``model`` on tokens ``idx`` ``(B, T)``, against the bound of eq. (1).
+def row_samples(model: torch.nn.Module, *inputs: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every attention row of ``model`` on ``inputs`` (GPT: tokens ``(B, T)``; ViT: images;
+    seq2seq: source and target), against the bound of eq. (1).
 
     One float32 forward in eval mode (no power-iteration step) with hooks on the attention
     probes.  For each (layer, head, batch, query) row it returns flat arrays ``layer``, ``head``,
@@ -193,19 +282,21 @@ def row_samples(model: GPT, idx: torch.Tensor) -> dict[str, np.ndarray]:
     hooks = [attn.probe.register_forward_hook(lambda m, args, out: seen.append(args))
              for attn in model.attention_modules()]
     try:
-        model(idx)
+        model(*inputs)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("layer", "head", "n_keys", "entropy", *VARIANTS)}
-    for layer, (attn, (x, q, k)) in enumerate(zip(model.attention_modules(), seen, strict=True)):
+    for layer, (attn, (x, q, k, *rest)) in enumerate(zip(model.attention_modules(), seen, strict=True)):
+        x_k = rest[0] if rest else None  # cross-attention: the key-side tokens
         # float64 statistics of the float32 queries and keys: the exact-row bound then holds to ~1e-12
         stats = attention_row_stats(q.double(), k.double(), scale=attn.scale, causal=attn.causal)  # (B, H, T)
         sigma = head_sigma(*attn.head_weights(), scale=attn.scale)  # (H,)
-        norms = bound_variant_norms(stats, sigma, x)  # {variant: (B, H, T)}
-        if not getattr(attn, "weight_bounds_valid", True):  # QK-LayerNorm: weight variants do not
-            norms = {v: norms["exact"] for v in norms}  # apply (sigma_core.probe); record the exact norm
+        if getattr(attn, "weight_bounds_valid", True):
+            norms = bound_variant_norms(stats, sigma, x, x_k)  # {variant: (B, H, T)}
+        else:  # QK-LayerNorm, cross-attention: weight variants do not apply (sigma_core.probe);
+            norms = {v: stats.logit_norm.double() for v in VARIANTS}  # record the exact norm
         B, H, T = stats.entropy.shape
         cols["layer"].append(np.full(B * H * T, layer, dtype=np.int16))
         cols["head"].append(np.broadcast_to(np.arange(H, dtype=np.int16)[None, :, None], (B, H, T)).ravel())
@@ -279,7 +370,7 @@ def _sigma_state_names(model: GPT):
 
 
 class Trainer:
-    """One training run of :class:`~sigma_core.models.gpt.GPT` under a :class:`TrainConfig`.
+    """One training run of the model of ``cfg.model`` under a :class:`TrainConfig`.
 
     Parameters
     ----------
@@ -288,16 +379,21 @@ class Trainer:
     out_dir : path or None
         The run directory (created); ``None`` trains without writing anything.
     corpus : Corpus, optional
-        Pre-loaded data (default: :func:`~sigma_core.experiments.data.load_stdlib_corpus` of the config).
+        Pre-loaded data of the GPT (default: :func:`~sigma_core.experiments.data.load_stdlib_corpus`
+        of the config); the other models build their task from the config.
+    allow_dirty : bool
+        Write into the checkout's ``results/`` even from a dirty tree (warned and marked);
+        by default that raises :class:`DirtyTreeError`.
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *,
-                 corpus: Corpus | None = None):
+                 corpus: Corpus | None = None, allow_dirty: bool = False):
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         cfg.validate()
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.git_dirty = check_clean_tree(self.out_dir, allow_dirty=allow_dirty)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         ddp_device = distributed.setup(cfg.device)
@@ -307,11 +403,11 @@ class Trainer:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of "
                              f"processes ({self.world_size}): each rank trains on batch_size / N rows")
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.device)
-        self.corpus = corpus if corpus is not None else load_stdlib_corpus(cfg.corpus_bytes, cfg.val_fraction)
+        self.task = make_task(cfg, corpus)
+        self.corpus = getattr(self.task, "corpus", None)  # the GPT's bytes; None for other models
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(self.model, cfg)
         self.data_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.train_time = 0.0
@@ -329,6 +425,7 @@ class Trainer:
         self._flops_per_token = flops_per_token(self.model)
         self._val_generator_seed = cfg.seed + 2
         self.summary: dict = {}
+        self.last_val_accuracy: float | None = None
 
     # ------------------------------------------------------------------ state
     def autocast(self):
@@ -343,7 +440,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "data_generator": self.data_generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "train_time": self.train_time,
-                "tokens_seen": self.tokens_seen, "corpus_sha256": self.corpus.sha256,
+                "tokens_seen": self.tokens_seen, "corpus_sha256": self.task.sha256,
                 **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})}
 
     def load_state_dict(self, state: dict) -> None:
@@ -356,15 +453,18 @@ class Trainer:
         if not isinstance(state, dict) or not set(STATE_KEYS) <= set(state):
             missing = sorted(set(STATE_KEYS) - set(state)) if isinstance(state, dict) else STATE_KEYS
             raise CheckpointError(f"not a training checkpoint: missing {list(missing)}")
-        ours, theirs = self.cfg.to_dict(), dict(state["config"])
+        # a field the checkpoint predates holds its default value there
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                    if f.default is not dataclasses.MISSING}
+        ours, theirs = self.cfg.to_dict(), {**defaults, **dict(state["config"])}
         diff = sorted(k for k in set(ours) | set(theirs)
                       if k not in RUNTIME_FIELDS and ours.get(k, "<absent>") != theirs.get(k, "<absent>"))
         if diff:
             detail = ", ".join(f"{k}: checkpoint {theirs.get(k, '<absent>')!r} vs {ours.get(k, '<absent>')!r}"
                                for k in diff)
             raise CheckpointError(f"checkpoint config differs from this trainer's config ({detail})")
-        if state["corpus_sha256"] != self.corpus.sha256:
-            raise CheckpointError("checkpoint was trained on a different corpus (sha256 differs)")
+        if state["corpus_sha256"] != self.task.sha256:
+            raise CheckpointError("checkpoint was trained on different data (corpus/data sha256 differs)")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -397,7 +497,8 @@ class Trainer:
         self.load_state_dict(read_checkpoint(path))
 
     @classmethod
-    def resume(cls, run_dir: str | os.PathLike, *, corpus: Corpus | None = None, **runtime) -> "Trainer":
+    def resume(cls, run_dir: str | os.PathLike, *, corpus: Corpus | None = None, allow_dirty: bool = False,
+               **runtime) -> "Trainer":
         """The trainer of the run in ``run_dir``, restored from its checkpoint.
 
         The config is the checkpoint's; ``runtime`` may change only :data:`RUNTIME_FIELDS`.
@@ -414,7 +515,7 @@ class Trainer:
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {run_dir / CHECKPOINT_NAME} holds a config this version "
                                   f"cannot use: {exc}") from exc
-        trainer = cls(cfg, run_dir, corpus=corpus)
+        trainer = cls(cfg, run_dir, corpus=corpus, allow_dirty=allow_dirty)
         trainer.load_state_dict(state)
         if trainer.is_main:
             truncate_metrics(run_dir / METRICS_NAME, trainer.step)
@@ -422,12 +523,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def train_step(self, *, observe: bool = False) -> dict:
-        """One AdamW step on a fresh batch; with ``observe`` the forward runs uncompiled so the
-        attention probes (and the entropy monitor listening on them) see it."""
+        """One optimiser step on a fresh batch, at :func:`learning_rate` of the step; with
+        ``observe`` the forward runs uncompiled so the attention probes (and the entropy monitor
+        listening on them) see it."""
         cfg = self.cfg
         self.model.train()
-        x, y = get_batch(self.corpus.train, cfg.batch_size, cfg.block_size, self.data_generator,
-                         self.device)  # (B, T) each
+        x, y = self.task.train_batch(cfg.batch_size, self.data_generator, self.device)  # GPT: (B, T) each
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -450,33 +551,43 @@ class Trainer:
             raise Diverged(step, f"non-finite loss ({loss_value})", loss_value, grad_norm)
         if not math.isfinite(grad_norm):
             raise Diverged(step, f"non-finite gradient norm ({grad_norm})", loss_value, grad_norm)
+        lr = learning_rate(cfg, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
-        out = {"train_loss": loss_value, "grad_norm": grad_norm}
+        out = {"train_loss": loss_value, "grad_norm": grad_norm, "lr": lr}
         self.train_time += time.perf_counter() - t0
-        self.tokens_seen += cfg.tokens_per_step
+        self.tokens_seen += cfg.batch_size * self.task.tokens_per_example
         self.step += 1
         return out
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over ``eval_batches`` held-out batches (the same batches at every call)."""
+        """Mean loss over the task's held-out batches (the same batches at every call).
+
+        For the classifiers (ViT: test images; seq2seq: target tokens under teacher forcing) the
+        fraction predicted right is kept in :attr:`last_val_accuracy` (``None`` for the GPT).
+        """
         self.model.eval()
-        g = torch.Generator().manual_seed(self._val_generator_seed)
-        losses = []
-        for _ in range(self.cfg.eval_batches):
-            x, y = get_batch(self.corpus.val, self.cfg.batch_size, self.cfg.block_size, g, self.device)
+        losses, right, total = [], 0, 0
+        for x, y in self.task.eval_batches(self.device):
             with self.autocast():
-                losses.append(self.model(x, y)[1].item())
+                logits, loss = self.model(x, y)
+            losses.append(loss.item())
+            counts = self.task.correct(logits, y)
+            if counts is not None:
+                right, total = right + counts[0], total + counts[1]
         self.model.train()
+        self.last_val_accuracy = right / total if total else None
         return float(np.mean(losses))
 
     # ------------------------------------------------------------------ run
     def write_config(self) -> dict:
         """The run's ``config.json``: the config plus provenance."""
-        record = {**self.cfg.to_dict(), "git_commit": git_commit(), "versions": package_versions(),
+        record = {**self.cfg.to_dict(), "git_commit": git_commit(), "git_dirty": self.git_dirty,
+                  "versions": package_versions(),
                   "device": str(self.device), "device_name": device_name(self.device),
-                  "corpus": self.corpus.describe(), "corpus_sha256": self.corpus.sha256,
-                  "corpus_size": self.corpus.size, "n_params": sum(p.numel() for p in self.model.parameters()),
+                  **self.task.config_fields(), "n_params": sum(p.numel() for p in self.model.parameters()),
                   "flops_per_token": self._flops_per_token,
                   # the command as typed, its program by name only (no install path of this machine)
                   "argv": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else []}
@@ -505,7 +616,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress or not self.is_main,
-                       desc=f"{cfg.reparam} lr={cfg.lr:g}", dynamic_ncols=True)
+                       desc=f"{cfg.model} {cfg.reparam} lr={cfg.lr:g}", dynamic_ncols=True)
             while self.step < cfg.steps:
                 step = self.step + 1
                 logging = step % cfg.log_every == 0 or step == cfg.steps or step == 1
@@ -520,13 +631,15 @@ class Trainer:
                     break
                 bar.update(1)
                 if logging and self.is_main:
-                    record = {"step": step, **out, "lr": cfg.lr, **attention_metrics(monitor, self.model),
+                    record = {"step": step, **out, **attention_metrics(monitor, self.model),
                               "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
                               "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9)}
                     if step % cfg.eval_every == 0 or step == cfg.steps:
                         record["val_loss"] = self.evaluate()
+                        if self.last_val_accuracy is not None:
+                            record["val_accuracy"] = self.last_val_accuracy
                     if step in cfg.sample_steps:
-                        samples = row_samples(self.model, self._sample_batch())
+                        samples = row_samples(self.model, *self.task.sample_inputs(self.device))
                         record["sample_violations"] = int(samples["violations"])
                         if self.out_dir is not None:
                             path = self.out_dir / "samples" / f"step_{step:06d}.npz"
@@ -587,18 +700,15 @@ class Trainer:
         for sig, h in old.items():
             signal.signal(sig, h)
 
-    def _sample_batch(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self._val_generator_seed + 1)
-        x, _ = get_batch(self.corpus.val, self.cfg.sample_batch, self.cfg.block_size, g, self.device)
-        return x  # (B, T)
-
     def _summarise(self, last: dict) -> dict:
         tokens_per_s = self.tokens_seen / max(self.train_time, 1e-9)
         summary = {"steps": self.step, "diverged": self.diverged is not None,
                    "diverged_step": self.diverged.step if self.diverged is not None else None,
-                   "world_size": self.world_size, "preset": self.cfg.preset, "reparam": self.cfg.reparam,
+                   "world_size": self.world_size, "preset": self.cfg.preset, "model": self.cfg.model,
+                   "norm": self.cfg.norm, "optimizer": self.cfg.optimizer, "reparam": self.cfg.reparam,
                    "lr": self.cfg.lr, "final_train_loss": last.get("train_loss"),
-                   "final_val_loss": last.get("val_loss"), "entropy_mean": last.get("entropy_mean"),
+                   "final_val_loss": last.get("val_loss"), "final_val_accuracy": last.get("val_accuracy"),
+                   "git_dirty": self.git_dirty, "entropy_mean": last.get("entropy_mean"),
                    "entropy_min_head": last.get("entropy_min_head"), "sigma_max": last.get("sigma_max"),
                    "bound_violations": None, "train_time_s": self.train_time,
                    "tokens_per_s": tokens_per_s, "device_name": device_name(self.device)}

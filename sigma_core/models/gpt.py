@@ -248,8 +248,10 @@ class GPT(nn.Module):
         return logits, loss
 
 
-def apply_reparam(model: nn.Module, reparam: str, *, gamma_init: str = "sigma") -> nn.Module:
-    """Reparametrise every ``nn.Linear`` of ``model`` in place and return it.
+def apply_reparam(model: nn.Module, reparam: str, *, gamma_init: str = "sigma",
+                  layer_types: tuple[type[nn.Module], ...] = (nn.Linear,)) -> nn.Module:
+    """Reparametrise every layer of ``model`` of one of ``layer_types`` (default every
+    ``nn.Linear``; the ViT adds its patch-embedding ``nn.Conv2d``) in place and return it.
 
     ``"none"`` leaves it alone; ``"sigma"`` applies sigmaReparam
     (:func:`sigma_core.reparam.convert_to_sigma_reparam`, W_hat = gamma/sigma(W) * W);
@@ -261,13 +263,13 @@ def apply_reparam(model: nn.Module, reparam: str, *, gamma_init: str = "sigma") 
         from sigma_core.reparam import batch_power_iterations, convert_to_sigma_reparam
 
         # power-iteration steps batched per weight shape (same values; benchmarks/bench_reparam.py)
-        return batch_power_iterations(convert_to_sigma_reparam(model, layer_types=(nn.Linear,),
+        return batch_power_iterations(convert_to_sigma_reparam(model, layer_types=tuple(layer_types),
                                                                gamma_init=gamma_init))
     if reparam == "spectral":
         from torch.nn.utils.parametrizations import spectral_norm
 
         for module in list(model.modules()):
-            if isinstance(module, nn.Linear):
+            if isinstance(module, tuple(layer_types)):
                 spectral_norm(module)
         return model
     raise ValueError(f"reparam must be 'none', 'sigma' or 'spectral', got {reparam!r}")
@@ -275,6 +277,9 @@ def apply_reparam(model: nn.Module, reparam: str, *, gamma_init: str = "sigma") 
 
 def build_model(cfg) -> GPT:
     """The :class:`GPT` of a :class:`~sigma_core.experiments.config.TrainConfig`, reparametrised as it says."""
+    if getattr(cfg, "model", "gpt") != "gpt":
+        raise ValueError(f"cfg.model must be 'gpt' here, got {cfg.model!r} "
+                         "(sigma_core.experiments.train.build_model builds every model)")
     # TrainConfig is flat: it carries every ModelConfig field under the same name
     shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
     model = GPT(ModelConfig(**shape))
