@@ -259,8 +259,8 @@ def main(argv=None):
     total = time.perf_counter() - start
     lines = ["| id | module | deliberate bug | result | first failing test |",
              "|---|---|---|---|---|"]
-    lines += [f"| {m} | `{p.split('/')[-1]}` | {w} | {s} | {('`' + d + '`') if d else ''} |"
-              for m, p, w, s, d, _ in rows]
+    lines += [f"| {m} | `{p.split('/')[-1]}` | {w.replace('||', '‖').replace('|', '/')} | {s} | "
+              f"{('`' + d + '`') if d else ''} |" for m, p, w, s, d, _ in rows]
     summary = (f"kill rate {killed}/{len(rows)} = {killed / len(rows):.0%} "
                f"({len(rows) - killed} survived); {total:.0f} s in all")
     print(summary)

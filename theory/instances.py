@@ -37,7 +37,6 @@ numpy only; float64 throughout.
 """
 from __future__ import annotations
 
-import operator
 from typing import NamedTuple
 
 import numpy as np
