@@ -145,3 +145,18 @@ def test_slide_figure_marks_the_first_step_below_the_threshold(tmp_path):
     svg = (tmp_path / "slide.svg").read_text()
     assert "A: least head (collapsed at step 30)" in svg and "B: least head (never collapsed)" in svg
     assert "log T = 4.16" in svg and "threshold" in svg
+
+
+def test_writing_a_report_leaves_the_callers_matplotlib_backend_alone(runs, tmp_path):
+    """A notebook that writes a report keeps drawing inline: no backend switch, no figure left open."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    original = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend other than the Agg a careless writer would force
+    try:
+        opened = plt.get_fignums()
+        write_report([runs / "none"], tmp_path)
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == opened
+    finally:
+        matplotlib.use(original)

@@ -235,13 +235,14 @@ def plot_compare(table: list[dict], out_dir: Path, *, seq_len: int | None = None
     stable, cross collapsed (in at least one seed), open circle diverged; the legend says so.
     Each figure is also written in the other ``formats`` (SVG by default) beside the PNG."""
     import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.lines import Line2D  # noqa: PLC0415
 
+    from sigma_core.experiments.report import _plt  # noqa: PLC0415 - figures without pyplot's backend
+
+    plt = _plt()
+
     methods = list(dict.fromkeys(r["method"] for r in table))
-    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    colours = {m: matplotlib.colormaps["tab10"](i % 10) for i, m in enumerate(methods)}
     marker_key = [Line2D([], [], ls="", marker="o", color="grey", ms=7, label="stable"),
                   Line2D([], [], ls="", marker="x", color="grey", ms=7, mew=2, label="collapsed (some seed)"),
                   Line2D([], [], ls="", marker="o", color="grey", mfc="none", ms=7, label="diverged (some seed)")]

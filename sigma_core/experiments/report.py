@@ -125,13 +125,37 @@ def summarise_run(run_dir: str | os.PathLike) -> dict:
     }
 
 
+class _Figures:
+    """The few pyplot names the plots use, without pyplot: figures are plain
+    ``matplotlib.figure.Figure`` objects, so writing a report never switches the backend of the
+    caller (a notebook keeps showing its own figures inline) and never leaks open figures."""
+
+    @staticmethod
+    def subplots(*args, figsize=None, **kwargs):
+        from matplotlib.figure import Figure  # noqa: PLC0415
+
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(*args, **kwargs)
+
+    @staticmethod
+    def rc_context(rc):
+        import matplotlib  # noqa: PLC0415
+
+        return matplotlib.rc_context(rc)
+
+    @staticmethod
+    def close(fig):
+        return None
+
+    @property
+    def Line2D(self):  # noqa: N802 - the matplotlib name
+        from matplotlib.lines import Line2D  # noqa: PLC0415
+
+        return Line2D
+
+
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _Figures()
 
 
 def _save(fig, path: Path, formats=FIGURE_FORMATS) -> Path:
