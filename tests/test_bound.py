@@ -486,6 +486,49 @@ def test_extremal_logits_rejects_bad_input():
                                rtol=1e-13)
 
 
+def test_no_floating_point_warnings_at_the_extremes_of_every_function():
+    """Issue 13: with numpy told to raise on everything (underflow included), no public function
+    of theory/ warns at the extremes of its inputs: s from 5e-324 to the float64 maximum, T up
+    to 1e20, subnormal H, tokens and weights from 1e-300 to 1e300, box bounds up to 1e300."""
+    import theory
+    from theory.certify import box_min_entropy_search
+    big = np.finfo(float).max
+    with np.errstate(all="raise"):
+        for s in (0.0, 5e-324, 1e-300, 1.0, 745.0, 1e300, big):
+            entropy_lower_bound(s, [1, 2, 3, 10**12, 10**20])
+        for s in (5e-324, 1e-300, 1e300):
+            softmax_entropy(extremal_logits(s, 3))
+        for h in (5e-324, 1e-310, 1e-300, 0.5):
+            max_logit_norm(h, [3, 10**12, 10**20])
+        for s in (1e-8, 60.0, 1e5):
+            theory.minimize_entropy(s, 4, restarts=1)
+        for b in (1e-300, 1e3, 1e300):
+            theory.box_min_entropy(b, 6)
+            box_min_entropy_search(b, 3, restarts=2)
+        for mag in (1e-300, 1e-160, 1e160, 1e300):
+            X, W = np.eye(3) * mag, np.eye(3) / mag
+            for causal in (False, True):
+                theory.theorem_bound(X, W, W, causal=causal)
+                theory.row_entropy_bounds(X, W, W, causal=causal)
+                theory.row_entropy_bounds(X, W * mag, W * mag, causal=causal)
+                theory.row_entropy_bounds(X, W, np.zeros((3, 3)), causal=causal)
+        theory.adam_update_bound([[1e-300, 1e300]], [[1e300, 0.0]])
+    with pytest.raises(ValueError, match="logit_norm"):
+        extremal_logits(big, 3)                        # its logits would overflow
+
+
+def test_max_logit_norm_subnormal_entropy_is_still_conservative():
+    """A subnormal H has no relative accuracy to guard; it is asked as the smallest normal
+    float64 (a stronger requirement), so h_T(s) >= H still holds exactly."""
+    from theory.certify import entropy_lower_bound_mp
+    for h in (5e-324, 1e-310):
+        for t in (2, 10**12):
+            s = max_logit_norm(h, t)
+            assert s == max_logit_norm(TINY, t)
+            with mpmath.workdps(60):
+                assert entropy_lower_bound_mp(float(s), t, dps=60) >= mpmath.mpf(TINY)
+
+
 def test_no_floating_point_warnings_anywhere():
     """Underflow to 0 (far-below-max keys, tiny bounds) is by design and silent; nothing
     overflows, divides by zero or goes invalid, even with numpy told to raise on everything."""

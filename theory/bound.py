@@ -346,11 +346,11 @@ def _log_h_of_g(g, log_tm1):
     log h = log a + log(log1p(a)/a + g/(1+a)),  log a = log(T-1) - g.
     """
     log_a = log_tm1 - g
-    with np.errstate(under="ignore"):
+    with np.errstate(under="ignore"):                 # a, 0.5 a may underflow (a tiny or 0)
         a = np.exp(log_a)
-    tiny = a < 1e-8
-    ratio = np.where(tiny, 1.0 - 0.5 * a, np.log1p(a) / np.where(tiny, 1.0, a))
-    return log_a + np.log(ratio + g / (1.0 + a))
+        tiny = a < 1e-8
+        ratio = np.where(tiny, 1.0 - 0.5 * a, np.log1p(a) / np.where(tiny, 1.0, a))
+        return log_a + np.log(ratio + g / (1.0 + a))
 
 
 def _h_error_bound(g, t):
@@ -385,7 +385,8 @@ def max_logit_norm(entropy, seq_len):
     ----------
     entropy : float or array_like
         H in [0, log T], nats. H above log T by at most 4 eps relative (rounding of log T
-        computed elsewhere) is taken as log T.
+        computed elsewhere) is taken as log T; a positive H below the smallest normal
+        float64 (2.2e-308) as that normal value (a stronger requirement).
     seq_len : int or array_like
         T >= 1, integer-valued. Broadcast against ``entropy``.
 
@@ -453,6 +454,14 @@ def _root_in_g(hv, log_tm1):
 
 def _inverse_safe(hv, tv):
     """The conservative inverse for 0 < H < log T (1-d arrays, T >= 2)."""
+    with np.errstate(under="ignore"):
+        return _inverse_safe_impl(hv, tv)
+
+
+def _inverse_safe_impl(hv, tv):
+    # a subnormal H has no relative accuracy to guard: ask for the smallest normal instead
+    # (a stronger requirement, so still h_T(s) >= H)
+    hv = np.maximum(hv, np.finfo(np.float64).tiny)
     log_tm1 = np.log(tv - 1.0)
     c = np.sqrt(tv / (tv - 1.0))
     g0 = _root_in_g(hv, log_tm1)
@@ -464,8 +473,7 @@ def _inverse_safe(hv, tv):
         s[below] = _root_in_g(target[below], log_tm1[below]) / c[below]
     # lower s until the float64 value, less its error bound, is >= H (a handful of steps)
     for k in range(54):
-        with np.errstate(under="ignore"):
-            hs = entropy_lower_bound(s, tv)
+        hs = entropy_lower_bound(s, tv)
         bad = (hs < hv * (1.0 + _h_error_bound(s * c, tv))) & (s > 0)
         if not bad.any():
             break
@@ -504,7 +512,7 @@ def extremal_logits(logit_norm, seq_len, top=0):
         Non-real ``logit_norm``/``seq_len`` (strings, bools, complex), ``top`` not an integer.
     ValueError
         Negative or non-finite ``logit_norm``, ``seq_len`` not a scalar integer >= 1, ``top``
-        out of range.
+        out of range, or s so large (~1.8e308 sqrt((T-1)/T)) that a logit overflows.
 
     Examples
     --------
@@ -525,7 +533,10 @@ def extremal_logits(logit_norm, seq_len, top=0):
     z = np.zeros(s.shape + (t,), dtype=np.float64)
     if t == 1:
         return z
-    g = s * np.sqrt(t / (t - 1.0))
-    z[...] = -(g / t)[..., None]
-    z[..., top] = g - g / t
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # checked below
+        g = s * np.sqrt(t / (t - 1.0))
+        z[...] = -(g / t)[..., None]
+        z[..., top] = g - g / t
+    if not np.isfinite(z).all():
+        raise ValueError("logit_norm is too large: the extremal row's logits overflow float64")
     return z

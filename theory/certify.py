@@ -433,11 +433,12 @@ def box_min_entropy(bound, seq_len):
     t = _check_int(seq_len, "seq_len", 1, maximum=10**7)
     k = np.arange(1, t + 1, dtype=np.float64)
     gap = 2.0 * b
-    decay = np.exp(-gap)
-    z_k = k + (t - k) * decay
-    vertex = np.empty(t + 1)
-    vertex[0] = np.log(t)
-    vertex[1:] = np.log(z_k) + (t - k) * gap * decay / z_k
+    with np.errstate(under="ignore", over="ignore"):  # e^-G underflows to 0 for large b
+        decay = np.exp(-gap)
+        z_k = k + (t - k) * decay
+        vertex = np.empty(t + 1)
+        vertex[0] = np.log(t)
+        vertex[1:] = np.log(z_k) + np.where(decay > 0, (t - k) * gap * decay, 0.0) / z_k
     n_high = int(np.argmin(vertex))
     logits = np.where(np.arange(t) < n_high, b, -b)
     return BoxMinimum(float(vertex[n_high]), n_high, logits, vertex)
@@ -642,8 +643,9 @@ def adam_update_bound(mean, noise_std):
     denom = np.hypot(mu, n)                           # no overflow of mu^2 + n^2
     if np.any(denom == 0):
         raise ValueError("mean and noise_std are both 0 at some entry: the update is undefined")
-    update = mu / denom
-    ratio_sum = float(np.sum((n / denom) ** 2))       # sum n^2 / (mu^2 + n^2)
+    with np.errstate(under="ignore"):                 # ratios of 1e-300 / 1e300 flush to 0
+        update = mu / denom
+        ratio_sum = float(np.sum((n / denom) ** 2))   # sum n^2 / (mu^2 + n^2)
     r, c = mu.shape
     bound = float(np.sqrt(max(r * c - ratio_sum, 0.0) / min(r, c)))
     return AdamUpdateBound(update, float(np.linalg.norm(update, 2)), bound)
