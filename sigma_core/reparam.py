@@ -63,8 +63,11 @@ True
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
+import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -79,6 +82,7 @@ __all__ = [
     "fold_sigma_reparam",
     "is_sigma_reparametrized",
     "sigma_reparam",
+    "sigma_reparam_report",
     "sigma_reparam_state",
 ]
 
@@ -96,6 +100,16 @@ def _compiling() -> bool:
     return bool(compiler is not None and compiler.is_compiling())
 
 
+#: a weight whose spectral norm at registration is below this gets gamma = 1 under
+#: ``gamma_init="sigma"`` (with a warning): gamma = sigma(W0) would leave the layer dead
+NEAR_ZERO_SIGMA = 1e-4
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward (activation checkpointing recomputes there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class SigmaReparam(nn.Module):
     r"""The parametrization :math:`W \mapsto (\gamma/\sigma(W))\,W` (theory/README.md, σReparam).
 
@@ -106,12 +120,18 @@ class SigmaReparam(nn.Module):
     weight : torch.Tensor
         The weight at registration; its SVD gives the initial singular vectors.
     n_chunks : int
-        The weight is viewed as ``n_chunks`` stacked blocks of rows, each reparametrised on
-        its own (3 for a fused q/k/v projection, else 1).
+        The weight is viewed as ``n_chunks`` stacked blocks of output rows, each reparametrised
+        on its own (3 for a fused q/k/v projection, else 1).
+    dim : int
+        The output dimension of the weight (0 for ``Linear``/``Conv``; 1 for ``ConvTranspose``,
+        whose weight is (in, out, ...), and for Hugging Face's ``Conv1D``, whose weight is
+        (in, out)), as ``dim`` of ``spectral_norm``.
     gamma_init : {"sigma", "one"} or float
         ``"sigma"``: :math:`\gamma = \sigma(W_0)`, so :math:`\hat W = W_0` at init (official
-        PyTorch code; the default).  ``"one"``: :math:`\gamma = 1` (paper text, official JAX
-        code).  A float sets :math:`\gamma` directly.
+        PyTorch code; the default), except for a (near-)zero weight, :math:`\sigma(W_0) <`
+        ``NEAR_ZERO_SIGMA``, which gets :math:`\gamma = 1` and a warning (a zero weight stays
+        zero at init; a tiny one is rescaled to unit spectral norm).  ``"one"``:
+        :math:`\gamma = 1` (paper text, official JAX code).  A float sets :math:`\gamma` directly.
     n_power_iterations : int
         Power-iteration steps per training forward (>= 1).
     eps : float
@@ -122,16 +142,23 @@ class SigmaReparam(nn.Module):
     Attributes
     ----------
     gamma : nn.Parameter
-        Shape ``()``, or ``(n_chunks,)`` when ``n_chunks > 1``.
+        Shape ``()``, or ``(n_chunks,)`` when ``n_chunks > 1``; fp32 (fp64 for an fp64 weight),
+        also when the weight is fp16/bf16 (``module.to(torch.bfloat16)`` leaves it fp32).
     _u, _v : torch.Tensor
-        Buffers ``(n_chunks, in)`` and ``(n_chunks, out)``: right and left singular vectors.
+        Buffers ``(n_chunks, out)`` and ``(n_chunks, in)``: the left (output-side) and right
+        (input-side) singular vectors, as ``_u`` and ``_v`` of ``spectral_norm``; fp32 or fp64.
     """
+
+    #: 2: ``_u`` output side, ``_v`` input side (spectral_norm's convention); checkpoints of
+    #: version 1 (the two swapped) are converted on loading
+    _version = 2
 
     def __init__(
         self,
         weight: torch.Tensor,
         *,
         n_chunks: int = 1,
+        dim: int = 0,
         gamma_init: str | float = "sigma",
         n_power_iterations: int = 1,
         eps: float = 1e-12,
@@ -144,57 +171,138 @@ class SigmaReparam(nn.Module):
             raise ValueError(f"eps must be a positive float, got {eps!r}")
         if weight.ndim < 2:
             raise ValueError(f"{label}: sigma_reparam needs a weight with >= 2 dims, got shape {tuple(weight.shape)}")
-        if weight.shape[0] % n_chunks:
-            raise ValueError(f"{label}: {weight.shape[0]} rows do not split into {n_chunks} chunks")
+        if not isinstance(dim, int) or not -weight.ndim <= dim < weight.ndim:
+            raise ValueError(f"dim must be an int in [-{weight.ndim}, {weight.ndim}), got {dim!r}")
+        dim = dim % weight.ndim
+        if not isinstance(n_chunks, int) or n_chunks < 1 or weight.shape[dim] % n_chunks:
+            raise ValueError(f"{label}: {weight.shape[dim]} rows do not split into n_chunks={n_chunks!r}")
+        if gamma_init not in ("sigma", "one"):
+            if not isinstance(gamma_init, (int, float)) or isinstance(gamma_init, bool):
+                raise ValueError(f'gamma_init must be "sigma", "one" or a float, got {gamma_init!r}')
+            if not math.isfinite(gamma_init):
+                raise ValueError(f"gamma_init must be finite, got {gamma_init!r}")
         self.n_chunks = n_chunks
+        self.dim = dim
         self.n_power_iterations = n_power_iterations
         self.eps = float(eps)
         self.label = label
-        with torch.no_grad():
-            W = self._as_matrices(weight.detach()).to(_compute_dtype(weight.dtype))  # (c, m, n)
-            if not torch.isfinite(W).all():
-                raise ValueError(f"{label}: cannot register sigma_reparam on a non-finite weight")
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (c,m,k) (c,k) (c,k,n)
-            sigma0 = S[:, 0]  # (c,)
-            if gamma_init == "sigma":
-                gamma = sigma0.clamp_min(self.eps)
-            elif gamma_init == "one":
-                gamma = torch.ones_like(sigma0)
-            elif isinstance(gamma_init, (int, float)) and not isinstance(gamma_init, bool):
-                if not math.isfinite(gamma_init):
-                    raise ValueError(f"gamma_init must be finite, got {gamma_init!r}")
-                gamma = torch.full_like(sigma0, float(gamma_init))
-            else:
-                raise ValueError(f'gamma_init must be "sigma", "one" or a float, got {gamma_init!r}')
-        self.register_buffer("_u", Vh[:, 0, :].contiguous())  # (c, n) right singular vectors
-        self.register_buffer("_v", U[:, :, 0].contiguous())  # (c, m) left singular vectors
-        gamma = gamma.to(weight.dtype if weight.dtype.is_floating_point else torch.float32)
-        self.gamma = nn.Parameter(gamma if n_chunks > 1 else gamma.reshape(()))
-        #: fresh ``(u, v, sigma)`` of this forward's step, set by a batched step
-        #: (:func:`batch_power_iterations`) and consumed by the next training forward
-        #: and, when the group's W_hat was computed at once (:class:`_GroupScaleBySigma`), this
-        #: weight's W_hat and the raw weight it was computed from (else None, None)
+        cdtype = _compute_dtype(weight.dtype) if weight.dtype.is_floating_point else torch.float32
+        c = n_chunks
+        m = weight.shape[dim] // c
+        n = weight.numel() // weight.shape[dim]
+        self.register_buffer("_u", torch.zeros(c, m, dtype=cdtype, device=weight.device))
+        self.register_buffer("_v", torch.zeros(c, n, dtype=cdtype, device=weight.device))
+        self.gamma = nn.Parameter(torch.ones(c if c > 1 else (), dtype=cdtype, device=weight.device))
+        self._init_from(weight.detach(), gamma_init)
+        #: fresh ``(u_in, v_out, sigma, W_hat, source)`` of this forward's step, set by a batched
+        #: step (:func:`batch_power_iterations`) and consumed by the next training read (W_hat,
+        #: source: the weight's W_hat computed with its group and the raw weight, or None, None)
         self._batched_step: tuple | None = None
+        #: ``(key, u_in, v_out, sigma, grouped)`` of the last step taken, and ``(key, u_in, v_out,
+        #: sigma)`` of a step computed but not yet taken (a training-mode read under no_grad);
+        #: key = the weight's identity and version and the vectors' version.  A recomputation
+        #: by activation checkpointing (inside backward) reuses the step of its forward.
+        self._last: tuple | None = None
+        self._peek: tuple | None = None
         #: set by the owning module's hooks (:func:`_cache_weights_per_forward`): only the first
         #: training read of a forward steps; ``_stepped`` says whether it has happened
         self._once_per_forward = False
         self._stepped = False
+        self._registering = True
+
+    @torch.no_grad()
+    def _init_from(self, weight: torch.Tensor, gamma_init) -> None:
+        """Vectors from an exact SVD of ``weight``; gamma by ``gamma_init`` (None: keep gamma)."""
+        W = self._as_matrices(weight).to(self._u.dtype)  # (c, m, n)
+        if not torch.isfinite(W).all():
+            raise ValueError(f"{self.label}: cannot register sigma_reparam on a non-finite weight")
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # (c,m,k) (c,k) (c,k,n)
+        sigma0 = S[:, 0]  # (c,)
+        self._u.copy_(U[:, :, 0])
+        self._v.copy_(Vh[:, 0, :])
+        if gamma_init == "sigma":
+            small = sigma0 < NEAR_ZERO_SIGMA
+            if bool(small.any()):
+                warnings.warn(
+                    f"sigma_reparam: {self.label} is (near) zero (sigma(W0) = {sigma0.min().item():.3g} < "
+                    f"{NEAR_ZERO_SIGMA:g}); gamma = 1 there instead of sigma(W0), which would leave the "
+                    f"layer dead (a zero weight stays zero at init, a tiny one is rescaled to unit "
+                    f"spectral norm)", stacklevel=4)
+            gamma = torch.where(small, torch.ones_like(sigma0), sigma0)
+        elif gamma_init == "one":
+            gamma = torch.ones_like(sigma0)
+        elif gamma_init is None:
+            return
+        else:
+            gamma = torch.full_like(sigma0, float(gamma_init))
+        self.gamma.copy_(gamma.reshape(self.gamma.shape))
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        """``module.weight = value``: the raw weight becomes ``value``, the vectors its singular
+        vectors and gamma its spectral norm (per chunk), so that the reparametrised weight equals
+        ``value`` (a (near) zero ``value`` gets gamma = 1, as at registration)."""
+        if self.__dict__.pop("_registering", False):  # torch calls it once at registration
+            return value
+        if not isinstance(value, torch.Tensor) or _matrix_shape(self, value) is None:
+            raise ValueError(f"{self.label}: the assigned value must be a tensor of the weight's shape")
+        self._init_from(value.detach(), "sigma")
+        self._last = self._peek = None
+        return value
 
     def _as_matrices(self, W: torch.Tensor) -> torch.Tensor:
-        """``(c, rows/c, -1)`` view of the weight (conv kernels flattened per output channel)."""
+        """``(c, rows/c, -1)`` view of the weight (output dimension first, the rest flattened)."""
+        if self.dim:
+            W = W.movedim(self.dim, 0)
         return W.reshape(self.n_chunks, W.shape[0] // self.n_chunks, -1)
+
+    def _from_matrices(self, M: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_as_matrices`: ``M`` back to ``weight``'s shape and layout."""
+        if not self.dim:
+            return M.reshape(weight.shape)
+        return M.reshape(weight.movedim(self.dim, 0).shape).movedim(0, self.dim)
+
+    def _apply(self, fn, recurse=True):
+        # a model cast to fp16/bf16 keeps gamma and the vectors in fp32 (only devices move)
+        keep = {"gamma": self.gamma, "_u": self._u, "_v": self._v}
+        out = super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype and new.dtype in (torch.float16, torch.bfloat16):
+                restored = old.detach().to(new.device)
+                if name == "gamma":
+                    self.gamma = nn.Parameter(restored, requires_grad=old.requires_grad)
+                else:
+                    setattr(self, name, restored)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        ku, kv = prefix + "_u", prefix + "_v"
+        if ku in state_dict and kv in state_dict and _old_convention(
+                self, state_dict, prefix, local_metadata.get("version")):
+            state_dict[ku], state_dict[kv] = state_dict[kv], state_dict[ku]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._last = self._peek = None
+
+    def _key(self, weight: torch.Tensor) -> tuple:
+        return (weight.data_ptr(), weight._version, self._u._version)
 
     @torch.no_grad()
     def _power_iteration(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Advance ``_u``, ``_v`` by ``n_power_iterations`` steps; W is (c, m, n).
 
-        Returns fresh ``(u, v, sigma)`` with sigma = |Wᵀv| = vᵀ W u (the new vectors), shape (c,).
+        Returns fresh ``(u_in, v_out, sigma)`` with sigma = |Wᵀv_out| = v_outᵀ W u_in, shape (c,).
         """
-        u, v, sigma = _power_steps(W, _cast(self._u, W.dtype), _cast(self._v, W.dtype),
+        u, v, sigma = _power_steps(W, _cast(self._v, W.dtype), _cast(self._u, W.dtype),
                                    self.n_power_iterations, self.eps)
-        self._u.copy_(u)
-        self._v.copy_(v)
+        self._commit(u, v)
         return u, v, sigma
+
+    @torch.no_grad()
+    def _commit(self, u_in: torch.Tensor, v_out: torch.Tensor) -> None:
+        self._v.copy_(u_in)
+        self._u.copy_(v_out)
 
     #: devices on which the finiteness check reads its result at once (a cheap host read);
     #: elsewhere it is read one training forward later, so the check never stalls the device
@@ -216,12 +324,12 @@ class SigmaReparam(nn.Module):
             raise _nonfinite_error(self.label)
 
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
-        r""":math:`\sigma = v^\top W u` per chunk, shape ``(c,)``, with gradient through ``weight``.
+        r""":math:`\sigma = u^\top W v` per chunk, shape ``(c,)``, with gradient through ``weight``.
 
         Uses the current vectors as they are (never advances them); not clamped.
         """
         W = self._as_matrices(weight).to(_compute_dtype(weight.dtype))
-        return _vWu(self._v.to(W.dtype), W, self._u.to(W.dtype))  # (c,)
+        return _vWu(self._u.to(W.dtype), W, self._v.to(W.dtype))  # (c,)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
         # autocast off for the whole computation; entering the context manager costs more than
@@ -231,30 +339,98 @@ class SigmaReparam(nn.Module):
                 return self._reparametrize(weight)
         return self._reparametrize(weight)
 
+    def _step(self, weight: torch.Tensor, W: torch.Tensor):
+        """``(u_in, v_out, sigma)`` of this training read: the step of its forward when
+        activation checkpointing recomputes it, else a step taken now (or the one a no_grad
+        training read computed for this very weight and vectors)."""
+        key = self._key(weight)
+        last = self._last
+        if last is not None and last[0] == key and _in_backward():  # checkpoint recomputation
+            return last[1], last[2], last[3]
+        peek, self._peek = self._peek, None
+        if peek is not None and peek[0] == key:  # a reentrant checkpoint's no_grad forward
+            u, v, sigma = peek[1:]
+            self._commit(u, v)
+        else:
+            u, v, sigma = self._power_iteration(W.detach())
+            self._check_finite(sigma)
+        self._last = (self._key(weight), u, v, sigma, False)
+        return u, v, sigma
+
+    @torch.no_grad()
+    def _peek_step(self, weight: torch.Tensor, W: torch.Tensor):
+        """A training-mode read under no_grad: the step this weight's next training read takes
+        (or took, for this weight version), computed without changing a buffer."""
+        key = self._key(weight)
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1], last[2], last[3]
+        peek = self._peek
+        if peek is None or peek[0] != key:
+            u, v, sigma = _power_steps(W, _cast(self._v, W.dtype), _cast(self._u, W.dtype),
+                                       self.n_power_iterations, self.eps)
+            peek = self._peek = (key, u, v, sigma)
+        return peek[1], peek[2], peek[3]
+
     def _reparametrize(self, weight: torch.Tensor) -> torch.Tensor:
         W = _cast(self._as_matrices(weight), _compute_dtype(weight.dtype))  # (c, m, n)
-        if self.training and torch.is_grad_enabled() and not (self._once_per_forward and self._stepped):
+        fresh = not (self._once_per_forward and self._stepped)
+        if self.training and torch.is_grad_enabled() and fresh:
             self._stepped = self._once_per_forward
             pending = self._batched_step
             if pending is not None:  # this forward's step already taken by the batched step
                 self._batched_step = None
                 u, v, sigma, W_hat, source = pending
-                if W_hat is not None and weight is source:  # W_hat computed with its group
+                grouped = W_hat is not None and weight is source
+                if not _compiling():
+                    self._last = (self._key(weight), u, v, sigma, grouped)
+                if grouped:  # W_hat computed with its group
                     return W_hat
-            else:
+            elif _compiling():
                 # fresh u, v (not the buffers, which the next forward overwrites) for backward
                 u, v, sigma = self._power_iteration(W.detach())
-                if not _compiling():
-                    self._check_finite(sigma)
+            else:
+                last = self._last
+                if (last is not None and last[4] and _in_backward()
+                        and last[0] == self._key(weight)):
+                    # non-reentrant checkpoint recomputing a forward whose W_hat came from its
+                    # group (outside the recomputed region): the same values, nothing saved
+                    with torch.no_grad():
+                        out = W * (_cast(self.gamma, W.dtype).reshape(-1, 1, 1)
+                                   / last[3].clamp_min(self.eps).view(-1, 1, 1))
+                    return _cast(self._from_matrices(out, weight), weight.dtype)
+                u, v, sigma = self._step(weight, W)
+        elif self.training and fresh and not _compiling():
+            u, v, sigma = self._peek_step(weight, W)
         else:
-            u, v = _cast(self._u, W.dtype), _cast(self._v, W.dtype)
+            u, v = _cast(self._v, W.dtype), _cast(self._u, W.dtype)
             if torch.is_grad_enabled():
                 u, v = u.clone(), v.clone()
             with torch.no_grad():
                 sigma = _vWu(v, W, u)
         gamma = _cast(self.gamma, W.dtype).reshape(self.n_chunks)
         out = _ScaleBySigma.apply(W, gamma, u, v, sigma, self.eps)  # (c, m, n)
-        return _cast(out.reshape(weight.shape), weight.dtype)
+        return _cast(self._from_matrices(out, weight), weight.dtype)
+
+
+def _old_convention(p: SigmaReparam, state_dict, prefix: str, version) -> bool:
+    """Whether the ``_u``/``_v`` of a checkpoint are swapped (version 1: ``_u`` input side).
+
+    With the module's version in the checkpoint's metadata that decides; without it (e.g. a
+    safetensors file) the shapes do, and for a square matrix the values: the right pairing
+    gives the larger |uᵀ W v| (the power iteration's fixed point)."""
+    if version is not None:
+        return version < 2
+    u, v = state_dict[prefix + "_u"], state_dict[prefix + "_v"]
+    if u.shape != v.shape:
+        return tuple(u.shape) == tuple(p._v.shape)
+    W = state_dict.get(prefix[:-len("0.")] + "original") if prefix.endswith("0.") else None
+    if W is None or not isinstance(W, torch.Tensor):
+        return False
+    M = p._as_matrices(W.detach()).to(u.dtype)
+    new = _vWu(u.to(M.dtype), M, v.to(M.dtype)).abs().sum()
+    old = _vWu(v.to(M.dtype), M, u.to(M.dtype)).abs().sum()
+    return bool(old > new)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -417,6 +593,9 @@ def sigma_reparam(
     gamma_init: str | float = "sigma",
     n_power_iterations: int = 1,
     eps: float = 1e-12,
+    dim: int | None = None,
+    n_chunks: int | None = None,
+    label: str | None = None,
 ) -> nn.Module:
     r"""Register σReparam :math:`\hat W = (\gamma/\sigma(W))W` on ``module.<name>``; return the module.
 
@@ -437,6 +616,14 @@ def sigma_reparam(
         Power-iteration steps per training forward.
     eps : float
         :math:`\sigma` is clamped to at least ``eps``.
+    dim : int or None
+        The weight's output dimension (``None``: 1 for ``ConvTranspose*d`` and Hugging Face
+        ``Conv1D``, else 0, as in ``spectral_norm``).
+    n_chunks : int or None
+        Split the output rows into this many equal blocks, each with its own σ and γ (a fused
+        q/k/v projection: 3).  ``None``: 3 for ``MultiheadAttention.in_proj_weight``, else 1.
+    label : str or None
+        Name used in warnings and errors (default: ``name``).
 
     Returns
     -------
@@ -466,15 +653,108 @@ def sigma_reparam(
         raise ValueError(f"name: module {type(module).__name__} has no tensor {name!r}")
     if _find(module, name) is not None:
         raise ValueError(f"name: {name!r} of {type(module).__name__} already has sigma_reparam")
-    n_chunks = 3 if isinstance(module, nn.MultiheadAttention) and name == "in_proj_weight" else 1
-    param = SigmaReparam(weight, n_chunks=n_chunks, label=name, **opts)
-    param.to(weight.device)
+    if n_chunks is None:
+        n_chunks = 3 if isinstance(module, nn.MultiheadAttention) and name == "in_proj_weight" else 1
+    if dim is None:
+        dim = _output_dim(module, name)
+    param = SigmaReparam(weight, n_chunks=n_chunks, dim=dim, label=label or name, **opts)
     # unsafe=True: no consistency call of forward at registration (it would be a no-op anyway,
     # but this keeps the SVD vectors exactly as computed)
     parametrize.register_parametrization(module, name, param, unsafe=True)
+    param.__dict__.pop("_registering", None)
+    _own_class_on_deepcopy(module)
+    if not any(getattr(h, "func", None) is _load_plain_weight
+               for h in module._load_state_dict_pre_hooks.values()):
+        module.register_load_state_dict_pre_hook(functools.partial(_load_plain_weight))
     if isinstance(module, nn.MultiheadAttention):
         _cache_weights_per_forward(module)
     return module
+
+
+def _output_dim(module: nn.Module, name: str) -> int:
+    """The output dimension of ``module.<name>``, as ``spectral_norm`` chooses it: 1 for
+    ``ConvTranspose`` (in, out, ...) and Hugging Face's ``Conv1D`` (in, out), else 0."""
+    if name != "weight":
+        return 0
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) or _is_hf_conv1d(module):
+        return 1
+    return 0
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2): a linear layer whose weight
+    is stored (in, out); recognised without importing transformers."""
+    return (parametrize.type_before_parametrizations(module).__name__ == "Conv1D"
+            and hasattr(module, "nf") and not isinstance(module, nn.Conv1d))
+
+
+def _load_plain_weight(module: nn.Module, state_dict, prefix, local_metadata, strict,
+                       missing_keys, unexpected_keys, error_msgs) -> None:
+    """Load-state-dict pre-hook of a σReparam'd module: an entry ``<prefix><name>`` of a plain
+    (unconverted) state_dict becomes the raw weight, with the vectors of its SVD and gamma =
+    its spectral norm, so that the reparametrised weight equals the loaded one (pretrained
+    weights load after conversion)."""
+    if not parametrize.is_parametrized(module):
+        return
+    for name, plist in module.parametrizations.items():
+        p = plist[0]
+        key, base = prefix + name, f"{prefix}parametrizations.{name}."
+        if not isinstance(p, SigmaReparam) or key not in state_dict or base + "original" in state_dict:
+            continue
+        value = state_dict.pop(key)
+        if not isinstance(value, torch.Tensor) or _matrix_shape(p, value) is None:
+            error_msgs.append(f"size mismatch for {key}: cannot load into the sigma_reparam weight")
+            continue
+        fresh = SigmaReparam(value.detach().to(device=p._u.device), n_chunks=p.n_chunks, dim=p.dim,
+                             eps=p.eps, label=key, gamma_init="sigma")
+        state_dict[base + "original"] = value
+        for k, t in (("gamma", fresh.gamma.detach()), ("_u", fresh._u), ("_v", fresh._v)):
+            state_dict[f"{base}0.{k}"] = t
+        metadata = getattr(state_dict, "_metadata", None)
+        if metadata is not None:
+            metadata[f"{base}0"] = {"version": SigmaReparam._version}
+        local_metadata.setdefault("_sigma_plain", []).append(key)
+
+
+def _matrix_shape(p: SigmaReparam, value: torch.Tensor):
+    c, m = p._u.shape
+    n = p._v.shape[1]
+    ok = value.ndim >= 2 and value.shape[p.dim] == c * m and value.numel() == c * m * n
+    return value.shape if ok else None
+
+
+def _private_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own.  torch's parametrize makes one class per
+    registration, and ``copy.deepcopy`` shares it between original and copy; removing a
+    parametrization from one (``fold_sigma_reparam``, ``remove_parametrizations``) deletes the
+    property from the class and so breaks the other."""
+    cls = module.__class__
+    if not parametrize.is_parametrized(module) or cls.__dict__.get("_sigma_private_of") == id(module):
+        return
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    body["_sigma_private_of"] = id(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
+def _deepcopy_own_class(self, memo):
+    """``__deepcopy__`` of a σReparam'd module: torch's (a copy of ``__dict__``), and the copy
+    gets its own class (see :func:`_private_class`)."""
+    obj = memo.get(id(self))
+    if obj is not None:
+        return obj
+    replica = self.__new__(self.__class__)
+    memo[id(self)] = replica
+    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    _private_class(replica)
+    return replica
+
+
+def _own_class_on_deepcopy(module: nn.Module) -> None:
+    cls = module.__class__
+    if cls.__dict__.get("__deepcopy__") is not _deepcopy_own_class:
+        base = cls.__bases__[0]
+        if "__deepcopy__" in cls.__dict__ or getattr(base, "__deepcopy__", None) is None:
+            cls.__deepcopy__ = _deepcopy_own_class
 
 
 def _enter_weight_cache(module: nn.Module, args) -> None:
@@ -545,27 +825,79 @@ def _excluded(exclude, qualname: str, module: nn.Module) -> bool:
     return any(fnmatch.fnmatchcase(qualname, pattern) for pattern in exclude)
 
 
+#: last name component of fused q/k/v projections that ``split_qkv`` splits into q, k and v
+#: (GPT-2 ``c_attn``, timm/DINO ``qkv``, MPT ``Wqkv``); each must hold equal-sized blocks
+QKV_NAMES = ("c_attn", "qkv", "Wqkv", "qkv_proj", "in_proj")
+#: class names (case-insensitive substrings) of modules treated as attention for the warning
+ATTENTION_HINTS = ("attention", "attn")
+
+
+def _default_layer_types() -> tuple:
+    return (nn.Linear, nn.MultiheadAttention, "Conv1D")
+
+
+def _weight_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own floating parameters with >= 2 dims (parametrized or not)."""
+    names = []
+    plists = module.__dict__.get("_modules", {}).get("parametrizations")
+    for name in list(module._parameters) + (list(plists.keys()) if plists is not None else []):
+        t = getattr(module, name, None)
+        if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.dtype.is_floating_point:
+            names.append(name)
+    return names
+
+
+def _matches_type(module: nn.Module, layer_types) -> bool:
+    for t in layer_types:
+        if t == "Conv1D":
+            if _is_hf_conv1d(module):
+                return True
+        elif isinstance(module, t):
+            return True
+    return False
+
+
 def convert_to_sigma_reparam(
     model: nn.Module,
     *,
-    layer_types: tuple[type[nn.Module], ...] = (nn.Linear,),
+    layer_types: Iterable | None = None,
     exclude: Iterable[str] | Callable[[str, nn.Module], bool] = (),
+    split_qkv: bool = True,
+    batched: bool = True,
     **opts,
 ) -> nn.Module:
-    """Register σReparam on every layer of ``model`` of one of ``layer_types``, in place.
+    """Register σReparam on every projection of ``model``, in place.
 
     Weights are kept (with the default ``gamma_init="sigma"`` the outputs do not change).
+    What was converted, what was skipped and why: :func:`sigma_reparam_report`.  An
+    attention-like module (``nn.MultiheadAttention`` or a class whose name contains
+    "Attention"/"Attn") with a weight left unconverted for another reason than ``exclude``
+    triggers a ``UserWarning`` naming it.  A weight shared by several modules (tied weights,
+    e.g. GPT-2's ``wte``/``lm_head``) is left alone with a warning: reparametrising it in one
+    place only would change the other.
 
     Parameters
     ----------
     model : nn.Module
-        Converted in place (layers already carrying σReparam are left alone).
-    layer_types : tuple of type
-        Module classes to convert (subclasses included), e.g. ``(nn.Linear, nn.Conv2d)``;
-        ``nn.MultiheadAttention`` converts its ``in_proj_weight`` per q/k/v chunk.
+        Converted in place (weights already carrying σReparam are left alone).
+    layer_types : iterable of type or "Conv1D", or None
+        Module classes to convert (subclasses included).  ``None`` (default): ``nn.Linear``,
+        ``nn.MultiheadAttention`` (its ``in_proj_weight`` per q/k/v chunk) and Hugging Face's
+        ``Conv1D`` (weight stored (in, out); the string ``"Conv1D"`` selects it by name).  Add
+        ``nn.Conv1d``, ``nn.Conv2d`` (e.g. a ViT patch embedding) or ``nn.ConvTranspose2d``
+        (normalised along its output channels, dim 1) on request.
     exclude : iterable of str or callable
         Qualified module names or ``fnmatch`` patterns to skip (e.g. ``["head", "*.out_proj"]``),
         or a predicate ``exclude(name, module) -> bool``.
+    split_qkv : bool
+        ``True`` (default): a fused q/k/v projection (last name component in
+        ``QKV_NAMES``: ``c_attn``, ``qkv``, ``Wqkv``, ``qkv_proj``; output size 3x (or 2x: k/v)
+        its input size) gets one σ and γ per q, k, v block, as ``nn.MultiheadAttention``
+        (the bound :math:`\\lVert\\hat W_K\\hat W_Q^\\top\\rVert_2 \\le \\gamma_K\\gamma_Q` then holds per
+        block).  ``False``: one σ and γ for the fused matrix.
+    batched : bool
+        ``True`` (default): :func:`batch_power_iterations` on ``model`` (the cheap path; same
+        values).  ``False``: each weight steps on its own.
     **opts
         Passed to :func:`sigma_reparam` (``gamma_init``, ``n_power_iterations``, ``eps``).
 
@@ -587,33 +919,124 @@ def convert_to_sigma_reparam(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layer_types = tuple(layer_types)
-    if not layer_types or not all(isinstance(t, type) for t in layer_types):
-        raise TypeError("layer_types must be a non-empty tuple of module classes")
+    layer_types = _default_layer_types() if layer_types is None else tuple(layer_types)
+    if not layer_types or not all(isinstance(t, type) or t == "Conv1D" for t in layer_types):
+        raise TypeError('layer_types must be a non-empty tuple of module classes (or "Conv1D")')
+    if not isinstance(split_qkv, bool):
+        raise TypeError(f"split_qkv must be a bool, got {type(split_qkv).__name__}")
+    if not isinstance(batched, bool):
+        raise TypeError(f"batched must be a bool, got {type(batched).__name__}")
     if isinstance(exclude, str):
         exclude = (exclude,)
     if not callable(exclude):
         exclude = tuple(exclude)
+    owners: dict[int, list[str]] = {}
+    for qualname, module in model.named_modules(remove_duplicate=False):
+        for name, t in module._parameters.items():
+            if t is not None:
+                owners.setdefault(id(t), []).append(f"{qualname}.{name}" if qualname else name)
+    report = []
     for qualname, module in list(model.named_modules()):
-        if not isinstance(module, layer_types) or _excluded(exclude, qualname, module):
+        names = _weight_names(module)
+        if not names:
             continue
+        kind = parametrize.type_before_parametrizations(module).__name__
+        wanted = _matches_type(module, layer_types)
+        excluded = wanted and _excluded(exclude, qualname, module)
         if isinstance(module, nn.MultiheadAttention):
-            names = ("in_proj_weight",) if module.in_proj_weight is not None else (
-                "q_proj_weight", "k_proj_weight", "v_proj_weight")
-        else:
-            names = ("weight",)
+            names = [n for n in names if n.endswith("_weight") or n == "in_proj_weight"]
+        elif wanted:
+            names = [n for n in names if n == "weight"] + [n for n in names if n != "weight"]
         for name in names:
-            if isinstance(getattr(module, name, None), torch.Tensor) and _find(module, name) is None:
-                sigma_reparam(module, name, **opts)
+            full = f"{qualname}.{name}" if qualname else name
+            entry = {"name": full, "module": kind, "converted": False, "chunks": 1, "reason": ""}
+            report.append(entry)
+            if _find(module, name) is not None:
+                p = _find(module, name)
+                entry.update(converted=True, chunks=p.n_chunks, reason="already sigma_reparam")
+                continue
+            if not wanted:
+                entry["reason"] = f"{kind} is not in layer_types"
+                continue
+            if name != "weight" and not isinstance(module, nn.MultiheadAttention):
+                entry["reason"] = "not the layer's weight"
+                continue
+            if excluded:
+                entry["reason"] = "excluded"
+                continue
+            shared = owners.get(id(getattr(module, name)), [full])
+            if len(shared) > 1:
+                entry["reason"] = "tied to " + ", ".join(s for s in shared if s != full)
+                warnings.warn(
+                    f"convert_to_sigma_reparam: {full} is shared with {entry['reason'][8:]} (tied "
+                    f"weights); left without sigmaReparam (reparametrising it in one place would "
+                    f"change the other)", stacklevel=2)
+                continue
+            n_chunks = None
+            leaf = qualname.rsplit(".", 1)[-1]
+            if split_qkv and leaf in QKV_NAMES and not isinstance(module, nn.MultiheadAttention):
+                w = getattr(module, name)
+                out = w.shape[_output_dim(module, name)]
+                inp = w.numel() // out
+                if out == 3 * inp or out == 2 * inp:
+                    n_chunks = out // inp
+                else:
+                    entry["reason"] = "fused q/k/v of unequal block sizes: one sigma for the whole matrix; "
+            sigma_reparam(module, name, n_chunks=n_chunks, label=full, **opts)
+            p = _find(module, name)
+            entry.update(converted=True, chunks=p.n_chunks,
+                         reason=entry["reason"] + ("q/k/v blocks" if p.n_chunks > 1 else ""))
+    model.__dict__["_sigma_report"] = report
+    _warn_unconverted_attention(model, report)
+    if batched:
+        batch_power_iterations(model)
     return model
+
+
+def _warn_unconverted_attention(model: nn.Module, report: list[dict]) -> None:
+    missed = {e["name"]: e["reason"] for e in report
+              if not e["converted"] and e["reason"] != "excluded"}
+    if not missed:
+        return
+    for qualname, module in model.named_modules():
+        kind = parametrize.type_before_parametrizations(module).__name__.lower()
+        if not isinstance(module, nn.MultiheadAttention) and not any(h in kind for h in ATTENTION_HINTS):
+            continue
+        prefix = f"{qualname}." if qualname else ""
+        inside = {n: r for n, r in missed.items() if n.startswith(prefix)}
+        if inside:
+            detail = "; ".join(f"{n} ({r})" for n, r in inside.items())
+            warnings.warn(f"convert_to_sigma_reparam: attention module {qualname or type(module).__name__} "
+                          f"keeps weights without sigmaReparam: {detail}", stacklevel=3)
+            for n in inside:
+                missed.pop(n)
+
+
+def sigma_reparam_report(model: nn.Module) -> list[dict]:
+    """What the last :func:`convert_to_sigma_reparam` of ``model`` did, one dict per weight.
+
+    Keys: ``name`` (qualified weight name), ``module`` (its class), ``converted`` (bool),
+    ``chunks`` (σ/γ blocks: 3 for split q/k/v), ``reason`` (why skipped, or a note).
+
+    >>> net = convert_to_sigma_reparam(nn.Sequential(nn.Linear(2, 2), nn.Conv1d(2, 2, 1)))
+    >>> [(e["name"], e["converted"], e["reason"]) for e in sigma_reparam_report(net)]
+    [('0.weight', True, ''), ('1.weight', False, 'Conv1d is not in layer_types')]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    report = model.__dict__.get("_sigma_report")
+    if report is None:
+        raise ValueError("model: convert_to_sigma_reparam has not been called on this model")
+    return [dict(e) for e in report]
 
 
 def _batched_pre_hook(model: nn.Module, args) -> None:
     """Forward pre-hook of :func:`batch_power_iterations`: one step per group of equal shapes."""
     if not torch.is_grad_enabled() or _compiling():
         return
+    recompute = _in_backward()  # activation checkpointing recomputes the whole model
     flags = model.__dict__.get("_sigma_nonfinite_flags")
-    if flags:  # accelerators: the finiteness flags of the previous batched forward
+    if flags and not recompute:  # accelerators: the finiteness flags of the previous batched forward
         for flag, labels in flags.values():
             if bool(flag.any()):
                 raise _nonfinite_error(labels[int(flag.to(torch.uint8).argmax())])
@@ -632,33 +1055,40 @@ def _batched_pre_hook(model: nn.Module, args) -> None:
         groups.setdefault(key, []).append((p, _cast(W, dtype), weight))
     for (_, dtype, device, n_steps, eps), members in groups.items():
         params = [p for p, _, _ in members]
-        with torch.no_grad():
-            if len(members) == 1:  # nothing to batch: the weight's own step, no stacking
-                p, W, _ = members[0]
-                u, v, sigma = _power_steps(W, _cast(p._u, dtype), _cast(p._v, dtype), n_steps, eps)
-                p._u.copy_(u)
-                p._v.copy_(v)
-                p._batched_step = (u, v, sigma, None, None)
-                pending.append(p)
-                _check_group(model, params, [sigma], sigma)
-                continue
-            u0 = torch.cat([_cast(p._u, dtype) for p in params])  # (sum c, n)
-            v0 = torch.cat([_cast(p._v, dtype) for p in params])  # (sum c, m)
-            stack = model.__dict__.get("_sigma_stack")
-            if stack is None:
-                stack = device.type != "cpu"
-            u, v, sigma = _batched_power_steps([W for _, W, _ in members], u0, v0, n_steps, eps, stack)
-            sizes = [p.n_chunks for p in params]
-            us, vs, sigmas = u.split(sizes), v.split(sizes), sigma.split(sizes)
-            torch._foreach_copy_([p._u for p in params], list(us))
-            torch._foreach_copy_([p._v for p in params], list(vs))
+        sizes = [p.n_chunks for p in params]
+        if recompute:  # each weight: the step of the forward being recomputed (no new step)
+            steps = [p._step(w, W) for p, W, w in members]
+            us, vs, sigmas = (tuple(s[i] for s in steps) for i in range(3))
+            u, v, sigma = torch.cat(us), torch.cat(vs), torch.cat(sigmas)
+        else:
+            with torch.no_grad():
+                if len(members) == 1:  # nothing to batch: the weight's own step, no stacking
+                    p, W, _ = members[0]
+                    u, v, sigma = _power_steps(W, _cast(p._v, dtype), _cast(p._u, dtype), n_steps, eps)
+                    us, vs, sigmas = (u,), (v,), (sigma,)
+                    p._commit(u, v)
+                else:
+                    u0 = torch.cat([_cast(p._v, dtype) for p in params])  # (sum c, n)
+                    v0 = torch.cat([_cast(p._u, dtype) for p in params])  # (sum c, m)
+                    stack = model.__dict__.get("_sigma_stack")
+                    if stack is None:
+                        stack = device.type != "cpu"
+                    u, v, sigma = _batched_power_steps([W for _, W, _ in members], u0, v0, n_steps,
+                                                       eps, stack)
+                    us, vs, sigmas = u.split(sizes), v.split(sizes), sigma.split(sizes)
+                    torch._foreach_copy_([p._v for p in params], list(us))
+                    torch._foreach_copy_([p._u for p in params], list(vs))
+            for p, ui, vi, si, (_, _, w) in zip(params, us, vs, sigmas, members):
+                p._peek = None
+                p._last = (p._key(w), ui, vi, si, False)
         for p, ui, vi, si in zip(params, us, vs, sigmas):
             p._batched_step = (ui, vi, si, None, None)
         pending.extend(params)
-        _check_group(model, params, sigmas, sigma)
+        if not recompute:
+            _check_group(model, params, sigmas, sigma)
         sources = [w for _, _, w in members]
-        if (all(w.ndim == 2 and w.dtype == dtype for w in sources)
-                and not torch.is_autocast_enabled(device.type)):
+        if (len(members) > 1 and all(w.ndim == 2 and w.dtype == dtype for w in sources)
+                and all(p.dim == 0 for p in params) and not torch.is_autocast_enabled(device.type)):
             # W_hat of the whole group in one autograd node (one closed-form backward)
             gammas = [p.gamma for p in params]
             outs = _GroupScaleBySigma.apply(eps, tuple(sizes), len(params), *sources, *gammas, u, v, sigma)
@@ -836,8 +1266,28 @@ def fold_sigma_reparam(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    for _, module, name, _ in list(_sigma_modules(model)):
-        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for t in module._parameters.values():
+            if t is not None:
+                owners[id(t)] = owners.get(id(t), 0) + 1
+    for qualname, module, name, _ in list(_sigma_modules(model)):
+        _private_class(module)  # (a deepcopy may share the class: removal edits the class)
+        plist = module.parametrizations[name]
+        modes = [m.training for m in plist.modules()]
+        plist.eval()  # the value an eval forward uses (a training-mode read would preview a step)
+        original = plist.original
+        if owners.get(id(original), 0) > 1:  # tied: keep the other users' weight as it is
+            W_hat = getattr(module, name).detach().clone()
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+            setattr(module, name, nn.Parameter(W_hat, requires_grad=original.requires_grad))
+            warnings.warn(f"fold_sigma_reparam: {qualname}.{name} was tied to another module's "
+                          f"weight; it now has a weight of its own (the tie is broken, the other "
+                          f"module keeps the raw weight)", stacklevel=3)
+        else:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        for m, mode in zip(plist.modules(), modes):
+            m.training = mode
     for module in model.modules():
         _remove_batch_hooks(module)
         _remove_weight_cache_hooks(module)

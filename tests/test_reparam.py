@@ -62,8 +62,8 @@ def _scramble_vectors(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for p in model.modules():
             if isinstance(p, SigmaReparam):
-                p._u.copy_(F.normalize(torch.randn_like(p._u), dim=-1))
                 p._v.copy_(F.normalize(torch.randn_like(p._v), dim=-1))
+                p._u.copy_(F.normalize(torch.randn_like(p._u), dim=-1))
     return model
 
 
@@ -90,10 +90,10 @@ def test_svd_init_gives_top_singular_vectors_and_flattened_matrix(make, shape):
     U, S, Vh = torch.linalg.svd(W)
     p = _param(layer)
     # singular vectors up to a common sign
-    sign = torch.sign(p._v[0].double() @ U[:, 0])
-    torch.testing.assert_close(p._v[0].double() * sign, U[:, 0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(p._u[0].double() * sign, Vh[0], atol=1e-5, rtol=0)
-    assert p._u.dtype == p._v.dtype == torch.float32
+    sign = torch.sign(p._u[0].double() @ U[:, 0])
+    torch.testing.assert_close(p._u[0].double() * sign, U[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(p._v[0].double() * sign, Vh[0], atol=1e-5, rtol=0)
+    assert p._v.dtype == p._u.dtype == torch.float32
     assert sigma_reparam_state(layer)["weight"]["sigma"] == pytest.approx(S[0].item(), rel=1e-6)
 
 
@@ -154,14 +154,14 @@ def test_one_power_iteration_step_per_training_forward(n_steps):
     layer = _layer_with_random_vectors(n_power_iterations=n_steps)
     p = _param(layer)
     W = _original(layer).detach()
-    u, v = p._u[0].clone(), p._v[0].clone()
+    u, v = p._v[0].clone(), p._u[0].clone()
     for _ in range(2):  # two forwards: two (groups of) steps
         layer(torch.randn(2, 4))
         for _ in range(n_steps):
             u, v = _manual_step(W, u, v)
-        torch.testing.assert_close(p._u[0], u, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(p._v[0], v, rtol=1e-5, atol=1e-6)
-    assert not p._u.requires_grad and not p._v.requires_grad
+        torch.testing.assert_close(p._v[0], u, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p._u[0], v, rtol=1e-5, atol=1e-6)
+    assert not p._v.requires_grad and not p._u.requires_grad
 
 
 def test_parametrize_cached_reads_weight_twice_with_one_step():
@@ -173,7 +173,7 @@ def test_parametrize_cached_reads_weight_twice_with_one_step():
     with parametrize.cached():
         y = layer(x) + layer(x)  # W_hat computed once: one step
     twin(x)
-    assert torch.equal(_param(layer)._u, _param(twin)._u)
+    assert torch.equal(_param(layer)._v, _param(twin)._v)
     y.sum().backward()
     assert torch.isfinite(_original(layer).grad).all()
 
@@ -216,9 +216,9 @@ def test_autocast_bf16_keeps_vectors_fp32_without_grad():
     assert y.dtype == torch.bfloat16
     twin(x)  # the same step in plain fp32
     p, q = _param(layer), _param(twin)
-    assert p._u.dtype == p._v.dtype == torch.float32
-    assert not p._u.requires_grad and p._u.grad_fn is None
-    assert torch.equal(p._u, q._u) and torch.equal(p._v, q._v)
+    assert p._v.dtype == p._u.dtype == torch.float32
+    assert not p._v.requires_grad and p._v.grad_fn is None
+    assert torch.equal(p._v, q._v) and torch.equal(p._u, q._u)
     y.float().sum().backward()
     assert torch.isfinite(_original(layer).grad).all()
 
@@ -231,8 +231,8 @@ def test_bf16_weights_keep_fp32_vectors():
     y = layer(torch.randn(2, 8, dtype=torch.bfloat16))
     twin(torch.randn(2, 8))
     p, q = _param(layer), _param(twin)
-    assert y.dtype == torch.bfloat16 and p._u.dtype == torch.float32
-    torch.testing.assert_close(p._u, q._u)  # the same fp32 step as an fp32 copy takes
+    assert y.dtype == torch.bfloat16 and p._v.dtype == torch.float32
+    torch.testing.assert_close(p._v, q._v)  # the same fp32 step as an fp32 copy takes
 
 
 def test_sigma_is_v_W_u_with_gradient():
@@ -242,8 +242,8 @@ def test_sigma_is_v_W_u_with_gradient():
     sigma = p.sigma(W)
     assert sigma.requires_grad
     (g,) = torch.autograd.grad(sigma.sum(), W)
-    torch.testing.assert_close(g, torch.outer(p._v[0], p._u[0]))  # d(vᵀWu)/dW = v uᵀ
-    assert sigma.item() == pytest.approx((p._v[0] @ W @ p._u[0]).item(), rel=1e-6)
+    torch.testing.assert_close(g, torch.outer(p._u[0], p._v[0]))  # d(vᵀWu)/dW = v uᵀ
+    assert sigma.item() == pytest.approx((p._u[0] @ W @ p._v[0]).item(), rel=1e-6)
 
 
 def test_sigma_tracks_spectral_norm_of_slowly_changing_weight():
@@ -284,7 +284,7 @@ def test_gradient_matches_closed_form_and_gradcheck_float64():
     C = torch.randn(7, 5, dtype=torch.float64)
     W.grad = None
     (layer.weight * C).sum().backward()  # G = dL/dW_hat = C
-    u, v, gamma = p._u[0], p._v[0], p.gamma.detach()
+    u, v, gamma = p._v[0], p._u[0], p.gamma.detach()
     sigma = v @ W.detach() @ u
     closed = gamma / sigma * (C - (C * W.detach()).sum() / sigma * torch.outer(v, u))
     torch.testing.assert_close(W.grad, closed, rtol=1e-12, atol=1e-12)
@@ -366,21 +366,21 @@ def test_deepcopy_is_equal_and_independent():
     twin(x)
     for k, b in net.named_buffers():
         assert torch.equal(b, before[k])
-    assert not torch.equal(twin.get_buffer("inp.parametrizations.weight.0._u"),
-                           before["inp.parametrizations.weight.0._u"])
+    assert not torch.equal(twin.get_buffer("inp.parametrizations.weight.0._v"),
+                           before["inp.parametrizations.weight.0._v"])
 
 
 def test_double_forward_before_one_backward():
     layer = _layer_with_random_vectors()
     p = _param(layer)
     W = _original(layer).detach()
-    u, v = p._u[0].clone(), p._v[0].clone()
+    u, v = p._v[0].clone(), p._u[0].clone()
     x = torch.randn(2, 4)
     loss = layer(x).sum() + layer(x).pow(2).sum()
     loss.backward()
     for _ in range(2):
         u, v = _manual_step(W, u, v)
-    torch.testing.assert_close(p._u[0], u)
+    torch.testing.assert_close(p._v[0], u)
     assert torch.isfinite(_original(layer).grad).all()
 
 
@@ -391,7 +391,7 @@ def test_zero_weight_gives_no_nan():
     y = layer(torch.randn(2, 4))
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(_original(layer).grad).all()
-    assert torch.isfinite(_param(layer)._u).all() and torch.isfinite(_param(layer)._v).all()
+    assert torch.isfinite(_param(layer)._v).all() and torch.isfinite(_param(layer)._u).all()
     assert torch.equal(layer.weight, torch.zeros(3, 4))
 
 
@@ -440,12 +440,13 @@ def test_input_validation():
 
 
 def test_convert_respects_layer_types_and_exclude():
+    qkv = ["attn.in_proj_weight.k", "attn.in_proj_weight.q", "attn.in_proj_weight.v"]
     net = convert_to_sigma_reparam(Net(), exclude=["out"])
-    assert sorted(sigma_reparam_state(net)) == ["attn.out_proj.weight", "inp.weight"]
+    assert sorted(sigma_reparam_state(net)) == qkv + ["attn.out_proj.weight", "inp.weight"]
     net = convert_to_sigma_reparam(Net(), exclude=lambda name, m: name.startswith("attn"))
     assert sorted(sigma_reparam_state(net)) == ["inp.weight", "out.weight"]
     convert_to_sigma_reparam(net)  # converted layers are left alone, the rest converted
-    assert sorted(sigma_reparam_state(net)) == ["attn.out_proj.weight", "inp.weight", "out.weight"]
+    assert sorted(sigma_reparam_state(net)) == qkv + ["attn.out_proj.weight", "inp.weight", "out.weight"]
     assert all(len(m.parametrizations.weight) == 1 for m in (net.inp, net.out, net.attn.out_proj))
 
 
@@ -603,15 +604,15 @@ def test_batched_unread_weight_steps_once_and_leaves_no_pending_step():
     batch_power_iterations(model)
     p = _param(model["b"])
     W = _original(model["b"]).detach()
-    u, v = p._u[0].clone(), p._v[0].clone()
+    u, v = p._v[0].clone(), p._u[0].clone()
     model(torch.randn(2, 4))
     u, v = _manual_step(W, u, v)
-    torch.testing.assert_close(p._u[0], u)
+    torch.testing.assert_close(p._v[0], u)
     assert p._batched_step is None
     model["b"](torch.randn(2, 4))  # outside the model's forward: its own step
     u, v = _manual_step(W, u, v)
-    torch.testing.assert_close(p._u[0], u)
-    torch.testing.assert_close(p._v[0], v)
+    torch.testing.assert_close(p._v[0], u)
+    torch.testing.assert_close(p._u[0], v)
 
 
 def test_batched_deepcopy_fold_and_disable():
@@ -619,9 +620,9 @@ def test_batched_deepcopy_fold_and_disable():
     twin = copy.deepcopy(batched)
     x = torch.randn(2, 3, 8)
     twin(x).sum().backward()
-    assert not torch.equal(_param(twin.extra)._u, _param(batched.extra)._u)  # independent copy
+    assert not torch.equal(_param(twin.extra)._v, _param(batched.extra)._v)  # independent copy
     batched(x)
-    torch.testing.assert_close(_param(twin.extra)._u, _param(batched.extra)._u)  # hooks copied too
+    torch.testing.assert_close(_param(twin.extra)._v, _param(batched.extra)._v)  # hooks copied too
     batch_power_iterations(twin, enabled=False)
     assert not twin._forward_pre_hooks and not twin._forward_hooks
     batch_power_iterations(twin)
@@ -676,26 +677,26 @@ def test_multihead_attention_takes_one_power_step_per_training_forward():
     param = mha.parametrizations.in_proj_weight[0]
     W = mha.parametrizations.in_proj_weight.original.detach().reshape(3, 16, 16)
     with torch.no_grad():  # start far from the fixed point, so that every extra step would show
-        param._u.copy_(torch.nn.functional.normalize(torch.randn_like(param._u), dim=-1))
         param._v.copy_(torch.nn.functional.normalize(torch.randn_like(param._v), dim=-1))
-    u0 = param._u.clone()
+        param._u.copy_(torch.nn.functional.normalize(torch.randn_like(param._u), dim=-1))
+    u0 = param._v.clone()
     x = torch.randn(2, 5, 16)
     mha(x, x, x)[0].sum().backward()
     v1 = torch.nn.functional.normalize((W @ u0.unsqueeze(-1)).squeeze(-1), dim=-1)  # one step by hand
     u1 = torch.nn.functional.normalize((v1.unsqueeze(-2) @ W).squeeze(-2), dim=-1)
-    torch.testing.assert_close(param._v, v1, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(param._u, u1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(param._u, v1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(param._v, u1, rtol=1e-5, atol=1e-6)
     # an entropy monitor reading the weight under no_grad neither steps nor starves the gradient
     from sigma_core.monitor import EntropyMonitor
 
     mha.zero_grad()
     with EntropyMonitor(mha) as mon:
-        u_before = param._u.clone()
+        u_before = param._v.clone()
         mha(x, x, x)[0].sum().backward()
         assert len(mon.last) == 2
     assert mha.parametrizations.in_proj_weight.original.grad.abs().sum() > 0
     v2 = torch.nn.functional.normalize((W @ u_before.unsqueeze(-1)).squeeze(-1), dim=-1)
-    torch.testing.assert_close(param._v, v2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(param._u, v2, rtol=1e-5, atol=1e-6)
     # the per-forward mode ends even when the forward raises, and folding removes the hooks
     with pytest.raises(Exception):
         mha(x, torch.randn(2, 5, 7), x)
