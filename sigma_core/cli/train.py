@@ -141,8 +141,8 @@ def flags_in_message(message: str) -> str:
 
     >>> flags_in_message("d_model (30) must be divisible by n_head (4)")
     '--d-model (30) must be divisible by --n-head (4)'
-    >>> flags_in_message("model='vit' does not fit preset 'cpu-demo' (a gpt preset)")
-    "--model='vit' does not fit preset 'cpu-demo' (a gpt preset)"
+    >>> flags_in_message("lr=0.5 does not fit preset 'cpu-demo' (a gpt preset)")
+    "--lr=0.5 does not fit preset 'cpu-demo' (a gpt preset)"
     """
     names = sorted((f.name for f in dataclasses.fields(TrainConfig)), key=len, reverse=True)
     # only where the name is the subject of the sentence ("lr must ...", "d_model (30) ...",
