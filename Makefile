@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # `make results` regenerates the committed results/ from a clean checkout (see docs/running.md)
 STAGE  ?= runs/results-staging
 
-.PHONY: demo test env notebooks bench results clean
+.PHONY: demo test env notebooks student-notebooks bench results clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: env
 notebooks: env
 	$(PIP) install -q -e ".[test,notebooks]"
 	@echo "Open the notebooks with:  $(VENV)/bin/jupyter lab notebooks/"
+
+# The course notebooks without their solution cells (tagged `solution`), for students.
+STUDENT_DIR ?= build/student-notebooks
+student-notebooks:
+	$(PY) notebooks/make_student_copies.py --out $(STUDENT_DIR)
 
 bench: env
 	$(PY) benchmarks/bench_bound.py
