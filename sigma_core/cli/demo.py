@@ -95,7 +95,7 @@ What it does, in order:
      construction attaining it has exactly that entropy (about a second);
   2. trains the byte-level GPT twice at a learning rate where plain attention collapses:
      the baseline, then the same model with sigmaReparam on every linear layer;
-  3. writes both run folders and a report (report.md and four figures) under --out.
+  3. writes both run folders and a report (report.md and its figures) under --out.
 
 How long: step 2 dominates.  With the default cpu-demo preset (400 steps each) the pair
 took 4 min 39 s on a 2-core CPU (torch 2.13.0, CPU build); --preset classroom takes well

@@ -34,8 +34,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         "report", help="figures and report.md from one or more run folders",
         description="Read the metrics.jsonl, summary.json and samples/ of each run folder and write "
                     "report.md with a table of the final numbers, the bound check (every recorded "
-                    "attention row against h_T) and four figures: loss, entropy per layer, sigma_h of "
-                    "every head, and every sampled row's entropy against the bound.")
+                    "attention row against h_T) and figures (PNG, and SVG beside them): loss, entropy "
+                    "per layer, every run's lowest head entropy in one panel, sigma_h of every head, "
+                    "and every sampled row's entropy against the bound.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="run folders written by `entropy-collapse train` (or `demo`)")
     parser.add_argument("--out", default=None, metavar="DIR",
