@@ -57,7 +57,7 @@ def test_demo_help_says_what_it_does_and_how_long(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     flat = " ".join(help_text("demo", capsys=capsys).split())
     assert "trains the byte-level GPT twice" in flat
-    assert "4 min 39 s on a 2-core CPU" in flat and "--no-train" in flat
+    assert "about 5 minutes on a 2-core CPU" in flat and "--no-train" in flat
     top = " ".join(help_text(capsys=capsys).split())
     assert "about 5 min on a CPU" in top
 

@@ -41,7 +41,8 @@ Collapsed: some head's entropy below 0.05 log T at the last logged step.  Diverg
 non-finite loss, a crash, or a final validation loss >= log 256.
 
 How long: the default (6 methods x 6 rates, seed 0, cpu-compare preset, 200 steps) is 36
-short runs; 3 seeds (108 runs) took 755 s of training time in all on 2 CPU cores with --jobs 2.
+runs of a few seconds each on one CPU core; 3 seeds (108 runs) need about 13 minutes of
+training time, about half of that in wall-clock time with --jobs 2 on 2 cores.
 With CUDA the default preset is h200 (1000 steps of a larger model per run)."""
 
 

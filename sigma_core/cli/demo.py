@@ -98,8 +98,8 @@ What it does, in order:
   3. writes both run folders and a report (report.md and its figures) under --out.
 
 How long: step 2 dominates.  With the default cpu-demo preset (400 steps each) the pair
-took 4 min 39 s on a 2-core CPU (torch 2.13.0, CPU build); --preset classroom takes well
-under a minute, --no-train only prints step 1.  With CUDA the default is the h200 preset
+takes about 5 minutes on a 2-core CPU (torch 2.13.0, CPU build); --preset classroom takes
+well under a minute, --no-train only prints step 1.  With CUDA the default is the h200 preset
 (1000 steps of a larger model each).
 
 Afterwards: open DIR/report/report.md (DIR is --out)."""
