@@ -155,3 +155,14 @@ def test_rebuild_from_this_python_reproduces_the_shipped_bytes(tmp_path):
     if out.returncode:  # a distribution's patched stdlib may differ: say how, then skip
         pytest.skip(f"this 3.11.7 standard library differs from the snapshot: {out.stdout.strip()}")
     assert "matches the shipped corpus" in out.stdout
+
+
+def test_the_corpus_is_package_data_so_it_installs():
+    import fnmatch
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["sigma_core.experiments"]
+    shipped = [p.relative_to(CORPUS_DIR.parent).as_posix() for p in CORPUS_DIR.iterdir() if p.is_file()]
+    for name in (f"corpus/{data.CORPUS_FILE}", "corpus/manifest.json", "corpus/LICENSE-CPython.txt"):
+        assert name in shipped and any(fnmatch.fnmatch(name, pat) for pat in patterns), name
