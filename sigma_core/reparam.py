@@ -105,6 +105,11 @@ def _compiling() -> bool:
 NEAR_ZERO_SIGMA = 1e-4
 
 
+#: number of model forwards under way (batch_power_iterations' hooks count them); a σReparam
+#: weight read outside any is watched for in-place modification (nn.init on module.weight)
+_FORWARD_DEPTH = [0]
+
+
 def _in_backward() -> bool:
     """True while the autograd engine runs a backward (activation checkpointing recomputes there)."""
     return torch._C._current_graph_task_id() != -1
@@ -247,6 +252,7 @@ class SigmaReparam(nn.Module):
             raise ValueError(f"{self.label}: the assigned value must be a tensor of the weight's shape")
         self._init_from(value.detach(), "sigma")
         self._last = self._peek = None
+        self.__dict__.pop("_handed", None)
         return value
 
     def _as_matrices(self, W: torch.Tensor) -> torch.Tensor:
@@ -373,6 +379,22 @@ class SigmaReparam(nn.Module):
         return peek[1], peek[2], peek[3]
 
     def _reparametrize(self, weight: torch.Tensor) -> torch.Tensor:
+        if _compiling():
+            return self._reparametrize_(weight)
+        handed = self.__dict__.pop("_handed", None)
+        if handed is not None and handed[0]._version != handed[1]:
+            raise RuntimeError(
+                f"sigma_reparam: {self.label} was modified in place after it was read (e.g. "
+                f"nn.init.normal_(module.weight)); that changes a computed copy "
+                f"gamma/sigma(W) * W, not the weight.  Assign instead "
+                f"(module.weight = nn.init.normal_(torch.empty_like(module.weight))) or initialise "
+                f"module.parametrizations.weight.original")
+        out = self._reparametrize_(weight)
+        if not _FORWARD_DEPTH[0]:  # a read outside a model forward: watch for in-place edits
+            self.__dict__["_handed"] = (out, out._version)
+        return out
+
+    def _reparametrize_(self, weight: torch.Tensor) -> torch.Tensor:
         W = _cast(self._as_matrices(weight), _compute_dtype(weight.dtype))  # (c, m, n)
         fresh = not (self._once_per_forward and self._stepped)
         if self.training and torch.is_grad_enabled() and fresh:
@@ -395,10 +417,12 @@ class SigmaReparam(nn.Module):
                         and last[0] == self._key(weight)):
                     # non-reentrant checkpoint recomputing a forward whose W_hat came from its
                     # group (outside the recomputed region): the same values, nothing saved
+                    # (requiring grad, so that the ops using it save what they saved before)
                     with torch.no_grad():
                         out = W * (_cast(self.gamma, W.dtype).reshape(-1, 1, 1)
                                    / last[3].clamp_min(self.eps).view(-1, 1, 1))
-                    return _cast(self._from_matrices(out, weight), weight.dtype)
+                        out = _cast(self._from_matrices(out, weight), weight.dtype)
+                    return out.requires_grad_(weight.requires_grad)
                 u, v, sigma = self._step(weight, W)
         elif self.training and fresh and not _compiling():
             u, v, sigma = self._peek_step(weight, W)
@@ -1032,6 +1056,17 @@ def sigma_reparam_report(model: nn.Module) -> list[dict]:
 
 def _batched_pre_hook(model: nn.Module, args) -> None:
     """Forward pre-hook of :func:`batch_power_iterations`: one step per group of equal shapes."""
+    if _compiling():
+        return
+    _FORWARD_DEPTH[0] += 1
+    try:
+        _batched_steps(model)
+    except BaseException:
+        _FORWARD_DEPTH[0] -= 1
+        raise
+
+
+def _batched_steps(model: nn.Module) -> None:
     if not torch.is_grad_enabled() or _compiling():
         return
     recompute = _in_backward()  # activation checkpointing recomputes the whole model
@@ -1143,6 +1178,7 @@ def _batched_post_hook(model: nn.Module, args, output) -> None:
     forward uses them."""
     if _compiling():
         return
+    _FORWARD_DEPTH[0] = max(0, _FORWARD_DEPTH[0] - 1)
     pending = model.__dict__.get("_sigma_pending")
     while pending:
         pending.pop()._batched_step = None
