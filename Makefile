@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # `make results` regenerates the committed results/ from a clean checkout (see docs/running.md)
 STAGE  ?= runs/results-staging
 
-.PHONY: demo test env notebooks student-notebooks bench results clean
+.PHONY: demo test env notebooks student-notebooks bench results ledger clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,7 +58,14 @@ results: env
 	find $(STAGE) -name '*.pt' -delete
 	find $(STAGE)/compare-cpu/runs -name '*.npz' -delete   # per-run samples: 3.5 MB, not needed by runs.csv
 	mv $(STAGE)/cpu-demo $(STAGE)/compare-cpu results/
+	$(PY) -m sigma_core.experiments.claims run --out $(STAGE)/claims --jobs 2   # issue 15: ViT, seq2seq, claim 1 (~15 min)
+	rm -rf results/claims && mv $(STAGE)/claims results/
+	$(PY) -m sigma_core.experiments.claims ledger   # docs/claims.md and results/claims/figures
 	@echo "results/ regenerated from $$(git rev-parse --short HEAD); review with git status, then commit"
+
+# the claims ledger docs/claims.md (and its figures) from the committed results/claims runs
+ledger: env
+	$(PY) -m sigma_core.experiments.claims ledger
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

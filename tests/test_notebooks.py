@@ -35,6 +35,7 @@ EXPECTED = (
     "03_sigma_reparam_mechanics.ipynb",
     "04_entropy_collapse_live.ipynb",
     "05_reading_the_gpu_run.ipynb",
+    "06_claims_ledger.ipynb",
 )
 #: per-cell limit; a smoke-mode notebook takes well under two minutes in all on 2 cores
 CELL_TIMEOUT_S = 300
@@ -45,7 +46,7 @@ def _ids(paths):
 
 
 def test_every_lesson_is_there():
-    """The five lessons of the course exist, and nothing else is numbered like one."""
+    """The lessons of the course exist, and nothing else is numbered like one."""
     assert tuple(p.name for p in NOTEBOOKS) == EXPECTED
 
 
