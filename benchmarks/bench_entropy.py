@@ -14,7 +14,8 @@ recording every step (with the bound checked on every step, and on every 10th: `
 and one recording every step with every row through the blocked pass
 (``fused=False``, the method before the fused entropy pass), interleaving the configurations round
 by round so that machine load hits them alike; it prints mean and median step times and the
-overhead ratios.  Run it with one thread (``OMP_NUM_THREADS=1``) to compare with the numbers in
+overhead ratios, all in process CPU time (with one thread, the step's own cost; other
+processes on a shared machine disturb it much less than wall-clock time).  Run it with one thread (``OMP_NUM_THREADS=1``) to compare with the numbers in
 docs/monitor.md.
 
     python benchmarks/bench_entropy.py                 # both parts
@@ -108,12 +109,14 @@ def part_overhead(args) -> None:
     idx = torch.randint(0, 256, (args.batch, args.T))
 
     def step():
-        t0 = time.perf_counter()
+        # CPU time of this process: with one thread it is what the step costs, and other processes
+        # on a shared machine disturb it far less than wall-clock time
+        t0 = time.process_time()
         _, loss = model(idx, idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return time.perf_counter() - t0
+        return time.process_time() - t0
 
     for _ in range(3):
         step()  # warm-up
@@ -145,11 +148,11 @@ def part_overhead(args) -> None:
     print(f"# monitor overhead, GPT d={args.d_model} L={args.n_layer} H={args.n_head} T={args.T} "
           f"batch={args.batch}, {args.rounds} rounds (configs interleaved, order rotated), "
           f"{args.block_steps} steps per config and round (every=10: 10), torch threads={torch.get_num_threads()}")
-    print(f"{'config':>16} {'median s/step':>14} {'overhead':>9}   {'paired overhead: median [quartiles]':>36}")
+    print(f"{'config':>16} {'median CPU s/step':>18} {'overhead':>9}   {'paired overhead: median [quartiles]':>36}")
     for name in names:
         q1, q2, q3 = statistics.quantiles(ratios[name], n=4) if len(ratios[name]) > 1 else [ratios[name][0]] * 3
         md = statistics.median(times[name])
-        print(f"{name:>16} {md:>14.4f} {100 * (md / base_med - 1):>8.1f}%   "
+        print(f"{name:>16} {md:>18.4f} {100 * (md / base_med - 1):>8.1f}%   "
               f"{100 * (q2 - 1):>8.1f}% [{100 * (q1 - 1):.1f}%, {100 * (q3 - 1):.1f}%]")
     # every=10 differs from none by one recorded step in ten, which machine noise can hide; the
     # cost of a recorded step measured at every=1 gives a steadier estimate of the same ratio

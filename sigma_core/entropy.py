@@ -444,7 +444,7 @@ def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_M
     with torch.no_grad():
         q, k = q.detach(), k.detach()
         o, lse = _FLASH_CPU(q, k, k, 0.0, bool(causal), scale=scale)[:2]  # o: (B, H, Tq, d), lse: (B, H, Tq)
-        ent = lse - scale * (q * o).sum(-1)  # (B, H, Tq)
+        ent = o.mul_(q).sum(-1).mul_(-scale).add_(lse)  # lse - scale q.(P K), (B, H, Tq); o is ours
         reach = abs(scale) * torch.linalg.vector_norm(q, dim=-1).amax(-1) \
             * torch.linalg.vector_norm(k, dim=-1).amax(-1)  # (B, H): the largest row's logit scale
         if not bool(torch.isfinite(reach).all()):
