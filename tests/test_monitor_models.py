@@ -373,3 +373,34 @@ def test_nested_tensors_reaching_multihead_attention_are_stepped_over_with_a_war
         with EntropyMonitor(enc, capture=False) as mon, pytest.warns(RuntimeWarning, match="nested tensors"):
             out = enc(x, src_key_padding_mask=pad)
     assert torch.equal(out, ref) and mon.last == []
+
+
+def test_torch_nn_transformer_encoder_decoder_self_and_cross_attention():
+    """nn.Transformer: encoder self-attention, decoder self-attention (causal) and cross-attention,
+    each recorded once (the SDPA call inside nn.MultiheadAttention is not a second layer)."""
+    torch.manual_seed(0)
+    tr = nn.Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
+                        dropout=0.0, batch_first=True)
+    src, tgt = torch.randn(2, 7, 16), torch.randn(2, 5, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    with EntropyMonitor(tr, bound_samples=None) as mon:
+        tr(src, tgt, tgt_mask=causal, tgt_is_causal=True)
+    names = [r["name"] for r in mon.last if r["head"] == 0]
+    assert names == ["encoder.layers.0.self_attn", "decoder.layers.0.self_attn",
+                     "decoder.layers.0.multihead_attn"]
+    by_name = {r["name"]: r for r in mon.last if r["head"] == 0}
+    assert by_name["decoder.layers.0.multihead_attn"]["seq_len"] == 7  # keys: the encoder output
+    assert by_name["decoder.layers.0.self_attn"]["entropy_max"] <= math.log(5) + 1e-6
+    _no_violations(mon.last)
+    assert all(r["bound_theorem"] is not None for r in mon.last)
+
+
+def test_two_monitors_on_one_model_record_the_same_entropies():
+    model, inputs = tiny_gpt2("sdpa")
+    with EntropyMonitor(model) as outer, EntropyMonitor(model, every=2) as inner:
+        model(**inputs)
+    assert len(outer.last) == len(inner.last) == 2 * 4
+    for a, b in zip(outer.last, inner.last):
+        assert (a["name"], a["head"]) == (b["name"], b["head"])
+        assert a["entropy_mean"] == pytest.approx(b["entropy_mean"], abs=1e-7)
+        assert a["bound_centered"] == pytest.approx(b["bound_centered"], abs=1e-9)
