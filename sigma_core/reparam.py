@@ -269,14 +269,14 @@ class SigmaReparam(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # a model cast to fp16/bf16 keeps gamma and the vectors in fp32 (only devices move)
-        keep = {"gamma": self.gamma, "_u": self._u, "_v": self._v}
-        out = super()._apply(fn, recurse)
+        keep = {"gamma": self.gamma.data, "_u": self._u, "_v": self._v}  # (.data: _apply may
+        out = super()._apply(fn, recurse)                                    # swap it in place)
         for name, old in keep.items():
             new = getattr(self, name)
             if new.dtype != old.dtype and new.dtype in (torch.float16, torch.bfloat16):
-                restored = old.detach().to(new.device)
+                restored = old.to(new.device)
                 if name == "gamma":
-                    self.gamma = nn.Parameter(restored, requires_grad=old.requires_grad)
+                    self.gamma.data = restored
                 else:
                     setattr(self, name, restored)
         return out

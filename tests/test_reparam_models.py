@@ -1,0 +1,344 @@
+"""σReparam on models nobody here wrote: the compatibility matrix of docs/reparam.md.
+
+Tiny random-initialised models built from configs (nothing downloaded): Hugging Face GPT-2
+(``Conv1D`` with (in, out) weights, fused ``c_attn``, tied ``wte``/``lm_head``), BERT, Llama
+(grouped-query attention), x-transformers, ``torch.nn.Transformer`` and
+``nn.TransformerEncoder``.  For each: convert, same function at initialisation, a training
+step, fold (of a copy), state_dict round trips (converted and plain), bf16, activation
+checkpointing, and (slow, few) ``torch.compile``.  Each third-party case skips cleanly when its
+library is absent.  (timm needs torchvision, whose wheel does not load with the CPU torch wheel
+on these machines, so timm's ViT is not in the matrix.)
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sigma_core.reparam import (
+    SigmaReparam,
+    convert_to_sigma_reparam,
+    fold_sigma_reparam,
+    sigma_reparam_report,
+)
+from thirdparty_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_xtransformer
+
+torch.set_num_threads(1)
+
+NO_DROPOUT = {
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+}
+
+
+class TorchTransformer(nn.Module):
+    """``nn.Transformer`` (encoder-decoder, 6 MultiheadAttention) on token ids."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.emb = nn.Embedding(97, d)
+        self.net = nn.Transformer(d, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
+                                  dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, 97)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head(self.net(h, h))
+
+
+class TorchEncoder(nn.Module):
+    """``nn.TransformerEncoder`` (2 layers, pre-LN) on token ids."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.emb = nn.Embedding(97, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 97)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)))
+
+
+def _torch_model(cls):
+    torch.manual_seed(0)
+    return cls(), {"x": torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))}
+
+
+#: name -> (factory, number of weights converted (report entries), attention weights per model)
+MODELS = {
+    "gpt2": (lambda: tiny_gpt2("eager", **NO_DROPOUT["gpt2"]), 8),
+    "bert": (lambda: tiny_bert("eager", **NO_DROPOUT["bert"]), 12),
+    "llama": (lambda: tiny_llama("eager"), 15),
+    "xtransformers": (lambda: tiny_xtransformer(flash=False), 13),
+    "nn.Transformer": (lambda: _torch_model(TorchTransformer), 21),
+    "nn.TransformerEncoder": (lambda: _torch_model(TorchEncoder), 9),
+}
+
+
+def _out(model, inputs):
+    out = model(**inputs)
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(out, name):
+            return getattr(out, name)
+    return out
+
+
+def _loss(model, inputs):
+    return _out(model, inputs).float().square().mean()
+
+
+def _convert(model):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert_to_sigma_reparam(model)
+    return [str(w.message) for w in caught if "sigma" in str(w.message)]
+
+
+def _sigma_params(model):
+    return [m for m in model.modules() if isinstance(m, SigmaReparam)]
+
+
+@pytest.fixture(params=list(MODELS))
+def case(request):
+    make, n_converted = MODELS[request.param]
+    model, inputs = make()
+    return request.param, model, inputs, n_converted
+
+
+def test_convert_covers_every_projection_and_keeps_the_function(case):
+    name, model, inputs, n_converted = case
+    model.eval()
+    with torch.no_grad():
+        before = _out(model, inputs)
+    messages = _convert(model)
+    report = sigma_reparam_report(model)
+    converted = [e for e in report if e["converted"]]
+    assert len(converted) == n_converted, [e["name"] for e in converted]
+    skipped = {e["name"]: e["reason"] for e in report if not e["converted"]}
+    assert all("Embedding" in r or r.startswith("tied") for r in skipped.values()), skipped
+    if name == "gpt2":  # tied wte/lm_head: left alone, with a warning naming both
+        assert skipped["lm_head.weight"] == "tied to transformer.wte.weight"
+        assert len(messages) == 1 and "lm_head.weight" in messages[0] and "wte" in messages[0]
+    else:
+        assert messages == []  # no attention module left unconverted
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model, inputs), before, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_conv1d_in_out_layout_and_split_qkv():
+    model, _ = tiny_gpt2("eager")
+    raw = model.transformer.h[0].attn.c_attn.weight.detach().clone()  # (in 32, out 96)
+    _convert(model)
+    c_attn = model.transformer.h[0].attn.c_attn
+    p = c_attn.parametrizations.weight[0]
+    assert p.dim == 1 and p.n_chunks == 3 and p.gamma.shape == (3,)
+    assert p._u.shape == (3, 32) and p._v.shape == (3, 32)
+    sigma = p.sigma(c_attn.parametrizations.weight.original)
+    for i in range(3):  # q, k, v: columns i*32:(i+1)*32 of the (in, out) weight
+        assert sigma[i].item() == pytest.approx(torch.linalg.matrix_norm(raw[:, 32 * i:32 * (i + 1)], 2).item(),
+                                                rel=1e-5)
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert c_fc.parametrizations.weight[0].n_chunks == 1  # not a q/k/v projection
+    whole, _ = tiny_gpt2("eager")
+    convert_to_sigma_reparam(whole, split_qkv=False)
+    assert whole.transformer.h[0].attn.c_attn.parametrizations.weight[0].n_chunks == 1
+
+
+def test_training_step_fold_copy_and_state_dict_round_trips(case):
+    name, model, inputs, _ = case
+    plain_sd = copy.deepcopy(model.state_dict())
+    _convert(model)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {k: b.clone() for k, b in model.named_buffers() if k.endswith(("_u", "_v"))}
+    for _ in range(2):
+        opt.zero_grad()
+        loss = _loss(model, inputs)
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+    for p in _sigma_params(model):
+        assert p.gamma.grad is not None and torch.isfinite(p.gamma.grad).all()
+    assert any(not torch.equal(b, model.get_buffer(k)) for k, b in before.items())
+    model.eval()
+    with torch.no_grad():
+        y = _out(model, inputs)
+    # fold a copy: the copy computes the same, the original is untouched and still works
+    twin = fold_sigma_reparam(copy.deepcopy(model))
+    assert not _sigma_params(twin)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(twin, inputs), y, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_out(model, inputs), y, rtol=0, atol=0)
+    # converted state_dict into a fresh converted model
+    fresh, _ = MODELS[name][0]()
+    _convert(fresh)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(_out(fresh.eval(), inputs), y, rtol=0, atol=0)
+    # a plain state_dict (the unconverted model's) into a converted model: the same function
+    other, _ = MODELS[name][0]()
+    with torch.no_grad():
+        reference = _out(other.eval(), inputs)
+    target, _ = MODELS[name][0]()
+    _convert(target)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.1)  # different weights, so the load has to do the work
+    target.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(_out(target.eval(), inputs), reference, rtol=1e-4, atol=1e-5)
+    assert plain_sd.keys() == other.state_dict().keys()
+
+
+def test_bf16_weights_keep_fp32_gamma_and_vectors_and_w_hat_equals_w0(case):
+    name, model, inputs, _ = case
+    model = model.to(torch.bfloat16)
+    raw = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _convert(model)
+    for p in _sigma_params(model):
+        assert p.gamma.dtype == p._u.dtype == p._v.dtype == torch.float32
+    for qualname, module in model.named_modules():
+        if hasattr(module, "parametrizations"):
+            for tname in module.parametrizations:
+                key = f"{qualname}.{tname}" if qualname else tname
+                with torch.no_grad():
+                    assert torch.equal(getattr(module, tname), raw[key]), key
+    model.train()
+    _loss(model, inputs).backward()
+    # converting first and casting afterwards keeps them fp32 too
+    again, _ = MODELS[name][0]()
+    _convert(again)
+    again.to(torch.bfloat16)
+    assert all(p.gamma.dtype == p._u.dtype == torch.float32 for p in _sigma_params(again))
+
+
+def _twins(name):
+    """A converted model and its deep copy, vectors scrambled alike (every step shows)."""
+    model, inputs = MODELS[name][0]()
+    _convert(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in _sigma_params(model):
+            p._u.copy_(torch.nn.functional.normalize(torch.randn_like(p._u), dim=-1))
+            p._v.copy_(torch.nn.functional.normalize(torch.randn_like(p._v), dim=-1))
+    return model.double().train(), copy.deepcopy(model).double().train(), inputs
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, inner, reentrant):
+        super().__init__()
+        self.inner, self.reentrant = inner, reentrant
+
+    def forward(self, *args, **kwargs):
+        # (reentrant checkpointing takes no keyword arguments)
+        return checkpoint(lambda *a: self.inner(*a, **kwargs), *args, use_reentrant=self.reentrant)
+
+
+def _checkpoint_forward(module, reentrant):
+    """Run ``module``'s forward under torch.utils.checkpoint (module and attributes unchanged)."""
+    forward = module.forward
+
+    def run(*args, **kwargs):
+        return checkpoint(lambda *a: forward(*a, **kwargs), *args, use_reentrant=reentrant)
+
+    module.forward = run
+
+
+def _enable_checkpointing(name, model, reentrant):
+    if name in ("gpt2", "bert", "llama"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    elif name == "nn.TransformerEncoder":
+        for layer in model.enc.layers:
+            _checkpoint_forward(layer, reentrant)
+    elif name == "nn.Transformer":
+        for layer in [*model.net.encoder.layers, *model.net.decoder.layers]:
+            _checkpoint_forward(layer, reentrant)
+    else:  # x-transformers: each attention / feed-forward block
+        for layer in model.attn_layers.layers:
+            layer[1] = _Checkpointed(layer[1], reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_one_step_and_the_same_gradient(case, reentrant):
+    name = case[0]
+    ref, model, inputs = _twins(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HF's deprecation/use_cache notices
+        _enable_checkpointing(name, model, reentrant)
+        for _ in range(2):
+            for m in (ref, model):
+                m.zero_grad()
+                _loss(m, inputs).backward()
+            for (k, a), (_, b) in zip(ref.named_buffers(), model.named_buffers()):
+                torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=k)  # one step each
+            grads = {k: p.grad for k, p in ref.named_parameters() if p.grad is not None}
+            for k, p in model.named_parameters():
+                k = k.replace(".inner", "")
+                if k in grads:
+                    torch.testing.assert_close(p.grad, grads[k], rtol=1e-9, atol=1e-12, msg=k)
+            with torch.no_grad():
+                for m in (ref, model):
+                    for p in m.parameters():
+                        if p.grad is not None:
+                            p.sub_(1e-2 * p.grad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nn.TransformerEncoder", "gpt2"])
+def test_torch_compile_training_matches_eager(name):
+    eager, model, inputs = _twins(name)
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):
+        loss_c, loss_e = _loss(compiled, inputs), _loss(eager, inputs)
+        torch.testing.assert_close(loss_c, loss_e)
+        loss_c.backward(), loss_e.backward()
+    for (k, a), (_, b) in zip(model.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_gpt2_save_pretrained_round_trips(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, inputs = tiny_gpt2("eager")
+    _convert(model)
+    model.eval()
+    with torch.no_grad():
+        y = _out(model, inputs)
+    model.save_pretrained(tmp_path / "converted")
+    from safetensors.torch import load_file
+
+    fresh, _ = tiny_gpt2("eager", seed=3)
+    _convert(fresh)
+    missing, unexpected = fresh.load_state_dict(load_file(tmp_path / "converted" / "model.safetensors"),
+                                                strict=False)
+    assert unexpected == [] and missing in ([], ["lm_head.weight"])  # lm_head: tied, not stored
+    with torch.no_grad():
+        torch.testing.assert_close(_out(fresh.eval(), inputs), y, rtol=0, atol=0)
+    # a folded model is a plain GPT-2: from_pretrained gives the same function
+    fold_sigma_reparam(model)
+    model.save_pretrained(tmp_path / "folded")
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "folded").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_out(loaded, inputs), y, rtol=1e-5, atol=1e-6)
+
+
+def test_gpt2_fold_with_a_tied_head_reparametrised_by_hand_keeps_the_function():
+    from sigma_core.reparam import sigma_reparam
+
+    model, inputs = tiny_gpt2("eager")
+    _convert(model)
+    sigma_reparam(model.lm_head, gamma_init=2.0)  # by hand: now only the head sees W_hat
+    model.eval()
+    with torch.no_grad():
+        y = _out(model, inputs)
+    wte = model.transformer.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match="tie is broken"):
+        fold_sigma_reparam(model)
+    assert torch.equal(model.transformer.wte.weight, wte)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model, inputs), y, rtol=1e-5, atol=1e-5)
