@@ -372,7 +372,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     where.add_argument("--resume", type=_resume_dir, metavar="RUN_DIR",
                        help="continue the run in RUN_DIR from its checkpoint")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
-                        help="starting values, one of: " + ", ".join(PRESETS) + " (default cpu-demo)")
+                        help="starting values, one of: " + ", ".join(PRESETS) + " (default cpu-demo; with "
+                             "--model vit or seq2seq: vit-digits or seq2seq-reverse)")
     parser.add_argument("--allow-dirty", action="store_true",
                         help="write into the checkout's results/ even when tracked files differ from the "
                              "commit (the run is marked git_dirty; refused otherwise)")
