@@ -534,6 +534,7 @@ class EntropyMonitor:
     def _on_probe(self, layer, name, owner, probe, args, output):
         if not self._active:
             return
+        self._seen = True
         with suspended(self._mode):  # the monitor's own arithmetic does not go through the mode
             self._probe(layer, name, owner, args)
 
@@ -550,7 +551,6 @@ class EntropyMonitor:
                 bound = (head_sigma(w_q, w_k, float(owner.scale)), x, x_k)
             else:  # QK-LayerNorm: logits not x W_Q W_K^T x^T
                 bound = "QK-normalisation: the logits are formed from normalised q, k, not from x W"
-        self._seen = True
         self._record(layer, name, "probe", st, k.shape[2], bound, sub)
 
     def _on_mha(self, layer, name, mod, module, args, kwargs):
