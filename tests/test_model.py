@@ -104,8 +104,12 @@ def test_presets_match_calibration_and_bad_fields_are_named():
     assert (h200.d_model, h200.n_layer, h200.n_head, h200.block_size, h200.batch_size, h200.lr) == \
         (256, 6, 8, 256, 64, 1e-2)
     assert preset("cpu-smoke", steps=7).sample_steps[-1] == 7
+    from sigma_core.experiments.train import build_model as build_any  # every model: gpt, vit, seq2seq
+
     for name in PRESETS:
-        assert build_model(preset(name)).cfg.d_model == preset(name).d_model
+        assert build_any(preset(name)).cfg.d_model == preset(name).d_model
+    with pytest.raises(ValueError, match="cfg.model must be 'gpt'"):
+        build_model(preset("vit-smoke"))
     with pytest.raises(ValueError, match="reparam"):
         TrainConfig(reparam="weightnorm")
     with pytest.raises(ValueError, match="lr"):
