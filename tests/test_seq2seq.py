@@ -63,14 +63,34 @@ def test_monitor_bounds_cross_attention_with_the_key_side_tokens():
 
 
 def test_cross_attention_bound_uses_key_tokens_not_query_tokens():
-    """The theorem variant scales with ||X_k||: huge encoder tokens must raise the cross bound's norm."""
+    """The theorem variant of a cross-attention row is sigma_h ||X_q||_2 ||X_k||_2 with the encoder
+    tokens as X_k: tiny decoder tokens and large encoder tokens tell the two apart."""
+    from sigma_core.entropy import head_sigma
+
     torch.manual_seed(0)
-    attn = CrossAttention(8, 2)
-    seen = []
-    attn.probe.register_forward_hook(lambda m, args, out: seen.append(args))
-    x, mem = torch.randn(1, 4, 8), torch.randn(1, 5, 8)
-    attn(x, mem)
-    assert len(seen[0]) == 4 and seen[0][3] is mem
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = CrossAttention(8, 2)
+
+        def attention_modules(self):
+            return [self.attn]
+
+        def forward(self, x, mem):
+            return self.attn(x, mem)
+
+    model = Wrap()
+    x, mem = 1e-2 * torch.randn(1, 4, 8), 10 * torch.randn(1, 5, 8)
+    samples = row_samples(model, x, mem)
+    sigma = head_sigma(*model.attn.head_weights(), scale=model.attn.scale).double()
+    expected = sigma * torch.linalg.matrix_norm(x[0].double(), 2) * torch.linalg.matrix_norm(mem[0].double(), 2)
+    got = samples["theorem"].reshape(2, 4)[:, 0]  # (head, query row): one value per head
+    assert np.allclose(got, expected.numpy(), rtol=1e-6)
+    assert samples["violations"] == 0 and set(samples["n_keys"].tolist()) == {5}
+    with EntropyMonitor(model) as mon:
+        model(x, mem)
+    assert all(r["violations_theorem"] == 0 for r in mon.last)
 
 
 @pytest.mark.parametrize("reparam", ["none", "sigma"])
