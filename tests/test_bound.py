@@ -381,6 +381,33 @@ def test_thousands_of_rows_lie_above_h_of_their_centred_norm(seed, t, log10_mid,
     assert np.all(ent >= h * (1 - tol) - TINY), float(np.max((h - ent) / np.maximum(h, 1e-300)))
 
 
+@given(st.one_of(st.floats(0, 60), st.floats(60, 760), st.floats(0, 1e-3)),
+       st.integers(1, 4096), st.data())
+@example(0.0, 1, None)
+@example(0.0, 4096, None)
+@example(745.0, 2, None)
+@example(1.3112702645341956, 2, None)
+@example(715.0450669341373, 87, None)      # h normal, e^-g subnormal: the measurement is short
+@example(716.1043952304093, 259, None)     # of digits, so the rounded-down value is 0 there
+def test_rounded_down_h_never_exceeds_the_measured_entropy_of_the_extremal_row(s, t, data):
+    """Issue 13, 2: entropy_lower_bound(s, T, rounding="down") <= softmax_entropy of the row
+    z* of eq. (5) with that norm, with no tolerance, and <= the exact h_T(s) (50-digit
+    mpmath); it is below the nearest value by at most its error bound."""
+    from theory.certify import entropy_lower_bound_mp
+    top = data.draw(st.integers(0, t - 1)) if data is not None else 0
+    down = entropy_lower_bound(s, t, rounding="down")
+    assert down <= softmax_entropy(extremal_logits(s, t, top=top))
+    assert mpmath.mpf(float(down)) <= entropy_lower_bound_mp(s, t, dps=50)
+    near = entropy_lower_bound(s, t)
+    g = s * np.sqrt(t / max(t - 1, 1))
+    if near >= TINY and g <= -np.log(TINY):           # else 0 by design
+        assert down >= near * (1 - 2 * 4 * EPS * (np.log(max(t - 1, 1)) + g + 4))
+    with pytest.raises(ValueError, match="rounding"):
+        entropy_lower_bound(s, t, rounding="up")
+    with pytest.raises(TypeError, match="rounding"):
+        entropy_lower_bound(s, t, rounding=None)
+
+
 # ----------------------------------------------------------------- the stable entropy
 @given(st.integers(0, 2**32 - 1), st.integers(1, 512), st.floats(0, 60), st.floats(-1e3, 1e3))
 @example(0, 1, 0.0, 1e3)

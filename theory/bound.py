@@ -220,7 +220,7 @@ def _h_chunk_scalar_t(s, log_tm1, c, out, b1, b2, b3):
     np.add(out, b1, out=out)
 
 
-def entropy_lower_bound(logit_norm, seq_len):
+def entropy_lower_bound(logit_norm, seq_len, *, rounding="nearest"):
     r"""h_T(s): the least entropy of softmax(z) over z in R^T with ``||z - mean(z)||_2 <= s``.
 
     The closed form of Theorem 3.1, eq. (2): with :math:`g = s\sqrt{T/(T-1)}` and
@@ -243,6 +243,13 @@ def entropy_lower_bound(logit_norm, seq_len):
         s >= 0, an upper bound on the centred logit norm (eqs. (3), (4)).
     seq_len : int or array_like
         T >= 1, integer-valued: the number of keys. Broadcast against ``logit_norm``.
+    rounding : {"nearest", "down"}, default "nearest"
+        "nearest": h_T(s) to within its error bound (below). "down": that value times
+        ``1 - 4 eps (log(T-1) + g + 4)``, and 0 below the smallest normal float64 or where
+        e^-g is (g > 708.4: the row's probabilities are subnormal, short of digits): never
+        above the exact h_T(s), and never above the entropy :func:`softmax_entropy` measures
+        for :func:`extremal_logits` (s, T) (``tests/test_bound.py``). Use it when the value is
+        compared with measured entropies as a bound.
 
     Returns
     -------
@@ -253,16 +260,18 @@ def entropy_lower_bound(logit_norm, seq_len):
     Raises
     ------
     TypeError
-        Non-real input (strings, bools, complex, other objects).
+        Non-real input (strings, bools, complex, other objects); ``rounding`` not a string.
     ValueError
-        Negative, non-finite, or non-broadcasting input; ``seq_len`` < 1 or not an integer.
-        Empty arrays are checked like any other and give an empty result.
+        Negative, non-finite, or non-broadcasting input; ``seq_len`` < 1 or not an integer;
+        ``rounding`` not "nearest" or "down". Empty arrays are checked like any other and give
+        an empty result.
 
     Notes
     -----
-    This is the value of h_T(s) rounded to about the nearest float64 (not rounded down): at
-    most ``4 eps (log(T-1) + g + 4)`` relative error where the result is a normal float64
-    (``tests/test_bound.py``). The functions that bound concrete rows
+    By default this is the value of h_T(s) rounded to about the nearest float64: at most
+    ``4 eps (log(T-1) + g + 4)`` relative error where the result is a normal float64
+    (``tests/test_bound.py``). ``rounding="down"`` subtracts that bound. The functions that
+    bound concrete rows
     (:func:`theory.instances.theorem_bound`, :func:`theory.instances.row_entropy_bounds`) and
     :func:`max_logit_norm` round outward from it. Integers beyond int64 are taken as their
     float64 value.
@@ -277,6 +286,10 @@ def entropy_lower_bound(logit_norm, seq_len):
     >>> float(entropy_lower_bound(3.0, 1))
     0.0
     """
+    if not isinstance(rounding, str):
+        raise TypeError(f"rounding must be 'nearest' or 'down', got {rounding!r}")
+    if rounding not in ("nearest", "down"):
+        raise ValueError(f"rounding must be 'nearest' or 'down', got {rounding!r}")
     s = _check_norm(logit_norm, "logit_norm")
     t = _check_seq_len(seq_len, "seq_len", integer_check=False)   # checked chunk by chunk
     shape = _broadcast_shape(s, t, "logit_norm", "seq_len")
@@ -286,7 +299,26 @@ def entropy_lower_bound(logit_norm, seq_len):
             raise ValueError("seq_len must be integer-valued (a number of keys)")
         return out
     _h_into(s, t, shape, out)
+    if rounding == "down":
+        _round_down(out, s, t)
     return out[()]
+
+
+#: beyond this gap e^-g is below the smallest normal float64: the probabilities of the extremal
+#: row (and a, when T is small) are subnormal and carry fewer than 53 bits, both in h and in any
+#: measured entropy, so a rounded-down bound is 0 there
+_G_SUBNORMAL = float(-np.log(np.finfo(np.float64).tiny))      # 708.396...
+
+
+def _round_down(h, s, t):
+    """h (in place) times 1 - its error bound; 0 below the smallest normal float64 and where
+    e^-g is subnormal (g > 708.4)."""
+    tf = np.broadcast_to(np.asarray(t, dtype=np.float64), h.shape)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        g = np.broadcast_to(s, h.shape) * np.sqrt(tf / np.maximum(tf - 1.0, 1.0))
+        err = _h_error_bound(np.where(np.isfinite(g), g, 0.0), tf)
+        h *= 1.0 - err
+    h[(h < np.finfo(np.float64).tiny) | ~(g <= _G_SUBNORMAL)] = 0.0
 
 
 def _h_into(s, t, shape, out):

@@ -25,7 +25,8 @@ Every bound here is rounded outward, so that a bound never exceeds the entropy t
   columns, which can only increase the computed norm;
 - every entropy bound is rounded *down*: h_{T_i}(s_i) times ``1 - 4 eps (log(T_i-1) + g + 4)``
   (the error bound of :func:`theory.bound.entropy_lower_bound`), and 0 below the smallest
-  normal float64;
+  normal float64 or where e^-g is subnormal (g > 708.4: probabilities that small carry fewer
+  than 53 bits, in h and in any measured entropy);
 - the order of eq. (7) is made exact: each s_i is the least of its own value and the weaker
   variants' (each is a valid bound), and each entropy bound the largest of its own and the
   weaker variants'.
@@ -41,7 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from theory.bound import _h_error_bound, _h_into, entropy_lower_bound
+from theory.bound import _h_into, _round_down, entropy_lower_bound
 
 __all__ = ["TheoremBound", "theorem_bound", "row_logit_norm_bounds", "row_entropy_bounds",
            "extremal_instance", "VARIANTS"]
@@ -222,16 +223,13 @@ def _centred_norm_up(row, err_abs):
 
 
 def _entropy_bounds_down(s, seq):
-    """h_{T_i}(s_i) rounded down (0 below the normal range); s may hold inf (-> 0)."""
+    """h_{T_i}(s_i) rounded down (0 below the normal range and where e^-g is subnormal);
+    s may hold inf (-> 0)."""
     s = np.asarray(s, dtype=np.float64)
     seq = np.broadcast_to(np.asarray(seq, dtype=np.float64), s.shape)
     h = np.empty(s.shape)
     _h_into(s, seq, s.shape, h)
-    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        g = s * np.sqrt(seq / np.maximum(seq - 1.0, 1.0))
-        h *= 1.0 - np.where(np.isfinite(g), _h_error_bound(np.where(np.isfinite(g), g, 0.0),
-                                                           seq), 0.0)
-    h[h < TINY] = 0.0
+    _round_down(h, s, seq)
     return h
 
 
