@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 T_BOUND = ["tests/test_bound.py", "tests/test_instances.py", "tests/test_certify.py",
            "theory/bound.py"]
 T_INST = ["tests/test_instances.py", "theory/instances.py"]
+T_INST_BOUND = ["tests/test_instances.py", "tests/test_bound.py", "theory/bound.py"]
 T_CERT = ["tests/test_certify.py", "tests/test_symbolic.py", "theory/certify.py"]
 T_SYM = ["tests/test_symbolic.py", "theory/symbolic.py"]
 
@@ -96,16 +97,18 @@ MUTANTS = [
      "validation: a float axis is accepted", T_BOUND),
     ("B20", "theory/bound.py", "    z[..., top] = g - g / t", "    z[..., top] = g",
      "extremal_logits: high key not centred", T_BOUND),
+    ("B21", "theory/bound.py",
+     "    h[(h < np.finfo(np.float64).tiny) | ~(g <= _G_SUBNORMAL)] = 0.0",
+     "    h[h < np.finfo(np.float64).tiny] = 0.0",
+     "rounded-down bounds kept where e^-g is subnormal (g > 708.4)", T_INST_BOUND),
     # ------------------------------------------------------------- theory/instances.py
     ("I01", "theory/instances.py", "        return np.ldexp(m, -e), e", "        return m, e",
      "_split: exponent counted but matrix not scaled", T_INST),
     ("I02", "theory/instances.py",
      "    return _spectral_norm(m) * (1.0 + 4.0 * max(m.shape, default=1) * EPS)",
      "    return _spectral_norm(m)", "no outward margin on spectral norms", T_INST),
-    ("I03", "theory/instances.py",
-     "        h *= 1.0 - np.where(np.isfinite(g), _h_error_bound(np.where(np.isfinite(g), g, 0.0),",
-     "        h *= 1.0 - 0.0 * np.where(np.isfinite(g), _h_error_bound(np.where(np.isfinite(g), g, 0.0),",
-     "entropy bounds not rounded down", T_INST),
+    ("I03", "theory/bound.py", "        h *= 1.0 - err", "        h *= 1.0",
+     "instance bounds (and rounding='down') not rounded down", T_INST_BOUND),
     ("I04", "theory/instances.py", "                prefix[i] = _svd_up(Xi)",
      "                prefix[i] = _svd_up(Xn)",
      "causal per_query: ||X|| instead of ||X_i|| (valid but weaker)", T_INST),
@@ -135,8 +138,9 @@ MUTANTS = [
      "        sig_n = (_svd_up(Kn @ Qn.T) + (n + 2) * EPS * fq * fk) * (1 + 2 * EPS)",
      "        sig_n = _svd_up(Kn @ Qn.T) * (1 + 2 * EPS)",
      "sigma: no absolute term for cancellation in W_K W_Q^T", T_INST),
-    ("I13", "theory/instances.py", "    h[h < TINY] = 0.0\n", "",
-     "subnormal entropy bounds kept (not flushed to 0)", T_INST),
+    ("I13", "theory/bound.py",
+     "    h[(h < np.finfo(np.float64).tiny) | ~(g <= _G_SUBNORMAL)] = 0.0\n", "",
+     "rounded-down bounds: nothing flushed to 0 (subnormal h kept)", T_INST_BOUND),
     ("I14", "theory/instances.py", "                ai = logits_n[i, : i + 1]",
      "                ai = logits_n[i]", "causal exact: the row's masked keys counted", T_INST),
     ("I15", "theory/instances.py", "    e = int(np.frexp(peak)[1])", "    e = int(np.frexp(peak)[1]) + 1",
