@@ -89,7 +89,9 @@ def test_notebook_executes_and_its_claims_hold(path, monkeypatch):
         assert "plain parameters" in printed, "a control did not fall back to its plain call"
 
 
-LESSONS = [p for p in NOTEBOOKS if p.name in EXPECTED]
+#: the course of notebooks/README.md (exercises, solutions, student copies); notebooks numbered after
+#: it are not lessons and need no exercises
+LESSONS = [p for p in NOTEBOOKS if p.name[:2] in {"01", "02", "03", "04", "05"}]
 
 
 def _tags(cell):
