@@ -67,6 +67,8 @@ import copy
 import fnmatch
 import functools
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -108,6 +110,24 @@ NEAR_ZERO_SIGMA = 1e-4
 #: number of model forwards under way (batch_power_iterations' hooks count them); a σReparam
 #: weight read outside any is watched for in-place modification (nn.init on module.weight)
 _FORWARD_DEPTH = [0]
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """True inside the no_grad forward of ``torch.utils.checkpoint(..., use_reentrant=True)``
+    (its ``CheckpointFunction.forward`` is on the call stack; only looked for on the rare
+    training-mode reads under no_grad)."""
+    frame = sys._getframe(2)
+    for _ in range(400):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_filename.endswith(_CHECKPOINT_FILE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
 
 def _in_backward() -> bool:
@@ -351,12 +371,15 @@ class SigmaReparam(nn.Module):
         training read computed for this very weight and vectors)."""
         key = self._key(weight)
         last = self._last
-        if last is not None and last[0] == key and _in_backward():  # checkpoint recomputation
-            return last[1], last[2], last[3]
         peek, self._peek = self._peek, None
-        if peek is not None and peek[0] == key:  # a reentrant checkpoint's no_grad forward
-            u, v, sigma = peek[1:]
+        recompute = _in_backward()
+        if peek is not None and peek[0] == key and (peek[4] or not recompute):
+            # the step a no_grad training read computed for these very weight and vectors: the
+            # forward of a reentrant checkpoint (recomputed now), or simply the same step
+            u, v, sigma = peek[1:4]
             self._commit(u, v)
+        elif recompute and last is not None and last[0] == key:  # checkpoint recomputation
+            return last[1], last[2], last[3]
         else:
             u, v, sigma = self._power_iteration(W.detach())
             self._check_finite(sigma)
@@ -366,16 +389,20 @@ class SigmaReparam(nn.Module):
     @torch.no_grad()
     def _peek_step(self, weight: torch.Tensor, W: torch.Tensor):
         """A training-mode read under no_grad: the step this weight's next training read takes
-        (or took, for this weight version), computed without changing a buffer."""
+        (this forward's batched step, if one is pending), computed without changing a buffer.
+        (A reentrant activation checkpoint runs its forward under no_grad and recomputes it in
+        backward, where that step is taken: both see the same values.)"""
+        pending = self._batched_step
+        if pending is not None:
+            return pending[0], pending[1], pending[2]
         key = self._key(weight)
-        last = self._last
-        if last is not None and last[0] == key:
-            return last[1], last[2], last[3]
         peek = self._peek
         if peek is None or peek[0] != key:
             u, v, sigma = _power_steps(W, _cast(self._v, W.dtype), _cast(self._u, W.dtype),
                                        self.n_power_iterations, self.eps)
-            peek = self._peek = (key, u, v, sigma)
+            peek = self._peek = (key, u, v, sigma, False)
+        if not peek[4] and _in_reentrant_checkpoint():
+            peek = self._peek = peek[:4] + (True,)
         return peek[1], peek[2], peek[3]
 
     def _reparametrize(self, weight: torch.Tensor) -> torch.Tensor:
@@ -448,9 +475,10 @@ def _old_convention(p: SigmaReparam, state_dict, prefix: str, version) -> bool:
     u, v = state_dict[prefix + "_u"], state_dict[prefix + "_v"]
     if u.shape != v.shape:
         return tuple(u.shape) == tuple(p._v.shape)
-    W = state_dict.get(prefix[:-len("0.")] + "original") if prefix.endswith("0.") else None
-    if W is None or not isinstance(W, torch.Tensor):
-        return False
+    return False  # square: decided by value in the owning module's hook (_load_plain_weight)
+
+
+def _swapped_by_value(p: SigmaReparam, W: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> bool:
     M = p._as_matrices(W.detach()).to(u.dtype)
     new = _vWu(u.to(M.dtype), M, v.to(M.dtype)).abs().sum()
     old = _vWu(v.to(M.dtype), M, u.to(M.dtype)).abs().sum()
@@ -723,6 +751,12 @@ def _load_plain_weight(module: nn.Module, state_dict, prefix, local_metadata, st
     for name, plist in module.parametrizations.items():
         p = plist[0]
         key, base = prefix + name, f"{prefix}parametrizations.{name}."
+        ku, kv, ko = f"{base}0._u", f"{base}0._v", base + "original"
+        if (isinstance(p, SigmaReparam) and local_metadata.get("version") is None
+                and all(k in state_dict for k in (ku, kv, ko))
+                and state_dict[ku].shape == state_dict[kv].shape
+                and _swapped_by_value(p, state_dict[ko], state_dict[ku], state_dict[kv])):
+            state_dict[ku], state_dict[kv] = state_dict[kv], state_dict[ku]  # version-1 names
         if not isinstance(p, SigmaReparam) or key not in state_dict or base + "original" in state_dict:
             continue
         value = state_dict.pop(key)

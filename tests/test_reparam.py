@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -740,3 +741,287 @@ def test_batched_group_double_backward_equals_per_weight_float64():
         out.append(([g.detach() for g in first], [p.grad for p in params]))
     for a, b in zip(out[0][0] + out[0][1], out[1][0] + out[1][1]):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- issue 18: conventions, copies, loading ---
+
+import warnings  # noqa: E402
+
+from torch.nn.utils import parametrize as _parametrize  # noqa: E402
+from torch.nn.utils.parametrizations import spectral_norm  # noqa: E402
+
+from sigma_core.reparam import sigma_reparam_report  # noqa: E402
+
+
+def test_u_is_output_side_and_v_input_side_as_in_spectral_norm():
+    """Against torch's spectral_norm (its own random start, 200 power iterations)."""
+    torch.manual_seed(0)
+    ref = nn.Linear(7, 5)
+    W = ref.weight.detach().clone()
+    spectral_norm(ref, n_power_iterations=200)
+    ours = nn.Linear(7, 5)
+    with torch.no_grad():
+        ours.weight.copy_(W)
+    p = _param(sigma_reparam(ours))
+    sn = ref.parametrizations.weight[0]
+    assert p._u.shape == (1, 5) and sn._u.shape == (5,)
+    assert p._v.shape == (1, 7) and sn._v.shape == (7,)
+    assert abs(float(p._u[0] @ sn._u)) == pytest.approx(1.0, abs=1e-5)
+    assert abs(float(p._v[0] @ sn._v)) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("square", [False, True])
+@pytest.mark.parametrize("metadata", [True, False])
+def test_checkpoint_with_the_old_u_v_names_loads(square, metadata):
+    """Version-1 checkpoints stored _u input side and _v output side: they load swapped back,
+    told apart by the module version in the metadata, else by shape, else by value."""
+    torch.manual_seed(0)
+    layer = _layer_with_random_vectors(out=4 if square else 6, inp=4)
+    layer(torch.randn(2, 4))
+    sd = layer.state_dict()
+    old = type(sd)(sd)
+    old["parametrizations.weight.0._u"], old["parametrizations.weight.0._v"] = sd[
+        "parametrizations.weight.0._v"], sd["parametrizations.weight.0._u"]
+    if metadata:
+        old._metadata = copy.deepcopy(sd._metadata)
+        old._metadata["parametrizations.weight.0"]["version"] = 1
+    elif hasattr(old, "_metadata"):
+        del old._metadata
+    if square and not metadata:  # the value test needs converged vectors
+        p = _param(layer)
+        for _ in range(300):
+            p._power_iteration(p._as_matrices(_original(layer).detach()))
+        sd = layer.state_dict()
+        old["parametrizations.weight.0._u"] = sd["parametrizations.weight.0._v"]
+        old["parametrizations.weight.0._v"] = sd["parametrizations.weight.0._u"]
+    fresh = sigma_reparam(nn.Linear(4, 4 if square else 6))
+    fresh.load_state_dict(old)
+    assert torch.equal(_param(fresh)._u, sd["parametrizations.weight.0._u"])
+    assert torch.equal(_param(fresh)._v, sd["parametrizations.weight.0._v"])
+    fresh.load_state_dict(sd)  # a new checkpoint loads unchanged
+    assert torch.equal(_param(fresh)._u, sd["parametrizations.weight.0._u"])
+
+
+@pytest.mark.parametrize("make, matrix", [
+    (lambda: nn.ConvTranspose2d(3, 5, 2), lambda W: W.transpose(0, 1).reshape(5, -1)),
+    (lambda: nn.ConvTranspose1d(4, 2, 3), lambda W: W.transpose(0, 1).reshape(2, -1)),
+])
+def test_conv_transpose_is_normalised_along_its_output_channels(make, matrix):
+    torch.manual_seed(0)
+    layer = make()
+    W = layer.weight.detach().clone()
+    sigma_reparam(layer, gamma_init="one")
+    assert _param(layer).dim == 1
+    sn = make()
+    with torch.no_grad():
+        sn.weight.copy_(W)
+    spectral_norm(sn, n_power_iterations=100, dim=1)  # torch's choice for ConvTranspose
+    with torch.no_grad():
+        ours = layer.weight
+        torch.testing.assert_close(ours, sn.weight, rtol=1e-4, atol=1e-5)
+        assert torch.linalg.matrix_norm(matrix(ours), 2).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_deepcopy_fold_and_remove_leave_the_original_intact():
+    net = _trained()
+    x = torch.randn(2, 5, 8)
+    net.eval()
+    with torch.no_grad():
+        y = net(x)
+    fold_sigma_reparam(copy.deepcopy(net))
+    twin = copy.deepcopy(net)
+    _parametrize.remove_parametrizations(twin.inp, "weight")
+    trained = copy.deepcopy(net).train()
+    torch.optim.SGD(trained.parameters(), lr=0.1).zero_grad()
+    trained(x).sum().backward()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.sub_(0.1 * p.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), y, rtol=0, atol=0)
+    assert is_sigma_reparametrized(net.inp) and net.inp.weight.shape == (8, 8)
+    fold_sigma_reparam(net)  # the original folds too, after its copies did
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_weights_are_left_alone_with_a_warning_and_fold_keeps_the_function():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.head = nn.Embedding(11, 8), nn.Linear(8, 8), nn.Linear(8, 11, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.mid(self.emb(idx))))
+
+    torch.manual_seed(0)
+    model = Tied()
+    with pytest.warns(UserWarning, match="head.weight is shared with emb.weight"):
+        convert_to_sigma_reparam(model)
+    assert not is_sigma_reparametrized(model.head) and model.head.weight is model.emb.weight
+    report = {e["name"]: e for e in sigma_reparam_report(model)}
+    assert report["head.weight"]["reason"] == "tied to emb.weight" and report["mid.weight"]["converted"]
+    sigma_reparam(model.head, gamma_init=3.0)  # by hand: only the head sees W_hat
+    idx = torch.randint(0, 11, (2, 5))
+    with torch.no_grad():
+        y = model.eval()(idx)
+    emb = model.emb.weight.detach().clone()
+    with pytest.warns(UserWarning, match="tie is broken"):
+        fold_sigma_reparam(model)
+    assert torch.equal(model.emb.weight, emb)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), y, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_initialised_head_gets_gamma_one_and_trains():
+    """A zero head (torchvision's ViT, many fine-tuning recipes): gamma = sigma(W0) ~ 0 would
+    leave it dead; gamma = 1 keeps it zero at init and lets it learn like the plain model."""
+    def make():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
+        nn.init.zeros_(net[2].weight)
+        return net
+
+    torch.manual_seed(1)
+    x = torch.randn(128, 16)
+    y = (x[:, :4] * 3).argmax(-1)
+
+    def train(net):
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        for _ in range(40):
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    plain_loss = train(make())
+    net = make()
+    with pytest.warns(UserWarning, match="2.weight is \\(near\\) zero"):
+        convert_to_sigma_reparam(net)
+    assert _param(net[2]).gamma.item() == 1.0
+    with torch.no_grad():
+        assert torch.equal(net[2].weight, torch.zeros(4, 32))  # zero at init: function unchanged
+    loss = train(net)
+    # measured: plain 0.054, this 0.51, gamma = sigma(W0) (the dead layer) 1.36 ~ log 4; the
+    # head learns its scale through gamma, more slowly than a plain head (Prop. 3.2's point)
+    assert plain_loss < loss < 0.5 * math.log(4), (loss, plain_loss)
+
+
+def test_assigning_the_weight_goes_through_right_inverse():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2)
+    sigma_reparam(mha)
+    target = torch.randn(24, 8)
+    mha.in_proj_weight = target
+    torch.testing.assert_close(mha.in_proj_weight, target, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_original(mha, "in_proj_weight"), target)
+    layer = sigma_reparam(nn.Linear(5, 3))
+    layer.weight = nn.init.orthogonal_(torch.empty(3, 5))
+    assert torch.linalg.matrix_norm(layer.weight.detach(), 2).item() == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        layer.weight = torch.randn(5, 3)
+
+
+@pytest.mark.parametrize("init", [nn.init.normal_, nn.init.zeros_, nn.init.xavier_uniform_])
+@pytest.mark.parametrize("training", [True, False])
+def test_nn_init_on_the_reparametrised_weight_raises_instead_of_doing_nothing(init, training):
+    layer = sigma_reparam(nn.Linear(4, 4)).train(training)
+    init(layer.weight)
+    with pytest.raises(RuntimeError, match="modified in place.*Assign instead"):
+        layer(torch.randn(2, 4))
+    layer(torch.randn(2, 4))  # reported once; a fresh read works
+
+
+def test_plain_state_dict_loads_into_a_converted_model():
+    torch.manual_seed(0)
+    plain = Wide()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        expected = plain(x)
+    torch.manual_seed(1)
+    model = _convert(Wide())
+    result = model.load_state_dict(plain.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(_original(model.net.attn, "in_proj_weight"), plain.net.attn.in_proj_weight)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        _convert(Wide(d=4)).load_state_dict(plain.state_dict())
+
+
+def test_bf16_module_weights_keep_fp32_gamma_and_w_hat_equals_w0():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8).to(torch.bfloat16)
+    W0 = layer.weight.detach().clone()
+    sigma_reparam(layer)
+    p = _param(layer)
+    assert p.gamma.dtype == p._u.dtype == p._v.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(layer.weight, W0)
+    layer.float().to(torch.bfloat16)
+    assert p.gamma.dtype == torch.float32 and isinstance(p.gamma, nn.Parameter)
+    layer.double()
+    assert p.gamma.dtype == torch.float64  # (only 16-bit casts are refused)
+
+
+def test_attention_left_unconverted_is_named_in_a_warning_and_in_the_report():
+    with pytest.warns(UserWarning, match="attention module attn keeps weights.*in_proj_weight"):
+        net = convert_to_sigma_reparam(Net(), layer_types=(nn.Linear,))
+    report = {e["name"]: e for e in sigma_reparam_report(net)}
+    assert report["attn.in_proj_weight"]["reason"] == "MultiheadAttention is not in layer_types"
+    assert report["conv.weight"]["reason"] == "Conv1d is not in layer_types"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # excluded on purpose: no warning
+        convert_to_sigma_reparam(Net(), exclude=["attn"])
+    with pytest.raises(ValueError, match="model"):
+        sigma_reparam_report(Net())
+
+
+def test_default_conversion_is_batched_and_covers_multihead_attention():
+    net = convert_to_sigma_reparam(Net())
+    assert len(net._forward_pre_hooks) == 1
+    assert is_sigma_reparametrized(net.attn, "in_proj_weight")
+    assert not convert_to_sigma_reparam(Net(), batched=False)._forward_pre_hooks
+    with pytest.raises(TypeError, match="batched"):
+        convert_to_sigma_reparam(Net(), batched=1)
+    with pytest.raises(TypeError, match="split_qkv"):
+        convert_to_sigma_reparam(Net(), split_qkv="yes")
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_takes_one_step_with_the_same_gradient_float64(batched, reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.on = Wide(), False
+
+        def forward(self, x):
+            if self.on:
+                return checkpoint(self.net, x, use_reentrant=reentrant)
+            return self.net(x)
+
+    torch.manual_seed(0)
+    ref = _scramble_vectors(_convert(Ckpt().double(), batched=batched))
+    model = copy.deepcopy(ref)
+    model.on = True
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    start = _buffers(ref)
+    for _ in range(2):
+        for m in (ref, model):
+            m.zero_grad()
+            m(x).square().sum().backward()
+        for k, b in ref.named_buffers():
+            torch.testing.assert_close(model.get_buffer(k), b, rtol=1e-13, atol=1e-13, msg=k)
+        for (k, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12, msg=k)
+    # exactly one step per training step: by hand, for one weight
+    W = _original(ref.net.extra).detach()
+    u, v = start["net.extra.parametrizations.weight.0._v"][0], start["net.extra.parametrizations.weight.0._u"][0]
+    for _ in range(2):
+        u, v = _manual_step(W, u, v)
+    torch.testing.assert_close(_param(model.net.extra)._v[0], u)
