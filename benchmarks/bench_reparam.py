@@ -1,29 +1,34 @@
 """Training-step cost of sigmaReparam next to a plain model and torch's spectral_norm.
 
-One training step = forward + backward + AdamW step of the project's GPT
-(:mod:`sigma_core.models.gpt`) on random tokens.  Variants, timed side by side in one run with the
-repetitions interleaved (plain, spectral, sigma, sigma-batched, folded, plain, ...) so that machine load hits
-all of them alike; medians are reported, with ratios to the plain model:
+One training step = forward + backward + AdamW step.  Variants, timed side by side in one run
+with the repetitions interleaved (plain, spectral, sigma, ..., plain, ...) so that machine load
+hits all of them alike; medians are reported, with ratios to the plain model:
 
 - ``plain``: every ``nn.Linear`` as is;
 - ``spectral``: ``torch.nn.utils.parametrizations.spectral_norm`` on every ``nn.Linear``;
-- ``sigma``: :func:`sigma_core.reparam.convert_to_sigma_reparam` (sigmaReparam, one power-iteration
-  step per weight);
-- ``sigma-batched``: the same plus :func:`sigma_core.reparam.batch_power_iterations` (the steps of
-  equal-shaped weights batched into one operation per shape);
-- ``sigma-folded``: the same, then :func:`sigma_core.reparam.fold_sigma_reparam`
+- ``sigma``: :func:`sigma_core.reparam.convert_to_sigma_reparam` alone: what a user gets by
+  default (power-iteration steps batched per weight shape, each group's W_hat in one node);
+- ``sigma-per-weight``: the same with ``batched=False`` (one step and one node per weight);
+- ``sigma-scale-output``: a Linear computing (gamma/sigma) * (x W^T) instead of materialising
+  W_hat (one power-iteration step per weight, sigma = u^T W v with gradient; written here,
+  not in the library: see the measured verdict in docs/reparam.md);
+- ``sigma-folded``: converted, then :func:`sigma_core.reparam.fold_sigma_reparam`
   (what inference and export pay).
+(``sigma-batched`` is accepted as an old name of ``sigma``.)
 
-Usage (defaults: the CPU demo model, d=128, 4 layers, 4 heads, T=128, batch 32)::
+Models: ``--model mlp`` (default) is 12 x (Linear 256->256 + GELU) on ``--rows`` rows;
+``--model gpt`` is the project's GPT (:mod:`sigma_core.models.gpt`) on random tokens.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_reparam.py    # an otherwise idle 2-core machine
-    OMP_NUM_THREADS=1 python benchmarks/bench_reparam.py    # a shared, loaded machine
-    python benchmarks/bench_reparam.py --device cuda --d-model 256 --n-layer 6 --n-head 8 --seq-len 256 --batch 64
+Usage::
 
-To benchmark another model, change :func:`make_model` only.  On a CPU that other processes
-load, read the process-CPU-time column and prefer one thread: with more OpenMP threads than free
-cores every small operation waits at a barrier, which inflates the many small operations of
-the power iteration far more than the large matrix products of the plain model.
+    OMP_NUM_THREADS=1 python benchmarks/bench_reparam.py --rows 64 1024     # the documented run
+    OMP_NUM_THREADS=2 python benchmarks/bench_reparam.py --model gpt        # the CPU demo GPT
+    python benchmarks/bench_reparam.py --device cuda --rows 4096
+
+On a CPU that other processes load, read the process-CPU-time column and prefer one thread:
+with more OpenMP threads than free cores every small operation waits at a barrier, which
+inflates the many small operations of the power iteration far more than the large matrix
+products of the plain model.
 """
 from __future__ import annotations
 
@@ -32,15 +37,63 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from sigma_core.reparam import batch_power_iterations, convert_to_sigma_reparam, fold_sigma_reparam
+from sigma_core.reparam import convert_to_sigma_reparam, fold_sigma_reparam
 
-VARIANTS = ("plain", "spectral", "sigma", "sigma-batched", "sigma-folded")
+VARIANTS = ("plain", "spectral", "sigma", "sigma-per-weight", "sigma-scale-output", "sigma-folded")
+
+
+class ScaleOutputLinear(nn.Module):
+    """sigmaReparam'd Linear that never materialises W_hat: y = (gamma/sigma) * (x W^T) + b.
+
+    One power-iteration step per training forward (without gradient), then sigma = u^T W v
+    with gradient through W, as in the library; gamma starts at sigma(W0)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        W = linear.weight.detach()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        self.register_buffer("_u", U[:, 0].clone())
+        self.register_buffer("_v", Vh[0].clone())
+        self.gamma = nn.Parameter(S[0].clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        W = self.weight
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self._u.copy_(F.normalize(W @ self._v, dim=0))
+                self._v.copy_(F.normalize(W.T @ self._u, dim=0))
+        sigma = self._u @ (W @ self._v)  # with gradient through W
+        y = F.linear(x, W) * (self.gamma / sigma.clamp_min(1e-12))
+        return y + self.bias if self.bias is not None else y
+
+
+class MLP(nn.Module):
+    """``depth`` x (Linear width->width + GELU)."""
+
+    def __init__(self, width: int = 256, depth: int = 12):
+        super().__init__()
+        self.layers = nn.Sequential(*(m for _ in range(depth) for m in (nn.Linear(width, width), nn.GELU())))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
 
 
 def make_model(args: argparse.Namespace) -> tuple[nn.Module, callable]:
     """The benchmarked model and a ``loss_fn(model) -> scalar`` for one batch (plain weights)."""
+    if args.model == "mlp":
+        model = MLP(args.width, args.depth)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(args.rows, args.width, generator=gen).to(args.device)
+
+        def mlp_loss(m: nn.Module) -> torch.Tensor:
+            return m(x).square().mean()
+
+        return model, mlp_loss
     from sigma_core.models.gpt import GPT, ModelConfig
 
     cfg = ModelConfig(d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
@@ -65,12 +118,17 @@ def reparametrise(model: nn.Module, variant: str) -> nn.Module:
         for module in list(model.modules()):
             if isinstance(module, nn.Linear):
                 spectral_norm(module)
-    elif variant in ("sigma", "sigma-batched", "sigma-folded"):
-        convert_to_sigma_reparam(model)
-        if variant == "sigma-batched":
-            batch_power_iterations(model)
+    elif variant in ("sigma", "sigma-folded"):
+        convert_to_sigma_reparam(model)  # the default: batched
         if variant == "sigma-folded":
             fold_sigma_reparam(model)
+    elif variant == "sigma-per-weight":
+        convert_to_sigma_reparam(model, batched=False)
+    elif variant == "sigma-scale-output":
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, ScaleOutputLinear(child))
     return model
 
 
@@ -107,8 +165,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("mlp", "gpt"), default="mlp")
+    parser.add_argument("--rows", type=int, nargs="+", default=[64, 1024],
+                        help="mlp: rows per batch (one table each)")
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-head", type=int, default=4)
@@ -118,13 +181,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps-per-rep", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        choices=VARIANTS + ("sigma-batched",))
     args = parser.parse_args(argv)
+    args.variants = list(dict.fromkeys("sigma" if v == "sigma-batched" else v for v in args.variants))
+    results = {}
+    for rows in (args.rows if args.model == "mlp" else [None]):
+        args.rows_now = rows
+        results[rows] = bench(args)
+    return results
 
+
+def bench(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """One side-by-side run of ``args.variants``; prints the table, returns the medians."""
+    model_args = argparse.Namespace(**{**vars(args), "rows": args.rows_now})
     runs = {}
     for variant in args.variants:
         torch.manual_seed(0)
-        model, loss_fn = make_model(args)
+        model, loss_fn = make_model(model_args)
         model = reparametrise(model, variant).to(args.device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         runs[variant] = (model, loss_fn, opt)
@@ -152,20 +226,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     med_wall = {v: statistics.median(t) for v, t in wall.items()}
     med_cpu = {v: statistics.median(t) for v, t in cpu.items()}
-    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"d={args.d_model} layers={args.n_layer} heads={args.n_head} T={args.seq_len} "
-          f"batch={args.batch} reps={args.reps} (medians; process CPU time is the steadier "
+    what = (f"mlp {args.depth} x (Linear {args.width}->{args.width} + GELU), rows={args.rows_now}"
+            if args.model == "mlp" else
+            f"gpt d={args.d_model} layers={args.n_layer} heads={args.n_head} T={args.seq_len} batch={args.batch}")
+    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} {what} "
+          f"reps={args.reps} (medians of interleaved repetitions; process CPU time is the steadier "
           f"clock on a shared CPU, wall time is what counts on a GPU)")
-    print(f"{'variant':<15}{'wall ms/step':>14}{'ratio':>9}{'cpu ms/step':>14}{'ratio':>9}")
+    print(f"{'variant':<20}{'wall ms/step':>14}{'ratio':>9}{'cpu ms/step':>14}{'ratio':>9}")
     for v in args.variants:
         rw = med_wall[v] / med_wall["plain"] if "plain" in med_wall else float("nan")
         rc = med_cpu[v] / med_cpu["plain"] if "plain" in med_cpu else float("nan")
-        print(f"{v:<15}{1e3 * med_wall[v]:>14.2f}{rw:>8.3f}x{1e3 * med_cpu[v]:>14.2f}{rc:>8.3f}x")
-    for v in ("spectral", "sigma", "sigma-batched"):
-        if v in runs:
-            t = reparam_only_seconds(runs[v][0], args.reps, args.device)
-            print(f"{v}: the reparametrisation alone (all weights, forward + backward) takes "
-                  f"{1e3 * t:.2f} ms = {t / med_wall.get('plain', float('nan')):.3f} of a plain step")
+        print(f"{v:<20}{1e3 * med_wall[v]:>14.3f}{rw:>8.3f}x{1e3 * med_cpu[v]:>14.3f}{rc:>8.3f}x")
+    if "spectral" in med_cpu:
+        for v in ("sigma", "sigma-per-weight", "sigma-scale-output"):
+            if v in med_cpu:
+                print(f"{v} / spectral: cpu {med_cpu[v] / med_cpu['spectral']:.3f}, "
+                      f"wall {med_wall[v] / med_wall['spectral']:.3f}")
     return {"wall": med_wall, "cpu": med_cpu}
 
 

@@ -231,8 +231,8 @@ class SigmaReparam(nn.Module):
         self._peek: tuple | None = None
         #: set by the owning module's hooks (:func:`_cache_weights_per_forward`): only the first
         #: training read of a forward steps; ``_stepped`` says whether it has happened
-        self._once_per_forward = False
-        self._stepped = False
+        _set(self, "_once_per_forward", False)
+        _set(self, "_stepped", False)
         self._registering = True
 
     @torch.no_grad()
@@ -271,7 +271,8 @@ class SigmaReparam(nn.Module):
         if not isinstance(value, torch.Tensor) or _matrix_shape(self, value) is None:
             raise ValueError(f"{self.label}: the assigned value must be a tensor of the weight's shape")
         self._init_from(value.detach(), "sigma")
-        self._last = self._peek = None
+        _set(self, "_last", None)
+        _set(self, "_peek", None)
         self.__dict__.pop("_handed", None)
         return value
 
@@ -309,7 +310,8 @@ class SigmaReparam(nn.Module):
             state_dict[ku], state_dict[kv] = state_dict[kv], state_dict[ku]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        self._last = self._peek = None
+        _set(self, "_last", None)
+        _set(self, "_peek", None)
 
     def _key(self, weight: torch.Tensor) -> tuple:
         return (weight.data_ptr(), weight._version, self._u._version)
@@ -371,7 +373,8 @@ class SigmaReparam(nn.Module):
         training read computed for this very weight and vectors)."""
         key = self._key(weight)
         last = self._last
-        peek, self._peek = self._peek, None
+        peek = self._peek
+        _set(self, "_peek", None)
         recompute = _in_backward()
         if peek is not None and peek[0] == key and (peek[4] or not recompute):
             # the step a no_grad training read computed for these very weight and vectors: the
@@ -383,7 +386,7 @@ class SigmaReparam(nn.Module):
         else:
             u, v, sigma = self._power_iteration(W.detach())
             self._check_finite(sigma)
-        self._last = (self._key(weight), u, v, sigma, False)
+        _set(self, "_last", (self._key(weight), u, v, sigma, False))
         return u, v, sigma
 
     @torch.no_grad()
@@ -400,9 +403,11 @@ class SigmaReparam(nn.Module):
         if peek is None or peek[0] != key:
             u, v, sigma = _power_steps(W, _cast(self._v, W.dtype), _cast(self._u, W.dtype),
                                        self.n_power_iterations, self.eps)
-            peek = self._peek = (key, u, v, sigma, False)
+            peek = (key, u, v, sigma, False)
+            _set(self, "_peek", peek)
         if not peek[4] and _in_reentrant_checkpoint():
-            peek = self._peek = peek[:4] + (True,)
+            peek = peek[:4] + (True,)
+            _set(self, "_peek", peek)
         return peek[1], peek[2], peek[3]
 
     def _reparametrize(self, weight: torch.Tensor) -> torch.Tensor:
@@ -425,14 +430,14 @@ class SigmaReparam(nn.Module):
         W = _cast(self._as_matrices(weight), _compute_dtype(weight.dtype))  # (c, m, n)
         fresh = not (self._once_per_forward and self._stepped)
         if self.training and torch.is_grad_enabled() and fresh:
-            self._stepped = self._once_per_forward
+            _set(self, "_stepped", self._once_per_forward)
             pending = self._batched_step
             if pending is not None:  # this forward's step already taken by the batched step
-                self._batched_step = None
+                _set(self, "_batched_step", None)
                 u, v, sigma, W_hat, source = pending
                 grouped = W_hat is not None and weight is source
                 if not _compiling():
-                    self._last = (self._key(weight), u, v, sigma, grouped)
+                    _set(self, "_last", (self._key(weight), u, v, sigma, grouped))
                 if grouped:  # W_hat computed with its group
                     return W_hat
             elif _compiling():
@@ -483,6 +488,9 @@ def _swapped_by_value(p: SigmaReparam, W: torch.Tensor, u: torch.Tensor, v: torc
     new = _vWu(u.to(M.dtype), M, v.to(M.dtype)).abs().sum()
     old = _vWu(v.to(M.dtype), M, u.to(M.dtype)).abs().sum()
     return bool(old > new)
+
+
+_set = object.__setattr__  # plain attributes of hot paths, without nn.Module.__setattr__
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -818,13 +826,15 @@ def _own_class_on_deepcopy(module: nn.Module) -> None:
 def _enter_weight_cache(module: nn.Module, args) -> None:
     """Forward pre-hook: this forward of ``module`` advances each of its σReparam weights once."""
     for param in _own_sigma_params(module):
-        param._once_per_forward, param._stepped = True, False
+        _set(param, "_once_per_forward", True)
+        _set(param, "_stepped", False)
 
 
 def _exit_weight_cache(module: nn.Module, args, output) -> None:
     """Forward hook (always called, also when the forward raises): back to a step per training read."""
     for param in _own_sigma_params(module):
-        param._once_per_forward, param._stepped = False, False
+        _set(param, "_once_per_forward", False)
+        _set(param, "_stepped", False)
 
 
 def _own_sigma_params(module: nn.Module):
@@ -1148,10 +1158,10 @@ def _batched_steps(model: nn.Module) -> None:
                     torch._foreach_copy_([p._v for p in params], list(us))
                     torch._foreach_copy_([p._u for p in params], list(vs))
             for p, ui, vi, si, (_, _, w) in zip(params, us, vs, sigmas, members):
-                p._peek = None
-                p._last = (p._key(w), ui, vi, si, False)
+                _set(p, "_peek", None)
+                _set(p, "_last", (p._key(w), ui, vi, si, False))
         for p, ui, vi, si in zip(params, us, vs, sigmas):
-            p._batched_step = (ui, vi, si, None, None)
+            _set(p, "_batched_step", (ui, vi, si, None, None))
         pending.extend(params)
         if not recompute:
             _check_group(model, params, sigmas, sigma)
@@ -1162,7 +1172,7 @@ def _batched_steps(model: nn.Module) -> None:
             gammas = [p.gamma for p in params]
             outs = _GroupScaleBySigma.apply(eps, tuple(sizes), len(params), *sources, *gammas, u, v, sigma)
             for p, ui, vi, si, out, w in zip(params, us, vs, sigmas, outs, sources):
-                p._batched_step = (ui, vi, si, out, w)
+                _set(p, "_batched_step", (ui, vi, si, out, w))
 
 
 def _batched_power_steps(Ws: list[torch.Tensor], u: torch.Tensor, v: torch.Tensor, n_steps: int,
@@ -1215,7 +1225,7 @@ def _batched_post_hook(model: nn.Module, args, output) -> None:
     _FORWARD_DEPTH[0] = max(0, _FORWARD_DEPTH[0] - 1)
     pending = model.__dict__.get("_sigma_pending")
     while pending:
-        pending.pop()._batched_step = None
+        _set(pending.pop(), "_batched_step", None)
 
 
 def _remove_batch_hooks(model: nn.Module) -> bool:
@@ -1233,7 +1243,7 @@ def _remove_batch_hooks(model: nn.Module) -> bool:
     model.__dict__.pop("_sigma_nonfinite_flags", None)
     model.__dict__.pop("_sigma_stack", None)
     for p in model.__dict__.pop("_sigma_pending", ()):
-        p._batched_step = None
+        _set(p, "_batched_step", None)
     return found
 
 
