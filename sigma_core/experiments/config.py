@@ -5,7 +5,7 @@ data, logging); the ``train`` command maps its flags onto the fields and every r
 whole config next to its metrics.  Presets are named starting points:
 
 - ``cpu-smoke``: a tiny model that trains in seconds (used by the tests);
-- ``cpu-demo``: the CALIBRATION CPU setting (d=128, 4 layers, 4 heads, T=128, batch 32) at the
+- ``cpu-demo``: the reference CPU setting (d=128, 4 layers, 4 heads, T=128, batch 32) at the
   collapsing learning rate 3e-2, a minute or two per run on two cores;
 - ``cpu-compare``: the stabiliser sweep of ``entropy-collapse compare`` on two CPU cores
   (d=64, 2 layers, 4 heads, T=64, batch 16, 200 steps: a few seconds per run);
@@ -13,7 +13,7 @@ whole config next to its metrics.  Presets are named starting points:
   batch 16, 150 steps at lr 3e-2, entropy logged every 5 steps): with ``reparam="none"`` some
   head ends below 0.1 nats, with ``reparam="sigma"`` every head stays above 1 nat, and the pair
   takes well under a minute on two CPU cores (notebook 04; tests/test_notebooks.py checks it);
-- ``h200``: the CALIBRATION GPU setting (d=256, 6 layers, 8 heads, T=256, batch 64, 1000 steps)
+- ``h200``: the reference GPU setting (d=256, 6 layers, 8 heads, T=256, batch 64, 1000 steps)
   at lr 1e-2, where the baseline collapses and sigmaReparam does not;
 - ``vit-digits``: a ViT (d=64, 4 layers, 4 heads, 2x2 patches) on scikit-learn's 8x8 digits with
   the standard recipe (pre-LN, AdamW, 30 warm-up steps, weight decay 0.05, cosine, 300 steps);

@@ -330,8 +330,9 @@ def observed(model: GPT, enabled: bool = True):
 def attention_metrics(monitor: EntropyMonitor, model: GPT) -> dict:
     """Per-step attention fields of ``metrics.jsonl`` from the monitor's last records.
 
-    ``entropy[l][h]``: mean entropy of head h of layer l over rows with at least T/2 keys (the
-    convention of shared/CALIBRATION.md); ``entropy_mean`` its mean over layers and heads;
+    ``entropy[l][h]``: mean entropy of head h of layer l over rows with at least T/2 keys (so
+    that the early causal rows, which see few keys, do not dominate); ``entropy_mean`` its mean
+    over layers and heads;
     ``entropy_min_head`` its minimum over heads; ``entropy_min_row`` the lowest single row;
     ``sigma[l][h]`` = sigma_h (eq. (1), with the logit scale) and ``sigma_max`` its maximum;
     ``rows_checked`` and ``bound_violations`` (rows below any of the bounds h_{T_i}, eq. (2),
