@@ -29,15 +29,24 @@ disabled; :math:`\sigma = v^\top W u` is then computed *with* gradient through `
            \qquad G = \frac{\partial L}{\partial \hat W},
 
 and :math:`\langle \partial L/\partial W, W\rangle = 0` (rescaling ``W`` leaves
-:math:`\hat W` unchanged).  Convention: ``v`` is the left (output-side) and ``u`` the right
-(input-side) singular vector.
+:math:`\hat W` unchanged).  In these formulas ``v`` is the left (output-side) and ``u`` the
+right (input-side) singular vector; the *buffers* follow ``spectral_norm``'s names: ``_u`` holds
+the output-side vector and ``_v`` the input-side one (checkpoints of the earlier, swapped
+naming load; see :class:`SigmaReparam`).
+
+Activation checkpointing (``torch.utils.checkpoint``, reentrant or not, and Hugging Face's
+``gradient_checkpointing_enable``): a recomputation during backward reuses the step of the
+forward it recomputes, so each training step takes one step and the gradient is the one
+without checkpointing.  A training-mode read under ``no_grad`` (the forward of a reentrant
+checkpoint, or a monitor) computes the step the next training read will take, without
+changing a buffer.
 
 A training forward whose σ estimate is not finite (the weight holds inf or NaN) raises
 ``FloatingPointError`` naming the weight: at once on the CPU, one training forward later on an
 accelerator (the flag is copied to the host without a synchronisation, which would stall every
 layer of every step).  Eval-mode and ``no_grad`` forwards do not check.
 
-Batching: :func:`batch_power_iterations` (used by the project's training) takes the steps of
+Batching: :func:`batch_power_iterations` (on by default in :func:`convert_to_sigma_reparam`) takes the steps of
 all equal-shaped weights of a model as one batched operation at the start of each training
 forward of the model, with the same values; each weight's first read in that forward uses
 that step instead of taking its own.  For 2-D weights in fp32/fp64 outside autocast the hook
@@ -45,7 +54,8 @@ also computes the group's :math:`\hat W` at once, in one autograd node whose bac
 every weight's closed-form gradient in a few batched operations.
 
 Shapes: a ``Linear`` weight is used as is; a ``Conv1d``/``Conv2d`` weight is flattened to an
-``(out_channels, -1)`` matrix; ``nn.MultiheadAttention.in_proj_weight`` is split into its
+``(out_channels, -1)`` matrix; ``ConvTranspose`` (in, out, ...) and Hugging Face's ``Conv1D``
+(in, out) weights are normalised along their output dimension, ``dim=1``; ``nn.MultiheadAttention.in_proj_weight`` is split into its
 q, k and v chunks, each with its own :math:`\sigma` and :math:`\gamma` (``gamma`` then has
 shape ``(3,)``).
 
