@@ -132,34 +132,6 @@ def reparametrise(model: nn.Module, variant: str) -> nn.Module:
     return model
 
 
-def reparam_only_seconds(model: nn.Module, reps: int, device: str) -> float:
-    """Median time of the reparametrisation alone: every parametrised weight read once in
-    training mode, plus the backward through it (what a training step adds to a plain one).
-    With :func:`~sigma_core.reparam.batch_power_iterations` its hooks run around the reads,
-    as around a forward."""
-    from torch.nn.utils import parametrize
-
-    from sigma_core.reparam import _batched_post_hook, _batched_pre_hook
-
-    weights = [(m, n) for m in model.modules() if parametrize.is_parametrized(m)
-               for n in m.parametrizations]
-    times = []
-    for _ in range(reps + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        batched = _batched_pre_hook in model._forward_pre_hooks.values()
-        if batched:
-            _batched_pre_hook(model, ())
-        total = sum(getattr(m, n).sum() for m, n in weights)
-        if batched:
-            _batched_post_hook(model, (), None)
-        total.backward()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    model.zero_grad(set_to_none=True)
-    return statistics.median(times[1:])
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

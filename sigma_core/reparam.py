@@ -55,7 +55,8 @@ every weight's closed-form gradient in a few batched operations.
 
 Shapes: a ``Linear`` weight is used as is; a ``Conv1d``/``Conv2d`` weight is flattened to an
 ``(out_channels, -1)`` matrix; ``ConvTranspose`` (in, out, ...) and Hugging Face's ``Conv1D``
-(in, out) weights are normalised along their output dimension, ``dim=1``; ``nn.MultiheadAttention.in_proj_weight`` is split into its
+(in, out) weights are normalised along their output dimension, ``dim=1``;
+``nn.MultiheadAttention.in_proj_weight`` is split into its
 q, k and v chunks, each with its own :math:`\sigma` and :math:`\gamma` (``gamma`` then has
 shape ``(3,)``).
 

@@ -1025,3 +1025,12 @@ def test_activation_checkpointing_takes_one_step_with_the_same_gradient_float64(
     for _ in range(2):
         u, v = _manual_step(W, u, v)
     torch.testing.assert_close(_param(model.net.extra)._v[0], u)
+
+
+def test_new_arguments_are_validated_by_name():
+    with pytest.raises(ValueError, match="dim"):
+        sigma_reparam(nn.Linear(2, 2), dim=2)
+    with pytest.raises(ValueError, match="n_chunks"):
+        sigma_reparam(nn.Linear(3, 2), n_chunks=3)
+    with pytest.raises(TypeError, match="layer_types"):
+        convert_to_sigma_reparam(nn.Linear(2, 2), layer_types=("Linear",))

@@ -12,7 +12,6 @@ on these machines, so timm's ViT is not in the matrix.)
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 
 import pytest
