@@ -145,7 +145,8 @@ def test_gpt2_conv1d_in_out_layout_and_split_qkv():
     c_fc = model.transformer.h[0].mlp.c_fc
     assert c_fc.parametrizations.weight[0].n_chunks == 1  # not a q/k/v projection
     whole, _ = tiny_gpt2("eager")
-    convert_to_sigma_reparam(whole, split_qkv=False)
+    with pytest.warns(UserWarning, match="lm_head.weight is shared"):
+        convert_to_sigma_reparam(whole, split_qkv=False)
     assert whole.transformer.h[0].attn.c_attn.parametrizations.weight[0].n_chunks == 1
 
 
