@@ -691,8 +691,8 @@ class CollapseDetector:
     ``entropy_mean`` when that is ``None``):
 
     - ``"low_entropy"``: ``v < fraction * log(seq_len)``.  The default ``fraction = 0.05`` puts
-      the line at 0.24 nats for T = 128 and 0.28 for T = 256: CALIBRATION.md's healthy runs keep
-      every head above 0.7 nats, collapsed ones fall to 0.003-0.1.
+      the line at 0.24 nats for T = 128 and 0.28 for T = 256; in the committed CPU demo and sweep
+      (``results/``) stable runs keep every head well above it and collapsed heads fall below 0.1.
     - ``"drop"`` (only when ``drop_nats`` is given): ``v`` is more than ``drop_nats`` below the
       largest value of the same head over the previous ``window`` recorded steps.
 

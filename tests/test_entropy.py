@@ -200,7 +200,7 @@ def test_bound_variants_are_valid_ordered_and_match_theory(seed, causal, mag):
 
 
 def test_exact_bound_is_attained_by_the_extremal_instance():
-    """THEORY.md tightness: orthogonal tokens, rank-one maps: row 0's entropy equals h_T(sigma c^2)."""
+    """Tightness (theory/README.md): orthogonal tokens, rank-one maps: row 0's entropy equals h_T(sigma c^2)."""
     from theory.bound import entropy_lower_bound
     T, c, sigma = 7, 1.3, 2.0
     x = c * torch.eye(T, dtype=torch.float64).unsqueeze(0)  # (1, T, T)
