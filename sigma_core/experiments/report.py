@@ -107,7 +107,7 @@ def summarise_run(run_dir: str | os.PathLike) -> dict:
     rows = int(samples["entropy"].size) if samples else 0
     slack = None
     if samples:
-        slack = float(np.min(samples["entropy"] - entropy_lower_bound(samples["exact"], samples["n_keys"])))
+        slack = float(np.min(samples["entropy"] - entropy_lower_bound(samples["exact"], samples["n_keys"], rounding="down")))
     return {
         "label": run_label(run_dir, config), "reparam": config.get("reparam"), "lr": config.get("lr"),
         "preset": config.get("preset"), "steps": last.get("step"),
@@ -314,7 +314,7 @@ def confirmation_points(samples: dict[str, dict[str, np.ndarray]], variant: str
         if not s:
             continue
         keep = s["n_keys"] >= 2
-        out[label] = (entropy_lower_bound(s[variant][keep], s["n_keys"][keep]), s["entropy"][keep])
+        out[label] = (entropy_lower_bound(s[variant][keep], s["n_keys"][keep], rounding="down"), s["entropy"][keep])
     return out
 
 

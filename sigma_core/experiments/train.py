@@ -305,7 +305,7 @@ def row_samples(model: torch.nn.Module, *inputs: torch.Tensor) -> dict[str, np.n
         for v in VARIANTS:
             cols[v].append(norms[v].cpu().numpy().ravel())
     out = {k: np.concatenate(v) for k, v in cols.items()}
-    bound = np.max([entropy_lower_bound(out[v], out["n_keys"]) for v in VARIANTS], axis=0)
+    bound = np.max([entropy_lower_bound(out[v], out["n_keys"], rounding="down") for v in VARIANTS], axis=0)
     out["violations"] = np.int64(np.count_nonzero(out["entropy"] < bound - ENTROPY_ATOL))
     return out
 
