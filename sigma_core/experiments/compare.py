@@ -484,8 +484,8 @@ def run_compare(out_dir, *, preset_name: str = "cpu-compare", methods=tuple(METH
             "softcap": softcap, "block_size": cfg.block_size, "jobs": jobs, "threads": threads,
             # wall-clock time of this invocation (reused runs cost nothing) and the runs' own
             # training time summed (with --jobs N it exceeds the wall time up to N times)
-            "wall_time_s": round(time.perf_counter() - started, 1),
-            "train_time_s_sum": round(sum(r.get("train_time_s") or 0.0 for r in rows), 1),
+            "wall_time_s": round(time.perf_counter() - started, 3),
+            "train_time_s_sum": round(sum(r.get("train_time_s") or 0.0 for r in rows), 3),
             "model": f"d={cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, T={cfg.block_size}, "
                      f"batch {cfg.batch_size}"}
     paths = write_compare(rows, out_dir, meta=meta)
