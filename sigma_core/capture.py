@@ -9,20 +9,21 @@ flash).  It hands the arguments (and, for a softmax, its output) to callbacks an
 what the function returns: the model computes the same numbers.  Nothing global is patched, and
 outside a recorded forward no mode is active, so an unobserved forward pays nothing.
 
-:class:`ModuleStack` knows, during the recorded forward, which modules are executing (forward
-pre-hooks push, forward hooks with ``always_call=True`` pop), so a captured call is attributed to
-the innermost module by its qualified name.  Its hooks exist only during the recorded forward.
+:class:`ExecutingModules` finds, at a captured call, which modules of the model are executing
+(those with a method on the Python call stack), so the call is attributed to the innermost one
+by its qualified name; it does its work only at a captured call, not at every module call.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["AttentionInterceptor", "ModuleStack", "SDPA_ARGS", "sdpa_arguments", "softmax_input", "suspended"]
+__all__ = ["AttentionInterceptor", "ExecutingModules", "SDPA_ARGS", "sdpa_arguments", "softmax_input", "suspended"]
 
 #: positional order of the arguments of scaled_dot_product_attention
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -88,42 +89,69 @@ def suspended(mode: TorchFunctionMode | None):
         mode.__enter__()
 
 
-class ModuleStack:
-    """The modules of ``model`` now executing, innermost last, as ``(name, module, args, kwargs)``.
+class ExecutingModules:
+    """Which modules of ``model`` are executing at a given moment, read from the Python call stack.
 
-    ``attach()`` registers the push/pop hooks on every submodule, ``detach()`` removes them.
-    ``args``/``kwargs`` are kept only while the module runs (they are the module's inputs).
+    A module is executing while one of its methods (its ``forward``, or a helper it calls) has a
+    frame on the call stack; :meth:`stack` lists them innermost last as ``(name, module, args,
+    kwargs)``, named by their qualified name in ``model``.  Nothing runs until :meth:`stack` is
+    called (the monitor calls it only at a captured attention call), so a forward pays nothing
+    for it.  ``args``/``kwargs`` (the inputs of the module's current forward call) are kept only
+    for the ``watched`` modules, by forward pre-hooks registered by :meth:`attach` and removed by
+    :meth:`detach` (the monitor attaches for one recorded forward); other modules get ``((), {})``.
+    :attr:`in_opaque` counts the ``opaque`` modules now running their forward (the monitor's
+    probe and ``nn.MultiheadAttention`` modules, which record their attention themselves), so a
+    call inside them is dismissed without reading the call stack.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, watched=(), opaque=()):
         self._root = model
-        self._modules = [(name, mod) for name, mod in model.named_modules() if mod is not model]
-        self.stack: list[tuple[str, nn.Module, tuple, dict]] = []
+        self._names = {id(mod): name for name, mod in model.named_modules()}
+        self._watched = list(watched)
+        self._opaque = list(opaque)
+        self._args: dict[int, tuple[tuple, dict]] = {}
         self._handles: list = []
+        self.in_opaque = 0
 
     def attach(self, root_args: tuple = (), root_kwargs: dict | None = None) -> None:
-        """Hook every submodule; the root (already running) enters the stack with its arguments."""
+        """Keep the forward arguments of the watched modules (and of the root, already running)."""
         self.detach()
-        self.stack = [("", self._root, root_args, root_kwargs or {})]
-        for name, mod in self._modules:
-            self._handles.append(mod.register_forward_pre_hook(
-                self._pusher(name), with_kwargs=True, prepend=True))
-            self._handles.append(mod.register_forward_hook(self._pop, always_call=True))
+        self._args[id(self._root)] = (root_args, root_kwargs or {})
+        for mod in self._watched:
+            self._handles.append(mod.register_forward_pre_hook(self._keep, with_kwargs=True, prepend=True))
+        for mod in self._opaque:
+            self._handles.append(mod.register_forward_pre_hook(self._enter, prepend=True))
+            self._handles.append(mod.register_forward_hook(self._leave, always_call=True))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self.stack = []
+        self._args = {}
+        self.in_opaque = 0
 
-    def _pusher(self, name):
-        def push(module, args, kwargs):
-            self.stack.append((name, module, args, kwargs))
-        return push
+    def _enter(self, module, args):
+        self.in_opaque += 1
 
-    def _pop(self, module, args, output):
-        # pop this module's entry (the innermost one of it); tolerate a stack left by an exception
-        for i in range(len(self.stack) - 1, -1, -1):
-            if self.stack[i][1] is module:
-                del self.stack[i:]
-                return
+    def _leave(self, module, args, output):
+        self.in_opaque = max(0, self.in_opaque - 1)
+
+    def _keep(self, module, args, kwargs):
+        self._args[id(module)] = (args, kwargs)
+
+    def stack(self) -> list[tuple[str, nn.Module, tuple, dict]]:
+        """The modules of ``model`` with a method on the call stack now, innermost last."""
+        found = []
+        frame = sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            if code.co_argcount and code.co_varnames[0] == "self":  # a method: is its self ours?
+                obj = frame.f_locals.get("self")
+                name = self._names.get(id(obj))
+                if name is not None and (not found or found[-1][1] is not obj):
+                    found.append((name, obj, *self._args.get(id(obj), ((), {}))))
+                    if obj is self._root:
+                        break
+            frame = frame.f_back
+        found.reverse()
+        return found

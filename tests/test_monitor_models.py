@@ -346,7 +346,7 @@ def test_transformer_encoder_fast_path_with_a_padding_mask_never_crashes(every):
     pad[2, 3:] = True
     with torch.no_grad():
         ref = enc(x, src_key_padding_mask=pad)
-        with EntropyMonitor(enc, every=every, bound_samples=None) as mon:
+        with EntropyMonitor(enc, every=every, bound_samples=None, bound_every=1) as mon:
             outs = [enc(x, src_key_padding_mask=pad) for _ in range(2)]
     assert len(mon.last) == 2 * 4 and mon.last[0]["step"] == (1 if every == 1 else 0)
     _no_violations(mon.last)
@@ -404,3 +404,56 @@ def test_two_monitors_on_one_model_record_the_same_entropies():
         assert (a["name"], a["head"]) == (b["name"], b["head"])
         assert a["entropy_mean"] == pytest.approx(b["entropy_mean"], abs=1e-7)
         assert a["bound_centered"] == pytest.approx(b["bound_centered"], abs=1e-9)
+
+
+def _sdpa_of(x, proj):
+    """A free function (not a module method) that calls SDPA, as Hugging Face's attention helpers do."""
+    B, T, _ = x.shape
+    q, k, v = proj(x).view(B, T, 3, 2, -1).permute(2, 0, 3, 1, 4)  # (B, 2 heads, T, d_head) each
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+
+
+def test_a_captured_call_is_named_by_the_innermost_module_running_it():
+    """Names come from the modules with a method on the call stack: a free helper function, a helper
+    method, a module called twice, and siblings that ran before the call do not confuse them."""
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 24)
+
+        def forward(self, x):
+            return self._inner(x)
+
+        def _inner(self, x):  # a helper method: still this module
+            return _sdpa_of(x, self.proj)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)  # runs (and returns) before the attention call
+            self.attn = Attn()
+
+        def forward(self, x):
+            return x + self.attn(self.norm(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.proj = nn.Linear(8, 24)
+
+        def forward(self, x):
+            for blk in self.blocks:
+                x = blk(x)
+            x = self.blocks[0](x)  # the same module a second time: a new layer, same name
+            return x + _sdpa_of(x, self.proj)  # the root's own call
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(3, 5, 8)
+    with EntropyMonitor(net) as mon:
+        net(x)
+    heads0 = [(r["layer"], r["name"]) for r in mon.last if r["head"] == 0]
+    assert heads0 == [(0, "blocks.0.attn"), (1, "blocks.1.attn"), (2, "blocks.0.attn"), (3, "")]
+    assert all(r["source"] == "sdpa" and r["seq_len"] == 5 for r in mon.last)
