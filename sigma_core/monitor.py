@@ -31,7 +31,8 @@ Where the monitor sees attention (``source`` of a record):
   ``add_zero_attn`` are not supported (skipped with a warning).
 
 Calls inside a ``probe`` or ``mha`` module are not recorded a second time.  A captured call is
-named by the qualified name of the innermost module executing it (``transformer.h.0.attn``), and
+named by the qualified name of the innermost module executing it (``transformer.h.0.attn``; read
+from the Python call stack at the call, :class:`sigma_core.capture.ExecutingModules`), and
 captured layers are numbered in call order (after the ``probe``/``mha`` layers, which are
 numbered in module order).
 
@@ -54,15 +55,22 @@ the monitor.
 
 Record fields (one plain dict per layer and head, JSON-serialisable; ``None`` = not available):
 
+Every recorded forward measures the entropies of every row; the bound (and ``sigma_h``) is
+checked on the first recorded forward and every ``bound_every``-th after it (default 10), which
+keeps recording every step cheap (measured by ``benchmarks/bench_entropy.py --part overhead``;
+the figures are in docs/monitor.md).
+
 ``step`` (index of the model forward, from 0), ``layer`` (index among attention layers),
 ``name`` (module path), ``source`` (see above), ``head``, ``seq_len`` (keys ``Tk``), ``n_rows``
 (``B*Tq``), ``entropy_mean`` (over all rows), ``entropy_mean_half`` (over rows with at least
 ``Tk/2`` visible keys; equals ``entropy_mean`` without masks), ``entropy_min``,
 ``entropy_max``, ``log_seq_len``, ``sigma`` (``sigma_h``, with the scale; ``None`` without
-weights), ``logit_norm_max`` (largest centred logit norm of the checked rows), ``bound_<variant>`` (min over checked
+weights and on forwards that do not check the bound), ``logit_norm_max`` (largest centred logit norm of the checked rows), ``bound_<variant>`` (min over checked
 rows of ``h_{T_i}(s_i)``), ``violations_<variant>`` (rows with entropy < bound - tol),
-``bound_rows`` (rows checked: the first ``bound_samples`` batch elements) and
-``weight_bound_note`` (why the weight-based variants are ``None``, else ``None``).  With an
+``bound_rows`` (rows checked: the first ``bound_samples`` batch elements; 0 on a forward that
+does not check the bound, whose ``sigma``, ``logit_norm_max``, ``bound_*`` and ``violations_*``
+are then ``None``) and ``weight_bound_note`` (why the weight-based variants are ``None`` on a
+checked forward, else ``None``).  With an
 additive (float, not only 0/-inf) attention mask only the ``exact`` variant applies.
 """
 from __future__ import annotations
@@ -82,7 +90,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigma_core.adapters import Projections, find_adapter
-from sigma_core.capture import AttentionInterceptor, ModuleStack, sdpa_arguments, suspended
+from sigma_core.capture import AttentionInterceptor, ExecutingModules, sdpa_arguments, suspended
 from sigma_core.entropy import (
     VARIANTS, RowStats, _hidden_threshold, attention_row_stats, bound_variant_norms, fused_row_entropy,
     head_sigma, logits_row_stats,
@@ -155,9 +163,10 @@ class EntropyMonitor:
         (:func:`sigma_core.entropy.fused_row_entropy`; default True); the bound is checked on the
         sampled rows with the exact blocked pass either way.
     bound_every : int
-        Check the bound on every ``bound_every``-th recorded forward (the first one always);
-        on the others the ``bound_*``/``violations_*`` fields and ``logit_norm_max`` are ``None``
-        and ``bound_rows`` is 0, while the entropies and ``sigma`` are recorded as usual.
+        Check the bound, and compute ``sigma_h``, on the first recorded forward and every
+        ``bound_every``-th after it (default 10; 1: on every one); on the others ``sigma``,
+        ``logit_norm_max`` and the ``bound_*``/``violations_*`` fields are ``None`` and
+        ``bound_rows`` is 0, while the entropies of every row are recorded as usual.
 
     Attributes
     ----------
@@ -183,7 +192,7 @@ class EntropyMonitor:
 
     def __init__(self, model: nn.Module, *, every: int = 1, path=None, detector=None,
                  bound_samples: int | None = 1, method: str = "auto", block_size: int = 512,
-                 capture: bool = True, fused: bool = True, bound_every: int = 1):
+                 capture: bool = True, fused: bool = True, bound_every: int = 10):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
@@ -252,7 +261,8 @@ class EntropyMonitor:
         handles.append(model.register_forward_hook(self._on_root_post, always_call=True))
         self._handles = handles
         self._n_static = layer
-        self._stack = ModuleStack(model) if capture else None
+        self._stack = ExecutingModules(model, watched=[m for m in model.modules() if id(m) in self._adapters],
+                                       opaque=[m for m in model.modules() if id(m) in self._handled]) if capture else None
         if layer == 0 and not capture:
             self.close()
             raise ValueError("model has no supported attention module (probe protocol or "
@@ -343,7 +353,9 @@ class EntropyMonitor:
     # -- captured calls (SDPA, eager softmax) -------------------------------------------------------
     def _owner(self):
         """(name, adapter entry or None), or None when a probe/MHA module records this call."""
-        stack = self._stack.stack
+        if self._stack.in_opaque:
+            return None
+        stack = self._stack.stack()
         if any(id(m) in self._handled for _, m, _, _ in stack):
             return None
         name = stack[-1][0] if stack else ""
@@ -418,8 +430,11 @@ class EntropyMonitor:
                 return
             st, sub = stats
             nb = self._nb(q.shape[0])
-            bound = "additive attention mask (a bias on the logits)" if not _pure_mask(mask) else None
-            if bound is None:
+            if not self._check:
+                bound = None  # no bound check in this forward: no adapter, no sigma_h
+            elif not _pure_mask(mask):
+                bound = "additive attention mask (a bias on the logits)"
+            else:
                 z = torch.matmul(q[:nb].float() if q.dtype != torch.float64 else q[:nb],
                                  (k[:nb].float() if k.dtype != torch.float64 else k[:nb]).transpose(-1, -2))
                 bound = self._weights(entry, z.mul_(scale), None, q.dtype)
@@ -435,10 +450,12 @@ class EntropyMonitor:
                                 f"logits at step {self._step}; not recorded")
                 return
             st = logits_row_stats(z)
-            nb = self._nb(z.shape[0])
-            zs = z[:nb].double() if z.dtype == torch.float64 else z[:nb].float()
-            visible = zs > _hidden_threshold(z.dtype)
-            bound = self._weights(entry, zs, visible, z.dtype)
+            bound = None  # no bound check in this forward: no adapter, no sigma_h
+            if self._check:
+                nb = self._nb(z.shape[0])
+                zs = z[:nb].double() if z.dtype == torch.float64 else z[:nb].float()
+                visible = zs > _hidden_threshold(z.dtype)
+                bound = self._weights(entry, zs, visible, z.dtype)
             self._record(layer, name, "softmax", st, z.shape[3], bound)
 
     def _stats(self, layer, name, q, k, scale, causal, mask):
@@ -546,7 +563,9 @@ class EntropyMonitor:
             if stats is None:
                 return
             st, sub = stats
-            if getattr(owner, "weight_bounds_valid", True):
+            if not self._check:
+                bound = None  # no bound check in this forward: sigma_h is not needed
+            elif getattr(owner, "weight_bounds_valid", True):
                 w_q, w_k = owner.head_weights()
                 bound = (head_sigma(w_q, w_k, float(owner.scale)), x, x_k)
             else:  # QK-LayerNorm: logits not x W_Q W_K^T x^T
@@ -614,16 +633,48 @@ class EntropyMonitor:
             scale = 1.0 / math.sqrt(dh)
             st = attention_row_stats(q, k, scale=scale, causal=causal, attn_mask=mask, method=self.method,
                                      block_size=self.block_size, _float_mask_is_bias=True)
-            if mask is not None and mask.dtype != torch.bool:
+            if not self._check:
+                bound = None  # no bound check in this forward: sigma_h is not needed
+            elif mask is not None and mask.dtype != torch.bool:
                 bound = "additive attention mask (a bias on the logits)"
             else:
                 bound = (head_sigma(w_q, w_k, scale), xq, xk if a["query"] is not a["key"] else None)
         self._record(layer, name, "mha", st, S, bound)
 
     # -- the record ----------------------------------------------------------------------------
+    def _check_bound(self, layer, name, per_head, sub: RowStats, bound, note, nb):
+        """Fill ``per_head`` with ``logit_norm_max`` and each variant's bound and violations on the
+        checked rows ``sub``; a violation is logged and warned (:class:`BoundViolationWarning`)."""
+        H = sub.entropy.shape[1]
+        if note is None:
+            sigma, xq, xk = bound
+            norms = bound_variant_norms(sub, sigma, xq[:nb], None if xk is None else xk[:nb])
+        else:
+            norms = {"exact": sub.logit_norm.double()}
+        n_keys = sub.n_keys.cpu().numpy()
+        sub_ent = sub.entropy.double().cpu().numpy()
+        tol = _tolerance(sub.entropy)
+        per_head["logit_norm_max"] = sub.logit_norm.amax((0, 2)).tolist()
+        for v in VARIANTS:
+            if v not in norms:
+                per_head[f"bound_{v}"] = per_head[f"violations_{v}"] = [None] * H
+                continue
+            h = entropy_lower_bound(norms[v].cpu().numpy(), n_keys)  # (nb, H, Tq)
+            bad = sub_ent < h - tol * (1.0 + h)
+            per_head[f"bound_{v}"] = h.min(axis=(0, 2)).tolist()
+            per_head[f"violations_{v}"] = bad.sum(axis=(0, 2)).astype(int).tolist()
+            if bad.any():
+                b, hh, i = (int(c[0]) for c in np.nonzero(bad))
+                msg = (f"entropy bound '{v}' violated (a bug) at step {self._step}, layer {layer} "
+                       f"({name}), head {hh}: {int(bad.sum())} rows, e.g. row {i} of sample {b}: "
+                       f"entropy {sub_ent[b, hh, i]:.9g} < bound {h[b, hh, i]:.9g}")
+                logger.error(msg)
+                warnings.warn(msg, BoundViolationWarning, stacklevel=3)
+
     def _record(self, layer, name, source, st: RowStats, Tk: int, bound, sub: RowStats | None = None):
         """Append one record per head.  ``bound``: ``(sigma, x_q, x_k or None)`` for the weight
-        variants, or a string saying why only the exact variant applies; ``sub``: the exact
+        variants, a string saying why only the exact variant applies, or None in a forward that
+        does not check the bound (then ``sigma`` is None too); ``sub``: the exact
         statistics of the checked rows (default: the first ``bound_samples`` batch elements of
         ``st``)."""
         with torch.no_grad():
@@ -632,46 +683,22 @@ class EntropyMonitor:
             half = st.n_keys >= Tk / 2  # (B, H, Tq)
             n_half = half.sum((0, 2))
             mean_half = torch.where(half, ent, 0).sum((0, 2)) / n_half.clamp(min=1)
+            # one transfer for the per-head entropy statistics: rows mean, mean_half, min, max, n_half
+            summary = torch.stack([ent.mean((0, 2)), mean_half, ent.amin((0, 2)), ent.amax((0, 2)),
+                                   n_half.to(ent.dtype)]).tolist()
+            per_head = dict(zip(("entropy_mean", "entropy_mean_half", "entropy_min", "entropy_max"), summary))
+            half_counts = summary[4]
             nb = self._nb(B)
-            if sub is None:
-                sub = RowStats(*(t[:nb] for t in st))
-            note, sigma = (bound, None) if isinstance(bound, str) else (None, bound[0])
+            note, sigma = (bound, None) if isinstance(bound, str) else (None, None if bound is None else bound[0])
             check = self._check
+            per_head["sigma"] = [None] * H if sigma is None else sigma.tolist()
             if not check:  # the entropy statistics only: the bound is checked every bound_every-th record
-                norms = {}
-            elif note is None:
-                _, xq, xk = bound
-                norms = bound_variant_norms(sub, sigma, xq[:nb], None if xk is None else xk[:nb])
+                per_head["logit_norm_max"] = [None] * H
+                for v in VARIANTS:
+                    per_head[f"bound_{v}"] = per_head[f"violations_{v}"] = [None] * H
             else:
-                norms = {"exact": sub.logit_norm.double()}
-            n_keys = sub.n_keys.cpu().numpy()
-            sub_ent = sub.entropy.double().cpu().numpy()
-            tol = _tolerance(sub.entropy)
-            per_head = {
-                "entropy_mean": ent.mean((0, 2)).tolist(),
-                "entropy_mean_half": mean_half.tolist(),
-                "entropy_min": ent.amin((0, 2)).tolist(),
-                "entropy_max": ent.amax((0, 2)).tolist(),
-                "sigma": [None] * H if sigma is None else sigma.tolist(),
-                "logit_norm_max": sub.logit_norm.amax((0, 2)).tolist() if check else [None] * H,
-            }
-            for v in VARIANTS:
-                if v not in norms:
-                    per_head[f"bound_{v}"] = [None] * H
-                    per_head[f"violations_{v}"] = [None] * H
-                    continue
-                h = entropy_lower_bound(norms[v].cpu().numpy(), n_keys)  # (nb, H, Tq)
-                bad = sub_ent < h - tol * (1.0 + h)
-                per_head[f"bound_{v}"] = h.min(axis=(0, 2)).tolist()
-                per_head[f"violations_{v}"] = bad.sum(axis=(0, 2)).astype(int).tolist()
-                if bad.any():
-                    b, hh, i = (int(c[0]) for c in np.nonzero(bad))
-                    msg = (f"entropy bound '{v}' violated (a bug) at step {self._step}, layer {layer} "
-                           f"({name}), head {hh}: {int(bad.sum())} rows, e.g. row {i} of sample {b}: "
-                           f"entropy {sub_ent[b, hh, i]:.9g} < bound {h[b, hh, i]:.9g}")
-                    logger.error(msg)
-                    warnings.warn(msg, BoundViolationWarning, stacklevel=2)
-        half_counts = n_half.tolist()
+                self._check_bound(layer, name, per_head, RowStats(*(t[:nb] for t in st)) if sub is None else sub,
+                                  bound, note, nb)
         for hd in range(H):
             rec = {"step": self._step, "layer": layer, "name": name, "source": source, "head": hd,
                    "seq_len": Tk, "n_rows": B * Tq, "log_seq_len": math.log(Tk),

@@ -188,7 +188,7 @@ def test_zero_violations_after_training_with_a_large_learning_rate():
     x = torch.randn(8, 16, 8)
     target = torch.randn(8, 16, 8)
     det = CollapseDetector()
-    with EntropyMonitor(model, every=5, detector=det) as mon:
+    with EntropyMonitor(model, every=5, detector=det, bound_every=1) as mon:
         for _ in range(40):
             loss = F.mse_loss(model(x), target)
             opt.zero_grad()
@@ -307,9 +307,17 @@ def test_bound_every_checks_the_bound_on_every_nth_recorded_forward_only():
     with EntropyMonitor(model, every=2, bound_every=3) as mon:
         for _ in range(12):  # recorded forwards 0, 2, ..., 10: the 1st and 4th check the bound
             model(x)
-            checked.append((mon.last[0]["step"], mon.last[0]["bound_rows"] > 0, mon.last[0]["bound_exact"] is not None))
-    assert sorted(set(checked)) == [(0, True, True), (2, False, False), (4, False, False), (6, True, True),
-                                    (8, False, False), (10, False, False)]
-    assert all(r["sigma"] is not None and r["entropy_mean"] > 0 for r in mon.last)
+            r = mon.last[0]
+            checked.append((r["step"], r["bound_rows"] > 0, r["bound_exact"] is not None, r["sigma"] is not None))
+    assert sorted(set(checked)) == [(0, True, True, True), (2, False, False, False), (4, False, False, False),
+                                    (6, True, True, True), (8, False, False, False), (10, False, False, False)]
+    assert all(r["entropy_mean"] > 0 and r["entropy_min"] is not None for r in mon.last)  # entropies always
+    # the defaults: every forward recorded, the bound (and sigma_h) on the 1st and every 10th after it
+    with EntropyMonitor(model) as mon:
+        steps = []
+        for _ in range(21):
+            model(x)
+            steps += [r["step"] for r in mon.last if r["bound_rows"] > 0 and r["sigma"] is not None]
+    assert sorted(set(steps)) == [0, 10, 20]
     with pytest.raises(ValueError, match="bound_every"):
         EntropyMonitor(model, bound_every=0)
