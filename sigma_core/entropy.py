@@ -411,6 +411,10 @@ FUSED_MAX_LOGIT_SCALE = 32.0
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
+#: :func:`fused_row_entropy` works through the batch in chunks of about this many query entries
+#: (a few hundred KiB of float32, so that its products find q, k and the pass's output in cache)
+FUSED_CHUNK_ELEMENTS = 1 << 16
+
 
 def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_MAX_LOGIT_SCALE):
     """Row entropies from one fused attention pass, or None where that pass is not available.
@@ -441,12 +445,22 @@ def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_M
             or (causal and q.shape[2] != k.shape[2])):
         return None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    B, H, Tq, d = q.shape
+    # batch chunks of about FUSED_CHUNK_ELEMENTS query entries: the products below then read q, k
+    # and the pass's output while they are still in the core's cache
+    rows = max(1, FUSED_CHUNK_ELEMENTS // (H * Tq * d))
     with torch.no_grad():
         q, k = q.detach(), k.detach()
-        o, lse = _FLASH_CPU(q, k, k, 0.0, bool(causal), scale=scale)[:2]  # o: (B, H, Tq, d), lse: (B, H, Tq)
-        ent = o.mul_(q).sum(-1).mul_(-scale).add_(lse)  # lse - scale q.(P K), (B, H, Tq); o is ours
-        reach = abs(scale) * torch.linalg.vector_norm(q, dim=-1).amax(-1) \
-            * torch.linalg.vector_norm(k, dim=-1).amax(-1)  # (B, H): the largest row's logit scale
+        ent = torch.empty((B, H, Tq), dtype=q.dtype)
+        q_norm, k_norm = torch.empty((B, H, Tq), dtype=q.dtype), torch.empty((B, H, k.shape[2]), dtype=q.dtype)
+        for b0 in range(0, B, rows):
+            c = slice(b0, b0 + rows)
+            qb, kb = q[c], k[c]
+            o, lse = _FLASH_CPU(qb, kb, kb, 0.0, bool(causal), scale=scale)[:2]  # o: (b, H, Tq, d), lse: (b, H, Tq)
+            torch.sub(lse, o.mul_(qb).sum(-1), alpha=scale, out=ent[c])  # lse - scale q.(P K)
+            torch.linalg.vector_norm(qb, dim=-1, out=q_norm[c])
+            torch.linalg.vector_norm(kb, dim=-1, out=k_norm[c])
+        reach = q_norm.amax(-1).mul_(k_norm.amax(-1)).mul_(abs(scale))  # (B, H): the largest row's logit scale
         if not bool(torch.isfinite(reach).all()):
             return None  # NaN or inf in q or k: left to the caller's checks
         redo = reach > max_logit_scale  # (B, H)
