@@ -10,10 +10,11 @@ risking the machine (an out-of-memory error is caught and reported too).
 Part 2 trains the project's GPT (the cpu-demo shape by default: d=128, 4 layers, 4 heads, T=128,
 batch 32) and times a training step with no monitor, a monitor attached but not recording
 ("attached": the cost of a forward that does not record), one recording every 10th step, one
-recording every step (with the bound checked on every step, and on every 10th: ``bound_every=10``),
-and one recording every step with every row through the blocked pass
-(``fused=False``, the method before the fused entropy pass), interleaving the configurations round
-by round so that machine load hits them alike; it prints mean and median step times and the
+recording every step with the defaults (every row's entropy on every step, the bound checked on
+every 10th: ``bound_every=10``), one checking the bound on every step too (``bound_every=1``),
+and one recording every step with every row through the blocked pass (``fused=False``, the
+method before the fused entropy pass), in blocks of 10 consecutive steps per configuration,
+interleaving the configurations round by round so that machine load hits them alike; it prints mean and median step times and the
 overhead ratios, all in process CPU time (with one thread, the step's own cost; other
 processes on a shared machine disturb it much less than wall-clock time).  Run it with one thread (``OMP_NUM_THREADS=1``) to compare with the numbers in
 docs/monitor.md.
@@ -120,11 +121,14 @@ def part_overhead(args) -> None:
 
     for _ in range(3):
         step()  # warm-up
-    # "attached": a monitor that records only its first forward (not timed), then sits idle: what a
-    # forward that does not record costs; "bound/10": the bound checked on every 10th recorded step
-    # (entropies and sigma on every one); "blocked": every step, all rows through the blocked pass
+    # every block is `block_steps` (default 10) consecutive steps under one fresh monitor, so that a
+    # block holds exactly one recorded step of "every=10" and one bound check of bound_every=10.
+    # "attached": records only its first forward (not timed), then sits idle: what a forward that
+    # does not record costs.  "every=1": the defaults (every row's entropy and sigma_h on every
+    # step, the bound on every 10th); "bound/1": the bound checked on every step too; "blocked":
+    # every row through the blocked pass instead of the fused one (fused=False)
     configs = {"none": None, "attached": dict(every=10**9), "every=10": dict(every=10),
-               "every=1": dict(every=1), "every=1 bound/10": dict(every=1, bound_every=10),
+               "every=1": dict(every=1), "every=1 bound/1": dict(every=1, bound_every=1),
                "every=1 blocked": dict(every=1, fused=False)}
     names = list(configs)
     times = {name: [] for name in names}
@@ -136,8 +140,7 @@ def part_overhead(args) -> None:
             mon = EntropyMonitor(model, **kw) if kw else None
             if name == "attached":
                 step()  # the one recorded forward, untimed
-            n = 10 if name == "every=10" else args.block_steps  # every=10: exactly one recorded step
-            ts = [step() for _ in range(n)]
+            ts = [step() for _ in range(args.block_steps)]
             if mon:
                 mon.close()
             times[name] += ts
@@ -147,18 +150,14 @@ def part_overhead(args) -> None:
     base_med = statistics.median(times["none"])
     print(f"# monitor overhead, GPT d={args.d_model} L={args.n_layer} H={args.n_head} T={args.T} "
           f"batch={args.batch}, {args.rounds} rounds (configs interleaved, order rotated), "
-          f"{args.block_steps} steps per config and round (every=10: 10), torch threads={torch.get_num_threads()}")
+          f"{args.block_steps} steps per config and round, torch {torch.__version__}, "
+          f"threads={torch.get_num_threads()}")
     print(f"{'config':>16} {'median CPU s/step':>18} {'overhead':>9}   {'paired overhead: median [quartiles]':>36}")
     for name in names:
         q1, q2, q3 = statistics.quantiles(ratios[name], n=4) if len(ratios[name]) > 1 else [ratios[name][0]] * 3
         md = statistics.median(times[name])
         print(f"{name:>16} {md:>18.4f} {100 * (md / base_med - 1):>8.1f}%   "
               f"{100 * (q2 - 1):>8.1f}% [{100 * (q1 - 1):.1f}%, {100 * (q3 - 1):.1f}%]")
-    # every=10 differs from none by one recorded step in ten, which machine noise can hide; the
-    # cost of a recorded step measured at every=1 gives a steadier estimate of the same ratio
-    extra = statistics.median(ratios["every=1"]) - 1
-    print(f"# a recorded step costs {100 * extra:.1f}% of a step (paired median): every=10 estimated at "
-          f"{100 * extra / 10:.1f}%")
 
 
 def main(argv=None) -> int:
@@ -175,8 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--T", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--block-steps", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--block-steps", type=int, default=10)
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.device, args.d, args.block)))
