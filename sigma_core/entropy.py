@@ -415,11 +415,61 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 #: (a few hundred KiB of float32, so that its products find q, k and the pass's output in cache)
 FUSED_CHUNK_ELEMENTS = 1 << 16
 
+#: up to this many keys :func:`fused_row_entropy` forms the logits in cache-sized blocks instead of
+#: calling the flash kernel (which, at such lengths, costs as much for a causal pass as for a full one)
+FUSED_DENSE_MAX_KEYS = 256
+
+#: logits per block of that dense pass (512 KiB of float32), and query rows per block when causal
+_DENSE_BLOCK_ELEMENTS = 1 << 17
+_DENSE_CAUSAL_ROWS = 32
+
+
+def _dense_row_entropy(q, k, scale: float, causal: bool) -> torch.Tensor:
+    """Row entropies of short sequences from their logits, in blocks that stay in cache.
+
+    Heads are taken ``c`` at a time and, when causal, query rows ``_DENSE_CAUSAL_ROWS`` at a time
+    with only the keys they can see, so the hidden upper triangle is mostly skipped.  Per block:
+    ``s = z - max_j z`` clamped below at the float32 floor of the module docstring,
+    ``e = exp(s)``, and ``Ent = log sum e - sum e s / sum e`` (no cancellation: ``s <= 0``).
+    Hidden keys enter at the floor, ``e^{-80}``, far below float32 rounding of ``sum e >= 1``.
+    """
+    B, H, Tq, d = q.shape
+    Tk = k.shape[2]
+    n = B * H
+    qs = q.reshape(n, Tq, d) * scale  # one contiguous, scaled copy
+    kt = k.reshape(n, Tk, d).transpose(1, 2)  # (n, d, Tk)
+    floor = _EXP_FLOOR[torch.float32]
+    if causal:
+        rows = [(r0, min(r0 + _DENSE_CAUSAL_ROWS, Tq)) for r0 in range(0, Tq, _DENSE_CAUSAL_ROWS)]
+        hidden = torch.full((Tq, Tk), -math.inf, dtype=q.dtype, device=q.device).triu_(1)  # 0 / -inf
+    else:
+        rows = [(0, Tq)]
+        hidden = None
+    out = torch.empty((n, Tq), dtype=q.dtype, device=q.device)
+    for r0, r1 in rows:
+        keys = r1 if causal else Tk  # a causal row r < r1 sees keys 0..r
+        c = max(1, _DENSE_BLOCK_ELEMENTS // ((r1 - r0) * keys))
+        for i in range(0, n, c):
+            j = min(i + c, n)
+            if hidden is None:
+                z = torch.bmm(qs[i:j, r0:r1], kt[i:j, :, :keys])  # (c, R, keys)
+            else:
+                z = torch.baddbmm(hidden[r0:r1, :keys], qs[i:j, r0:r1], kt[i:j, :, :keys])
+            z.sub_(z.amax(-1, keepdim=True)).clamp_(min=floor)
+            e = torch.exp(z)
+            l = e.sum(-1)
+            torch.sub(torch.log(l), torch.linalg.vecdot(e, z).div_(l), out=out[i:j, r0:r1])
+    return out.view(B, H, Tq)
+
 
 def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_MAX_LOGIT_SCALE):
-    """Row entropies from one fused attention pass, or None where that pass is not available.
+    """Row entropies of unmasked attention, fast, or None where this path is not available.
 
-    By ``Ent(p_i) = logsumexp(z_i) - sum_j p_ij z_ij`` and ``z_ij = scale q_i . k_j``, the entropy
+    Up to :data:`FUSED_DENSE_MAX_KEYS` keys the logits are formed in blocks small enough to stay
+    in the core's cache (a few heads and, when causal, 32 query rows with only the keys they see),
+    each block reduced to its rows' entropies at once, in the stable form of the module docstring.
+    Longer sequences take one fused attention pass: by ``Ent(p_i) = logsumexp(z_i) - sum_j p_ij
+    z_ij`` and ``z_ij = scale q_i . k_j``, the entropy
     is ``lse_i - scale q_i . (P K)_i``: one flash-attention call with the keys as values returns
     both ``P K`` and ``lse`` (PyTorch's CPU flash kernel), never forming the ``T x T`` logits and
     skipping the hidden half of a causal pass.  The two terms cancel when the logits are large, so
@@ -446,6 +496,11 @@ def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_M
         return None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     B, H, Tq, d = q.shape
+    if k.shape[2] <= FUSED_DENSE_MAX_KEYS:
+        with torch.no_grad():
+            ent = _dense_row_entropy(q.detach(), k.detach(), scale, bool(causal))
+            # NaN or inf in q or k: left to the caller's checks
+            return ent.clamp_(min=0.0) if bool(torch.isfinite(ent).all()) else None
     # batch chunks of about FUSED_CHUNK_ELEMENTS query entries: the products below then read q, k
     # and the pass's output while they are still in the core's cache
     rows = max(1, FUSED_CHUNK_ELEMENTS // (H * Tq * d))

@@ -344,11 +344,20 @@ def test_logits_row_stats_rejects_bad_input():
         logits_row_stats(torch.full((1, 1, 1, 3), -math.inf))
 
 
+@pytest.fixture(params=["dense", "flash"])
+def fused_path(request, monkeypatch):
+    """Both paths of fused_row_entropy: logits in cached blocks (short sequences) and the flash pass."""
+    import sigma_core.entropy as E
+    if request.param == "flash":
+        monkeypatch.setattr(E, "FUSED_DENSE_MAX_KEYS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mag", [0.3, 1.0, 3.0, 6.0])
-def test_fused_row_entropy_matches_the_float64_reference(causal, mag):
-    """lse - scale q.(P K) from one flash pass: within 1e-5 nats of the float64 reference, for
-    small logits and for large ones (those heads are recomputed by the exact blocked pass)."""
+def test_fused_row_entropy_matches_the_float64_reference(causal, mag, fused_path):
+    """Within 1e-5 nats of the float64 reference, for small logits and for large ones: the dense
+    blocks never cancel; the flash pass (lse - scale q.(P K)) recomputes those heads exactly."""
     from sigma_core.entropy import fused_row_entropy
     g = torch.Generator().manual_seed(int(mag * 10) + causal)
     q = torch.randn(3, 4, 33, 16, generator=g) * mag
@@ -359,8 +368,10 @@ def test_fused_row_entropy_matches_the_float64_reference(causal, mag):
     np.testing.assert_allclose(fast.double().numpy(), ref, rtol=0, atol=1e-5)
 
 
-def test_fused_row_entropy_recomputes_large_logit_heads_and_declines_what_it_cannot_do():
+def test_fused_row_entropy_recomputes_large_logit_heads_and_declines_what_it_cannot_do(monkeypatch):
+    import sigma_core.entropy as E
     from sigma_core.entropy import fused_row_entropy
+    monkeypatch.setattr(E, "FUSED_DENSE_MAX_KEYS", 0)  # the flash pass, whose terms can cancel
     torch.manual_seed(5)
     q, k = torch.randn(2, 3, 20, 8), torch.randn(2, 3, 20, 8)
     q[1, 2] *= 60.0  # one head with logits of order 1e2: its rows must come from the exact pass
@@ -374,6 +385,40 @@ def test_fused_row_entropy_recomputes_large_logit_heads_and_declines_what_it_can
     assert fused_row_entropy(q.double(), k.double()) is None  # float64: the blocked pass is exact enough
     assert fused_row_entropy(q[:, :, :5], k, causal=True) is None  # causal with Tq != Tk
     assert fused_row_entropy(q.to("meta"), k.to("meta")) is None
+
+
+@pytest.mark.parametrize("chunk", [1, 2 * 3 * 17 * 8, 5 * 3 * 17 * 8])
+def test_fused_row_entropy_in_batch_chunks_equals_one_pass(monkeypatch, chunk):
+    """The batch is worked through in chunks of FUSED_CHUNK_ELEMENTS query entries: one sequence,
+    two (a remainder at the end) or all five per chunk give the same entropies, and a head with
+    large logits in the last chunk is still recomputed exactly."""
+    import sigma_core.entropy as E
+    torch.manual_seed(11)
+    q, k = torch.randn(5, 3, 17, 8), torch.randn(5, 3, 17, 8)
+    q[4, 1] *= 60.0
+    ref, _ = reference(q, k, 0.5, _visible(17, 17, True, None))
+    monkeypatch.setattr(E, "FUSED_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(E, "FUSED_DENSE_MAX_KEYS", 0)
+    got = E.fused_row_entropy(q, k, scale=0.5, causal=True)
+    np.testing.assert_allclose(got.double().numpy(), ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[4, 1].double().numpy(), ref[4, 1], rtol=0, atol=1e-6)  # recomputed
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block, rows", [(1, 1), (7 * 5, 3), (1 << 17, 32)])
+def test_fused_row_entropy_dense_blocks_of_any_size_agree(monkeypatch, causal, block, rows):
+    """The dense path's blocks (heads per block from the element budget; causal query rows per
+    block, with only the keys they see) give the reference entropies whatever their sizes,
+    including blocks that do not divide the heads or the rows, and Tq != Tk when not causal."""
+    import sigma_core.entropy as E
+    monkeypatch.setattr(E, "_DENSE_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(E, "_DENSE_CAUSAL_ROWS", rows)
+    torch.manual_seed(3)
+    Tq = 19 if causal else 11
+    q, k = torch.randn(3, 5, Tq, 8) * 2, torch.randn(3, 5, 19, 8) * 2
+    ref, _ = reference(q, k, 0.4, _visible(Tq, 19, causal, None))
+    got = E.fused_row_entropy(q, k, scale=0.4, causal=causal)
+    np.testing.assert_allclose(got.double().numpy(), ref, rtol=0, atol=1e-5)
 
 
 def test_fused_row_entropy_declines_non_finite_inputs():
