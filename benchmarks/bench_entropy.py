@@ -22,6 +22,7 @@ docs/monitor.md.
     python benchmarks/bench_entropy.py                 # both parts
     python benchmarks/bench_entropy.py --part memory --max-T 8192
     OMP_NUM_THREADS=1 python benchmarks/bench_entropy.py --part overhead
+    OMP_NUM_THREADS=1 python benchmarks/bench_entropy.py --part overhead --q-gain 150   # large logits
 """
 from __future__ import annotations
 
@@ -106,6 +107,10 @@ def part_overhead(args) -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, block_size=args.T)
     model = GPT(cfg)
+    if args.q_gain != 1.0:  # large logits, as in a collapsing model
+        with torch.no_grad():
+            for attn in model.attention_modules():
+                attn.q_proj.weight.mul_(args.q_gain)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     idx = torch.randint(0, 256, (args.batch, args.T))
 
@@ -149,7 +154,7 @@ def part_overhead(args) -> None:
             ratios[name].append(block[name] / block["none"])
     base_med = statistics.median(times["none"])
     print(f"# monitor overhead, GPT d={args.d_model} L={args.n_layer} H={args.n_head} T={args.T} "
-          f"batch={args.batch}, {args.rounds} rounds (configs interleaved, order rotated), "
+          f"batch={args.batch}, q gain {args.q_gain:g}, {args.rounds} rounds (configs interleaved, order rotated), "
           f"{args.block_steps} steps per config and round, torch {torch.__version__}, "
           f"threads={torch.get_num_threads()}")
     print(f"{'config':>16} {'median CPU s/step':>18} {'overhead':>9}   {'paired overhead: median [quartiles]':>36}")
@@ -176,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--block-steps", type=int, default=10)
+    p.add_argument("--q-gain", type=float, default=1.0,
+                   help="multiply every query projection by this (e.g. 150: logits of order 1e2, as in a collapsed model)")
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.device, args.d, args.block)))
