@@ -159,9 +159,9 @@ class EntropyMonitor:
     capture : bool
         See calls of ``scaled_dot_product_attention`` and eager softmax attention (default True).
     fused : bool
-        Take the entropies of unmasked attention from one fused attention pass where available
-        (:func:`sigma_core.entropy.fused_row_entropy`; default True); the bound is checked on the
-        sampled rows with the exact blocked pass either way.
+        Take the entropies of unmasked attention from the fast path where available
+        (:func:`sigma_core.entropy.fused_row_entropy`: CPU float32; default True); the bound is
+        checked on the sampled rows' exact logits either way.
     bound_every : int
         Check the bound, and compute ``sigma_h``, on the first recorded forward and every
         ``bound_every``-th after it (default 10; 1: on every one); on the others ``sigma``,
@@ -462,7 +462,7 @@ class EntropyMonitor:
         """``(st, sub)`` (None, with a warning, for non-finite ``q``/``k``): row statistics of every row (``logit_norm`` may be NaN outside the sampled
         rows) and exact ones of the first ``bound_samples`` batch elements (the rows checked).
 
-        Without a mask the entropies of all rows come from one fused attention pass
+        Without a mask the entropies of all rows come from the fast path
         (:func:`sigma_core.entropy.fused_row_entropy`, CPU float32, accurate to a few 1e-6 nats)
         and the sampled rows' centred logit norms from their logits (a small dense product);
         otherwise every row takes the blocked pass of :func:`~sigma_core.entropy.attention_row_stats`.
