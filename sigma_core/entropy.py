@@ -427,39 +427,37 @@ _DENSE_CAUSAL_ROWS = 32
 def _dense_row_entropy(q, k, scale: float, causal: bool) -> torch.Tensor:
     """Row entropies of short sequences from their logits, in blocks that stay in cache.
 
-    Heads are taken ``c`` at a time and, when causal, query rows ``_DENSE_CAUSAL_ROWS`` at a time
-    with only the keys they can see, so the hidden upper triangle is mostly skipped.  Per block:
-    ``s = z - max_j z`` clamped below at the float32 floor of the module docstring,
-    ``e = exp(s)``, and ``Ent = log sum e - sum e s / sum e`` (no cancellation: ``s <= 0``).
-    Hidden keys enter at the floor, ``e^{-80}``, far below float32 rounding of ``sum e >= 1``.
+    One head at a time (strided views of ``q``, ``k``: nothing is copied), a few batch elements
+    and, when causal, ``_DENSE_CAUSAL_ROWS`` query rows at a time with only the keys they can see,
+    so the hidden upper triangle is mostly skipped.  Per block: ``s = z - max_j z`` clamped below
+    at the float32 floor of the module docstring, ``e = exp(s)``, and
+    ``Ent = log sum e - sum e s / sum e`` (no cancellation: ``s <= 0``).  Hidden keys enter at the
+    floor, ``e^{-80}``, far below float32 rounding of ``sum e >= 1``.
     """
     B, H, Tq, d = q.shape
     Tk = k.shape[2]
-    n = B * H
-    qs = q.reshape(n, Tq, d) * scale  # one contiguous, scaled copy
-    kt = k.reshape(n, Tk, d).transpose(1, 2)  # (n, d, Tk)
     floor = _EXP_FLOOR[torch.float32]
     if causal:
         rows = [(r0, min(r0 + _DENSE_CAUSAL_ROWS, Tq)) for r0 in range(0, Tq, _DENSE_CAUSAL_ROWS)]
-        hidden = torch.full((Tq, Tk), -math.inf, dtype=q.dtype, device=q.device).triu_(1)  # 0 / -inf
+        bias = torch.full((Tq, Tk), -math.inf, dtype=q.dtype, device=q.device).triu_(1)  # 0 / -inf
     else:
         rows = [(0, Tq)]
-        hidden = None
-    out = torch.empty((n, Tq), dtype=q.dtype, device=q.device)
+        bias = torch.zeros((), dtype=q.dtype, device=q.device)
+    out = torch.empty((B, H, Tq), dtype=q.dtype, device=q.device)
     for r0, r1 in rows:
         keys = r1 if causal else Tk  # a causal row r < r1 sees keys 0..r
+        block_bias = bias[r0:r1, :keys] if causal else bias
         c = max(1, _DENSE_BLOCK_ELEMENTS // ((r1 - r0) * keys))
-        for i in range(0, n, c):
-            j = min(i + c, n)
-            if hidden is None:
-                z = torch.bmm(qs[i:j, r0:r1], kt[i:j, :, :keys])  # (c, R, keys)
-            else:
-                z = torch.baddbmm(hidden[r0:r1, :keys], qs[i:j, r0:r1], kt[i:j, :, :keys])
-            z.sub_(z.amax(-1, keepdim=True)).clamp_(min=floor)
-            e = torch.exp(z)
-            l = e.sum(-1)
-            torch.sub(torch.log(l), torch.linalg.vecdot(e, z).div_(l), out=out[i:j, r0:r1])
-    return out.view(B, H, Tq)
+        for h in range(H):
+            for b0 in range(0, B, c):
+                b1 = min(b0 + c, B)
+                z = torch.baddbmm(block_bias, q[b0:b1, h, r0:r1], k[b0:b1, h, :keys].transpose(1, 2),
+                                  alpha=scale)  # (c, R, keys) = bias + scale q k^T
+                z.sub_(z.amax(-1, keepdim=True)).clamp_(min=floor)
+                e = torch.exp(z)
+                l = e.sum(-1)
+                torch.sub(torch.log(l), torch.linalg.vecdot(e, z).div_(l), out=out[b0:b1, h, r0:r1])
+    return out
 
 
 def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_MAX_LOGIT_SCALE):
