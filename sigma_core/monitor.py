@@ -150,7 +150,7 @@ class EntropyMonitor:
     path : str or os.PathLike, optional
         Append each record as one JSON line (``pandas.read_json(path, lines=True)`` reads it).
     detector : CollapseDetector, optional
-        Fed with each recorded step; its events of the last recorded step are in ``events``.
+        Fed with each recorded step; the events it returns are in ``events`` until the next forward.
     bound_samples : int or None
         Bound variants and violations are evaluated on every row of the first ``bound_samples``
         batch elements (default 1; ``None``: all); entropies use every row.
@@ -173,7 +173,9 @@ class EntropyMonitor:
     last : list of dict
         The records of the most recent recorded forward (nothing older is kept).
     events : list of dict
-        Collapse events of the most recent recorded forward.
+        Collapse events of the most recent forward: the detector's new events after a recorded
+        forward, empty after one that does not record (so a loop reading it after every step
+        sees each event once).
     n_layers : int
         Attention layers seen so far.
 
@@ -319,6 +321,7 @@ class EntropyMonitor:
     def _on_root_pre(self, module, args, kwargs):
         if self._mode is not None:  # a previous forward raised before the post hook could run
             self._stop_capture()
+        self.events = []
         self._step = self._forwards
         self._forwards += 1
         self._active = self._step % self.every == 0

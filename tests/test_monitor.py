@@ -321,3 +321,23 @@ def test_bound_every_checks_the_bound_on_every_nth_recorded_forward_only():
     assert sorted(set(steps)) == [0, 10, 20]
     with pytest.raises(ValueError, match="bound_every"):
         EntropyMonitor(model, bound_every=0)
+
+
+def test_events_are_seen_once_by_a_loop_that_reads_them_after_every_forward():
+    """mon.events holds the new events of the most recent forward: a loop reading it after every
+    step (the docs' example, every=10) sees each event once, not once per unrecorded forward."""
+
+    class Every(CollapseDetector):  # one new event per recorded step, whatever the entropies
+        def update(self, records):
+            return [{"step": records[0]["step"]}]
+
+    torch.manual_seed(0)
+    model = tiny_model(n_layer=1)
+    x = torch.randn(2, 6, 8)
+    seen = []
+    with EntropyMonitor(model, every=10, detector=Every()) as mon:
+        for _ in range(25):
+            model(x)
+            seen += mon.events
+    assert seen == [{"step": 0}, {"step": 10}, {"step": 20}]
+
