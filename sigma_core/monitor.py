@@ -234,7 +234,7 @@ class EntropyMonitor:
         self._active = False
         self._handles = []
         self._file = None
-        self._handled: set[int] = set()  # ids of probe/MHA modules (recorded by their own hooks)
+        self._handled: dict[int, nn.Module] = {}  # probe/MHA modules by id (recorded by their own hooks)
         self._adapters: dict[int, object] = {}
         self._captured_layers: dict[tuple[str, int], int] = {}
         self._calls: dict[str, int] = {}
@@ -242,17 +242,19 @@ class EntropyMonitor:
         self._mode = None
         self._seen = False
         layer = 0
+        adapted = []  # modules with an adapter: the capture keeps their forward arguments
         handles = [model.register_forward_pre_hook(self._on_root_pre, prepend=True, with_kwargs=True)]
         for name, mod in model.named_modules():
             ad = find_adapter(mod)
             if ad is not None:
                 self._adapters[id(mod)] = ad
+                adapted.append(mod)
             if isinstance(getattr(mod, "probe", None), AttentionProbe):
                 handles.append(mod.probe.register_forward_hook(partial(self._on_probe, layer, name, mod)))
-                self._handled.add(id(mod))
+                self._handled[id(mod)] = mod
                 layer += 1
             elif isinstance(mod, nn.MultiheadAttention):
-                self._handled.add(id(mod))  # its internal SDPA call is not a second layer
+                self._handled[id(mod)] = mod  # its internal SDPA call is not a second layer
                 if mod.bias_k is not None or mod.add_zero_attn:
                     warnings.warn(f"EntropyMonitor: {name or 'model'} uses add_bias_kv/add_zero_attn, "
                                   "not supported: skipped", stacklevel=2)
@@ -263,8 +265,7 @@ class EntropyMonitor:
         handles.append(model.register_forward_hook(self._on_root_post, always_call=True))
         self._handles = handles
         self._n_static = layer
-        self._stack = ExecutingModules(model, watched=[m for m in model.modules() if id(m) in self._adapters],
-                                       opaque=[m for m in model.modules() if id(m) in self._handled]) if capture else None
+        self._stack = ExecutingModules(model, watched=adapted, opaque=list(self._handled.values())) if capture else None
         if layer == 0 and not capture:
             self.close()
             raise ValueError("model has no supported attention module (probe protocol or "
@@ -356,11 +357,9 @@ class EntropyMonitor:
     # -- captured calls (SDPA, eager softmax) -------------------------------------------------------
     def _owner(self):
         """(name, adapter entry or None), or None when a probe/MHA module records this call."""
-        if self._stack.in_opaque:
+        if self._stack.in_opaque:  # inside a probe/MHA module's forward
             return None
         stack = self._stack.stack()
-        if any(id(m) in self._handled for _, m, _, _ in stack):
-            return None
         name = stack[-1][0] if stack else ""
         entry = next(((m, a, kw) for _, m, a, kw in reversed(stack) if id(m) in self._adapters), None)
         return name, entry
