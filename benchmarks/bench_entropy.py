@@ -11,9 +11,10 @@ Part 2 trains the project's GPT (the cpu-demo shape by default: d=128, 4 layers,
 batch 32) and times a training step with no monitor, a monitor attached but not recording
 ("attached": the cost of a forward that does not record), one recording every 10th step, one
 recording every step with the defaults (every row's entropy on every step, the bound checked on
-every 10th: ``bound_every=10``), one checking the bound on every step too (``bound_every=1``),
-and one recording every step with every row through the blocked pass (``fused=False``, the
-method before the fused entropy pass), in blocks of 10 consecutive steps per configuration,
+every 10th: ``bound_every=10``; the compiled kernel of ``sigma_core.native`` when it builds, which
+the header line says), one checking the bound on every step too (``bound_every=1``), one without the
+compiled kernel (``native=False``: the fast path in PyTorch operations), and one recording every
+step with every row through the blocked pass (``fused=False``, the method before the fast path), in blocks of 10 consecutive steps per configuration,
 interleaving the configurations round by round so that machine load hits them alike; it prints mean and median step times and the
 overhead ratios, all in process CPU time (with one thread, the step's own cost; other
 processes on a shared machine disturb it much less than wall-clock time).  Run it with one thread (``OMP_NUM_THREADS=1``) to compare with the numbers in
@@ -102,6 +103,7 @@ def part_memory(args) -> None:
 def part_overhead(args) -> None:
     import torch
     from sigma_core.models.gpt import GPT, ModelConfig
+    from sigma_core import native
     from sigma_core.monitor import EntropyMonitor
 
     torch.manual_seed(0)
@@ -124,17 +126,19 @@ def part_overhead(args) -> None:
         opt.step()
         return time.process_time() - t0
 
+    kernel = native.row_entropy_kernel()  # built (or loaded from its cache) before any timing
     for _ in range(3):
         step()  # warm-up
     # every block is `block_steps` (default 10) consecutive steps under one fresh monitor, so that a
     # block holds exactly one recorded step of "every=10" and one bound check of bound_every=10.
     # "attached": records only its first forward (not timed), then sits idle: what a forward that
     # does not record costs.  "every=1": the defaults (every row's entropy and sigma_h on every
-    # step, the bound on every 10th); "bound/1": the bound checked on every step too; "blocked":
-    # every row through the blocked pass instead of the fused one (fused=False)
+    # step, the bound on every 10th); "bound/1": the bound checked on every step too; "torch": the
+    # fast path without the compiled kernel (native=False); "blocked": every row through the blocked
+    # pass instead of the fast one (fused=False)
     configs = {"none": None, "attached": dict(every=10**9), "every=10": dict(every=10),
                "every=1": dict(every=1), "every=1 bound/1": dict(every=1, bound_every=1),
-               "every=1 blocked": dict(every=1, fused=False)}
+               "every=1 torch": dict(every=1, native=False), "every=1 blocked": dict(every=1, fused=False)}
     names = list(configs)
     times = {name: [] for name in names}
     ratios = {name: [] for name in names}  # per round: block mean / the same round's "none" mean
@@ -156,7 +160,8 @@ def part_overhead(args) -> None:
     print(f"# monitor overhead, GPT d={args.d_model} L={args.n_layer} H={args.n_head} T={args.T} "
           f"batch={args.batch}, q gain {args.q_gain:g}, {args.rounds} rounds (configs interleaved, order rotated), "
           f"{args.block_steps} steps per config and round, torch {torch.__version__}, "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()}, compiled kernel: "
+          f"{'yes' if kernel is not None else 'no (' + str(native._state['error'] or native.ENV + '=0') + ')'}")
     print(f"{'config':>16} {'median CPU s/step':>18} {'overhead':>9}   {'paired overhead: median [quartiles]':>36}")
     for name in names:
         q1, q2, q3 = statistics.quantiles(ratios[name], n=4) if len(ratios[name]) > 1 else [ratios[name][0]] * 3

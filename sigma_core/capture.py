@@ -74,12 +74,17 @@ class AttentionInterceptor(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def innermost(mode: TorchFunctionMode | None) -> bool:
+    """Whether ``mode`` is the innermost active torch-function mode (False for None)."""
+    n = torch._C._len_torch_function_stack()
+    return mode is not None and n > 0 and torch._C._get_function_stack_at(n - 1) is mode
+
+
 @contextlib.contextmanager
 def suspended(mode: TorchFunctionMode | None):
     """Leave ``mode`` for the body (the monitor's own arithmetic in a hook) when it is the innermost
     torch-function mode, and enter it again after; otherwise (None, or another mode on top) do nothing."""
-    n = torch._C._len_torch_function_stack()
-    if mode is None or n == 0 or torch._C._get_function_stack_at(n - 1) is not mode:
+    if not innermost(mode):
         yield
         return
     mode.__exit__(None, None, None)
@@ -101,16 +106,20 @@ class ExecutingModules:
     :meth:`detach` (the monitor attaches for one recorded forward); other modules get ``((), {})``.
     :attr:`in_opaque` counts the ``opaque`` modules now running their forward (the monitor's
     probe and ``nn.MultiheadAttention`` modules, which record their attention themselves), so a
-    call inside them is dismissed without reading the call stack.
+    call inside them is dismissed without reading the call stack.  ``on_opaque(True)`` is called
+    when the outermost of them starts and ``on_opaque(False)`` when it ends (the monitor leaves its
+    torch-function mode in between: nothing inside is recorded from it, and every torch call
+    there would pay for the mode's dispatch).
     """
 
-    def __init__(self, model: nn.Module, watched=(), opaque=()):
+    def __init__(self, model: nn.Module, watched=(), opaque=(), on_opaque=None):
         self._root = model
         self._names = {id(mod): name for name, mod in model.named_modules()}
         self._watched = list(watched)
         self._opaque = list(opaque)
         self._args: dict[int, tuple[tuple, dict]] = {}
         self._handles: list = []
+        self._on_opaque = on_opaque
         self.in_opaque = 0
 
     def attach(self, root_args: tuple = (), root_kwargs: dict | None = None) -> None:
@@ -132,9 +141,15 @@ class ExecutingModules:
 
     def _enter(self, module, args):
         self.in_opaque += 1
+        if self.in_opaque == 1 and self._on_opaque is not None:
+            self._on_opaque(True)
 
     def _leave(self, module, args, output):
-        self.in_opaque = max(0, self.in_opaque - 1)
+        if self.in_opaque == 0:
+            return
+        self.in_opaque -= 1
+        if self.in_opaque == 0 and self._on_opaque is not None:
+            self._on_opaque(False)
 
     def _keep(self, module, args, kwargs):
         self._args[id(module)] = (args, kwargs)

@@ -90,7 +90,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigma_core.adapters import Projections, find_adapter
-from sigma_core.capture import AttentionInterceptor, ExecutingModules, sdpa_arguments, suspended
+from sigma_core.capture import AttentionInterceptor, ExecutingModules, innermost, sdpa_arguments, suspended
 from sigma_core.entropy import (
     VARIANTS, RowStats, _hidden_threshold, attention_row_stats, bound_variant_norms, fused_row_entropy,
     head_sigma, logits_row_stats,
@@ -162,6 +162,9 @@ class EntropyMonitor:
         Take the entropies of unmasked attention from the fast path where available
         (:func:`sigma_core.entropy.fused_row_entropy`: CPU float32; default True); the bound is
         checked on the sampled rows' exact logits either way.
+    native : bool
+        Let that fast path use the compiled kernel (:mod:`sigma_core.native`, built on first use;
+        default True; the environment variable ``SIGMA_CORE_NATIVE=0`` disables it everywhere).
     bound_every : int
         Check the bound, and compute ``sigma_h``, on the first recorded forward and every
         ``bound_every``-th after it (default 10; 1: on every one); on the others ``sigma``,
@@ -194,7 +197,7 @@ class EntropyMonitor:
 
     def __init__(self, model: nn.Module, *, every: int = 1, path=None, detector=None,
                  bound_samples: int | None = 1, method: str = "auto", block_size: int = 512,
-                 capture: bool = True, fused: bool = True, bound_every: int = 10):
+                 capture: bool = True, fused: bool = True, bound_every: int = 10, native: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
@@ -214,6 +217,8 @@ class EntropyMonitor:
             raise TypeError(f"capture must be a bool, got {type(capture).__name__}")
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
+        if not isinstance(native, bool):
+            raise TypeError(f"native must be a bool, got {type(native).__name__}")
         if not isinstance(bound_every, int) or isinstance(bound_every, bool) or bound_every < 1:
             raise ValueError(f"bound_every must be a positive int, got {bound_every!r}")
         self.every = every
@@ -223,6 +228,7 @@ class EntropyMonitor:
         self.block_size = block_size
         self.capture = capture
         self.fused = fused
+        self.native = native
         self.bound_every = bound_every
         self._recorded = 0  # recorded forwards so far
         self._check = False  # check the bound in this forward
@@ -240,6 +246,7 @@ class EntropyMonitor:
         self._calls: dict[str, int] = {}
         self._warned: set[str] = set()
         self._mode = None
+        self._mode_out = False  # the mode left for the forward of a probe/MHA module
         self._seen = False
         layer = 0
         adapted = []  # modules with an adapter: the capture keeps their forward arguments
@@ -265,7 +272,8 @@ class EntropyMonitor:
         handles.append(model.register_forward_hook(self._on_root_post, always_call=True))
         self._handles = handles
         self._n_static = layer
-        self._stack = ExecutingModules(model, watched=adapted, opaque=list(self._handled.values())) if capture else None
+        self._stack = (ExecutingModules(model, watched=adapted, opaque=list(self._handled.values()),
+                                        on_opaque=self._on_opaque) if capture else None)
         if layer == 0 and not capture:
             self.close()
             raise ValueError("model has no supported attention module (probe protocol or "
@@ -308,11 +316,27 @@ class EntropyMonitor:
         self._mode = AttentionInterceptor(self._on_sdpa, self._on_softmax)
         self._mode.__enter__()
 
+    def _on_opaque(self, entering: bool) -> None:
+        """Leave the torch-function mode while a probe/MHA module runs (it records its own
+        attention; the calls inside would only pay for the mode's dispatch), enter it again after."""
+        mode = self._mode
+        if mode is None:
+            return
+        if entering:
+            if innermost(mode):  # (a mode of the user's on top stays as it is)
+                mode.__exit__(None, None, None)
+                self._mode_out = True
+        elif self._mode_out:
+            self._mode_out = False
+            mode.__enter__()
+
     def _stop_capture(self) -> None:
         if self._mode is not None:
             mode, self._mode = self._mode, None
+            out, self._mode_out = self._mode_out, False
             try:
-                mode.__exit__(None, None, None)
+                if not out:
+                    mode.__exit__(None, None, None)
             except Exception as err:  # pragma: no cover - a mode entered inside the forward and left open
                 self._warn_once("mode", f"EntropyMonitor: could not leave its torch-function mode: {err}")
         if self._stack is not None:
@@ -470,7 +494,8 @@ class EntropyMonitor:
         otherwise every row takes the blocked pass of :func:`~sigma_core.entropy.attention_row_stats`.
         """
         nb = self._nb(q.shape[0])
-        ent = fused_row_entropy(q, k, scale=scale, causal=causal) if mask is None and self.fused else None
+        ent = (fused_row_entropy(q, k, scale=scale, causal=causal, native=self.native)
+               if mask is None and self.fused else None)
         if ent is None:
             if not self._finite(layer, name, q, k):
                 return None

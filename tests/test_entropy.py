@@ -344,13 +344,19 @@ def test_logits_row_stats_rejects_bad_input():
         logits_row_stats(torch.full((1, 1, 1, 3), -math.inf))
 
 
-@pytest.fixture(params=["dense", "flash"])
+@pytest.fixture(params=["native", "dense", "flash"])
 def fused_path(request, monkeypatch):
-    """Both paths of fused_row_entropy: logits in cached blocks (short sequences) and the flash pass."""
+    """The paths of fused_row_entropy, as its keyword arguments: the compiled kernel, and the PyTorch
+    path's logits in cached blocks (short sequences) and flash pass (long ones)."""
     import sigma_core.entropy as E
+    from sigma_core.native import row_entropy_kernel
+    if request.param == "native":
+        if row_entropy_kernel() is None:  # test_native.py asserts that it builds where a compiler is
+            pytest.skip("the compiled kernel is not available here")
+        return {"native": True}
     if request.param == "flash":
         monkeypatch.setattr(E, "FUSED_DENSE_MAX_KEYS", 0)
-    return request.param
+    return {"native": False}
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -362,7 +368,7 @@ def test_fused_row_entropy_matches_the_float64_reference(causal, mag, fused_path
     g = torch.Generator().manual_seed(int(mag * 10) + causal)
     q = torch.randn(3, 4, 33, 16, generator=g) * mag
     k = torch.randn(3, 4, 33, 16, generator=g) * mag
-    fast = fused_row_entropy(q, k, scale=0.25, causal=causal)
+    fast = fused_row_entropy(q, k, scale=0.25, causal=causal, **fused_path)
     ref, _ = reference(q, k, 0.25, _visible(33, 33, causal, None))
     assert fast is not None and fast.shape == (3, 4, 33) and fast.dtype == torch.float32
     np.testing.assert_allclose(fast.double().numpy(), ref, rtol=0, atol=1e-5)
@@ -376,15 +382,16 @@ def test_fused_row_entropy_recomputes_large_logit_heads_and_declines_what_it_can
     q, k = torch.randn(2, 3, 20, 8), torch.randn(2, 3, 20, 8)
     q[1, 2] *= 60.0  # one head with logits of order 1e2: its rows must come from the exact pass
     ref, _ = reference(q, k, 1.0, _visible(20, 20, True, None))
-    loose = fused_row_entropy(q, k, scale=1.0, causal=True, max_logit_scale=math.inf)  # no recompute
-    fast = fused_row_entropy(q, k, scale=1.0, causal=True)
+    loose = fused_row_entropy(q, k, scale=1.0, causal=True, max_logit_scale=math.inf, native=False)  # no recompute
+    fast = fused_row_entropy(q, k, scale=1.0, causal=True, native=False)
     np.testing.assert_allclose(fast.double().numpy(), ref, rtol=0, atol=1e-5)
     np.testing.assert_allclose(fast[1, 2].double().numpy(), ref[1, 2], rtol=0, atol=1e-6)  # recomputed
     assert (loose[1, 2].double().numpy() - ref[1, 2]).__abs__().max() > (
         fast[1, 2].double().numpy() - ref[1, 2]).__abs__().max()
-    assert fused_row_entropy(q.double(), k.double()) is None  # float64: the blocked pass is exact enough
-    assert fused_row_entropy(q[:, :, :5], k, causal=True) is None  # causal with Tq != Tk
-    assert fused_row_entropy(q.to("meta"), k.to("meta")) is None
+    for native in (True, False):
+        assert fused_row_entropy(q.double(), k.double(), native=native) is None  # float64: the blocked pass
+        assert fused_row_entropy(q[:, :, :5], k, causal=True, native=native) is None  # causal, Tq != Tk
+        assert fused_row_entropy(q.to("meta"), k.to("meta"), native=native) is None
 
 
 @pytest.mark.parametrize("chunk", [1, 2 * 3 * 17 * 8, 5 * 3 * 17 * 8])
@@ -399,7 +406,7 @@ def test_fused_row_entropy_in_batch_chunks_equals_one_pass(monkeypatch, chunk):
     ref, _ = reference(q, k, 0.5, _visible(17, 17, True, None))
     monkeypatch.setattr(E, "FUSED_CHUNK_ELEMENTS", chunk)
     monkeypatch.setattr(E, "FUSED_DENSE_MAX_KEYS", 0)
-    got = E.fused_row_entropy(q, k, scale=0.5, causal=True)
+    got = E.fused_row_entropy(q, k, scale=0.5, causal=True, native=False)
     np.testing.assert_allclose(got.double().numpy(), ref, rtol=0, atol=1e-5)
     np.testing.assert_allclose(got[4, 1].double().numpy(), ref[4, 1], rtol=0, atol=1e-6)  # recomputed
 
@@ -417,14 +424,18 @@ def test_fused_row_entropy_dense_blocks_of_any_size_agree(monkeypatch, causal, b
     Tq = 19 if causal else 11
     q, k = torch.randn(3, 5, Tq, 8) * 2, torch.randn(3, 5, 19, 8) * 2
     ref, _ = reference(q, k, 0.4, _visible(Tq, 19, causal, None))
-    got = E.fused_row_entropy(q, k, scale=0.4, causal=causal)
+    got = E.fused_row_entropy(q, k, scale=0.4, causal=causal, native=False)
     np.testing.assert_allclose(got.double().numpy(), ref, rtol=0, atol=1e-5)
 
 
-def test_fused_row_entropy_declines_non_finite_inputs():
+@pytest.mark.parametrize("native", [True, False])
+def test_fused_row_entropy_declines_non_finite_inputs(native):
     from sigma_core.entropy import fused_row_entropy
     q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
     q[0, 1, 3, 2] = math.nan
-    assert fused_row_entropy(q, k) is None
+    assert fused_row_entropy(q, k, native=native) is None
     q[0, 1, 3, 2] = math.inf
-    assert fused_row_entropy(q, k, causal=True) is None
+    assert fused_row_entropy(q, k, causal=True, native=native) is None
+    q[0, 1, 3, 2] = 0.0
+    k[0, 0, 5, 0] = -math.inf  # a key no causal row before the last sees: still declined
+    assert fused_row_entropy(q, k, causal=True, native=native) is None

@@ -457,3 +457,56 @@ def test_a_captured_call_is_named_by_the_innermost_module_running_it():
     heads0 = [(r["layer"], r["name"]) for r in mon.last if r["head"] == 0]
     assert heads0 == [(0, "blocks.0.attn"), (1, "blocks.1.attn"), (2, "blocks.0.attn"), (3, "")]
     assert all(r["source"] == "sdpa" and r["seq_len"] == 5 for r in mon.last)
+
+
+def test_the_capture_mode_is_off_inside_probe_and_mha_modules_and_back_after_them():
+    """A probe-protocol attention and nn.MultiheadAttention record themselves, so the monitor leaves
+    its torch-function mode while they run (no dispatch cost for their calls) and enters it again
+    after: a plain SDPA module later in the same forward is still captured, in call order; an
+    exception inside a probe module leaves no mode behind."""
+    from sigma_core.models.gpt import CausalSelfAttention
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 24)
+
+        def forward(self, x):
+            return _sdpa_of(x, self.proj)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.probe_attn = CausalSelfAttention(8, 2)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.plain = Plain()
+
+        def forward(self, x):
+            x = x + self.probe_attn(x)
+            x = x + self.mha(x, x, x, need_weights=False)[0]
+            return x + self.plain(x)
+
+    torch.manual_seed(0)
+    net = Net()
+    depth = {}
+    for name in ("probe_attn.q_proj", "mha", "plain.proj"):
+        net.get_submodule(name).register_forward_pre_hook(
+            lambda m, a, name=name: depth.__setitem__(name, torch._C._len_torch_function_stack()))
+    x = torch.randn(2, 6, 8)
+    with EntropyMonitor(net) as mon:
+        net(x)
+        assert depth == {"probe_attn.q_proj": 0, "mha": 0, "plain.proj": 1}
+        assert [(r["layer"], r["name"], r["source"]) for r in mon.last if r["head"] == 0] == [
+            (0, "probe_attn", "probe"), (1, "mha", "mha"), (2, "plain", "sdpa")]
+        assert not torch._C._is_torch_function_mode_enabled()
+
+        def boom(module, args):
+            raise RuntimeError("boom")
+
+        h = net.probe_attn.o_proj.register_forward_pre_hook(boom)  # raises inside the probe module
+        with pytest.raises(RuntimeError, match="boom"):
+            net(x)
+        h.remove()
+        assert torch._C._len_torch_function_stack() == 0
+        net(x)
+        assert depth["plain.proj"] == 1 and [r["layer"] for r in mon.last if r["head"] == 0] == [0, 1, 2]

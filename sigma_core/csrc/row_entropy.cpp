@@ -1,0 +1,148 @@
+// Row entropies of softmax(scale * q k^T) without forming the T x T logits in memory.
+//
+// Built on first use by sigma_core.native (torch.utils.cpp_extension); the EntropyMonitor's fast
+// path on the CPU.  For every (batch, head): the logits of RB query rows x W keys are accumulated
+// in vector registers over the head dimension, stored for those RB rows only (RB x T floats, in the
+// core's cache), and each row is reduced at once in the stable form
+//     Ent = log sum_j e_j - sum_j e_j s_j / sum_j e_j,   s_j = max(z_j - max_k z_k, -80),  e_j = exp(s_j)
+// (no cancellation: s <= 0; keys below the floor e^-80 weigh less than float32 rounding of sum e >= 1).
+// Causal rows see keys 0..i (top-left aligned, Tq == Tk); hidden and padding lanes weigh exactly 0.
+// A non-finite logit anywhere in a (batch, head) makes all its entropies NaN.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int W = 16;  // lanes of one vector (GCC vector extension: AVX-512, or split by the compiler)
+constexpr int RB = 8;  // query rows per block: RB accumulators of W logits
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float a) { vf v = {}; return v + a; }
+
+typedef float vh __attribute__((vector_size(W / 2 * sizeof(float))));
+typedef float vq __attribute__((vector_size(W / 4 * sizeof(float))));
+
+// horizontal sum / max by halving (the halves copied out, as the compiler's own extracts)
+template <typename Op>
+inline float reduce(vf v, Op op) {
+  vh a, b;
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
+  const vh c = op(a, b);
+  vq x, y;
+  std::memcpy(&x, &c, sizeof x);
+  std::memcpy(&y, reinterpret_cast<const char*>(&c) + sizeof x, sizeof y);
+  const vq u = op(x, y);
+  return op(op(u[0], u[1]), op(u[2], u[3]));
+}
+
+inline float hsum(vf v) {
+  return reduce(v, [](auto a, auto b) { return a + b; });
+}
+
+inline float hmax(vf v) {
+  return reduce(v, [](auto a, auto b) { return a > b ? a : b; });
+}
+
+// exp(s) for s in [-80, 0]: s = k ln2 + r, |r| <= ln2/2 (k rounded to nearest by adding and
+// subtracting 1.5 * 2^23), exp(r) by the Cephes expf polynomial (relative error ~1e-7), 2^k from
+// the exponent bits (k >= -116: a normal float, no subnormal slow path).
+inline vf exp_nonpos(vf s) {
+  const vf magic = splat(12582912.0f);
+  const vf kf = (s * 1.44269504088896341f + magic) - magic;
+  const vf r = s - kf * 0.693359375f + kf * 2.12194440e-4f;
+  vf p = ((((splat(1.9875691500e-4f) * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
+           + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const vi bits = (__builtin_convertvector(kf, vi) + 127) << 23;
+  vf two_k;
+  std::memcpy(&two_k, &bits, sizeof two_k);
+  return p * two_k;
+}
+
+}  // namespace
+
+// q: (B, H, Tq, d) float32 with unit stride on d; kt: (B, H, d, Tkp) float32 contiguous, the keys
+// transposed and zero-padded to Tkp (a multiple of W) >= Tk columns.  Returns (B, H, Tq).
+torch::Tensor row_entropy(const torch::Tensor& q, const torch::Tensor& kt, int64_t Tk, double scale,
+                          bool causal) {
+  TORCH_CHECK(q.dim() == 4 && kt.dim() == 4 && q.scalar_type() == torch::kFloat32
+              && kt.scalar_type() == torch::kFloat32 && q.device().is_cpu() && kt.device().is_cpu(),
+              "row_entropy: q (B, H, Tq, d) and kt (B, H, d, Tkp) float32 CPU tensors");
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), d = q.size(3), Tkp = kt.size(3);
+  TORCH_CHECK(q.stride(3) == 1 && kt.is_contiguous() && kt.size(0) == B && kt.size(1) == H
+              && kt.size(2) == d && Tkp % W == 0 && Tk >= 1 && Tk <= Tkp && (!causal || Tq == Tk),
+              "row_entropy: shapes or strides not as documented");
+  auto out = torch::empty({B, H, Tq}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* ktp = kt.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+  const float sc = static_cast<float>(scale);
+  vi lane;
+  for (int i = 0; i < W; ++i) lane[i] = i;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(RB * Tkp);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* qb = qp + b * qs0 + h * qs1;
+      const float* kb = ktp + bh * d * Tkp;
+      vf poison = {};  // stays 0 unless a logit is inf or NaN (then inf * 0 or NaN * 0 = NaN)
+      for (int64_t i0 = 0; i0 < Tq; i0 += RB) {
+        const int64_t R = std::min<int64_t>(RB, Tq - i0);
+        const float* qr[RB];
+        for (int r = 0; r < RB; ++r) qr[r] = qb + (i0 + std::min<int64_t>(r, R - 1)) * qs2;  // tail: repeat
+        const int64_t nmax = causal ? i0 + R : Tk;
+        vf mv[RB];  // running maximum of each row over the keys it sees
+        for (int r = 0; r < RB; ++r) mv[r] = splat(-INFINITY);
+        for (int64_t j0 = 0; j0 < nmax; j0 += W) {
+          vf acc[RB] = {};
+          for (int64_t t = 0; t < d; ++t) {
+            const vf kv = load(kb + t * Tkp + j0);
+            for (int r = 0; r < RB; ++r) acc[r] += qr[r][t] * kv;
+          }
+          for (int r = 0; r < RB; ++r) {
+            const vf v = acc[r] * sc;
+            store(&z[r * Tkp + j0], v);
+            poison += v * 0.0f;
+            const int32_t seen = static_cast<int32_t>((causal ? i0 + r + 1 : Tk) - j0);  // keys of row r here
+            mv[r] = (lane < seen) & (v > mv[r]) ? v : mv[r];
+          }
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t n = causal ? i0 + r + 1 : Tk;  // keys this row sees
+          const float* zr = &z[r * Tkp];
+          const float m = hmax(mv[r]);
+          vf lv = {}, ev = {};
+          for (int64_t j0 = 0; j0 < n; j0 += W) {
+            const auto seen = lane < static_cast<int32_t>(n - j0);
+            vf s = load(zr + j0) - m;
+            s = seen ? (s < -80.0f ? splat(-80.0f) : s) : splat(0.0f);  // unseen lanes: weight 0, s 0
+            const vf e = seen ? exp_nonpos(s) : splat(0.0f);
+            lv += e;
+            ev += e * s;
+          }
+          const float l = hsum(lv);
+          op[bh * Tq + i0 + r] = std::log(l) - hsum(ev) / l;
+        }
+      }
+      // every query row and every key enters some computed logit: a non-finite q or k (a diverging
+      // model) gives NaN for the whole (batch, head), which the caller declines
+      if (std::isnan(hsum(poison))) std::fill(op + bh * Tq, op + (bh + 1) * Tq, NAN);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("row_entropy", &row_entropy, "row entropies of softmax(scale q k^T), (B, H, Tq)");
+}
