@@ -16,6 +16,7 @@ says why, once).
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -36,6 +37,7 @@ _ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma"],
 }
 _lock = threading.Lock()
+logger = logging.getLogger(__name__)
 _state: dict = {"tried": False, "module": None, "error": None}
 
 
@@ -44,6 +46,16 @@ def _capability() -> str:
         return str(torch.backends.cpu.get_cpu_capability())
     except Exception:  # pragma: no cover - very old or unusual builds
         return "DEFAULT"
+
+
+def _built(name: str) -> bool:
+    """Whether a build of ``name`` is in PyTorch's extension cache (a stale one is rebuilt anyway)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, False)) / f"{name}.so").exists()
+    except Exception:  # a private helper: if it moves, only the message is lost
+        return True
 
 
 def _ninja_on_path() -> None:
@@ -76,8 +88,12 @@ def row_entropy_kernel():
 
                 _ninja_on_path()
                 cap = _capability()
+                name = f"sigma_core_row_entropy_{cap.lower()}"
+                if not _built(name):  # say why the first recorded forward pauses
+                    logger.warning("sigma_core: building the compiled entropy kernel of the monitor "
+                                   "(once per machine and PyTorch version, about 25 s)")
                 _state["module"] = load(
-                    name=f"sigma_core_row_entropy_{cap.lower()}",
+                    name=name,
                     sources=[str(SOURCE)],
                     extra_cflags=["-O3", *_ISA_FLAGS.get(cap, [])],
                     verbose=False,

@@ -205,3 +205,21 @@ def test_ninja_from_the_wheel_is_put_on_path(monkeypatch):
     monkeypatch.setattr(native.shutil, "which", lambda name: "/usr/bin/ninja")
     native._ninja_on_path()
     assert os.environ["PATH"] == "/nonexistent"
+
+
+def test_a_first_build_says_so(monkeypatch, caplog, tmp_path):
+    """When the kernel is not in PyTorch's extension cache yet, the pause is announced (a warning on
+    the logger, which reaches stderr without any logging set up); a cached one loads silently."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty extension cache
+    assert native._built("sigma_core_row_entropy_avx512") is False
+    loaded = object()
+    monkeypatch.setattr(cpp, "load", lambda **kwargs: loaded)
+    for cached in (False, True):
+        monkeypatch.setattr(native, "_state", {"tried": False, "module": None, "error": None})
+        monkeypatch.setattr(native, "_built", lambda name: cached)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sigma_core.native"):
+            assert native.row_entropy_kernel() is loaded
+        assert ("building the compiled entropy kernel" in caplog.text) is (not cached)
