@@ -462,6 +462,13 @@ def _dense_row_entropy(q, k, scale: float, causal: bool) -> torch.Tensor:
     return out
 
 
+def _finite_or_none(ent: torch.Tensor):
+    """``ent`` clamped at 0 (rounding can leave -1e-7), or None when any entry is NaN or inf (NaN or
+    inf in q or k: left to the caller's checks).  Entropies are <= log Tk, so their sum is finite
+    exactly when every one is: one reduction instead of an elementwise test."""
+    return ent.clamp_(min=0.0) if math.isfinite(float(ent.sum())) else None
+
+
 def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_MAX_LOGIT_SCALE,
                       native=True):
     """Row entropies of unmasked attention, fast, or None where this path is not available.
@@ -506,15 +513,10 @@ def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_M
         with torch.no_grad():
             ent = native_row_entropy(q.detach(), k.detach(), scale, bool(causal))
         if ent is not None:
-            # NaN or inf in q or k: left to the caller's checks (entropies are <= log Tk, so their
-            # sum is finite exactly when every one is)
-            return ent.clamp_(min=0.0) if math.isfinite(float(ent.sum())) else None
+            return _finite_or_none(ent)
     if k.shape[2] <= FUSED_DENSE_MAX_KEYS:
         with torch.no_grad():
-            ent = _dense_row_entropy(q.detach(), k.detach(), scale, bool(causal))
-            # NaN or inf in q or k: left to the caller's checks (entropies are <= log Tk, so their
-            # sum is finite exactly when every one is)
-            return ent.clamp_(min=0.0) if math.isfinite(float(ent.sum())) else None
+            return _finite_or_none(_dense_row_entropy(q.detach(), k.detach(), scale, bool(causal)))
     # batch chunks of about FUSED_CHUNK_ELEMENTS query entries: the products below then read q, k
     # and the pass's output while they are still in the core's cache
     rows = max(1, FUSED_CHUNK_ELEMENTS // (H * Tq * d))
