@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -48,14 +49,36 @@ def _capability() -> str:
         return "DEFAULT"
 
 
-def _built(name: str) -> bool:
-    """Whether a build of ``name`` is in PyTorch's extension cache (a stale one is rebuilt anyway)."""
+#: a build lock older than this (seconds) is left over from a killed build: PyTorch's builder would
+#: wait for it forever, so it is removed (a build takes about 25 s)
+STALE_LOCK_SECONDS = 600
+
+
+def _build_dir(name: str) -> Path | None:
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        return (Path(_get_build_directory(name, False)) / f"{name}.so").exists()
-    except Exception:  # a private helper: if it moves, only the message is lost
-        return True
+        return Path(_get_build_directory(name, False))
+    except Exception:  # a private helper: if it moves, only the message and the lock check are lost
+        return None
+
+
+def _built(name: str) -> bool:
+    """Whether a build of ``name`` is in PyTorch's extension cache (a stale one is rebuilt anyway)."""
+    d = _build_dir(name)
+    return d is None or (d / f"{name}.so").exists()
+
+
+def _clear_stale_lock(name: str) -> None:
+    """Remove the build lock of a build that was killed (SIGKILL, out of memory) long ago."""
+    d = _build_dir(name)
+    lock = None if d is None else d / "lock"
+    try:
+        if lock is not None and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+            logger.warning("sigma_core: removed a stale build lock left by a killed build: %s", lock)
+    except OSError:  # no lock (the usual case), or another process removed it first
+        pass
 
 
 def _ninja_on_path() -> None:
@@ -89,6 +112,7 @@ def row_entropy_kernel():
                 _ninja_on_path()
                 cap = _capability()
                 name = f"sigma_core_row_entropy_{cap.lower()}"
+                _clear_stale_lock(name)
                 if not _built(name):  # say why the first recorded forward pauses
                     logger.warning("sigma_core: building the compiled entropy kernel of the monitor "
                                    "(once per machine and PyTorch version, about 25 s)")

@@ -8,6 +8,7 @@ must build: a test asserts it, so the other tests cannot all skip silently.
 import math
 import os
 import shutil
+import time
 import warnings
 
 import numpy as np
@@ -223,3 +224,19 @@ def test_a_first_build_says_so(monkeypatch, caplog, tmp_path):
         with caplog.at_level("WARNING", logger="sigma_core.native"):
             assert native.row_entropy_kernel() is loaded
         assert ("building the compiled entropy kernel" in caplog.text) is (not cached)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(monkeypatch, tmp_path):
+    """PyTorch's builder waits forever for the lock file of a build that was killed; one older than
+    STALE_LOCK_SECONDS is removed before building, a recent one (a build in progress) is left."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    name = "sigma_core_row_entropy_test"
+    lock = native._build_dir(name) / "lock"
+    lock.write_text("")
+    native._clear_stale_lock(name)
+    assert lock.exists()  # recent: a build in progress
+    old = time.time() - native.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    native._clear_stale_lock(name)
+    assert not lock.exists()
+    native._clear_stale_lock(name)  # no lock: nothing to do
