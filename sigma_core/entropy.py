@@ -491,7 +491,7 @@ def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_M
     :data:`FUSED_MAX_LOGIT_SCALE`, an error of a few 1e-6 nats) is recomputed exactly by
     :func:`attention_row_stats`.
 
-    Returns None (use :func:`attention_row_stats`) unless ``q``, ``k`` are finite float32 tensors
+    Returns None (use :func:`attention_row_stats`) unless ``q``, ``k`` are finite, non-empty float32 tensors
     on the CPU of shape ``(B, H, T, d)`` with the same ``T`` when ``causal``.  Shapes are not
     validated further: this is the monitor's fast path, for the inputs of a running model.
 
@@ -509,7 +509,9 @@ def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_M
         return None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     B, H, Tq, d = q.shape
-    if native and min(q.numel(), k.numel()) > 0:
+    if min(q.numel(), k.numel()) == 0:
+        return None  # nothing to gain: the blocked pass handles empty shapes
+    if native:
         with torch.no_grad():
             ent = native_row_entropy(q.detach(), k.detach(), scale, bool(causal))
         if ent is not None:

@@ -392,6 +392,7 @@ def test_fused_row_entropy_recomputes_large_logit_heads_and_declines_what_it_can
         assert fused_row_entropy(q.double(), k.double(), native=native) is None  # float64: the blocked pass
         assert fused_row_entropy(q[:, :, :5], k, causal=True, native=native) is None  # causal, Tq != Tk
         assert fused_row_entropy(q.to("meta"), k.to("meta"), native=native) is None
+        assert fused_row_entropy(q[:, :, :0], k, native=native) is None  # empty: the blocked pass
 
 
 @pytest.mark.parametrize("chunk", [1, 2 * 3 * 17 * 8, 5 * 3 * 17 * 8])
