@@ -209,6 +209,9 @@ class SigmaReparam(nn.Module):
             raise ValueError(f"{label}: sigma_reparam needs a weight with >= 2 dims, got shape {tuple(weight.shape)}")
         if not isinstance(dim, int) or not -weight.ndim <= dim < weight.ndim:
             raise ValueError(f"dim must be an int in [-{weight.ndim}, {weight.ndim}), got {dim!r}")
+        if weight.numel() == 0:
+            raise ValueError(f"{label}: sigma_reparam needs a weight with no zero-size dimension "
+                             f"(its spectral norm is undefined), got shape {tuple(weight.shape)}")
         dim = dim % weight.ndim
         if not isinstance(n_chunks, int) or n_chunks < 1 or weight.shape[dim] % n_chunks:
             raise ValueError(f"{label}: {weight.shape[dim]} rows do not split into n_chunks={n_chunks!r}")
@@ -249,6 +252,8 @@ class SigmaReparam(nn.Module):
     @torch.no_grad()
     def _init_from(self, weight: torch.Tensor, gamma_init) -> None:
         """Vectors from an exact SVD of ``weight``; gamma by ``gamma_init`` (None: keep gamma)."""
+        if weight.is_meta:  # no values to take an SVD of: the buffers keep their shapes (to_empty, then load)
+            return
         W = self._as_matrices(weight).to(self._u.dtype)  # (c, m, n)
         if not torch.isfinite(W).all():
             raise ValueError(f"{self.label}: cannot register sigma_reparam on a non-finite weight")
@@ -371,6 +376,8 @@ class SigmaReparam(nn.Module):
         return _vWu(self._u.to(W.dtype), W, self._v.to(W.dtype))  # (c,)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if weight.is_meta:  # shapes only (e.g. a model built on the meta device, then to_empty)
+            return torch.empty_like(weight)
         # autocast off for the whole computation; entering the context manager costs more than
         # the rest of a small layer's reparametrisation, so only when autocast is on
         if _compiling() or torch.is_autocast_enabled(weight.device.type):
@@ -998,7 +1005,13 @@ def convert_to_sigma_reparam(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layer_types = _default_layer_types() if layer_types is None else tuple(layer_types)
+    if isinstance(layer_types, (type, str)):  # one class (or "Conv1D") on its own
+        layer_types = (layer_types,)
+    try:
+        layer_types = _default_layer_types() if layer_types is None else tuple(layer_types)
+    except TypeError:
+        raise TypeError(f"layer_types must be a module class or a tuple of them (or \"Conv1D\"), "
+                        f"got {layer_types!r}") from None
     if not layer_types or not all(isinstance(t, type) or t == "Conv1D" for t in layer_types):
         raise TypeError('layer_types must be a non-empty tuple of module classes (or "Conv1D")')
     if not isinstance(split_qkv, bool):
