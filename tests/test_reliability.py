@@ -18,7 +18,8 @@ import torch
 from sigma_core.cli import main
 from sigma_core.experiments.config import preset
 from sigma_core.experiments.train import (CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, CheckpointError, Diverged,
-                              Trainer, atomic_torch_save, read_checkpoint, truncate_metrics)
+                              Trainer, atomic_torch_save, read_checkpoint,
+                              read_checkpoint_file, truncate_metrics)
 
 STEPS = 40
 ARGS = ["--preset", "cpu-smoke", "--steps", str(STEPS), "--checkpoint-every", "10", "--log-every", "5",
@@ -86,7 +87,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         atomic_torch_save({"step": 2}, path)
     monkeypatch.undo()
-    assert torch.load(path) == {"step": 1}  # the old checkpoint is intact
+    assert read_checkpoint_file(path) == {"step": 1}  # the old checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temp file left
 
 
@@ -238,3 +239,66 @@ def test_every_bad_flag_exits_2_naming_it(argv, says, tmp_path, capsys):
         main(["train", *(a.replace("{tmp}", str(tmp_path)) for a in argv)])
     assert exc.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused_and_named(tmp_path):
+    """One flipped bit inside the tensor data (which unpickles fine) fails the sha256 check."""
+    cfg = preset("cpu-smoke", steps=4, threads=1)
+    good = Trainer(cfg, tmp_path).save_checkpoint()
+    blob = bytearray(good.read_bytes())
+    fresh = Trainer(cfg)
+    for pos in (len(blob) // 3, len(blob) // 2, len(blob) - 5000):
+        bad = tmp_path / f"flip{pos}.pt"
+        flipped = bytearray(blob)
+        flipped[pos] ^= 0x10
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match=f"{bad.name} is truncated or corrupted: .*sha256"):
+            fresh.load_checkpoint(bad)
+    fresh.load_checkpoint(good)  # the unchanged file still loads
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path):
+    """A pickle payload with a valid checksum (anyone can recompute one) is still refused,
+    and its command never runs; so is one in the old plain torch.save format."""
+    from sigma_core.experiments.train import checkpoint_bytes
+
+    cfg = preset("cpu-smoke", steps=4, threads=1)
+    state = Trainer(cfg).state_dict()
+    marker = tmp_path / "ran"
+    state["extra"] = _Payload(marker)
+    (tmp_path / "evil.pt").write_bytes(checkpoint_bytes(state))
+    torch.save(state, tmp_path / "evil-legacy.pt")
+    for name in ("evil.pt", "evil-legacy.pt"):
+        with pytest.raises(CheckpointError, match="could run code"):
+            read_checkpoint(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_checkpoints_of_the_format_before_the_checksum_still_load(tmp_path):
+    cfg = preset("cpu-smoke", steps=4, threads=1)
+    trainer = Trainer(cfg)
+    torch.save(trainer.state_dict(), tmp_path / "old.pt")
+    state = read_checkpoint(tmp_path / "old.pt")
+    assert torch.equal(state["model"]["head.weight"], trainer.model.state_dict()["head.weight"])
+
+
+def test_temporaries_of_killed_writers_are_removed(tmp_path):
+    """A ``.checkpoint.pt.tmpPID`` of a process that no longer exists is removed at the next write;
+    a live writer's is left alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".{CHECKPOINT_NAME}.tmp{dead}"
+    live = tmp_path / f".{CHECKPOINT_NAME}.tmp{os.getppid()}"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    atomic_torch_save({"step": 1}, tmp_path / CHECKPOINT_NAME)
+    assert not stale.exists() and live.exists()
+    assert read_checkpoint_file(tmp_path / CHECKPOINT_NAME) == {"step": 1}

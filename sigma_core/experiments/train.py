@@ -46,10 +46,13 @@ Example
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
+import io
 import json
 import math
 import os
+import pickle
 import platform
 import signal
 import subprocess
@@ -237,13 +240,53 @@ def flops_per_token(model: torch.nn.Module) -> float:
     return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.block_size * cfg.d_model
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
+#: first bytes of a checkpoint file: the format, then the sha256 of the payload (the bytes after
+#: the header line), checked before anything is unpickled
+CHECKPOINT_MAGIC = b"entropy-collapse checkpoint v2 sha256="
+
+
+def checkpoint_bytes(obj) -> bytes:
+    """``obj`` as a checkpoint file's bytes: :data:`CHECKPOINT_MAGIC`, the hex sha256 of the
+    payload and a newline, then the payload (``torch.save`` of ``obj``)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    return CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove ``.NAME.tmpPID`` files beside ``path`` left by a writer that was killed mid-write
+    (its process no longer exists); returns what was removed."""
     path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if not pid.isdigit() or tmp.is_symlink() or not tmp.is_file():
+            continue
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # a live process is writing it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """Write ``obj`` as a checksummed checkpoint (:func:`checkpoint_bytes`) to a temporary file
+    beside ``path``, then ``os.replace`` it into place; stale temporaries of killed writers are
+    removed first."""
+    path = Path(path)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    data = checkpoint_bytes(obj)
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -729,19 +772,44 @@ class Trainer:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint file on the CPU; :class:`CheckpointError` says whether it is missing,
-    truncated/corrupted or not a training checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # zipfile, pickle, EOF and RuntimeError all mean an unreadable file
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted "
-                              f"({type(exc).__name__}: {exc})") from exc
+    """Load a training checkpoint on the CPU (:func:`read_checkpoint_file`); :class:`CheckpointError`
+    also when the file holds something other than a training state."""
+    state = read_checkpoint_file(path)
     if not isinstance(state, dict) or not set(STATE_KEYS) <= set(state):
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a training checkpoint (holds {have})")
+    return state
+
+
+def read_checkpoint_file(path: str | os.PathLike):
+    """The object in a file written by :func:`atomic_torch_save`, on the CPU; :class:`CheckpointError`
+    says whether it is missing or truncated/corrupted (its sha256 does not match the one in its
+    header).
+
+    Nothing in the file can run code: it is unpickled with ``torch.load(weights_only=True)``
+    (tensors, numbers, strings and containers only), and only after its checksum matched.
+    Checkpoints of versions before the checksum (plain ``torch.save`` files) load the same way,
+    without the checksum.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    data = path.read_bytes()
+    if data.startswith(CHECKPOINT_MAGIC):
+        head, sep, payload = data[len(CHECKPOINT_MAGIC):].partition(b"\n")
+        if not sep or hashlib.sha256(payload).hexdigest().encode() != head:
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupted: its content does not match "
+                                  f"the sha256 written with it")
+    else:
+        payload = data
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted, or holds objects other than "
+                              f"tensors, numbers and containers (refused: loading those could run code)") from exc
+    except Exception as exc:  # zipfile, EOF and RuntimeError all mean an unreadable file
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted "
+                              f"({type(exc).__name__}: {exc})") from exc
     return state
 
 
