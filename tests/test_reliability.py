@@ -228,7 +228,7 @@ def test_resume_drops_records_after_the_checkpoint_and_a_half_written_line(tmp_p
     (["--resume", "{tmp}"], "no checkpoint.pt"),
     (["--resume", "{tmp}/run", "--lr", "0.1"], "--lr"),
     (["--resume", "{tmp}/run", "--out", "{tmp}/b"], "not allowed with"),
-    ([], "one of the arguments --out --resume is required"),
+    ([], "one of the arguments --out --resume --restart is required"),
 ])
 def test_every_bad_flag_exits_2_naming_it(argv, says, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
@@ -302,3 +302,63 @@ def test_temporaries_of_killed_writers_are_removed(tmp_path):
     atomic_torch_save({"step": 1}, tmp_path / CHECKPOINT_NAME)
     assert not stale.exists() and live.exists()
     assert read_checkpoint_file(tmp_path / CHECKPOINT_NAME) == {"step": 1}
+
+
+def _short_run(run_dir, *extra):
+    assert main(["train", "--out", str(run_dir), "--preset", "cpu-smoke", "--steps", "4", "--threads", "1",
+                 "--log-every", "1", "--checkpoint-every", "2", "--no-progress", *extra]) == 0
+
+
+def test_a_checkpoint_of_another_run_never_resumes_into_a_folder(tmp_path, capsys):
+    """An lr 0.01 checkpoint copied into an lr 0.03 run's folder is refused, naming the field,
+    and the folder is left byte for byte as it was."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _short_run(a)
+    _short_run(b, "--lr", "0.01")
+    (a / CHECKPOINT_NAME).write_bytes((b / CHECKPOINT_NAME).read_bytes())
+    before = {p.name: p.read_bytes() for p in a.iterdir() if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--resume", str(a)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "does not belong to the run in this folder" in err and "lr: checkpoint 0.01 vs config.json 0.03" in err
+    assert {p.name: p.read_bytes() for p in a.iterdir() if p.is_file()} == before
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    _short_run(run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    summary = json.loads((run / SUMMARY_NAME).read_text())
+    assert summary["final_val_loss"] is not None and summary["entropy_min_head"] is not None
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "is a finished run (4 of 4 steps); nothing changed" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_be_restarted(tmp_path, capsys):
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    _short_run(reference)
+    _short_run(run)
+    (run / CHECKPOINT_NAME).unlink()  # as if killed before the first checkpoint
+    (run / SUMMARY_NAME).unlink()
+    for argv, says in ((["--resume", str(run)], f"start it again with --restart {run}"),
+                       (["--out", str(run)], f"start it again with --restart {run}"),
+                       (["--restart", str(reference)], f"continue it with --resume {reference}"),
+                       (["--restart", str(tmp_path)], "holds no config.json")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(["train", *argv])
+        assert exc.value.code == 2 and says in capsys.readouterr().err
+    assert main(["train", "--restart", str(run), "--no-progress"]) == 0
+    assert comparable(run) == comparable(reference)
+
+
+def test_out_empty_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", "", "--preset", "cpu-smoke"])
+    assert exc.value.code == 2 and "current directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -522,6 +522,17 @@ class Trainer:
         self.train_time = float(state["train_time"])
         self.tokens_seen = int(state["tokens_seen"])
 
+    @property
+    def finished(self) -> bool:
+        """Whether this trainer's run is complete in its folder: all ``cfg.steps`` taken and a
+        readable ``summary.json`` written (then :meth:`run` changes nothing and returns it)."""
+        if self.out_dir is None or self.step < self.cfg.steps:
+            return False
+        try:
+            return isinstance(json.loads((self.out_dir / SUMMARY_NAME).read_text()), dict)
+        except (OSError, ValueError):
+            return False
+
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         """Write :meth:`state_dict` atomically (default ``RUN_DIR/checkpoint.pt``)."""
         if path is None:
@@ -559,8 +570,26 @@ class Trainer:
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {run_dir / CHECKPOINT_NAME} holds a config this version "
                                   f"cannot use: {exc}") from exc
+        folder_config = run_dir / CONFIG_NAME
+        if folder_config.is_file():  # the checkpoint must belong to the run of this folder
+            try:
+                stored = json.loads(folder_config.read_text())
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{folder_config} is unreadable ({exc}); the checkpoint cannot be "
+                                      f"matched to this folder's run") from exc
+            if not isinstance(stored, dict):
+                raise CheckpointError(f"{folder_config} does not hold a run config")
+            theirs = dict(state["config"])
+            diff = sorted(k for k in set(theirs) & set(stored)
+                          if k not in RUNTIME_FIELDS and theirs[k] != stored[k])
+            if diff:
+                detail = ", ".join(f"{k}: checkpoint {theirs[k]!r} vs {CONFIG_NAME} {stored[k]!r}" for k in diff)
+                raise CheckpointError(f"checkpoint {run_dir / CHECKPOINT_NAME} does not belong to the run in "
+                                      f"this folder ({detail}); nothing was changed")
         trainer = cls(cfg, run_dir, corpus=corpus, allow_dirty=allow_dirty)
         trainer.load_state_dict(state)
+        if trainer.finished:  # nothing to do: the folder stays as it is
+            return trainer
         if trainer.is_main:
             truncate_metrics(run_dir / METRICS_NAME, trainer.step)
         return trainer
@@ -647,6 +676,9 @@ class Trainer:
         SIGTERM it finishes the step, writes the checkpoint and raises :class:`TrainingInterrupted`.
         """
         cfg = self.cfg
+        if self.finished:  # a resumed finished run: report it, write nothing
+            self.summary = json.loads((self.out_dir / SUMMARY_NAME).read_text())
+            return self.summary
         writes = self.out_dir is not None and self.is_main
         if writes:
             self.out_dir.mkdir(parents=True, exist_ok=True)
