@@ -362,3 +362,40 @@ def test_out_empty_is_refused(tmp_path, capsys, monkeypatch):
         main(["train", "--out", "", "--preset", "cpu-smoke"])
     assert exc.value.code == 2 and "current directory" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [METRICS_NAME, "samples", SUMMARY_NAME])
+def test_no_write_follows_a_link_out_of_the_run_folder(tmp_path, capsys, name):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "victim"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).symlink_to(target if name != "samples" else outside)  # dangling, or a folder outside
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", str(run), "--preset", "cpu-smoke", "--steps", "2", "--threads", "1",
+              "--no-progress"])
+    assert exc.value.code == 2 and "is a symbolic link" in capsys.readouterr().err
+    assert list(outside.iterdir()) == []
+
+
+def test_report_refuses_to_write_through_a_link_and_reads_bad_files_cleanly(tmp_path, capsys):
+    run = tmp_path / "run"
+    _short_run(run)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"mine")
+    (run / "loss.png").symlink_to(outside)
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(run)])
+    assert exc.value.code == 2 and "is a symbolic link" in capsys.readouterr().err
+    assert outside.read_bytes() == b"mine"
+    (run / "loss.png").unlink()
+    with open(run / METRICS_NAME, "a") as fh:
+        fh.write("[1, 2]\n")
+    with pytest.warns(UserWarning, match="not a record"):
+        assert main(["report", str(run)]) == 0
+    sample = sorted((run / "samples").glob("*.npz"))[-1]
+    sample.write_bytes(sample.read_bytes()[:100])
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(run)])
+    assert exc.value.code == 2 and "truncated or corrupted" in capsys.readouterr().err

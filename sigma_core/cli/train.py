@@ -321,7 +321,8 @@ def _resume(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from sigma_core.experiments import distributed  # noqa: PLC0415
-    from sigma_core.experiments.train import DirtyTreeError, Trainer, TrainingInterrupted  # noqa: PLC0415
+    from sigma_core.experiments.train import (DirtyTreeError, RunFolderError, Trainer,  # noqa: PLC0415
+                                              TrainingInterrupted)
 
     if args.progress is None:
         args.progress = sys.stderr.isatty()  # the bar (tqdm) writes to stderr
@@ -348,6 +349,13 @@ def _run(args: argparse.Namespace) -> int:
             if trainer.is_main:
                 print(f"entropy-collapse train: {exc}", file=sys.stderr)
             return 128 + exc.signum
+        except RunFolderError as exc:
+            args._parser.error(str(exc))
+        except OSError as exc:  # a full disk, a read-only folder: say so, never a traceback
+            print(f"entropy-collapse train: cannot write the run folder {run_dir}: {exc.strerror or exc}"
+                  f"{f' ({exc.filename})' if exc.filename else ''}; the last checkpoint written, if any, "
+                  f"is intact", file=sys.stderr)
+            return 1
         if not trainer.is_main:
             return 0
         print(format_summary(summary, run_dir))

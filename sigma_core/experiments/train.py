@@ -295,6 +295,23 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
+class RunFolderError(ValueError):
+    """A write the run folder does not allow: through a symbolic link (it could land outside the
+    folder, or on a file the run did not create)."""
+
+
+def check_no_links(folder: str | os.PathLike, names) -> None:
+    """Raise :class:`RunFolderError` when one of ``folder/NAME`` (``names``) is a symbolic link, or
+    ``folder`` itself resolves elsewhere through one of ``names``: no write of a run follows a
+    link out of its folder."""
+    folder = Path(folder)
+    for name in names:
+        path = folder / name
+        if path.is_symlink():
+            raise RunFolderError(f"{path} is a symbolic link (to {os.readlink(path)}); the run writes only "
+                                 f"inside its folder: remove the link")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
     path = Path(path)
@@ -682,6 +699,8 @@ class Trainer:
         writes = self.out_dir is not None and self.is_main
         if writes:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            check_no_links(self.out_dir, (METRICS_NAME, CONFIG_NAME, SUMMARY_NAME, CHECKPOINT_NAME, "samples",
+                                          *(f"samples/step_{s:06d}.npz" for s in cfg.sample_steps)))
         if self.is_main:
             self.write_config()
         metrics = open(self.out_dir / METRICS_NAME, "a") if writes else None
@@ -720,7 +739,10 @@ class Trainer:
                         if self.out_dir is not None:
                             path = self.out_dir / "samples" / f"step_{step:06d}.npz"
                             path.parent.mkdir(exist_ok=True)
-                            np.savez_compressed(path, **{k: v for k, v in samples.items() if k != "violations"})
+                            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+                            with open(tmp, "wb") as fh:  # atomic: a kill never leaves a truncated .npz
+                                np.savez_compressed(fh, **{k: v for k, v in samples.items() if k != "violations"})
+                            os.replace(tmp, path)
                     self._write_record(metrics, record)
                     last = record
                     bar.set_postfix(loss=f"{out['train_loss']:.3f}", ent=f"{record['entropy_mean']:.2f}",
