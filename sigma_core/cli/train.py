@@ -181,14 +181,18 @@ def _out_dir(text: str) -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
-    from sigma_core.experiments.train import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME  # noqa: PLC0415
+    from sigma_core.experiments.train import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME  # noqa: PLC0415
 
     if (path / CHECKPOINT_NAME).exists():
         raise argparse.ArgumentTypeError(f"{text} already holds a run: continue it with --resume {text} "
                                          f"or choose a new --out")
-    if any((path / n).exists() for n in (METRICS_NAME, CONFIG_NAME)):
+    if (path / METRICS_NAME).exists() or (path / CONFIG_NAME).exists():
         raise argparse.ArgumentTypeError(f"{text} already holds a run that stopped before its first "
                                          f"checkpoint: start it again with --restart {text}, or choose a new --out")
+    taken = [n for n in (SUMMARY_NAME, "samples") if (path / n).exists() or (path / n).is_symlink()]
+    if taken:
+        raise argparse.ArgumentTypeError(f"{text} holds {', '.join(taken)}, which a run would overwrite: "
+                                         f"choose a new --out")
     return path
 
 

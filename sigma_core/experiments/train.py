@@ -312,6 +312,36 @@ def check_no_links(folder: str | os.PathLike, names) -> None:
                                  f"inside its folder: remove the link")
 
 
+#: the files a training run writes into its folder (and may replace when it is run again)
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, CONFIG_NAME, SUMMARY_NAME, "error.txt")
+
+
+def clear_run_dir(run_dir: str | os.PathLike) -> None:
+    """Remove what a training run wrote into ``run_dir`` (:data:`RUN_FILES`, ``samples/step_*.npz``)
+    so that it can be trained again; :class:`RunFolderError`, deleting nothing, when the folder
+    holds anything else (a user's file) or a link."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return
+    ours = [run_dir / n for n in RUN_FILES if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    samples = run_dir / "samples"
+    sample_files = sorted(samples.glob("step_*.npz")) if samples.is_dir() and not samples.is_symlink() else []
+    other = [p for p in run_dir.iterdir() if p not in ours and p != samples]
+    if samples.is_dir() and not samples.is_symlink():
+        other += [p for p in samples.iterdir() if p not in sample_files]
+    elif samples.exists() or samples.is_symlink():
+        other.append(samples)
+    links = [p for p in ours + sample_files if p.is_symlink()]
+    if other or links:
+        names = ", ".join(str(p) for p in (other + links)[:5])
+        raise RunFolderError(f"{run_dir} holds files a training run did not write ({names}); nothing was "
+                             f"deleted: move them, or choose another output folder")
+    for p in ours + sample_files:
+        p.unlink()
+    if samples.is_dir():
+        samples.rmdir()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
     path = Path(path)
@@ -908,8 +938,7 @@ def run_demo(out_dir: str | os.PathLike, *, preset_name: str | None = None, step
     for label, reparam in (("baseline", "none"), ("sigma-reparam", "sigma")):
         cfg = preset(name, reparam=reparam, **overrides)
         run_dir = out / label
-        if (run_dir / METRICS_NAME).exists():
-            (run_dir / METRICS_NAME).unlink()  # a fresh run, not an append to an old log
+        clear_run_dir(run_dir)  # a fresh run, not an append to an old log; a user's file is kept (error)
         log(f"[demo] training {label} ({name}, lr={cfg.lr:g}, {cfg.steps} steps) -> {run_dir}")
         summary = Trainer(cfg, run_dir).run()
         log(f"[demo] {label}: final loss {summary['final_train_loss']:.3f}, mean entropy "
