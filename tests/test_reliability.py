@@ -425,3 +425,26 @@ def test_a_run_folder_is_cleared_only_of_what_a_run_wrote(tmp_path):
     (run / "samples" / "keep.npz").unlink()
     clear_run_dir(run)
     assert list(run.iterdir()) == []
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs: room for a run's config and first records, not for its checkpoint."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()[:80]})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_no_traceback(full_disk):
+    res = subprocess.run([sys.executable, "-m", "sigma_core.cli", "train", "--out", str(full_disk / "run"),
+                          "--preset", "cpu-smoke", "--steps", "2", "--threads", "1", "--no-progress"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "cannot write the run folder" in res.stderr and "No space left on device" in res.stderr
+    assert not (full_disk / "run" / CHECKPOINT_NAME).exists()
+    assert not list((full_disk / "run").glob(".checkpoint.pt.tmp*"))  # the half-written file is removed
