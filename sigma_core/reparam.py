@@ -313,6 +313,22 @@ class SigmaReparam(nn.Module):
                     setattr(self, name, restored)
         return out
 
+    #: per-forward caches, dropped by ``copy.deepcopy`` and pickling: the step of the last or
+    #: pending forward (``_last``, ``_peek``, ``_batched_step``: keyed by the weight's storage,
+    #: so never valid for a copy, and ``_batched_step`` may hold a W_hat with autograd history)
+    #: and the W_hat last read outside a forward (``_handed``: a tensor with autograd history
+    #: after a read with grad, which ``deepcopy`` refuses, and whose copy's version counter
+    #: differs, which the in-place check would take for an edit)
+    _TRANSIENT = ("_last", "_peek", "_batched_step", "_handed")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in self._TRANSIENT:
+            if name in state:
+                state[name] = None
+        state.pop("_handed", None)
+        return state
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         ku, kv = prefix + "_u", prefix + "_v"
