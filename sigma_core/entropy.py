@@ -47,6 +47,7 @@ A row with no visible key has no entropy: it raises ``ValueError``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -98,6 +99,17 @@ def _check_finite(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} must be finite: it holds NaN or infinite entries")
 
 
+def _real_scale(scale) -> float:
+    """``scale`` as a float: a real number or a one-element real tensor; TypeError naming it."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.dtype == torch.bool or scale.is_complex():
+            raise TypeError(f"scale must be a real number, got a tensor {tuple(scale.shape)} {scale.dtype}")
+        return float(scale.item())
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    return float(scale)
+
+
 def _check_inputs(q, k, scale, causal, attn_mask, method, block_size, float_mask_is_bias=False):
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor):
@@ -110,14 +122,14 @@ def _check_inputs(q, k, scale, causal, attn_mask, method, block_size, float_mask
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and d_head")
     if k.shape[2] < 1 or q.shape[2] < 1:
         raise ValueError("q and k need at least one position each")
+    if q.shape[-1] < 1:
+        raise ValueError(f"q and k need d_head >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if q.dtype != k.dtype:
         raise TypeError(f"q and k must have the same dtype, got q {q.dtype} and k {k.dtype}")
     if q.device != k.device:
         raise ValueError(f"q and k must be on the same device, got q on {q.device} and k on {k.device}")
     _check_finite(q=q, k=k)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    scale = float(scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else _real_scale(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if not isinstance(causal, bool):
@@ -610,7 +622,7 @@ def head_sigma(w_q: torch.Tensor, w_k: torch.Tensor, scale: float = 1.0) -> torc
         # reduced QR: W = Q R with orthonormal columns in Q, so ||W_Q W_K^T|| = ||R_Q R_K^T||
         a = torch.linalg.qr(w_q.detach().double(), mode="r")[1]
         b = torch.linalg.qr(w_k.detach().double(), mode="r")[1]
-        return torch.linalg.matrix_norm(a @ b.transpose(-1, -2), ord=2) * abs(float(scale))
+        return torch.linalg.matrix_norm(a @ b.transpose(-1, -2), ord=2) * abs(_real_scale(scale))
 
 
 def _checkpoints(T: int) -> list[int]:

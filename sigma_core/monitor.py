@@ -79,6 +79,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import warnings
 from collections import deque
@@ -135,6 +136,11 @@ def _pure_mask(mask: torch.Tensor | None) -> bool:
         return True
     hidden = mask <= _hidden_threshold(mask.dtype)
     return not bool(torch.where(hidden, 0, mask).any())
+
+
+def _is_int(x) -> bool:
+    """An integer (Python or numpy, e.g. ``np.int64``), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 class EntropyMonitor:
@@ -200,17 +206,19 @@ class EntropyMonitor:
                  capture: bool = True, fused: bool = True, bound_every: int = 10, native: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        if not _is_int(every) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
-        if bound_samples is not None and (not isinstance(bound_samples, int) or isinstance(bound_samples, bool)
-                                          or bound_samples < 1):
+        every = int(every)
+        if bound_samples is not None and (not _is_int(bound_samples) or bound_samples < 1):
             raise ValueError(f"bound_samples must be a positive int or None, got {bound_samples!r}")
+        bound_samples = None if bound_samples is None else int(bound_samples)
         if detector is not None and not hasattr(detector, "update"):
             raise TypeError("detector must have an update(records) method")
         if method not in ("auto", "dense", "streaming"):
             raise ValueError(f"method must be 'auto', 'dense' or 'streaming', got {method!r}")
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        if not _is_int(block_size) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        block_size = int(block_size)
         if path is not None and not isinstance(path, (str, bytes, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         if not isinstance(capture, bool):
@@ -219,8 +227,11 @@ class EntropyMonitor:
             raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
         if not isinstance(native, bool):
             raise TypeError(f"native must be a bool, got {type(native).__name__}")
-        if not isinstance(bound_every, int) or isinstance(bound_every, bool) or bound_every < 1:
+        if not _is_int(bound_every) or bound_every < 1:
             raise ValueError(f"bound_every must be a positive int, got {bound_every!r}")
+        bound_every = int(bound_every)
+        # the file first: a path that cannot be opened raises before any hook is registered
+        self._file = None if path is None else open(path, "a", encoding="utf-8")
         self.every = every
         self.detector = detector
         self.bound_samples = bound_samples
@@ -239,7 +250,6 @@ class EntropyMonitor:
         self._step = -1
         self._active = False
         self._handles = []
-        self._file = None
         self._handled: dict[int, nn.Module] = {}  # probe/MHA modules by id (recorded by their own hooks)
         self._adapters: dict[int, object] = {}
         self._captured_layers: dict[tuple[str, int], int] = {}
@@ -278,8 +288,6 @@ class EntropyMonitor:
             self.close()
             raise ValueError("model has no supported attention module (probe protocol or "
                              "nn.MultiheadAttention) and capture=False")
-        if path is not None:
-            self._file = open(path, "a", encoding="utf-8")
 
     @property
     def n_layers(self) -> int:

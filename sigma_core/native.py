@@ -16,10 +16,12 @@ says why, once).
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import threading
+from contextlib import contextmanager
 import time
 import warnings
 from pathlib import Path
@@ -81,6 +83,47 @@ def _clear_stale_lock(name: str) -> None:
         pass
 
 
+#: how long a process waits for another one's build of the kernel before it gives up and uses
+#: the PyTorch path (a build takes about 25 s)
+BUILD_WAIT_SECONDS = 120
+
+
+@contextmanager
+def _build_guard(name: str):
+    """Hold an OS file lock (``fcntl.flock``) while building ``name``.
+
+    The operating system releases the lock when its holder dies, so once it is held any build
+    lock file PyTorch's builder left beside the build (its own lock, which it would wait on for
+    ever after a SIGKILL) belongs to a dead build and is removed at once.  Waiting for a live
+    build is bounded by :data:`BUILD_WAIT_SECONDS` (then :class:`TimeoutError`, and the caller
+    falls back to the PyTorch path) and sleeps in short steps, so a signal ends it.
+    """
+    d = _build_dir(name)
+    if d is None:
+        yield
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d.parent / f".{name}.flock", "w") as fh:
+        deadline = time.monotonic() + BUILD_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building {name} for over "
+                                       f"{BUILD_WAIT_SECONDS} s") from None
+                time.sleep(0.1)
+        try:
+            lock = d / "lock"
+            if lock.exists():
+                lock.unlink(missing_ok=True)
+                logger.warning("sigma_core: removed the build lock of a killed build: %s", lock)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _ninja_on_path() -> None:
     """PyTorch's builder runs ``ninja`` from PATH; the ``ninja`` wheel (a dependency) puts it in the
     environment's scripts directory, which is not on PATH unless the environment is activated:
@@ -116,12 +159,13 @@ def row_entropy_kernel():
                 if not _built(name):  # say why the first recorded forward pauses
                     logger.warning("sigma_core: building the compiled entropy kernel of the monitor "
                                    "(once per machine and PyTorch version, about 25 s)")
-                _state["module"] = load(
-                    name=name,
-                    sources=[str(SOURCE)],
-                    extra_cflags=["-O3", *_ISA_FLAGS.get(cap, [])],
-                    verbose=False,
-                )
+                with _build_guard(name):
+                    _state["module"] = load(
+                        name=name,
+                        sources=[str(SOURCE)],
+                        extra_cflags=["-O3", *_ISA_FLAGS.get(cap, [])],
+                        verbose=False,
+                    )
             except Exception as err:  # no compiler, no ninja, unwritable cache, unsupported platform
                 _state["error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
                 warnings.warn("sigma_core: the compiled entropy kernel could not be built "

@@ -209,6 +209,9 @@ class SigmaReparam(nn.Module):
             raise ValueError(f"{label}: sigma_reparam needs a weight with >= 2 dims, got shape {tuple(weight.shape)}")
         if not isinstance(dim, int) or not -weight.ndim <= dim < weight.ndim:
             raise ValueError(f"dim must be an int in [-{weight.ndim}, {weight.ndim}), got {dim!r}")
+        if weight.numel() == 0:
+            raise ValueError(f"{label}: sigma_reparam needs a weight with no zero-size dimension "
+                             f"(its spectral norm is undefined), got shape {tuple(weight.shape)}")
         dim = dim % weight.ndim
         if not isinstance(n_chunks, int) or n_chunks < 1 or weight.shape[dim] % n_chunks:
             raise ValueError(f"{label}: {weight.shape[dim]} rows do not split into n_chunks={n_chunks!r}")
@@ -249,6 +252,8 @@ class SigmaReparam(nn.Module):
     @torch.no_grad()
     def _init_from(self, weight: torch.Tensor, gamma_init) -> None:
         """Vectors from an exact SVD of ``weight``; gamma by ``gamma_init`` (None: keep gamma)."""
+        if weight.is_meta:  # no values to take an SVD of: the buffers keep their shapes (to_empty, then load)
+            return
         W = self._as_matrices(weight).to(self._u.dtype)  # (c, m, n)
         if not torch.isfinite(W).all():
             raise ValueError(f"{self.label}: cannot register sigma_reparam on a non-finite weight")
@@ -313,6 +318,22 @@ class SigmaReparam(nn.Module):
                     setattr(self, name, restored)
         return out
 
+    #: per-forward caches, dropped by ``copy.deepcopy`` and pickling: the step of the last or
+    #: pending forward (``_last``, ``_peek``, ``_batched_step``: keyed by the weight's storage,
+    #: so never valid for a copy, and ``_batched_step`` may hold a W_hat with autograd history)
+    #: and the W_hat last read outside a forward (``_handed``: a tensor with autograd history
+    #: after a read with grad, which ``deepcopy`` refuses, and whose copy's version counter
+    #: differs, which the in-place check would take for an edit)
+    _TRANSIENT = ("_last", "_peek", "_batched_step", "_handed")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in self._TRANSIENT:
+            if name in state:
+                state[name] = None
+        state.pop("_handed", None)
+        return state
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         ku, kv = prefix + "_u", prefix + "_v"
@@ -371,6 +392,8 @@ class SigmaReparam(nn.Module):
         return _vWu(self._u.to(W.dtype), W, self._v.to(W.dtype))  # (c,)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if weight.is_meta:  # shapes only (e.g. a model built on the meta device, then to_empty)
+            return torch.empty_like(weight)
         # autocast off for the whole computation; entering the context manager costs more than
         # the rest of a small layer's reparametrisation, so only when autocast is on
         if _compiling() or torch.is_autocast_enabled(weight.device.type):
@@ -909,6 +932,27 @@ def _excluded(exclude, qualname: str, module: nn.Module) -> bool:
 QKV_NAMES = ("c_attn", "qkv", "Wqkv", "qkv_proj", "in_proj")
 #: class names (case-insensitive substrings) of modules treated as attention for the warning
 ATTENTION_HINTS = ("attention", "attn")
+#: last name components of fused q/k/v projections whose rows interleave q, k and v per head
+#: (GPT-NeoX, BLOOM and Falcon ``query_key_value``): never split into equal row blocks, which
+#: would mix q, k and v; they keep one sigma, and the report says why
+INTERLEAVED_QKV_NAMES = ("query_key_value",)
+#: lookup tables (rows are looked up, not multiplied): token embeddings and T5's
+#: ``relative_attention_bias``; left unconverted without the attention-module warning
+LOOKUP_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _fused_qkv_reason(leaf: str, split_qkv: bool) -> str:
+    """The report's note for a fused q/k/v projection that keeps one sigma ("" if not one)."""
+    if leaf in INTERLEAVED_QKV_NAMES:
+        return ("fused q/k/v with rows interleaved per head (q, k, v of head 0, then of head 1, "
+                "...): not split into row blocks, which would mix q, k and v; one sigma for the "
+                "whole matrix (the bound then holds with the fused matrix's gamma)")
+    if leaf in QKV_NAMES and not split_qkv:
+        return "fused q/k/v, split_qkv=False: one sigma for the whole matrix"
+    if leaf not in QKV_NAMES and "qkv" in leaf.lower():
+        return ("fused q/k/v? (name not in QKV_NAMES, row layout unknown): one sigma for the "
+                "whole matrix; sigma_reparam(module, n_chunks=3) splits contiguous q/k/v blocks")
+    return ""
 
 
 def _default_layer_types() -> tuple:
@@ -951,7 +995,8 @@ def convert_to_sigma_reparam(
     What was converted, what was skipped and why: :func:`sigma_reparam_report`.  An
     attention-like module (``nn.MultiheadAttention`` or a class whose name contains
     "Attention"/"Attn") with a weight left unconverted for another reason than ``exclude``
-    triggers a ``UserWarning`` naming it.  A weight shared by several modules (tied weights,
+    triggers a ``UserWarning`` naming it; lookup tables (``nn.Embedding``, e.g. T5's
+    ``relative_attention_bias``, a table of position biases) are not projections and do not.  A weight shared by several modules (tied weights,
     e.g. GPT-2's ``wte``/``lm_head``) is left alone with a warning: reparametrising it in one
     place only would change the other.
 
@@ -973,7 +1018,9 @@ def convert_to_sigma_reparam(
         ``QKV_NAMES``: ``c_attn``, ``qkv``, ``Wqkv``, ``qkv_proj``; output size 3x (or 2x: k/v)
         its input size) gets one σ and γ per q, k, v block, as ``nn.MultiheadAttention``
         (the bound :math:`\\lVert\\hat W_K\\hat W_Q^\\top\\rVert_2 \\le \\gamma_K\\gamma_Q` then holds per
-        block).  ``False``: one σ and γ for the fused matrix.
+        block).  ``False``: one σ and γ for the fused matrix.  A fused projection whose rows interleave q, k and v
+        per head (``INTERLEAVED_QKV_NAMES``: GPT-NeoX/BLOOM/Falcon ``query_key_value``) is never
+        split (row blocks would mix q, k and v); the report gives each single σ its reason.
     batched : bool
         ``True`` (default): :func:`batch_power_iterations` on ``model`` (the cheap path; same
         values).  ``False``: each weight steps on its own.
@@ -998,7 +1045,13 @@ def convert_to_sigma_reparam(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layer_types = _default_layer_types() if layer_types is None else tuple(layer_types)
+    if isinstance(layer_types, (type, str)):  # one class (or "Conv1D") on its own
+        layer_types = (layer_types,)
+    try:
+        layer_types = _default_layer_types() if layer_types is None else tuple(layer_types)
+    except TypeError:
+        raise TypeError(f"layer_types must be a module class or a tuple of them (or \"Conv1D\"), "
+                        f"got {layer_types!r}") from None
     if not layer_types or not all(isinstance(t, type) or t == "Conv1D" for t in layer_types):
         raise TypeError('layer_types must be a non-empty tuple of module classes (or "Conv1D")')
     if not isinstance(split_qkv, bool):
@@ -1015,6 +1068,7 @@ def convert_to_sigma_reparam(
             if t is not None:
                 owners.setdefault(id(t), []).append(f"{qualname}.{name}" if qualname else name)
     report = []
+    lookups: set[str] = set()  # weights of lookup tables (no attention-module warning)
     for qualname, module in list(model.named_modules()):
         names = _weight_names(module)
         if not names:
@@ -1036,6 +1090,9 @@ def convert_to_sigma_reparam(
                 continue
             if not wanted:
                 entry["reason"] = f"{kind} is not in layer_types"
+                if isinstance(module, LOOKUP_TYPES):
+                    entry["reason"] += " (a lookup table, not a projection)"
+                    lookups.add(full)
                 continue
             if name != "weight" and not isinstance(module, nn.MultiheadAttention):
                 entry["reason"] = "not the layer's weight"
@@ -1053,6 +1110,8 @@ def convert_to_sigma_reparam(
                 continue
             n_chunks = None
             leaf = qualname.rsplit(".", 1)[-1]
+            if not isinstance(module, nn.MultiheadAttention):
+                entry["reason"] = _fused_qkv_reason(leaf, split_qkv)
             if split_qkv and leaf in QKV_NAMES and not isinstance(module, nn.MultiheadAttention):
                 w = getattr(module, name)
                 out = w.shape[_output_dim(module, name)]
@@ -1066,7 +1125,7 @@ def convert_to_sigma_reparam(
             entry.update(converted=True, chunks=p.n_chunks,
                          reason=entry["reason"] + ("q/k/v blocks" if p.n_chunks > 1 else ""))
     model.__dict__["_sigma_report"] = report
-    _warn_unconverted_attention(model, report)
+    _warn_unconverted_attention(model, [e for e in report if e["name"] not in lookups])
     if batched:
         batch_power_iterations(model)
     return model

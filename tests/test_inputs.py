@@ -6,6 +6,8 @@ in the message (the argument's name), so an error that only happens to be raised
 numpy or torch does not count.
 """
 import math
+import warnings
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -13,10 +15,10 @@ import torch
 
 import theory
 from sigma_core.experiments.config import TrainConfig, preset
-from sigma_core.entropy import attention_entropy, head_sigma
+from sigma_core.entropy import attention_entropy, attention_row_stats, head_sigma
 from sigma_core.models.gpt import build_model
 from sigma_core.monitor import EntropyMonitor
-from sigma_core.reparam import sigma_reparam
+from sigma_core.reparam import convert_to_sigma_reparam, sigma_reparam, sigma_reparam_state
 
 NAN, INF = math.nan, math.inf
 RNG = np.random.default_rng(0)
@@ -153,3 +155,138 @@ def test_valid_inputs_still_pass():
     assert np.isfinite(theory.softmax_entropy(np.array([1.0, -INF, 0.0])))
     assert torch.isfinite(attention_entropy(Q, K, causal=True)).all()
     assert TrainConfig(lr=1, grad_clip=0, seed=int(np.int64(3))).lr == 1  # ints are reals
+
+
+# Issue 27, items 12 and 13: each case a one-line error naming the argument.
+def _monitor_model():
+    return torch.nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True, dropout=0.0)
+
+
+def _sigma_reparam_linear(in_features, out_features):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "Initializing zero-element tensors"
+        module = torch.nn.Linear(in_features, out_features)
+    return sigma_reparam(module)
+
+
+ISSUE27_CASES = {
+    "ei/str sigma": (lambda: theory.extremal_instance("1", 4), TypeError, "sigma"),
+    "ei/bytes sigma": (lambda: theory.extremal_instance(b"2", 4), TypeError, "sigma"),
+    "ei/Decimal sigma": (lambda: theory.extremal_instance(Decimal(1), 4), TypeError, "sigma"),
+    "ei/None sigma": (lambda: theory.extremal_instance(None, 4), TypeError, "sigma"),
+    "ei/complex sigma": (lambda: theory.extremal_instance(1j, 4), TypeError, "sigma"),
+    "ei/str token_norm": (lambda: theory.extremal_instance(1.0, 4, token_norm="x"), TypeError, "token_norm"),
+    "ei/2**1100 sigma": (lambda: theory.extremal_instance(2**1100, 4), ValueError, "sigma.*finite"),
+    "ei/huge T": (lambda: theory.extremal_instance(1.0, 10**12, dim=2), ValueError, "MAX_ELEMENTS"),
+    "ei/T 1e9 default dim": (lambda: theory.extremal_instance(1.0, 10**9), ValueError, "seq_len"),
+    "el/huge T": (lambda: theory.extremal_logits(1.0, 2**40), ValueError, "seq_len.*MAX_ELEMENTS"),
+    "el/T 1e9": (lambda: theory.extremal_logits(1.0, 10**9), ValueError, "MAX_ELEMENTS"),
+    "sr/Linear(5, 0)": (lambda: _sigma_reparam_linear(5, 0), ValueError, "zero-size"),
+    "sr/Linear(0, 5)": (lambda: _sigma_reparam_linear(0, 5), ValueError, "zero-size"),
+    "ars/d_head 0": (lambda: attention_row_stats(Q[..., :0], K[..., :0]), ValueError, "d_head"),
+    "ae/scale str": (lambda: attention_entropy(Q, K, scale="1"), TypeError, "scale"),
+    "hs/scale str": (lambda: head_sigma(torch.randn(2, 4, 4), torch.randn(2, 4, 4), scale="1"), TypeError,
+                     "scale"),
+    "em/every float": (lambda: EntropyMonitor(_monitor_model(), every=2.0), ValueError, "every"),
+    "csr/layer_types int": (lambda: convert_to_sigma_reparam(torch.nn.Linear(2, 2), layer_types=3), TypeError,
+                            "layer_types"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ISSUE27_CASES))
+def test_issue27_bad_input_raises_naming_the_argument(case):
+    call, exc, names = ISSUE27_CASES[case]
+    with pytest.raises(exc, match=names):
+        call()
+
+
+def test_size_limit_is_exact():
+    """MAX_ELEMENTS is the limit itself: T * d at the limit is built, one row more is refused."""
+    limit = theory.bound.MAX_ELEMENTS
+    assert theory.extremal_logits(np.zeros(limit // 8), 8).shape == (limit // 8, 8)
+    with pytest.raises(ValueError, match="MAX_ELEMENTS"):
+        theory.extremal_logits(np.zeros(limit // 8 + 1), 8)
+
+
+@pytest.mark.parametrize("value", [1e308, 1.7e308, -1.7e308])
+def test_finiteness_check_does_not_overflow(value):
+    """Finite entries near the float64 limit are finite: min + max (inf) is not the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = theory.adam_update_bound([[value, value]], 0)
+    np.testing.assert_array_equal(r.update, np.sign([[value, value]]))  # mu/|mu| with no noise
+    assert r.spectral_norm == pytest.approx(math.sqrt(2)) and r.bound == pytest.approx(math.sqrt(2))
+    with pytest.raises(ValueError, match=r"entropy must be <= log\(seq_len\)"):  # not "finite"
+        theory.max_logit_norm([abs(value), abs(value)], 4)
+
+
+@pytest.mark.parametrize("s", [1e155, 1e300, 1e-160, 1e-200, 1e-320])
+def test_minimize_entropy_extreme_norms(s):
+    """No OverflowError/ZeroDivisionError where s**2 leaves float64: the right minimum, h_T(s)
+    (0 for huge s, log T for tiny s, as mpmath's 50-digit value rounds), never below the bound."""
+    import mpmath
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = theory.minimize_entropy(s, 4, restarts=2)
+    ref = float(theory.entropy_lower_bound_mp(mpmath.mpf(s), 4))
+    assert r.value == pytest.approx(ref, rel=1e-15, abs=1e-300)
+    assert r.gap >= -4 * np.finfo(float).eps * max(ref, 1e-300)
+    # (s**2 would overflow); subnormal s keeps fewer digits
+    assert np.linalg.norm(r.logits / s) == pytest.approx(1.0, rel=1e-12 if s > 1e-300 else 1e-3)
+
+
+@pytest.mark.parametrize("b", [1e308, 1.7e308, 400.0])
+def test_box_min_entropy_huge_bound_no_warning(b):
+    """b -> inf: e^{-2b} is 0, the one-high vertex has entropy 0 and H_k = log k, eq. (11)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = theory.box_min_entropy(b, 5)
+    np.testing.assert_allclose(r.vertex_values, np.log([5, 1, 2, 3, 4, 5]), rtol=0, atol=1e-15)
+    assert (r.value, r.n_high) == (0.0, 1)
+
+
+@pytest.mark.parametrize("every", [np.int64(2), np.int32(2), 2])
+def test_monitor_accepts_numpy_ints(every):
+    layer = _monitor_model()
+    x = torch.randn(2, 5, 8)
+    with EntropyMonitor(layer, every=every, bound_samples=np.int64(1), block_size=np.int64(64)) as mon:
+        steps = []
+        for _ in range(3):
+            layer(x)
+            steps.append(mon.last[0]["step"])
+    assert type(mon.every) is int and steps == [0, 0, 2]  # recorded at forwards 0 and 2
+
+
+def test_monitor_path_that_cannot_be_opened_registers_no_hook(tmp_path):
+    """A path that cannot be opened raises before any hook: no orphaned monitor keeps recording."""
+    layer = _monitor_model()
+    with pytest.raises(OSError):
+        EntropyMonitor(layer, path=tmp_path / "missing-dir" / "log.jsonl")
+    hooks = [m._forward_hooks or m._forward_pre_hooks for m in layer.modules()]
+    assert not any(hooks)
+
+
+def test_layer_types_single_class():
+    """layer_types=nn.Linear (one class, not a tuple) converts the Linear layers only."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Conv1d(4, 4, 1))
+    convert_to_sigma_reparam(net, layer_types=torch.nn.Linear)
+    assert sorted(sigma_reparam_state(net)) == ["0.weight"]
+
+
+def test_sigma_reparam_on_meta_device():
+    """Built on the meta device, moved with to_empty and loaded, the layer equals the CPU one."""
+    torch.manual_seed(0)
+    ref = sigma_reparam(torch.nn.Linear(5, 3))
+    lazy = sigma_reparam(torch.nn.Linear(5, 3, device="meta"))
+    out = lazy(torch.randn(2, 5, device="meta"))
+    assert out.shape == (2, 3) and out.is_meta
+    lazy.to_empty(device="cpu")
+    lazy.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(lazy.eval()(x), ref.eval()(x), rtol=0, atol=0)
+
+
+def test_scale_of_numpy_or_tensor_type_still_accepted():
+    ref = attention_entropy(Q, K, scale=0.5)
+    torch.testing.assert_close(attention_entropy(Q, K, scale=np.float32(0.5)), ref)
+    torch.testing.assert_close(attention_entropy(Q, K, scale=torch.tensor(0.5)), ref)

@@ -8,6 +8,8 @@ must build: a test asserts it, so the other tests cannot all skip silently.
 import math
 import os
 import shutil
+import subprocess
+import sys
 import time
 import warnings
 
@@ -240,3 +242,40 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(monkeypatch, tmp_pat
     native._clear_stale_lock(name)
     assert not lock.exists()
     native._clear_stale_lock(name)  # no lock: nothing to do
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_at_once(monkeypatch, tmp_path):
+    """A SIGKILL during the first build leaves PyTorch's lock file; with no live builder holding
+    the OS lock, the next build removes it at once instead of waiting on it."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    name = "sigma_core_row_entropy_test"
+    lock = native._build_dir(name) / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text("")  # fresh: _clear_stale_lock keeps it
+    with native._build_guard(name):
+        assert not lock.exists()
+
+
+def test_waiting_for_another_build_is_bounded(monkeypatch, tmp_path):
+    """While another process holds the build lock, the wait ends after BUILD_WAIT_SECONDS with a
+    TimeoutError (the caller then uses the PyTorch path) instead of hanging."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "BUILD_WAIT_SECONDS", 0.5)
+    name = "sigma_core_row_entropy_test"
+    d = native._build_dir(name)
+    d.mkdir(parents=True, exist_ok=True)
+    code = (f"import fcntl, time; fh = open({str(d.parent / f'.{name}.flock')!r}, 'w'); "
+            "fcntl.flock(fh, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="building"):
+            with native._build_guard(name):
+                pass
+        assert time.monotonic() - start < 5
+    finally:
+        holder.kill()
+        holder.wait()
+    with native._build_guard(name):  # the holder died: the OS released its lock
+        pass

@@ -18,7 +18,8 @@ import torch
 from sigma_core.cli import main
 from sigma_core.experiments.config import preset
 from sigma_core.experiments.train import (CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, CheckpointError, Diverged,
-                              Trainer, atomic_torch_save, read_checkpoint, truncate_metrics)
+                              Trainer, atomic_torch_save, read_checkpoint,
+                              read_checkpoint_file, truncate_metrics)
 
 STEPS = 40
 ARGS = ["--preset", "cpu-smoke", "--steps", str(STEPS), "--checkpoint-every", "10", "--log-every", "5",
@@ -86,7 +87,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         atomic_torch_save({"step": 2}, path)
     monkeypatch.undo()
-    assert torch.load(path) == {"step": 1}  # the old checkpoint is intact
+    assert read_checkpoint_file(path) == {"step": 1}  # the old checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temp file left
 
 
@@ -221,16 +222,24 @@ def test_resume_drops_records_after_the_checkpoint_and_a_half_written_line(tmp_p
     (["--out", "{tmp}/a", "--device", "quantum"], "--device"),
     (["--out", "{tmp}/a", "--d-model", "30", "--n-head", "4"], "--d-model"),
     (["--out", "{tmp}/a", "--sample-steps", "0"], "--sample-steps"),
+    (["--out", "{tmp}/a", "--corpus-bytes", "10"], "--corpus-bytes must be at least"),
+    (["--out", "{tmp}/a", "--corpus-bytes", "99999999999"], "--corpus-bytes must be at most"),
+    (["--out", "{tmp}/a", "--vocab-size", "1"], "--vocab-size"),
+    (["--out", "{tmp}/a", "--vocab-size", "10"], "--vocab-size"),
+    (["--out", "{tmp}/a", "--seed", str(2**70)], "--seed"),
+    (["--out", "{tmp}/user"], "which a run would overwrite"),
     (["--out", "{tmp}/file"], "not a directory"),
     (["--out", "{tmp}/run"], "already holds a run"),
     (["--resume", "{tmp}/a"], "not a directory"),
     (["--resume", "{tmp}"], "no checkpoint.pt"),
     (["--resume", "{tmp}/run", "--lr", "0.1"], "--lr"),
     (["--resume", "{tmp}/run", "--out", "{tmp}/b"], "not allowed with"),
-    ([], "one of the arguments --out --resume is required"),
+    ([], "one of the arguments --out --resume --restart is required"),
 ])
 def test_every_bad_flag_exits_2_naming_it(argv, says, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / SUMMARY_NAME).write_text("{}")  # a user's own file
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"")
     (tmp_path / "run" / METRICS_NAME).write_text("")
@@ -238,3 +247,204 @@ def test_every_bad_flag_exits_2_naming_it(argv, says, tmp_path, capsys):
         main(["train", *(a.replace("{tmp}", str(tmp_path)) for a in argv)])
     assert exc.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused_and_named(tmp_path):
+    """One flipped bit inside the tensor data (which unpickles fine) fails the sha256 check."""
+    cfg = preset("cpu-smoke", steps=4, threads=1)
+    good = Trainer(cfg, tmp_path).save_checkpoint()
+    blob = bytearray(good.read_bytes())
+    fresh = Trainer(cfg)
+    for pos in (len(blob) // 3, len(blob) // 2, len(blob) - 5000):
+        bad = tmp_path / f"flip{pos}.pt"
+        flipped = bytearray(blob)
+        flipped[pos] ^= 0x10
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match=f"{bad.name} is truncated or corrupted: .*sha256"):
+            fresh.load_checkpoint(bad)
+    fresh.load_checkpoint(good)  # the unchanged file still loads
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path):
+    """A pickle payload with a valid checksum (anyone can recompute one) is still refused,
+    and its command never runs; so is one in the old plain torch.save format."""
+    from sigma_core.experiments.train import checkpoint_bytes
+
+    cfg = preset("cpu-smoke", steps=4, threads=1)
+    state = Trainer(cfg).state_dict()
+    marker = tmp_path / "ran"
+    state["extra"] = _Payload(marker)
+    (tmp_path / "evil.pt").write_bytes(checkpoint_bytes(state))
+    torch.save(state, tmp_path / "evil-legacy.pt")
+    for name in ("evil.pt", "evil-legacy.pt"):
+        with pytest.raises(CheckpointError, match="could run code"):
+            read_checkpoint(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_checkpoints_of_the_format_before_the_checksum_still_load(tmp_path):
+    cfg = preset("cpu-smoke", steps=4, threads=1)
+    trainer = Trainer(cfg)
+    torch.save(trainer.state_dict(), tmp_path / "old.pt")
+    state = read_checkpoint(tmp_path / "old.pt")
+    assert torch.equal(state["model"]["head.weight"], trainer.model.state_dict()["head.weight"])
+
+
+def test_temporaries_of_killed_writers_are_removed(tmp_path):
+    """A ``.checkpoint.pt.tmpPID`` of a process that no longer exists is removed at the next write;
+    a live writer's is left alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".{CHECKPOINT_NAME}.tmp{dead}"
+    live = tmp_path / f".{CHECKPOINT_NAME}.tmp{os.getppid()}"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    atomic_torch_save({"step": 1}, tmp_path / CHECKPOINT_NAME)
+    assert not stale.exists() and live.exists()
+    assert read_checkpoint_file(tmp_path / CHECKPOINT_NAME) == {"step": 1}
+
+
+def _short_run(run_dir, *extra):
+    assert main(["train", "--out", str(run_dir), "--preset", "cpu-smoke", "--steps", "4", "--threads", "1",
+                 "--log-every", "1", "--checkpoint-every", "2", "--no-progress", *extra]) == 0
+
+
+def test_a_checkpoint_of_another_run_never_resumes_into_a_folder(tmp_path, capsys):
+    """An lr 0.01 checkpoint copied into an lr 0.03 run's folder is refused, naming the field,
+    and the folder is left byte for byte as it was."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _short_run(a)
+    _short_run(b, "--lr", "0.01")
+    (a / CHECKPOINT_NAME).write_bytes((b / CHECKPOINT_NAME).read_bytes())
+    before = {p.name: p.read_bytes() for p in a.iterdir() if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--resume", str(a)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "does not belong to the run in this folder" in err and "lr: checkpoint 0.01 vs config.json 0.03" in err
+    assert {p.name: p.read_bytes() for p in a.iterdir() if p.is_file()} == before
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    _short_run(run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    summary = json.loads((run / SUMMARY_NAME).read_text())
+    assert summary["final_val_loss"] is not None and summary["entropy_min_head"] is not None
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "is a finished run (4 of 4 steps); nothing changed" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_be_restarted(tmp_path, capsys):
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    _short_run(reference)
+    _short_run(run)
+    (run / CHECKPOINT_NAME).unlink()  # as if killed before the first checkpoint
+    (run / SUMMARY_NAME).unlink()
+    for argv, says in ((["--resume", str(run)], f"start it again with --restart {run}"),
+                       (["--out", str(run)], f"start it again with --restart {run}"),
+                       (["--restart", str(reference)], f"continue it with --resume {reference}"),
+                       (["--restart", str(tmp_path)], "holds no config.json")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(["train", *argv])
+        assert exc.value.code == 2 and says in capsys.readouterr().err
+    assert main(["train", "--restart", str(run), "--no-progress"]) == 0
+    assert comparable(run) == comparable(reference)
+
+
+def test_out_empty_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", "", "--preset", "cpu-smoke"])
+    assert exc.value.code == 2 and "current directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [METRICS_NAME, "samples", SUMMARY_NAME])
+def test_no_write_follows_a_link_out_of_the_run_folder(tmp_path, capsys, name):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "victim"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).symlink_to(target if name != "samples" else outside)  # dangling, or a folder outside
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", str(run), "--preset", "cpu-smoke", "--steps", "2", "--threads", "1",
+              "--no-progress"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and ("is a symbolic link" in err or "which a run would overwrite" in err)
+    assert list(outside.iterdir()) == []
+
+
+def test_report_refuses_to_write_through_a_link_and_reads_bad_files_cleanly(tmp_path, capsys):
+    run = tmp_path / "run"
+    _short_run(run)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"mine")
+    (run / "loss.png").symlink_to(outside)
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(run)])
+    assert exc.value.code == 2 and "is a symbolic link" in capsys.readouterr().err
+    assert outside.read_bytes() == b"mine"
+    (run / "loss.png").unlink()
+    with open(run / METRICS_NAME, "a") as fh:
+        fh.write("[1, 2]\n")
+    with pytest.warns(UserWarning, match="not a record"):
+        assert main(["report", str(run)]) == 0
+    sample = sorted((run / "samples").glob("*.npz"))[-1]
+    sample.write_bytes(sample.read_bytes()[:100])
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(run)])
+    assert exc.value.code == 2 and "truncated or corrupted" in capsys.readouterr().err
+
+
+def test_a_run_folder_is_cleared_only_of_what_a_run_wrote(tmp_path):
+    from sigma_core.experiments.train import RunFolderError, clear_run_dir
+
+    run = tmp_path / "run"
+    _short_run(run)
+    mine = run / "notes.txt"
+    mine.write_text("my notes")
+    (run / "samples" / "keep.npz").write_bytes(b"mine")
+    with pytest.raises(RunFolderError, match="did not write"):
+        clear_run_dir(run)
+    assert mine.read_text() == "my notes" and (run / METRICS_NAME).exists()  # nothing deleted
+    mine.unlink()
+    (run / "samples" / "keep.npz").unlink()
+    clear_run_dir(run)
+    assert list(run.iterdir()) == []
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs: room for a run's config and first records, not for its checkpoint."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()[:80]})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_no_traceback(full_disk):
+    res = subprocess.run([sys.executable, "-m", "sigma_core.cli", "train", "--out", str(full_disk / "run"),
+                          "--preset", "cpu-smoke", "--steps", "2", "--threads", "1", "--no-progress"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "cannot write the run folder" in res.stderr and "No space left on device" in res.stderr
+    assert not (full_disk / "run" / CHECKPOINT_NAME).exists()
+    assert not list((full_disk / "run").glob(".checkpoint.pt.tmp*"))  # the half-written file is removed

@@ -1034,3 +1034,114 @@ def test_new_arguments_are_validated_by_name():
         sigma_reparam(nn.Linear(3, 2), n_chunks=3)
     with pytest.raises(TypeError, match="layer_types"):
         convert_to_sigma_reparam(nn.Linear(2, 2), layer_types=("Linear",))
+
+
+# ------------------------------------------- deepcopy of a trained / evaluated model ------
+
+class _PerWeight(nn.Module):
+    """Two σReparam layers and a MultiheadAttention, built on the per-weight path."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        if how == "SigmaReparamLinear":
+            self.a, self.b = SigmaReparamLinear(8, 8), SigmaReparamLinear(8, 8)
+        else:
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            if how == "sigma_reparam":
+                sigma_reparam(self.a), sigma_reparam(self.b)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        if how == "sigma_reparam":
+            sigma_reparam(self.attn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.b(h)
+
+
+def _deepcopy_model(how: str) -> nn.Module:
+    torch.manual_seed(0)
+    if how in ("SigmaReparamLinear", "sigma_reparam"):
+        return _scramble_vectors(_PerWeight(how))
+    return _scramble_vectors(convert_to_sigma_reparam(_PerWeight("plain"), batched=how == "batched"))
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_state_equal(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(now[k], v), k
+
+
+PATHS = ["SigmaReparamLinear", "sigma_reparam", "convert_unbatched", "batched"]
+
+
+@pytest.mark.parametrize("how", PATHS)
+@pytest.mark.parametrize("after", ["train_step", "eval_forward", "eval_forward_no_grad", "weight_read"])
+def test_deepcopy_after_training_and_eval(how, after):
+    """Issue 25: on the per-weight path ``copy.deepcopy`` after a training step raised "Only
+    Tensors created explicitly by the user (graph leaves) support the deepcopy protocol", and
+    ``fold_sigma_reparam(copy.deepcopy(m))`` after an eval forward the false "modified in place
+    after it was read" (EMA, evaluation and export copies deepcopy a trained model).  The copy
+    computes what the original computes, in training (the same step) and eval, folds to the
+    original's eval output exactly, and copying, folding and training the copy leave the
+    original untouched."""
+    model = _deepcopy_model(how)
+    x = torch.randn(2, 5, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).pow(2).mean().backward()  # a training step
+    opt.step()
+    if after == "eval_forward":
+        model.eval()
+        model(x)  # with grad enabled: the weights read carry autograd history
+    elif after == "eval_forward_no_grad":
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    elif after == "weight_read":
+        model.a.weight.sum()  # a training-mode read outside a forward (e.g. logging)
+    state = _state(model)
+    twin = copy.deepcopy(model)
+    _assert_state_equal(twin, state)
+    folded = fold_sigma_reparam(copy.deepcopy(model))
+    assert not any(is_sigma_reparametrized(m) for m in folded.modules())
+    assert not is_sigma_reparametrized(folded.attn, "in_proj_weight")
+    _assert_state_equal(model, state)
+    model.eval(), twin.eval(), folded.eval()
+    with torch.no_grad():
+        y = model(x)
+        torch.testing.assert_close(twin(x), y, rtol=0, atol=0)
+        torch.testing.assert_close(folded(x), y, rtol=0, atol=0)  # folds exactly
+    # both train one more step, identically; the original does not see the copy's step
+    model.train(), twin.train()
+    for net in (twin, model):
+        net.zero_grad()
+        net(x).pow(2).mean().backward()
+    for (k, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=k)
+        assert q.data_ptr() != p.data_ptr()
+    after_step = _state(model)
+    twin(x).sum().backward()
+    torch.optim.SGD(twin.parameters(), lr=0.1).step()
+    _assert_state_equal(model, after_step)
+    fold_sigma_reparam(model)  # the original still folds
+
+
+def test_inplace_check_still_works_on_original_and_copy():
+    """Dropping the copy's record of the last read keeps the in-place-edit check on both sides."""
+    model = _deepcopy_model("SigmaReparamLinear")
+    w = model.a.weight  # a read outside a forward, then an in-place edit of the computed copy
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        w.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place after it was read"):
+        model.a.weight
+    w2 = twin.a.weight
+    with torch.no_grad():
+        w2.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place after it was read"):
+        twin.a.weight

@@ -25,7 +25,7 @@ from sigma_core.reparam import (
     fold_sigma_reparam,
     sigma_reparam_report,
 )
-from thirdparty_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_xtransformer
+from thirdparty_models import tiny_bert, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_t5, tiny_xtransformer
 
 torch.set_num_threads(1)
 
@@ -342,3 +342,102 @@ def test_gpt2_fold_with_a_tied_head_reparametrised_by_hand_keeps_the_function():
     assert torch.equal(model.transformer.wte.weight, wte)
     with torch.no_grad():
         torch.testing.assert_close(_out(model, inputs), y, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------- report notes (issue 25) ----
+
+def _attention_output(model, inputs, layer=0):
+    """Output of GPT-NeoX's attention ``layer`` in a forward (its first return value)."""
+    seen = []
+    handle = model.gpt_neox.layers[layer].attention.register_forward_hook(
+        lambda m, a, out: seen.append(out[0].detach()))
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    return seen[0]
+
+
+def test_gpt_neox_interleaved_query_key_value_keeps_one_sigma_and_says_why():
+    """GPT-NeoX's fused ``query_key_value`` orders its rows per head (q, k, v of head 0, then
+    head 1, ...), so splitting it into three row blocks would mix q, k and v: it keeps one σ,
+    and the report says why instead of giving no reason."""
+    model, inputs = tiny_gpt_neox("eager", attention_bias=True)
+    d, heads = 32, 4
+    hd = d // heads
+    # the layout, checked against Hugging Face's own forward: zeroing the rows (and biases) that
+    # the interleaved layout calls v leaves the attention output at the dense layer's bias
+    probe = copy.deepcopy(model).eval()
+    qkv = probe.gpt_neox.layers[0].attention.query_key_value
+    v_rows = torch.cat([torch.arange(h * 3 * hd + 2 * hd, (h + 1) * 3 * hd) for h in range(heads)])
+    with torch.no_grad():
+        qkv.weight[v_rows] = 0
+        qkv.bias[v_rows] = 0
+    dense_bias = probe.gpt_neox.layers[0].attention.dense.bias.detach()
+    torch.testing.assert_close(_attention_output(probe, inputs), dense_bias.expand(2, 12, d),
+                               rtol=0, atol=0)
+    probe = copy.deepcopy(model).eval()  # the contiguous reading (rows 2d..3d = v) is wrong
+    qkv = probe.gpt_neox.layers[0].attention.query_key_value
+    with torch.no_grad():
+        qkv.weight[2 * d:] = 0
+        qkv.bias[2 * d:] = 0
+    assert not torch.allclose(_attention_output(probe, inputs), dense_bias.expand(2, 12, d))
+
+    model.eval()
+    with torch.no_grad():
+        before = _out(model, inputs)
+    assert _convert(model) == []
+    report = {e["name"]: e for e in sigma_reparam_report(model)}
+    for layer in range(2):
+        entry = report[f"gpt_neox.layers.{layer}.attention.query_key_value.weight"]
+        assert entry["converted"] and entry["chunks"] == 1
+        assert "interleaved per head" in entry["reason"] and "one sigma" in entry["reason"]
+    assert all(e["reason"] == "" for n, e in report.items()
+               if e["converted"] and "query_key_value" not in n)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model, inputs), before, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_qkv_kept_whole_by_split_qkv_false_or_an_unknown_name_says_so():
+    model, _ = tiny_gpt2("eager")
+    with pytest.warns(UserWarning, match="tied"):
+        convert_to_sigma_reparam(model, split_qkv=False)
+    entry = next(e for e in sigma_reparam_report(model) if e["name"].endswith("h.0.attn.c_attn.weight"))
+    assert entry["chunks"] == 1 and entry["reason"] == "fused q/k/v, split_qkv=False: one sigma for the whole matrix"
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_qkv = nn.Linear(8, 24)
+
+        def forward(self, x):
+            return self.to_qkv(x)
+
+    convert_to_sigma_reparam(block := Block())
+    (entry,) = sigma_reparam_report(block)
+    assert entry["chunks"] == 1 and "name not in QKV_NAMES" in entry["reason"] and "n_chunks=3" in entry["reason"]
+
+
+def test_t5_relative_attention_bias_is_a_lookup_table_not_an_unconverted_projection():
+    """T5's ``relative_attention_bias`` (an Embedding inside the attention module) is a table of
+    position biases, not a projection: the report says so and the convert does not warn that
+    the attention module keeps unconverted weights (only the tied lm_head warns)."""
+    model, inputs = tiny_t5()
+    model.eval()
+    with torch.no_grad():
+        before = _out(model, inputs)
+    messages = _convert(model)
+    assert len(messages) == 1 and "lm_head.weight" in messages[0] and "tied" in messages[0], messages
+    report = {e["name"]: e for e in sigma_reparam_report(model)}
+    for stack in ("encoder", "decoder"):
+        entry = report[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        assert not entry["converted"] and "lookup table" in entry["reason"]
+    projections = [n for n, e in report.items() if e["module"] == "Linear" and n != "lm_head.weight"]
+    assert projections and all(report[n]["converted"] for n in projections)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model, inputs), before, rtol=1e-4, atol=1e-5)
+    # a projection left out does still warn, without naming the table
+    model, _ = tiny_t5()
+    with pytest.warns(UserWarning, match="keeps weights without sigmaReparam") as caught:
+        convert_to_sigma_reparam(model, layer_types=(nn.Conv1d,))
+    text = " ".join(str(w.message) for w in caught)
+    assert "SelfAttention.q.weight" in text and "relative_attention_bias" not in text

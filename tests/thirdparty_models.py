@@ -66,3 +66,28 @@ def tiny_xtransformer(*, flash: bool = True, batch: int = 2, seq: int = 12, seed
         attn_layers=xt.Decoder(dim=32, depth=2, heads=4, attn_dim_head=8, attn_flash=flash,
                                rotary_pos_emb=rotary, **{f"attn_{k}": v for k, v in attn.items()}))
     return model, {"x": _ids(97, batch, seq, seed)}
+
+
+def tiny_gpt_neox(attn_implementation: str = "sdpa", *, batch: int = 2, seq: int = 12, seed: int = 0,
+                  **config):
+    """Hugging Face GPT-NeoX (causal, rotary, fused ``query_key_value`` whose rows interleave q, k
+    and v per head): 2 layers, 4 heads, d=32."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPTNeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64,
+                                     attn_implementation=attn_implementation, **config)
+    model = transformers.GPTNeoXForCausalLM(cfg)
+    return model, {"input_ids": _ids(97, batch, seq, seed)}
+
+
+def tiny_t5(attn_implementation: str = "eager", *, batch: int = 2, seq: int = 10, seed: int = 0, **config):
+    """Hugging Face T5 (encoder-decoder, a ``relative_attention_bias`` Embedding in the first
+    self-attention of each stack, tied ``lm_head``): 2+2 layers, 4 heads of 8, d=32."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                dropout_rate=0.0, decoder_start_token_id=0,
+                                attn_implementation=attn_implementation, **config)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    return model, {"input_ids": _ids(97, batch, seq, seed), "decoder_input_ids": _ids(97, batch, seq - 2, seed + 1)}

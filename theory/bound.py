@@ -24,6 +24,11 @@ __all__ = ["softmax_entropy", "entropy_lower_bound", "max_logit_norm", "extremal
 #: each input from memory once instead of materialising ~10 full-size temporaries.
 _CHUNK = 8192
 
+#: the most float64 elements (2**27, 1 GiB) that :func:`extremal_logits` and
+#: :func:`theory.instances.extremal_instance` allocate; larger requests raise ``ValueError``
+#: up front instead of a ``MemoryError`` or a silent multi-gigabyte allocation.
+MAX_ELEMENTS = 2**27
+
 
 # ----------------------------------------------------------------------------- validation
 def _real_array(x, name):
@@ -68,7 +73,8 @@ def _check_range(arr, name, lowest):
 def _as_real_array(x, name):
     """``x`` as a float64 array; ``TypeError`` for non-real input, ``ValueError`` for nan/inf."""
     arr = _real_array(x, name).astype(np.float64, copy=False)
-    if arr.size and not np.isfinite(arr.min() + arr.max()):
+    # min and max tested apart: their sum overflows for finite values near the float64 limit
+    if arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
         raise ValueError(f"{name} must be finite")
     return arr
 
@@ -544,7 +550,8 @@ def extremal_logits(logit_norm, seq_len, top=0):
         Non-real ``logit_norm``/``seq_len`` (strings, bools, complex), ``top`` not an integer.
     ValueError
         Negative or non-finite ``logit_norm``, ``seq_len`` not a scalar integer >= 1, ``top``
-        out of range, or s so large (~1.8e308 sqrt((T-1)/T)) that a logit overflows.
+        out of range, s so large (~1.8e308 sqrt((T-1)/T)) that a logit overflows, or a
+        result of more than ``MAX_ELEMENTS`` (2**27, 1 GiB of float64) elements.
 
     Examples
     --------
@@ -562,6 +569,9 @@ def extremal_logits(logit_norm, seq_len, top=0):
         raise TypeError(f"top must be an integer, got {top!r}")
     if not 0 <= top < t:
         raise ValueError(f"top must satisfy 0 <= top < seq_len={t}, got {top}")
+    if s.size * t > MAX_ELEMENTS:
+        raise ValueError(f"seq_len={t} with {s.size} logit_norm value(s) asks for {s.size * t} "
+                         f"logits, more than MAX_ELEMENTS={MAX_ELEMENTS} (1 GiB of float64)")
     z = np.zeros(s.shape + (t,), dtype=np.float64)
     if t == 1:
         return z

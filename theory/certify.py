@@ -329,7 +329,13 @@ def minimize_entropy(logit_norm, seq_len, *, restarts=16, seed=0, gtol=1e-10):
         return EntropyMinimum(value, z, value - bound, bound, np.array([value]),
                               balanced - bound, 16 * EPS * max(value, bound))
     basis = null_space(np.ones((1, t)))               # (T, T-1), orthonormal, columns sum to 0
-    log_t, scale = np.log(t), t / s**2
+    log_t = np.log(t)
+    # t / s / s: s**2 overflows beyond 1.3e154 and flushes to 0 below 1.5e-162; where even this
+    # is inf (s < ~1e-154), H - log T is below rounding anyway and the plain difference is used
+    # (the result then says so: ``informative`` is False)
+    scale = t / s / s
+    if not np.isfinite(scale):
+        scale = 1.0
     relative = bound < 0.5 * log_t                    # minimise log H: relative accuracy
 
     def objective(u):
@@ -438,7 +444,9 @@ def box_min_entropy(bound, seq_len):
         z_k = k + (t - k) * decay
         vertex = np.empty(t + 1)
         vertex[0] = np.log(t)
-        vertex[1:] = np.log(z_k) + np.where(decay > 0, (t - k) * gap * decay, 0.0) / z_k
+        # G e^-G as one scalar, 0 once e^-G underflows (G = 2b may overflow to inf: inf * 0)
+        gap_decay = gap * decay if decay > 0 else 0.0
+        vertex[1:] = np.log(z_k) + (t - k) * gap_decay / z_k
     n_high = int(np.argmin(vertex))
     logits = np.where(np.arange(t) < n_high, b, -b)
     return BoxMinimum(float(vertex[n_high]), n_high, logits, vertex)

@@ -38,11 +38,12 @@ numpy only; float64 throughout.
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import numpy as np
 
-from theory.bound import _h_into, _round_down, entropy_lower_bound
+from theory.bound import MAX_ELEMENTS, _h_into, _round_down, entropy_lower_bound
 
 __all__ = ["TheoremBound", "theorem_bound", "row_logit_norm_bounds", "row_entropy_bounds",
            "extremal_instance", "VARIANTS"]
@@ -94,6 +95,21 @@ def _real_matrix(x, name):
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} must be finite")
     return arr
+
+
+def _check_scalar(v, name):
+    """A real number >= 0 (a 0-d array of a real dtype too) as a float; TypeError/ValueError naming it."""
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        v = v[()]
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {v!r}")
+    try:
+        x = float(v)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an integer too large for float64") from None
+    if not np.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+    return x
 
 
 def _check_scale(scale):
@@ -452,10 +468,14 @@ def extremal_instance(sigma, seq_len, dim=None, *, row=0, token_norm=1.0, constr
     Raises
     ------
     TypeError
-        Non-scalar ``sigma``/``token_norm``, non-integer ``seq_len``/``dim``/``row``.
+        ``sigma``/``token_norm`` not a real number (strings, bytes, ``Decimal``, complex,
+        ``None``, bools, arrays of more than one element), non-integer
+        ``seq_len``/``dim``/``row``.
     ValueError
-        Negative or non-finite ``sigma``/``token_norm``, ``seq_len`` < 1, ``row`` out of
-        range, ``dim`` too small for the construction, unknown ``construction``.
+        Negative or non-finite ``sigma``/``token_norm`` (an integer beyond float64 is not
+        finite), ``seq_len`` < 1, ``row`` out of range, ``dim`` too small for the
+        construction, unknown ``construction``, or ``seq_len * dim`` above
+        ``theory.bound.MAX_ELEMENTS`` (2**27 entries of X, 1 GiB).
 
     Examples
     --------
@@ -472,11 +492,7 @@ def extremal_instance(sigma, seq_len, dim=None, *, row=0, token_norm=1.0, constr
     >>> bool(np.isclose(ent_row, entropy_lower_bound(1.5, 1000), rtol=1e-12))
     True
     """
-    for name, v in (("sigma", sigma), ("token_norm", token_norm)):
-        if isinstance(v, (bool, np.bool_)) or np.ndim(v) != 0:
-            raise TypeError(f"{name} must be a real scalar, got {v!r}")
-        if not np.isfinite(float(v)) or float(v) < 0:
-            raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+    sigma, token_norm = _check_scalar(sigma, "sigma"), _check_scalar(token_norm, "token_norm")
     for name, v in (("seq_len", seq_len), ("row", row)) + ((("dim", dim),) if dim is not None else ()):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"{name} must be an integer, got {v!r}")
@@ -494,6 +510,10 @@ def extremal_instance(sigma, seq_len, dim=None, *, row=0, token_norm=1.0, constr
         raise ValueError(f"dim must be >= seq_len={T} for the orthogonal construction, got {dim}")
     if not 0 <= row < T:
         raise ValueError(f"row must satisfy 0 <= row < seq_len={T}, got {row}")
+    if T * d > MAX_ELEMENTS:
+        hint = "; pass a small dim (2 suffices)" if 2 * T <= MAX_ELEMENTS else ""
+        raise ValueError(f"seq_len={T} x dim={d} entries of X exceed MAX_ELEMENTS={MAX_ELEMENTS} "
+                         f"(1 GiB of float64){hint}")
     if construction == "auto":
         construction = "orthogonal" if d >= T else "planar"
     c, root = float(token_norm), np.sqrt(float(sigma))

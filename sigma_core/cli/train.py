@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import sys
 from pathlib import Path
@@ -175,14 +176,23 @@ def _device(text: str) -> str:
 
 def _out_dir(text: str) -> Path:
     """A new or empty run directory (an existing run must be continued with --resume)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder name would train into the current directory")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
-    from sigma_core.experiments.train import CHECKPOINT_NAME, METRICS_NAME  # noqa: PLC0415
+    from sigma_core.experiments.train import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME  # noqa: PLC0415
 
-    if any((path / n).exists() for n in (CHECKPOINT_NAME, METRICS_NAME)):
+    if (path / CHECKPOINT_NAME).exists():
         raise argparse.ArgumentTypeError(f"{text} already holds a run: continue it with --resume {text} "
                                          f"or choose a new --out")
+    if (path / METRICS_NAME).exists() or (path / CONFIG_NAME).exists():
+        raise argparse.ArgumentTypeError(f"{text} already holds a run that stopped before its first "
+                                         f"checkpoint: start it again with --restart {text}, or choose a new --out")
+    taken = [n for n in (SUMMARY_NAME, "samples") if (path / n).exists() or (path / n).is_symlink()]
+    if taken:
+        raise argparse.ArgumentTypeError(f"{text} holds {', '.join(taken)}, which a run would overwrite: "
+                                         f"choose a new --out")
     return path
 
 
@@ -191,11 +201,50 @@ def _resume_dir(text: str) -> Path:
     path = Path(text)
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a directory")
-    from sigma_core.experiments.train import CHECKPOINT_NAME  # noqa: PLC0415
+    from sigma_core.experiments.train import CHECKPOINT_NAME, CONFIG_NAME  # noqa: PLC0415
 
     if not (path / CHECKPOINT_NAME).is_file():
+        if (path / CONFIG_NAME).is_file():
+            raise argparse.ArgumentTypeError(f"{text} holds no {CHECKPOINT_NAME}: the run stopped before its "
+                                             f"first checkpoint; start it again with --restart {text}")
         raise argparse.ArgumentTypeError(f"{text} holds no {CHECKPOINT_NAME}: nothing to resume")
     return path
+
+
+def _restart_dir(text: str) -> Path:
+    """A run directory whose run stopped before its first checkpoint (it has a config.json and no
+    checkpoint.pt): the run is started again from step 0 with the config in its config.json."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    from sigma_core.experiments.train import CHECKPOINT_NAME, CONFIG_NAME  # noqa: PLC0415
+
+    if (path / CHECKPOINT_NAME).exists():
+        raise argparse.ArgumentTypeError(f"{text} holds a {CHECKPOINT_NAME}: continue it with --resume {text}")
+    if not (path / CONFIG_NAME).is_file():
+        raise argparse.ArgumentTypeError(f"{text} holds no {CONFIG_NAME} of a run to start again")
+    return path
+
+
+def _restart(args: argparse.Namespace):
+    """The fresh :class:`~sigma_core.experiments.train.Trainer` of ``--restart``: the config of the
+    folder's config.json (runtime flags may change), the files the stopped run wrote removed."""
+    from sigma_core.experiments.train import (CONFIG_NAME, METRICS_NAME, RUNTIME_FIELDS, SUMMARY_NAME,  # noqa: PLC0415
+                                              Trainer)
+
+    parser, run_dir = args._parser, args.restart
+    try:
+        stored = json.loads((run_dir / CONFIG_NAME).read_text())
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        given = {n: getattr(args, n) for n in RUNTIME_FIELDS if getattr(args, n, None) is not None}
+        cfg = TrainConfig.from_dict({**{k: v for k, v in stored.items() if k in names}, **given})
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        parser.error(f"--restart {run_dir}: its {CONFIG_NAME} does not hold a usable run config ({exc})")
+    for name in (METRICS_NAME, SUMMARY_NAME):
+        (run_dir / name).unlink(missing_ok=True)
+    for sample in (run_dir / "samples").glob("step_*.npz") if (run_dir / "samples").is_dir() else ():
+        sample.unlink()
+    return Trainer(cfg, run_dir, allow_dirty=args.allow_dirty)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -276,7 +325,8 @@ def _resume(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from sigma_core.experiments import distributed  # noqa: PLC0415
-    from sigma_core.experiments.train import DirtyTreeError, Trainer, TrainingInterrupted  # noqa: PLC0415
+    from sigma_core.experiments.train import (DirtyTreeError, RunFolderError, Trainer,  # noqa: PLC0415
+                                              TrainingInterrupted)
 
     if args.progress is None:
         args.progress = sys.stderr.isatty()  # the bar (tqdm) writes to stderr
@@ -284,6 +334,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.resume is not None:
             trainer = _resume(args)
             run_dir = args.resume
+            if trainer.finished:
+                print(f"entropy-collapse train: {run_dir} is a finished run ({trainer.step} of "
+                      f"{trainer.cfg.steps} steps); nothing changed", file=sys.stderr)
+        elif args.restart is not None:
+            trainer = _restart(args)
+            run_dir = args.restart
         else:
             cfg = config_from_args(args, args._parser)
             try:
@@ -297,6 +353,13 @@ def _run(args: argparse.Namespace) -> int:
             if trainer.is_main:
                 print(f"entropy-collapse train: {exc}", file=sys.stderr)
             return 128 + exc.signum
+        except RunFolderError as exc:
+            args._parser.error(str(exc))
+        except OSError as exc:  # a full disk, a read-only folder: say so, never a traceback
+            print(f"entropy-collapse train: cannot write the run folder {run_dir}: {exc.strerror or exc}"
+                  f"{f' ({exc.filename})' if exc.filename else ''}; the last checkpoint written, if any, "
+                  f"is intact", file=sys.stderr)
+            return 1
         if not trainer.is_main:
             return 0
         print(format_summary(summary, run_dir))
@@ -365,12 +428,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train", help="train one model; record each head's attention entropy, sigma_h and the bound",
         description=DESCRIPTION, epilog=preset_table(), formatter_class=HelpFormatter,
-        usage="entropy-collapse train (--out RUN_DIR | --resume RUN_DIR) [--preset NAME] [options]")
+        usage="entropy-collapse train (--out RUN_DIR | --resume RUN_DIR | --restart RUN_DIR) [--preset NAME] [options]")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=_out_dir, metavar="RUN_DIR",
                        help="new run folder (created; must not hold a run)")
     where.add_argument("--resume", type=_resume_dir, metavar="RUN_DIR",
                        help="continue the run in RUN_DIR from its checkpoint")
+    where.add_argument("--restart", type=_restart_dir, metavar="RUN_DIR",
+                       help="start again from step 0 the run in RUN_DIR that stopped before its first "
+                            "checkpoint (its config.json; its metrics, summary and samples are replaced)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
                         help="starting values, one of: " + ", ".join(PRESETS) + " (default cpu-demo; with "
                              "--model vit or seq2seq: vit-digits or seq2seq-reverse)")

@@ -47,7 +47,6 @@ import datetime as _dt
 import json
 import math
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -381,7 +380,7 @@ def write_compare(rows: list[dict], out_dir: str | os.PathLike, *, meta: dict | 
 def _train_one(job: dict) -> dict:
     """Worker: train one (method, lr, seed) into its run directory and summarise it."""
     from sigma_core.experiments.config import preset  # noqa: PLC0415
-    from sigma_core.experiments.train import Trainer  # noqa: PLC0415
+    from sigma_core.experiments.train import Trainer, clear_run_dir  # noqa: PLC0415
 
     run_dir = Path(job["run_dir"])
     cfg = preset(job["preset"], **job["overrides"])
@@ -394,11 +393,12 @@ def _train_one(job: dict) -> dict:
                 return _tag(summarise_compare_run(run_dir), job)
         except (OSError, ValueError):
             pass
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    clear_run_dir(run_dir)  # only what a run wrote; a user's file stops the sweep instead
+    run_dir.mkdir(parents=True, exist_ok=True)
     try:
         Trainer(cfg, run_dir).run()
+    except OSError:  # a full disk or an unwritable folder is no result about the method
+        raise
     except Exception as err:  # noqa: BLE001 - a crashed run (e.g. NaN weights) is a diverged run
         (run_dir / "error.txt").write_text(f"{type(err).__name__}: {err}\n")
     if not job.get("keep_checkpoints", False):

@@ -39,6 +39,8 @@ import numbers
 from dataclasses import dataclass, field
 
 MODELS = ("gpt", "vit", "seq2seq")
+#: the largest seed (the run's generators are seeded with seed, seed + 1 and seed + 2)
+SEED_MAX = 2**63 - 3
 NORMS = ("pre", "post", "none")
 REPARAMS = ("none", "sigma", "spectral")
 GAMMA_INITS = ("sigma", "one")
@@ -153,6 +155,25 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed!r}")
+        if self.model == "gpt":
+            from sigma_core.experiments.data import CORPUS_SIZE  # noqa: PLC0415
+
+            if self.vocab_size < 256:
+                raise ValueError(f"vocab_size must be at least 256 for model 'gpt' (its corpus is bytes), "
+                                 f"got {self.vocab_size!r}")
+            if self.corpus_bytes > CORPUS_SIZE:
+                raise ValueError(f"corpus_bytes must be at most {CORPUS_SIZE} (the shipped corpus), "
+                                 f"got {self.corpus_bytes!r}")
+            smallest = math.ceil((self.block_size + 2) / min(self.val_fraction, 1 - self.val_fraction)) \
+                if 0 < self.val_fraction < 1 else 0
+            if self.corpus_bytes < smallest:
+                raise ValueError(f"corpus_bytes must be at least {smallest} (training and validation parts "
+                                 f"each hold more than block_size + 1 = {self.block_size + 1} bytes), "
+                                 f"got {self.corpus_bytes!r}")
+        elif self.model == "seq2seq" and self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be at least 2 for model 'seq2seq', got {self.vocab_size!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.model not in MODELS:

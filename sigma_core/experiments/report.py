@@ -35,6 +35,7 @@ import json
 import math
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,8 @@ COLLAPSE_NATS = 0.1
 BELOW_TOL = 1e-4
 #: the formats every figure is written in besides PNG (the first is always PNG)
 FIGURE_FORMATS = ("png", "svg")
+#: the figures write_report makes (file stems)
+FIGURE_NAMES = ("loss", "entropy", "entropy_over_training", "sigma", "confirmation")
 #: the bound variants of the confirmation figure, tightest first, with their panel titles
 CONFIRMATION_VARIANTS = {
     "exact": "exact: $s_i$ = the row's centred logit norm",
@@ -69,10 +72,16 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i != len(lines) - 1:
                 warnings.warn(f"{path}:{i + 1}: skipping a malformed record", stacklevel=2)
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            warnings.warn(f"{path}:{i + 1}: skipping a line that is not a record (a JSON object with a "
+                          f"whole-number step)", stacklevel=2)
+            continue
+        records.append(record)
     return records
 
 
@@ -87,8 +96,12 @@ def load_samples(run_dir: str | os.PathLike) -> tuple[int | None, dict[str, np.n
     files = sorted((Path(run_dir) / "samples").glob("step_*.npz"))
     if not files:
         return None, {}
-    with np.load(files[-1]) as data:
-        return int(files[-1].stem.split("_")[1]), {k: data[k] for k in data.files}
+    try:
+        with np.load(files[-1]) as data:
+            return int(files[-1].stem.split("_")[1]), {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{files[-1]} is truncated or corrupted ({type(exc).__name__}: {exc}); "
+                         f"remove it to report without the row samples") from exc
 
 
 def run_label(run_dir: str | os.PathLike, config: dict) -> str:
@@ -393,6 +406,10 @@ def write_report(run_dirs, out_dir: str | os.PathLike, *, formats=FIGURE_FORMATS
             raise ValueError(f"run_dirs: {d} has neither {METRICS_NAME} nor {CONFIG_NAME}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from sigma_core.experiments.train import check_no_links  # noqa: PLC0415
+
+    check_no_links(out, ["report.md", "summary.json", *(f"{n}.{fmt}" for n in FIGURE_NAMES
+                                                         for fmt in ("png", "svg", "pdf"))])
     formats = tuple(formats)
     if "png" not in formats:
         formats = ("png", *formats)

@@ -46,10 +46,13 @@ Example
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
+import io
 import json
 import math
 import os
+import pickle
 import platform
 import signal
 import subprocess
@@ -237,19 +240,106 @@ def flops_per_token(model: torch.nn.Module) -> float:
     return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.block_size * cfg.d_model
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
+#: first bytes of a checkpoint file: the format, then the sha256 of the payload (the bytes after
+#: the header line), checked before anything is unpickled
+CHECKPOINT_MAGIC = b"entropy-collapse checkpoint v2 sha256="
+
+
+def checkpoint_bytes(obj) -> bytes:
+    """``obj`` as a checkpoint file's bytes: :data:`CHECKPOINT_MAGIC`, the hex sha256 of the
+    payload and a newline, then the payload (``torch.save`` of ``obj``)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    return CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove ``.NAME.tmpPID`` files beside ``path`` left by a writer that was killed mid-write
+    (its process no longer exists); returns what was removed."""
     path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if not pid.isdigit() or tmp.is_symlink() or not tmp.is_file():
+            continue
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # a live process is writing it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """Write ``obj`` as a checksummed checkpoint (:func:`checkpoint_bytes`) to a temporary file
+    beside ``path``, then ``os.replace`` it into place; stale temporaries of killed writers are
+    removed first."""
+    path = Path(path)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    data = checkpoint_bytes(obj)
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+class RunFolderError(ValueError):
+    """A write the run folder does not allow: through a symbolic link (it could land outside the
+    folder, or on a file the run did not create)."""
+
+
+def check_no_links(folder: str | os.PathLike, names) -> None:
+    """Raise :class:`RunFolderError` when one of ``folder/NAME`` (``names``) is a symbolic link, or
+    ``folder`` itself resolves elsewhere through one of ``names``: no write of a run follows a
+    link out of its folder."""
+    folder = Path(folder)
+    for name in names:
+        path = folder / name
+        if path.is_symlink():
+            raise RunFolderError(f"{path} is a symbolic link (to {os.readlink(path)}); the run writes only "
+                                 f"inside its folder: remove the link")
+
+
+#: the files a training run writes into its folder (and may replace when it is run again)
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, CONFIG_NAME, SUMMARY_NAME, "error.txt")
+
+
+def clear_run_dir(run_dir: str | os.PathLike) -> None:
+    """Remove what a training run wrote into ``run_dir`` (:data:`RUN_FILES`, ``samples/step_*.npz``)
+    so that it can be trained again; :class:`RunFolderError`, deleting nothing, when the folder
+    holds anything else (a user's file) or a link."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return
+    ours = [run_dir / n for n in RUN_FILES if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    samples = run_dir / "samples"
+    sample_files = sorted(samples.glob("step_*.npz")) if samples.is_dir() and not samples.is_symlink() else []
+    other = [p for p in run_dir.iterdir() if p not in ours and p != samples]
+    if samples.is_dir() and not samples.is_symlink():
+        other += [p for p in samples.iterdir() if p not in sample_files]
+    elif samples.exists() or samples.is_symlink():
+        other.append(samples)
+    links = [p for p in ours + sample_files if p.is_symlink()]
+    if other or links:
+        names = ", ".join(str(p) for p in (other + links)[:5])
+        raise RunFolderError(f"{run_dir} holds files a training run did not write ({names}); nothing was "
+                             f"deleted: move them, or choose another output folder")
+    for p in ours + sample_files:
+        p.unlink()
+    if samples.is_dir():
+        samples.rmdir()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -479,6 +569,17 @@ class Trainer:
         self.train_time = float(state["train_time"])
         self.tokens_seen = int(state["tokens_seen"])
 
+    @property
+    def finished(self) -> bool:
+        """Whether this trainer's run is complete in its folder: all ``cfg.steps`` taken and a
+        readable ``summary.json`` written (then :meth:`run` changes nothing and returns it)."""
+        if self.out_dir is None or self.step < self.cfg.steps:
+            return False
+        try:
+            return isinstance(json.loads((self.out_dir / SUMMARY_NAME).read_text()), dict)
+        except (OSError, ValueError):
+            return False
+
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         """Write :meth:`state_dict` atomically (default ``RUN_DIR/checkpoint.pt``)."""
         if path is None:
@@ -516,8 +617,26 @@ class Trainer:
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {run_dir / CHECKPOINT_NAME} holds a config this version "
                                   f"cannot use: {exc}") from exc
+        folder_config = run_dir / CONFIG_NAME
+        if folder_config.is_file():  # the checkpoint must belong to the run of this folder
+            try:
+                stored = json.loads(folder_config.read_text())
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{folder_config} is unreadable ({exc}); the checkpoint cannot be "
+                                      f"matched to this folder's run") from exc
+            if not isinstance(stored, dict):
+                raise CheckpointError(f"{folder_config} does not hold a run config")
+            theirs = dict(state["config"])
+            diff = sorted(k for k in set(theirs) & set(stored)
+                          if k not in RUNTIME_FIELDS and theirs[k] != stored[k])
+            if diff:
+                detail = ", ".join(f"{k}: checkpoint {theirs[k]!r} vs {CONFIG_NAME} {stored[k]!r}" for k in diff)
+                raise CheckpointError(f"checkpoint {run_dir / CHECKPOINT_NAME} does not belong to the run in "
+                                      f"this folder ({detail}); nothing was changed")
         trainer = cls(cfg, run_dir, corpus=corpus, allow_dirty=allow_dirty)
         trainer.load_state_dict(state)
+        if trainer.finished:  # nothing to do: the folder stays as it is
+            return trainer
         if trainer.is_main:
             truncate_metrics(run_dir / METRICS_NAME, trainer.step)
         return trainer
@@ -604,9 +723,14 @@ class Trainer:
         SIGTERM it finishes the step, writes the checkpoint and raises :class:`TrainingInterrupted`.
         """
         cfg = self.cfg
+        if self.finished:  # a resumed finished run: report it, write nothing
+            self.summary = json.loads((self.out_dir / SUMMARY_NAME).read_text())
+            return self.summary
         writes = self.out_dir is not None and self.is_main
         if writes:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            check_no_links(self.out_dir, (METRICS_NAME, CONFIG_NAME, SUMMARY_NAME, CHECKPOINT_NAME, "samples",
+                                          *(f"samples/step_{s:06d}.npz" for s in cfg.sample_steps)))
         if self.is_main:
             self.write_config()
         metrics = open(self.out_dir / METRICS_NAME, "a") if writes else None
@@ -645,7 +769,10 @@ class Trainer:
                         if self.out_dir is not None:
                             path = self.out_dir / "samples" / f"step_{step:06d}.npz"
                             path.parent.mkdir(exist_ok=True)
-                            np.savez_compressed(path, **{k: v for k, v in samples.items() if k != "violations"})
+                            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+                            with open(tmp, "wb") as fh:  # atomic: a kill never leaves a truncated .npz
+                                np.savez_compressed(fh, **{k: v for k, v in samples.items() if k != "violations"})
+                            os.replace(tmp, path)
                     self._write_record(metrics, record)
                     last = record
                     bar.set_postfix(loss=f"{out['train_loss']:.3f}", ent=f"{record['entropy_mean']:.2f}",
@@ -729,19 +856,44 @@ class Trainer:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint file on the CPU; :class:`CheckpointError` says whether it is missing,
-    truncated/corrupted or not a training checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # zipfile, pickle, EOF and RuntimeError all mean an unreadable file
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted "
-                              f"({type(exc).__name__}: {exc})") from exc
+    """Load a training checkpoint on the CPU (:func:`read_checkpoint_file`); :class:`CheckpointError`
+    also when the file holds something other than a training state."""
+    state = read_checkpoint_file(path)
     if not isinstance(state, dict) or not set(STATE_KEYS) <= set(state):
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a training checkpoint (holds {have})")
+    return state
+
+
+def read_checkpoint_file(path: str | os.PathLike):
+    """The object in a file written by :func:`atomic_torch_save`, on the CPU; :class:`CheckpointError`
+    says whether it is missing or truncated/corrupted (its sha256 does not match the one in its
+    header).
+
+    Nothing in the file can run code: it is unpickled with ``torch.load(weights_only=True)``
+    (tensors, numbers, strings and containers only), and only after its checksum matched.
+    Checkpoints of versions before the checksum (plain ``torch.save`` files) load the same way,
+    without the checksum.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    data = path.read_bytes()
+    if data.startswith(CHECKPOINT_MAGIC):
+        head, sep, payload = data[len(CHECKPOINT_MAGIC):].partition(b"\n")
+        if not sep or hashlib.sha256(payload).hexdigest().encode() != head:
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupted: its content does not match "
+                                  f"the sha256 written with it")
+    else:
+        payload = data
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted, or holds objects other than "
+                              f"tensors, numbers and containers (refused: loading those could run code)") from exc
+    except Exception as exc:  # zipfile, EOF and RuntimeError all mean an unreadable file
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted "
+                              f"({type(exc).__name__}: {exc})") from exc
     return state
 
 
@@ -786,8 +938,7 @@ def run_demo(out_dir: str | os.PathLike, *, preset_name: str | None = None, step
     for label, reparam in (("baseline", "none"), ("sigma-reparam", "sigma")):
         cfg = preset(name, reparam=reparam, **overrides)
         run_dir = out / label
-        if (run_dir / METRICS_NAME).exists():
-            (run_dir / METRICS_NAME).unlink()  # a fresh run, not an append to an old log
+        clear_run_dir(run_dir)  # a fresh run, not an append to an old log; a user's file is kept (error)
         log(f"[demo] training {label} ({name}, lr={cfg.lr:g}, {cfg.steps} steps) -> {run_dir}")
         summary = Trainer(cfg, run_dir).run()
         log(f"[demo] {label}: final loss {summary['final_train_loss']:.3f}, mean entropy "
