@@ -12,18 +12,36 @@ outside a recorded forward no mode is active, so an unobserved forward pays noth
 :class:`ExecutingModules` finds, at a captured call, which modules of the model are executing
 (those with a method on the Python call stack), so the call is attributed to the innermost one
 by its qualified name; it does its work only at a captured call, not at every module call.
+
+What a call is, for the measurement (:mod:`sigma_core.measure`): :class:`Call` holds the queries
+and keys (or, for an eager softmax, the logits) of one attention call in one layout, ``(B, H, T,
+d_head)`` with key heads repeated for grouped-query attention, with its scale, causality and
+mask, and says lazily (only when the bound is checked) where the weight-based bound variants get
+``W_Q``, ``W_K`` and the tokens: :class:`Weights` known from the module (probe protocol,
+``nn.MultiheadAttention``), :class:`Adapted` from an adapter of :mod:`sigma_core.adapters` (to be
+checked against the logits actually used), or a sentence saying why they do not apply.
+:func:`sdpa_call`, :func:`softmax_call`, :func:`probe_call` and :func:`mha_call` build it from
+what each way of seeing attention receives.  A new way of seeing attention is one more such
+function (and a hook in the monitor that calls it).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 import sys
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["AttentionInterceptor", "ExecutingModules", "SDPA_ARGS", "sdpa_arguments", "softmax_input", "suspended"]
+from sigma_core.entropy import _hidden_threshold
+
+__all__ = ["Adapted", "AttentionInterceptor", "Call", "ExecutingModules", "SDPA_ARGS", "Weights", "mha_call",
+           "probe_call", "sdpa_arguments", "sdpa_call", "softmax_call", "softmax_input", "suspended"]
 
 #: positional order of the arguments of scaled_dot_product_attention
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -170,3 +188,209 @@ class ExecutingModules:
             frame = frame.f_back
         found.reverse()
         return found
+
+
+# -- what a call is -------------------------------------------------------------------------------
+class Weights(NamedTuple):
+    """Per-head weights and tokens of a call, theory convention ``q_h = x_q @ w_q[h]``.
+
+    ``w_q``, ``w_k``: ``(H, d, d_head)``; ``x_q``: ``(B, Tq, d)``; ``x_k``: ``(B, Tk, d)``, or None
+    when the keys come from ``x_q`` (self-attention); ``scale``: the logit scale.
+    """
+
+    w_q: torch.Tensor
+    w_k: torch.Tensor
+    scale: float
+    x_q: torch.Tensor
+    x_k: torch.Tensor | None
+
+
+class Adapted(NamedTuple):
+    """An adapter of :mod:`sigma_core.adapters` for ``module``, with the module's forward inputs."""
+
+    adapter: Callable
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+
+
+#: where the weight-based bound variants come from: known weights, an adapter to check, or why not
+BoundSource = Union[Weights, Adapted, str]
+
+NO_ADAPTER = "no adapter for this attention module (sigma_core.adapters)"
+ADDITIVE_MASK = "additive attention mask (a bias on the logits)"
+QK_NORM = "QK-normalisation: the logits are formed from normalised q, k, not from x W"
+
+
+@dataclass
+class Call:
+    """One attention call as the measurement sees it.
+
+    Attributes
+    ----------
+    source : str
+        How it was seen: ``"sdpa"``, ``"softmax"``, ``"probe"`` or ``"mha"``.
+    q, k : Tensor or None
+        ``(B, H, Tq, d_head)`` and ``(B, H, Tk, d_head)`` (key heads repeated), before the scale;
+        None for ``"softmax"``.
+    logits : Tensor or None
+        ``(B, H, Tq, Tk)``, the scaled logits of an eager softmax (mask included); else None.
+    scale : float
+        The logit scale.
+    causal : bool
+        Query ``i`` sees keys ``0..i``.
+    mask : Tensor or None
+        Bool (True = attend) or an additive float mask, broadcastable to ``(B, H, Tq, Tk)``.
+    bound : callable
+        ``bound()`` returns the :data:`BoundSource` of the weight-based bound variants; called
+        only on forwards that check the bound.
+    fused : bool
+        Whether the entropies may come from the fast path
+        (:func:`sigma_core.entropy.fused_row_entropy`); ``nn.MultiheadAttention`` calls take the
+        blocked pass.
+    """
+
+    source: str
+    q: torch.Tensor | None
+    k: torch.Tensor | None
+    logits: torch.Tensor | None
+    scale: float
+    causal: bool
+    mask: torch.Tensor | None
+    bound: Callable[[], BoundSource]
+    fused: bool = True
+
+    @property
+    def n_keys(self) -> int:
+        """``Tk``, the number of keys."""
+        return self.logits.shape[3] if self.logits is not None else self.k.shape[2]
+
+
+def pure_mask(mask: torch.Tensor | None) -> bool:
+    """True when ``mask`` only hides keys (bool, or float of 0 and -inf/finfo.min-like values)."""
+    if mask is None or mask.dtype == torch.bool:
+        return True
+    hidden = mask <= _hidden_threshold(mask.dtype)
+    return not bool(torch.where(hidden, 0, mask).any())
+
+
+def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """nn.MultiheadAttention convention (bool True = do NOT attend) -> additive float mask."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
+    return mask.to(dtype)
+
+
+def sdpa_call(a: dict, adapted: Adapted | None) -> Call:
+    """The :class:`Call` of a ``scaled_dot_product_attention`` call with arguments ``a``
+    (:func:`sdpa_arguments`; not nested tensors): 3-D inputs are one head, extra batch dimensions
+    are folded into the heads, grouped-query key heads are repeated (ValueError when the query
+    heads are not a multiple of them).  ``adapted``: the adapter of the module making the call."""
+    q, k, mask = a["query"].detach(), a["key"].detach(), a["attn_mask"]
+    if q.dim() == 3:  # (B, T, E): one head
+        q, k = q.unsqueeze(1), k.unsqueeze(1)
+        mask = mask.unsqueeze(1) if mask is not None and mask.dim() == 3 else mask
+    elif q.dim() > 4:  # extra batch dims folded into the heads
+        q = q.reshape(q.shape[0], -1, *q.shape[-2:])
+        k = k.reshape(k.shape[0], -1, *k.shape[-2:])
+        if mask is not None and mask.dim() > 4:
+            mask = mask.reshape(mask.shape[0], -1, *mask.shape[-2:])
+    H, Hk = q.shape[1], k.shape[1]
+    if Hk != H:  # grouped-query attention (enable_gqa=True): key head h // (H / Hk)
+        if H % Hk:
+            raise ValueError(f"{H} query heads are not a multiple of {Hk} key heads")
+        k = k.repeat_interleave(H // Hk, dim=1)
+    scale = a["scale"]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+    def bound():
+        if not pure_mask(mask):
+            return ADDITIVE_MASK
+        return NO_ADAPTER if adapted is None else adapted
+
+    return Call("sdpa", q, k, None, scale, bool(a["is_causal"]), mask, bound)
+
+
+def softmax_call(logits: torch.Tensor, adapted: Adapted | None) -> Call:
+    """The :class:`Call` of a softmax over the last axis of ``(B, H, Tq, Tk)`` logits."""
+    return Call("softmax", None, None, logits.detach(), 1.0, False, None,
+                lambda: NO_ADAPTER if adapted is None else adapted)
+
+
+def probe_call(owner: nn.Module, args: tuple) -> Call:
+    """The :class:`Call` seen by a probe (:mod:`sigma_core.probe`): ``args = (x, q, k[, x_k])`` and
+    the protocol attributes of the ``owner`` module."""
+    x, q, k = args[:3]
+    x_k = args[3] if len(args) > 3 else None  # cross-attention: the key-side tokens
+    scale = float(owner.scale)
+
+    def bound():
+        if not getattr(owner, "weight_bounds_valid", True):  # QK-LayerNorm: logits not x W_Q W_K^T x^T
+            return QK_NORM
+        w_q, w_k = owner.head_weights()
+        return Weights(w_q, w_k, scale, x, x_k)
+
+    return Call("probe", q, k, None, scale, bool(owner.causal), None, bound)
+
+
+_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def mha_call(mod: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Call | str:
+    """The :class:`Call` of ``nn.MultiheadAttention`` ``mod`` about to run on ``args``/``kwargs``
+    (its forward pre-hook's), with ``q``, ``k`` recomputed from the in-projection; a sentence
+    saying why not when the inputs are nested tensors."""
+    ba = _MHA_SIGNATURE.bind(mod, *args, **kwargs)
+    ba.apply_defaults()
+    a = ba.arguments
+    query, key = a["query"], a["key"]
+    if query.is_nested or key.is_nested:  # the fused inference path of nn.TransformerEncoder
+        return "nested"
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key = query.unsqueeze(1), key.unsqueeze(1)  # (L, 1, E)
+    if mod.batch_first and not unbatched:
+        xq, xk = query, key  # (N, L, E)
+    else:
+        xq, xk = query.transpose(0, 1), key.transpose(0, 1)
+    E, H = mod.embed_dim, mod.num_heads
+    dh = E // H
+    N, L, S = xq.shape[0], xq.shape[1], xk.shape[1]
+    if mod._qkv_same_embed_dim:
+        wq, wk = mod.in_proj_weight[:E], mod.in_proj_weight[E:2 * E]
+    else:
+        wq, wk = mod.q_proj_weight, mod.k_proj_weight
+    bq = bk = None
+    if mod.in_proj_bias is not None:
+        bq, bk = mod.in_proj_bias[:E], mod.in_proj_bias[E:2 * E]
+    q = F.linear(xq, wq, bq).view(N, L, H, dh).transpose(1, 2)  # (N, H, L, dh)
+    k = F.linear(xk, wk, bk).view(N, S, H, dh).transpose(1, 2)  # (N, H, S, dh)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mask = None
+    attn_mask, kpm = a["attn_mask"], a["key_padding_mask"]
+    if attn_mask is not None:
+        am = _to_additive(attn_mask, cdt)
+        mask = am.view(1, 1, L, S) if am.dim() == 2 else am.view(N, H, L, S)
+    if kpm is not None:
+        kp = _to_additive(kpm, cdt).view(N, 1, 1, S)
+        mask = kp if mask is None else mask + kp
+    causal = bool(a["is_causal"]) and attn_mask is None
+    if mask is not None and pure_mask(mask):
+        mask = mask > _hidden_threshold(mask.dtype)  # pure masking: bool, True = attend
+    self_attention = a["query"] is a["key"]
+
+    def bound():
+        if mask is not None and mask.dtype != torch.bool:
+            return ADDITIVE_MASK
+        # theory convention q_h = x @ W_Q[h]: (H, d, dh); biases as an extra input row
+        w_q = wq.detach().view(H, dh, -1).transpose(1, 2)
+        w_k = wk.detach().view(H, dh, -1).transpose(1, 2)
+        x_q, x_k = xq, xk
+        if bq is not None:
+            w_q = torch.cat([w_q, bq.detach().view(H, 1, dh)], 1)
+            w_k = torch.cat([w_k, bk.detach().view(H, 1, dh)], 1)
+            x_q = torch.cat([xq, xq.new_ones(N, L, 1)], -1)
+            x_k = torch.cat([xk, xk.new_ones(N, S, 1)], -1)
+        return Weights(w_q, w_k, 1.0 / math.sqrt(dh), x_q, None if self_attention else x_k)
+
+    return Call("mha", q, k, None, 1.0 / math.sqrt(dh), causal, mask, bound, fused=False)

@@ -72,11 +72,18 @@ does not check the bound, whose ``sigma``, ``logit_norm_max``, ``bound_*`` and `
 are then ``None``) and ``weight_bound_note`` (why the weight-based variants are ``None`` on a
 checked forward, else ``None``).  With an
 additive (float, not only 0/-inf) attention mask only the ``exact`` variant applies.
+
+How it is built: :mod:`sigma_core.capture` says what a call is (the ways of seeing attention
+above, each turned into one :class:`sigma_core.capture.Call`), :mod:`sigma_core.measure` what is
+measured (:class:`sigma_core.measure.Measurement`: statistics, ``sigma_h`` and the bound of one
+call, as the records below), and :mod:`sigma_core.sinks` where the records go
+(:class:`sigma_core.sinks.RecordSink`: ``write(records)``, ``close()``; ``monitor.last`` is an
+in-memory sink, ``path=`` a JSON-lines sink, ``sinks=[...]`` adds others; under
+``torch.distributed`` only rank 0 writes, except sinks marked ``all_ranks``).  This class wires
+them: hooks, layer numbering, the recording schedule and the collapse detector.
 """
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import math
 import numbers
@@ -87,55 +94,20 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sigma_core.adapters import Projections, find_adapter
-from sigma_core.capture import AttentionInterceptor, ExecutingModules, innermost, sdpa_arguments, suspended
-from sigma_core.entropy import (
-    VARIANTS, RowStats, _hidden_threshold, attention_row_stats, bound_variant_norms, fused_row_entropy,
-    head_sigma, logits_row_stats,
+from sigma_core.adapters import find_adapter
+from sigma_core.capture import (
+    Adapted, AttentionInterceptor, ExecutingModules, innermost, mha_call, probe_call, sdpa_arguments, sdpa_call,
+    softmax_call, suspended,
 )
+from sigma_core.measure import BoundViolationWarning, Measurement
 from sigma_core.probe import AttentionProbe
-
-try:  # one source of truth for h_T (eq. (2))
-    from theory import entropy_lower_bound
-except ImportError:  # pragma: no cover - theory/__init__ may not re-export it
-    from theory.bound import entropy_lower_bound
+from sigma_core.sinks import JsonlSink, MemorySink, SinkSet
 
 __all__ = ["EntropyMonitor", "CollapseDetector", "BoundViolationWarning"]
 
 logger = logging.getLogger(__name__)
-
-_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
-
-#: largest |difference| between an adapter's logits and the logits used, relative to 1 + max|logit|
-_ADAPTER_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
-_ADAPTER_RTOL_HALF = 3e-2
-
-
-class BoundViolationWarning(RuntimeWarning):
-    """A measured row entropy fell below a proven lower bound: a bug somewhere."""
-
-
-def _tolerance(entropy: torch.Tensor) -> float:
-    # rounding of logits/entropy in the compute dtype; float64 -> ~1e-10, float32 -> ~1e-4
-    return 1e-10 if entropy.dtype == torch.float64 else 1e-4
-
-
-def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """nn.MultiheadAttention convention (bool True = do NOT attend) -> additive float mask."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
-    return mask.to(dtype)
-
-
-def _pure_mask(mask: torch.Tensor | None) -> bool:
-    """True when ``mask`` only hides keys (bool, or float of 0 and -inf/finfo.min-like values)."""
-    if mask is None or mask.dtype == torch.bool:
-        return True
-    hidden = mask <= _hidden_threshold(mask.dtype)
-    return not bool(torch.where(hidden, 0, mask).any())
 
 
 def _is_int(x) -> bool:
@@ -154,7 +126,8 @@ class EntropyMonitor:
         Record on forwards ``0, every, 2*every, ...`` of ``model`` (counted by a forward
         pre-hook on ``model`` itself).
     path : str or os.PathLike, optional
-        Append each record as one JSON line (``pandas.read_json(path, lines=True)`` reads it).
+        Append each record as one JSON line (``pandas.read_json(path, lines=True)`` reads it):
+        a :class:`sigma_core.sinks.JsonlSink`, written by rank 0 only under ``torch.distributed``.
     detector : CollapseDetector, optional
         Fed with each recorded step; the events it returns are in ``events`` until the next forward.
     bound_samples : int or None
@@ -176,6 +149,11 @@ class EntropyMonitor:
         ``bound_every``-th after it (default 10; 1: on every one); on the others ``sigma``,
         ``logit_norm_max`` and the ``bound_*``/``violations_*`` fields are ``None`` and
         ``bound_rows`` is 0, while the entropies of every row are recorded as usual.
+    sinks : sequence of sinks, optional
+        More destinations for the records (:class:`sigma_core.sinks.RecordSink`: objects with
+        ``write(records)`` and ``close()``): each receives the records of every recorded forward,
+        the same list as :attr:`last`, after the ``path`` file; :meth:`close` closes them.  A sink
+        that raises is turned into a warning.
 
     Attributes
     ----------
@@ -187,6 +165,9 @@ class EntropyMonitor:
         sees each event once).
     n_layers : int
         Attention layers seen so far.
+    sinks : list
+        Where the records go: the in-memory sink behind :attr:`last`, the ``path`` file, then
+        ``sinks`` (emptied by :meth:`close`).
 
     Examples
     --------
@@ -203,7 +184,8 @@ class EntropyMonitor:
 
     def __init__(self, model: nn.Module, *, every: int = 1, path=None, detector=None,
                  bound_samples: int | None = 1, method: str = "auto", block_size: int = 512,
-                 capture: bool = True, fused: bool = True, bound_every: int = 10, native: bool = True):
+                 capture: bool = True, fused: bool = True, bound_every: int = 10, native: bool = True,
+                 sinks=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not _is_int(every) or every < 1:
@@ -230,8 +212,16 @@ class EntropyMonitor:
         if not _is_int(bound_every) or bound_every < 1:
             raise ValueError(f"bound_every must be a positive int, got {bound_every!r}")
         bound_every = int(bound_every)
+        if sinks is None:
+            sinks = []
+        elif callable(getattr(sinks, "write", None)) or isinstance(sinks, (str, bytes)) \
+                or not hasattr(sinks, "__iter__"):
+            raise TypeError(f"sinks must be a list of sinks, got {type(sinks).__name__}"
+                            + (" (pass [sink])" if callable(getattr(sinks, "write", None)) else ""))
+        extra = SinkSet(sinks).sinks  # checks each sink before any file is opened
+        self._memory = MemorySink(keep=0)
         # the file first: a path that cannot be opened raises before any hook is registered
-        self._file = None if path is None else open(path, "a", encoding="utf-8")
+        self._sinks = SinkSet([self._memory] + ([] if path is None else [JsonlSink(path)]) + extra)
         self.every = every
         self.detector = detector
         self.bound_samples = bound_samples
@@ -243,7 +233,6 @@ class EntropyMonitor:
         self.bound_every = bound_every
         self._recorded = 0  # recorded forwards so far
         self._check = False  # check the bound in this forward
-        self.last: list[dict] = []
         self.events: list[dict] = []
         self._current: list[dict] = []
         self._forwards = 0
@@ -255,6 +244,8 @@ class EntropyMonitor:
         self._captured_layers: dict[tuple[str, int], int] = {}
         self._calls: dict[str, int] = {}
         self._warned: set[str] = set()
+        self._measure = Measurement(bound_samples=bound_samples, method=method, block_size=block_size,
+                                    fused=fused, native=native, warn_once=self._warn_once)
         self._mode = None
         self._mode_out = False  # the mode left for the forward of a probe/MHA module
         self._seen = False
@@ -290,20 +281,28 @@ class EntropyMonitor:
                              "nn.MultiheadAttention) and capture=False")
 
     @property
+    def last(self) -> list[dict]:
+        """The records of the most recent recorded forward (nothing older is kept)."""
+        return self._memory.last
+
+    @property
+    def sinks(self) -> list:
+        """Where the records go (see the class docstring)."""
+        return self._sinks.sinks
+
+    @property
     def n_layers(self) -> int:
         """Attention layers known so far (probe/MHA modules, plus captured calls seen)."""
         return self._n_static + len(self._captured_layers)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Remove every hook and close the JSON-lines file (idempotent)."""
+        """Remove every hook and close the sinks: the JSON-lines file and ``sinks`` (idempotent)."""
         self._stop_capture()
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._sinks.close()
 
     def __enter__(self):
         return self
@@ -371,29 +370,29 @@ class EntropyMonitor:
             return
         self._active = False
         self._recorded += 1
-        self.last = self._current
-        self._current = []
+        records, self._current = self._current, []
         if not self._seen and output is not None:  # None: the forward raised (or returns nothing)
             self._warn_once("nothing", "EntropyMonitor: the recorded forward made no attention call the monitor "
                             "can see (scaled_dot_product_attention, a softmax over (B, H, Tq, Tk) logits, the "
                             "probe protocol or nn.MultiheadAttention)")
-        if self._file is not None:
-            for rec in self.last:
-                self._file.write(json.dumps(rec) + "\n")
-            self._file.flush()
+        self._sinks.write(records)  # the memory sink first: `last`
         if self.detector is not None:
-            self.events = list(self.detector.update(self.last))
+            self.events = list(self.detector.update(records))
             for ev in self.events:
                 logger.warning("attention entropy collapse: %s", ev)
 
-    # -- captured calls (SDPA, eager softmax) -------------------------------------------------------
+    # -- one call: capture it, measure it ----------------------------------------------------------
+    def _measured(self, layer, name, call) -> None:
+        self._current.extend(self._measure(call, step=self._step, layer=layer, name=name, check=self._check))
+
     def _owner(self):
-        """(name, adapter entry or None), or None when a probe/MHA module records this call."""
+        """(name, Adapted or None), or None when a probe/MHA module records this call."""
         if self._stack.in_opaque:  # inside a probe/MHA module's forward
             return None
         stack = self._stack.stack()
         name = stack[-1][0] if stack else ""
-        entry = next(((m, a, kw) for _, m, a, kw in reversed(stack) if id(m) in self._adapters), None)
+        entry = next((Adapted(self._adapters[id(m)], m, a, kw) for _, m, a, kw in reversed(stack)
+                      if id(m) in self._adapters), None)
         return name, entry
 
     def _layer_for(self, name: str) -> int:
@@ -435,152 +434,18 @@ class EntropyMonitor:
     def _record_sdpa(self, owner, args, kwargs):
         name, entry = owner
         a = sdpa_arguments(args, kwargs)
-        q, k, mask = a["query"], a["key"], a["attn_mask"]
-        if q.is_nested or k.is_nested:
+        if a["query"].is_nested or a["key"].is_nested:
             self._warn_once(f"nested:{name}", f"EntropyMonitor: {name or 'model'} calls attention on nested "
                             "tensors, which the monitor cannot read: not recorded")
             return
         layer = self._layer_for(name)
         with torch.no_grad():
-            q, k = q.detach(), k.detach()
-            if q.dim() == 3:  # (B, T, E): one head
-                q, k = q.unsqueeze(1), k.unsqueeze(1)
-                mask = mask.unsqueeze(1) if mask is not None and mask.dim() == 3 else mask
-            elif q.dim() > 4:  # extra batch dims folded into the heads
-                q = q.reshape(q.shape[0], -1, *q.shape[-2:])
-                k = k.reshape(k.shape[0], -1, *k.shape[-2:])
-                if mask is not None and mask.dim() > 4:
-                    mask = mask.reshape(mask.shape[0], -1, *mask.shape[-2:])
-            H, Hk = q.shape[1], k.shape[1]
-            if Hk != H:  # grouped-query attention (enable_gqa=True): key head h // (H / Hk)
-                if H % Hk:
-                    raise ValueError(f"{H} query heads are not a multiple of {Hk} key heads")
-                k = k.repeat_interleave(H // Hk, dim=1)
-            scale = a["scale"]
-            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-            causal = bool(a["is_causal"])
-            stats = self._stats(layer, name, q, k, scale, causal, mask)
-            if stats is None:
-                return
-            st, sub = stats
-            nb = self._nb(q.shape[0])
-            if not self._check:
-                bound = None  # no bound check in this forward: no adapter, no sigma_h
-            elif not _pure_mask(mask):
-                bound = "additive attention mask (a bias on the logits)"
-            else:
-                z = torch.matmul(q[:nb].float() if q.dtype != torch.float64 else q[:nb],
-                                 (k[:nb].float() if k.dtype != torch.float64 else k[:nb]).transpose(-1, -2))
-                bound = self._weights(entry, z.mul_(scale), None, q.dtype)
-            self._record(layer, name, "sdpa", st, k.shape[2], bound, sub)
+            self._measured(layer, name, sdpa_call(a, entry))
 
     def _record_softmax(self, owner, logits):
         name, entry = owner
         layer = self._layer_for(name)
-        with torch.no_grad():
-            z = logits.detach()
-            if bool(torch.isnan(z).any()) or bool((z == math.inf).any()):
-                self._warn_once(f"nonfinite:{name}", f"EntropyMonitor: layer {layer} ({name}) has non-finite "
-                                f"logits at step {self._step}; not recorded")
-                return
-            st = logits_row_stats(z)
-            bound = None  # no bound check in this forward: no adapter, no sigma_h
-            if self._check:
-                nb = self._nb(z.shape[0])
-                zs = z[:nb].double() if z.dtype == torch.float64 else z[:nb].float()
-                visible = zs > _hidden_threshold(z.dtype)
-                bound = self._weights(entry, zs, visible, z.dtype)
-            self._record(layer, name, "softmax", st, z.shape[3], bound)
-
-    def _stats(self, layer, name, q, k, scale, causal, mask):
-        """``(st, sub)`` (None, with a warning, for non-finite ``q``/``k``): row statistics of every row (``logit_norm`` may be NaN outside the sampled
-        rows) and exact ones of the first ``bound_samples`` batch elements (the rows checked).
-
-        Without a mask the entropies of all rows come from the fast path
-        (:func:`sigma_core.entropy.fused_row_entropy`, CPU float32, accurate to a few 1e-6 nats)
-        and the sampled rows' centred logit norms from their logits (a small dense product);
-        otherwise every row takes the blocked pass of :func:`~sigma_core.entropy.attention_row_stats`.
-        """
-        nb = self._nb(q.shape[0])
-        ent = (fused_row_entropy(q, k, scale=scale, causal=causal, native=self.native)
-               if mask is None and self.fused else None)
-        if ent is None:
-            if not self._finite(layer, name, q, k):
-                return None
-            st = attention_row_stats(q, k, scale=scale, causal=causal, attn_mask=mask, method=self.method,
-                                     block_size=self.block_size, _float_mask_is_bias=True)
-            return st, RowStats(*(t[:nb] for t in st))
-        B, H, Tq = ent.shape
-        Tk = k.shape[2]
-        n = (torch.arange(1, Tq + 1, device=q.device).clamp(max=Tk) if causal
-             else torch.full((Tq,), Tk, device=q.device)).expand(B, H, Tq)
-        st = RowStats(ent, torch.full_like(ent, math.nan), n, n)  # visible keys form a prefix: extent = n
-        if not self._check:
-            return st, None
-        # the sampled rows' centred logit norms: their (small) logits once, centred over the visible keys
-        z = torch.matmul(q[:nb] * scale, k[:nb].transpose(-1, -2))  # (nb, H, Tq, Tk)
-        vis = None
-        if causal:
-            vis = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril().to(z.dtype)  # (Tq, Tk)
-            z.mul_(vis)
-        mean = z.sum(-1, keepdim=True) / n[:nb].unsqueeze(-1).to(z.dtype)
-        dev = z.sub_(mean)
-        if vis is not None:
-            dev.mul_(vis)
-        norm = torch.linalg.vector_norm(dev, dim=-1)  # (nb, H, Tq)
-        return st, RowStats(ent[:nb], norm, n[:nb], n[:nb])
-
-    def _nb(self, B: int) -> int:
-        return B if self.bound_samples is None else min(B, self.bound_samples)
-
-    def _weights(self, entry, z, visible, dtype):
-        """(sigma, x_q, x_k) for the weight-based variants, or the reason why they do not apply.
-
-        ``z``: the logits used, ``(nb, H, Tq, Tk)`` for the sampled batch elements (mask not
-        included for SDPA; ``visible`` marks the keys compared, None = all).
-        """
-        if entry is None:
-            return "no adapter for this attention module (sigma_core.adapters)"
-        module, args, kwargs = entry
-        proj = self._adapters[id(module)](module, args, kwargs)
-        if isinstance(proj, str):
-            return proj
-        if not isinstance(proj, Projections):
-            raise TypeError(f"adapter for {type(module).__name__} returned {type(proj).__name__}")
-        nb, H, Tq, Tk = z.shape
-        w_q, w_k, x_q, x_k = proj.w_q, proj.w_k, proj.x_q, proj.x_k
-        if (x_q.dim() != 3 or x_k.dim() != 3 or x_q.shape[1] != Tq or x_k.shape[1] != Tk
-                or x_q.shape[0] < nb or w_q.shape[0] != H or H % w_k.shape[0]
-                or w_q.shape[1] != x_q.shape[-1] or w_k.shape[1] != x_k.shape[-1]):
-            return (f"the adapter's tokens/weights ({tuple(x_q.shape)}, {tuple(w_q.shape)}) do not match the "
-                    f"attention call ({H} heads, {Tq} x {Tk}): a KV cache or packed sequences?")
-        if w_k.shape[0] != H:
-            w_k = w_k.repeat_interleave(H // w_k.shape[0], dim=0)
-        cdt = z.dtype
-        qa = torch.einsum("btd,hde->bhte", x_q[:nb].to(cdt), w_q.to(cdt))
-        ka = torch.einsum("btd,hde->bhte", x_k[:nb].to(cdt), w_k.to(cdt))
-        za = torch.matmul(qa, ka.transpose(-1, -2)).mul_(proj.scale)
-        diff = (za - z).abs()
-        ref = z.abs()
-        if visible is not None:
-            diff, ref = diff.masked_fill(~visible, 0), ref.masked_fill(~visible, 0)
-        rtol = _ADAPTER_RTOL.get(dtype, _ADAPTER_RTOL_HALF)
-        err, big = float(diff.max()), float(ref.max())
-        if not err <= rtol * (1.0 + big):
-            return (f"the logits differ from scale (x W_Q)(x W_K)^T by up to {err:.3g} (max |logit| {big:.3g}): "
-                    "a position bias, rotary embedding or other extra not covered by the adapter")
-        return head_sigma(w_q, w_k, proj.scale), x_q, x_k if x_k is not x_q else None
-
-    def _finite(self, layer, name, q, k) -> bool:
-        # one reduction first: a finite sum proves finite entries (the elementwise check only on doubt)
-        if bool(torch.isfinite(q.sum())) and bool(torch.isfinite(k.sum())):
-            return True
-        if bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all()):
-            return True
-        # a diverging model: no entropy to measure; the training loop reports the divergence
-        warnings.warn(f"EntropyMonitor: layer {layer} ({name}) has non-finite queries or keys "
-                      f"at step {self._step}; not recorded", RuntimeWarning, stacklevel=3)
-        return False
+        self._measured(layer, name, softmax_call(logits, entry))
 
     # -- probe and nn.MultiheadAttention hooks ---------------------------------------------------
     def _on_probe(self, layer, name, owner, probe, args, output):
@@ -588,162 +453,19 @@ class EntropyMonitor:
             return
         self._seen = True
         with suspended(self._mode):  # the monitor's own arithmetic does not go through the mode
-            self._probe(layer, name, owner, args)
-
-    def _probe(self, layer, name, owner, args):
-        x, q, k = args[:3]
-        x_k = args[3] if len(args) > 3 else None  # cross-attention: the key-side tokens
-        with torch.no_grad():
-            stats = self._stats(layer, name, q, k, float(owner.scale), bool(owner.causal), None)
-            if stats is None:
-                return
-            st, sub = stats
-            if not self._check:
-                bound = None  # no bound check in this forward: sigma_h is not needed
-            elif getattr(owner, "weight_bounds_valid", True):
-                w_q, w_k = owner.head_weights()
-                bound = (head_sigma(w_q, w_k, float(owner.scale)), x, x_k)
-            else:  # QK-LayerNorm: logits not x W_Q W_K^T x^T
-                bound = "QK-normalisation: the logits are formed from normalised q, k, not from x W"
-        self._record(layer, name, "probe", st, k.shape[2], bound, sub)
+            self._measured(layer, name, probe_call(owner, args))
 
     def _on_mha(self, layer, name, mod, module, args, kwargs):
         if not self._active:
             return
-        with suspended(self._mode):  # the monitor's own arithmetic does not go through the mode
-            self._mha(layer, name, mod, args, kwargs)
-
-    def _mha(self, layer, name, mod, args, kwargs):
         self._seen = True
-        with torch.no_grad():
-            ba = _MHA_SIGNATURE.bind(mod, *args, **kwargs)
-            ba.apply_defaults()
-            a = ba.arguments
-            query, key = a["query"], a["key"]
-            if query.is_nested or key.is_nested:  # the fused inference path of nn.TransformerEncoder
+        with suspended(self._mode), torch.no_grad():  # the monitor's own arithmetic does not go through the mode
+            call = mha_call(mod, args, kwargs)
+            if isinstance(call, str):  # nested tensors: the fused inference path of nn.TransformerEncoder
                 self._warn_once(f"nested:{name}", f"EntropyMonitor: {name or 'model'} receives nested tensors "
                                 "(the fast path of nn.TransformerEncoder with a padding mask): not recorded")
                 return
-            unbatched = query.dim() == 2
-            if unbatched:
-                query, key = query.unsqueeze(1), key.unsqueeze(1)  # (L, 1, E)
-            if mod.batch_first and not unbatched:
-                xq, xk = query, key  # (N, L, E)
-            else:
-                xq, xk = query.transpose(0, 1), key.transpose(0, 1)
-            E, H = mod.embed_dim, mod.num_heads
-            dh = E // H
-            N, L, S = xq.shape[0], xq.shape[1], xk.shape[1]
-            if mod._qkv_same_embed_dim:
-                wq, wk = mod.in_proj_weight[:E], mod.in_proj_weight[E:2 * E]
-            else:
-                wq, wk = mod.q_proj_weight, mod.k_proj_weight
-            bq = bk = None
-            if mod.in_proj_bias is not None:
-                bq, bk = mod.in_proj_bias[:E], mod.in_proj_bias[E:2 * E]
-            q = F.linear(xq, wq, bq).view(N, L, H, dh).transpose(1, 2)  # (N, H, L, dh)
-            k = F.linear(xk, wk, bk).view(N, S, H, dh).transpose(1, 2)  # (N, H, S, dh)
-            # theory convention q_h = x @ W_Q[h]: (H, d, dh); biases as an extra input row
-            w_q = wq.detach().view(H, dh, -1).transpose(1, 2)
-            w_k = wk.detach().view(H, dh, -1).transpose(1, 2)
-            if bq is not None:
-                w_q = torch.cat([w_q, bq.detach().view(H, 1, dh)], 1)
-                w_k = torch.cat([w_k, bk.detach().view(H, 1, dh)], 1)
-                xq = torch.cat([xq, xq.new_ones(N, L, 1)], -1)
-                xk = torch.cat([xk, xk.new_ones(N, S, 1)], -1)
-            cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-            mask = None
-            attn_mask, kpm = a["attn_mask"], a["key_padding_mask"]
-            if attn_mask is not None:
-                am = _to_additive(attn_mask, cdt)
-                mask = am.view(1, 1, L, S) if am.dim() == 2 else am.view(N, H, L, S)
-            if kpm is not None:
-                kp = _to_additive(kpm, cdt).view(N, 1, 1, S)
-                mask = kp if mask is None else mask + kp
-            causal = bool(a["is_causal"]) and attn_mask is None
-            if mask is not None and _pure_mask(mask):
-                mask = mask > _hidden_threshold(mask.dtype)  # pure masking: bool, True = attend
-            if not self._finite(layer, name, q, k):
-                return
-            scale = 1.0 / math.sqrt(dh)
-            st = attention_row_stats(q, k, scale=scale, causal=causal, attn_mask=mask, method=self.method,
-                                     block_size=self.block_size, _float_mask_is_bias=True)
-            if not self._check:
-                bound = None  # no bound check in this forward: sigma_h is not needed
-            elif mask is not None and mask.dtype != torch.bool:
-                bound = "additive attention mask (a bias on the logits)"
-            else:
-                bound = (head_sigma(w_q, w_k, scale), xq, xk if a["query"] is not a["key"] else None)
-        self._record(layer, name, "mha", st, S, bound)
-
-    # -- the record ----------------------------------------------------------------------------
-    def _check_bound(self, layer, name, per_head, sub: RowStats, bound, note, nb):
-        """Fill ``per_head`` with ``logit_norm_max`` and each variant's bound and violations on the
-        checked rows ``sub``; a violation is logged and warned (:class:`BoundViolationWarning`)."""
-        H = sub.entropy.shape[1]
-        if note is None:
-            sigma, xq, xk = bound
-            norms = bound_variant_norms(sub, sigma, xq[:nb], None if xk is None else xk[:nb])
-        else:
-            norms = {"exact": sub.logit_norm.double()}
-        n_keys = sub.n_keys.cpu().numpy()
-        sub_ent = sub.entropy.double().cpu().numpy()
-        tol = _tolerance(sub.entropy)
-        per_head["logit_norm_max"] = sub.logit_norm.amax((0, 2)).tolist()
-        for v in VARIANTS:
-            if v not in norms:
-                per_head[f"bound_{v}"] = per_head[f"violations_{v}"] = [None] * H
-                continue
-            h = entropy_lower_bound(norms[v].cpu().numpy(), n_keys)  # (nb, H, Tq)
-            bad = sub_ent < h - tol * (1.0 + h)
-            per_head[f"bound_{v}"] = h.min(axis=(0, 2)).tolist()
-            per_head[f"violations_{v}"] = bad.sum(axis=(0, 2)).astype(int).tolist()
-            if bad.any():
-                b, hh, i = (int(c[0]) for c in np.nonzero(bad))
-                msg = (f"entropy bound '{v}' violated (a bug) at step {self._step}, layer {layer} "
-                       f"({name}), head {hh}: {int(bad.sum())} rows, e.g. row {i} of sample {b}: "
-                       f"entropy {sub_ent[b, hh, i]:.9g} < bound {h[b, hh, i]:.9g}")
-                logger.error(msg)
-                warnings.warn(msg, BoundViolationWarning, stacklevel=3)
-
-    def _record(self, layer, name, source, st: RowStats, Tk: int, bound, sub: RowStats | None = None):
-        """Append one record per head.  ``bound``: ``(sigma, x_q, x_k or None)`` for the weight
-        variants, a string saying why only the exact variant applies, or None in a forward that
-        does not check the bound (then ``sigma`` is None too); ``sub``: the exact
-        statistics of the checked rows (default: the first ``bound_samples`` batch elements of
-        ``st``)."""
-        with torch.no_grad():
-            B, H, Tq = st.entropy.shape
-            ent = st.entropy
-            half = st.n_keys >= Tk / 2  # (B, H, Tq)
-            n_half = half.sum((0, 2))
-            mean_half = torch.where(half, ent, 0).sum((0, 2)) / n_half.clamp(min=1)
-            # one transfer for the per-head entropy statistics: rows mean, mean_half, min, max, n_half
-            summary = torch.stack([ent.mean((0, 2)), mean_half, ent.amin((0, 2)), ent.amax((0, 2)),
-                                   n_half.to(ent.dtype)]).tolist()
-            per_head = dict(zip(("entropy_mean", "entropy_mean_half", "entropy_min", "entropy_max"), summary))
-            half_counts = summary[4]
-            nb = self._nb(B)
-            note, sigma = (bound, None) if isinstance(bound, str) else (None, None if bound is None else bound[0])
-            check = self._check
-            per_head["sigma"] = [None] * H if sigma is None else sigma.tolist()
-            if not check:  # the entropy statistics only: the bound is checked every bound_every-th record
-                per_head["logit_norm_max"] = [None] * H
-                for v in VARIANTS:
-                    per_head[f"bound_{v}"] = per_head[f"violations_{v}"] = [None] * H
-            else:
-                self._check_bound(layer, name, per_head, RowStats(*(t[:nb] for t in st)) if sub is None else sub,
-                                  bound, note, nb)
-        for hd in range(H):
-            rec = {"step": self._step, "layer": layer, "name": name, "source": source, "head": hd,
-                   "seq_len": Tk, "n_rows": B * Tq, "log_seq_len": math.log(Tk),
-                   "bound_rows": nb * Tq if check else 0}
-            for key, vals in per_head.items():
-                rec[key] = vals[hd]
-            if half_counts[hd] == 0:
-                rec["entropy_mean_half"] = None
-            rec["weight_bound_note"] = note
-            self._current.append(rec)
+            self._measured(layer, name, call)
 
 
 class CollapseDetector:

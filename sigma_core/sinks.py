@@ -1,0 +1,223 @@
+"""Where the monitor's records go: one small interface, :class:`RecordSink`.
+
+A sink has two methods: ``write(records)``, called once per recorded forward with that forward's
+records (a list of plain dicts, one per layer and head, as listed in :mod:`sigma_core.monitor`;
+a sink must not modify them), and ``close()``, called once by
+:meth:`EntropyMonitor.close() <sigma_core.monitor.EntropyMonitor.close>`.  Any object with these
+two methods is a sink (:class:`RecordSink` is a convenient base); pass it as
+``EntropyMonitor(model, sinks=[...])``.
+
+- :class:`MemorySink` keeps the records in memory (``monitor.last`` reads the monitor's own);
+- :class:`JsonlSink` appends one JSON line per record (``EntropyMonitor(path=...)``).
+
+A sink that raises never fails the model's forward: :class:`SinkSet` turns its error into a
+warning (once per sink and error type) and the other sinks still receive the records.
+
+One writer under ``torch.distributed``: every rank runs the same monitor, so a sink that writes
+shared output (a file, a logger) receives records only on the writer rank (:func:`is_writer`:
+rank 0 of the default process group when one is initialised; every process otherwise).  A sink
+whose ``all_ranks`` attribute is True receives every rank's records (:class:`MemorySink`, so each
+rank's ``monitor.last`` holds its own; ``JsonlSink(path, per_rank=True)``, one file per rank).
+This rule lives in :class:`SinkSet` alone, so a new sink is one class with ``write`` and
+``close`` and nothing about ranks.
+
+Examples
+--------
+>>> class Count(RecordSink):
+...     def __init__(self):
+...         self.n = 0
+...     def write(self, records):
+...         self.n += len(records)
+>>> sinks = SinkSet([MemorySink(), Count()])
+>>> sinks.write([{"layer": 0, "head": 0}, {"layer": 0, "head": 1}])
+>>> sinks.sinks[1].n, len(sinks.sinks[0].last)
+(2, 2)
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import deque
+
+import torch
+
+__all__ = ["JsonlSink", "MemorySink", "RecordSink", "SinkSet", "is_writer"]
+
+
+def is_writer() -> bool:
+    """Whether this process writes shared output: rank 0 of the default ``torch.distributed``
+    process group when one is initialised, else True.
+
+    >>> is_writer()  # no process group here
+    True
+    """
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class RecordSink:
+    """Base of a record sink: override :meth:`write` (and :meth:`close` if it holds a resource).
+
+    Attributes
+    ----------
+    all_ranks : bool
+        False (the default): under ``torch.distributed`` the sink receives records only on the
+        writer rank (:func:`is_writer`).  True: on every rank.
+    """
+
+    all_ranks: bool = False
+
+    def write(self, records: list[dict]) -> None:
+        """Take the records of one recorded forward (do not modify them)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the sink holds; called once, when the monitor closes."""
+        return None
+
+
+class MemorySink(RecordSink):
+    """Keep records in memory.
+
+    Parameters
+    ----------
+    keep : int or None
+        How many recorded forwards :attr:`history` keeps (None: all; 0: none, only :attr:`last`).
+
+    Attributes
+    ----------
+    last : list of dict
+        The records of the latest write.
+    history : collections.deque of list of dict
+        The records of the latest ``keep`` writes, oldest first.
+
+    Examples
+    --------
+    >>> mem = MemorySink(keep=2)
+    >>> for step in range(3):
+    ...     mem.write([{"step": step}])
+    >>> mem.last, [recs[0]["step"] for recs in mem.history]
+    ([{'step': 2}], [1, 2])
+    """
+
+    all_ranks = True
+
+    def __init__(self, keep: int | None = None):
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 0):
+            raise ValueError(f"keep must be a non-negative int or None, got {keep!r}")
+        self.last: list[dict] = []
+        self.history: deque = deque(maxlen=keep)
+
+    def write(self, records: list[dict]) -> None:
+        self.last = records
+        if self.history.maxlen != 0:
+            self.history.append(records)
+
+
+class JsonlSink(RecordSink):
+    """Append each record as one JSON line (``pandas.read_json(path, lines=True)`` reads it).
+
+    The file is opened at construction (an unopenable path raises there), written with one
+    ``json.dumps(record)`` line per record and flushed after each recorded forward.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file; with ``per_rank=True`` it must contain ``{rank}``, replaced by this process's
+        ``torch.distributed`` rank (0 without a process group; build the sink after
+        ``init_process_group``).
+    per_rank : bool
+        Every rank writes its own file (default False: only the writer rank writes ``path``).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "ent.jsonl")
+    >>> sink = JsonlSink(path)
+    >>> sink.write([{"step": 0, "head": 0}]); sink.close()
+    >>> open(path).read()
+    '{"step": 0, "head": 0}\\n'
+    """
+
+    def __init__(self, path, *, per_rank: bool = False):
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        if not isinstance(per_rank, bool):
+            raise TypeError(f"per_rank must be a bool, got {type(per_rank).__name__}")
+        if per_rank:
+            text = os.fsdecode(path)
+            if "{rank}" not in text:
+                raise ValueError(f"path must contain '{{rank}}' with per_rank=True, got {text!r}")
+            path = text.replace("{rank}", str(_rank()))
+        self.all_ranks = per_rank
+        self.path = path
+        # opened here, on every rank: a path that cannot be opened raises before anything runs
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, records: list[dict]) -> None:
+        for rec in records:
+            self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class SinkSet:
+    """The sinks of one monitor: delivers each write to all of them under the one-writer rule.
+
+    ``write(records)`` gives the records to every sink whose ``all_ranks`` is True, and to the
+    others only where :func:`is_writer` holds.  A sink's exception becomes a ``RuntimeWarning``
+    (once per sink and exception type) and the remaining sinks still receive the records;
+    ``close()`` closes every sink once, in the same way.
+
+    Parameters
+    ----------
+    sinks : iterable
+        Objects with callable ``write`` and ``close`` (TypeError otherwise, naming the argument).
+    """
+
+    def __init__(self, sinks, *, argument: str = "sinks"):
+        sinks = list(sinks)
+        for s in sinks:
+            if not (callable(getattr(s, "write", None)) and callable(getattr(s, "close", None))):
+                raise TypeError(f"{argument} must hold objects with write(records) and close() methods "
+                                f"(sigma_core.sinks.RecordSink), got {type(s).__name__}")
+        self.sinks = sinks
+        self._warned: set = set()
+
+    def _warn(self, i: int, sink, what: str, err: Exception) -> None:
+        key = (i, what, type(err).__name__)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"EntropyMonitor: sink {type(sink).__name__} failed to {what}: "
+                          f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=3)
+
+    def write(self, records: list[dict]) -> None:
+        writer = None  # asked once per write, only if a sink needs it
+        for i, sink in enumerate(self.sinks):
+            if not getattr(sink, "all_ranks", False):
+                if writer is None:
+                    writer = is_writer()
+                if not writer:
+                    continue
+            try:
+                sink.write(records)
+            except Exception as err:  # never fail the user's forward
+                self._warn(i, sink, "write", err)
+
+    def close(self) -> None:
+        sinks, self.sinks = self.sinks, []
+        for i, sink in enumerate(sinks):
+            try:
+                sink.close()
+            except Exception as err:
+                self._warn(i, sink, "close", err)
