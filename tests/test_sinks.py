@@ -203,3 +203,14 @@ def test_one_writer_rank_under_torch_distributed(tmp_path):
     assert lines(tmp_path / "shared.jsonl") == rank0  # one writer: rank 0, once
     for r in (0, 1):  # per-rank files: every rank writes its own
         assert lines(tmp_path / f"rank{r}.jsonl") == [x for recs in seen[r]["memory"] for x in recs]
+
+
+def test_the_custom_sink_example_of_docs_monitor_prints_what_the_page_says(capsys):
+    import re
+    from pathlib import Path
+    page = (Path(__file__).resolve().parents[1] / "docs" / "monitor.md").read_text(encoding="utf-8")
+    section = page.split("\n## Sinks\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    shown = re.search(r"```text\n(.*?)```", section, flags=re.S).group(1)
+    exec(compile(code, "docs/monitor.md", "exec"), {})
+    assert capsys.readouterr().out == shown
