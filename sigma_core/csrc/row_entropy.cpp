@@ -8,9 +8,6 @@
 // (no cancellation: s <= 0; keys below the floor e^-80 weigh less than float32 rounding of sum e >= 1).
 // Causal rows see keys 0..i (top-left aligned, Tq == Tk); hidden and padding lanes weigh exactly 0.
 // A non-finite logit anywhere in a (batch, head) makes all its entropies NaN.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,8 +16,18 @@
 
 namespace {
 
-constexpr int W = 16;  // lanes of one vector (GCC vector extension: AVX-512, or split by the compiler)
-constexpr int RB = 8;  // query rows per block: RB accumulators of W logits
+// W: lanes of one vector, the machine's own width (GCC vector extension).  A wider generic vector
+// than the hardware's (16 lanes on AVX2) is split by the compiler into register pairs, and the RB
+// accumulators then no longer fit the 16 ymm registers: they live on the stack, every FMA a load
+// and a store, three times slower than PyTorch's own matmul on an AMD EPYC (AVX2).
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#elif defined(__AVX__)
+constexpr int W = 8;
+#else
+constexpr int W = 4;  // SSE2, NEON: 128-bit vectors
+#endif
+constexpr int RB = 8;  // query rows per block: RB accumulators of W logits, in registers
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 
@@ -28,29 +35,18 @@ inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf splat(float a) { vf v = {}; return v + a; }
 
-typedef float vh __attribute__((vector_size(W / 2 * sizeof(float))));
-typedef float vq __attribute__((vector_size(W / 4 * sizeof(float))));
-
-// horizontal sum / max by halving (the halves copied out, as the compiler's own extracts)
-template <typename Op>
-inline float reduce(vf v, Op op) {
-  vh a, b;
-  std::memcpy(&a, &v, sizeof a);
-  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
-  const vh c = op(a, b);
-  vq x, y;
-  std::memcpy(&x, &c, sizeof x);
-  std::memcpy(&y, reinterpret_cast<const char*>(&c) + sizeof x, sizeof y);
-  const vq u = op(x, y);
-  return op(op(u[0], u[1]), op(u[2], u[3]));
-}
-
+// horizontal sum / max (once per row, outside the inner loops): a fixed order, so the same bits
+// on every call
 inline float hsum(vf v) {
-  return reduce(v, [](auto a, auto b) { return a + b; });
+  float a = v[0];
+  for (int i = 1; i < W; ++i) a += v[i];
+  return a;
 }
 
 inline float hmax(vf v) {
-  return reduce(v, [](auto a, auto b) { return a > b ? a : b; });
+  float a = v[0];
+  for (int i = 1; i < W; ++i) a = v[i] > a ? v[i] : a;
+  return a;
 }
 
 // exp(s) for s in [-80, 0]: s = k ln2 + r, |r| <= ln2/2 (k rounded to nearest by adding and
@@ -71,6 +67,62 @@ inline vf exp_nonpos(vf s) {
 
 }  // namespace
 
+//: the vector width this build was compiled for (keys are padded to a multiple of it)
+constexpr int row_entropy_lanes = W;
+
+// The entropies of one (batch, head): qb (Tq, d) with row stride qs2 and unit stride on d; kb
+// (d, Tkp) contiguous, the keys transposed and zero-padded to Tkp (a multiple of W) >= Tk columns;
+// z: RB * Tkp floats of scratch; out: Tq entropies.  Returns false when a logit is inf or NaN.
+inline bool row_entropy_head(const float* qb, int64_t qs2, const float* kb, int64_t Tq, int64_t Tk,
+                             int64_t Tkp, int64_t d, float sc, bool causal, float* z, float* out) {
+  vi lane;
+  for (int i = 0; i < W; ++i) lane[i] = i;
+  vf poison = {};  // stays 0 unless a logit is inf or NaN (then inf * 0 or NaN * 0 = NaN)
+  for (int64_t i0 = 0; i0 < Tq; i0 += RB) {
+    const int64_t R = std::min<int64_t>(RB, Tq - i0);
+    const float* qr[RB];
+    for (int r = 0; r < RB; ++r) qr[r] = qb + (i0 + std::min<int64_t>(r, R - 1)) * qs2;  // tail: repeat
+    const int64_t nmax = causal ? i0 + R : Tk;
+    vf mv[RB];  // running maximum of each row over the keys it sees
+    for (int r = 0; r < RB; ++r) mv[r] = splat(-INFINITY);
+    for (int64_t j0 = 0; j0 < nmax; j0 += W) {
+      vf acc[RB] = {};
+      for (int64_t t = 0; t < d; ++t) {
+        const vf kv = load(kb + t * Tkp + j0);
+        for (int r = 0; r < RB; ++r) acc[r] += qr[r][t] * kv;
+      }
+      for (int r = 0; r < RB; ++r) {
+        const vf v = acc[r] * sc;
+        store(&z[r * Tkp + j0], v);
+        poison += v * 0.0f;
+        const int32_t seen = static_cast<int32_t>((causal ? i0 + r + 1 : Tk) - j0);  // keys of row r here
+        mv[r] = (lane < seen) & (v > mv[r]) ? v : mv[r];
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t n = causal ? i0 + r + 1 : Tk;  // keys this row sees
+      const float* zr = &z[r * Tkp];
+      const float m = hmax(mv[r]);
+      vf lv = {}, ev = {};
+      for (int64_t j0 = 0; j0 < n; j0 += W) {
+        const auto seen = lane < static_cast<int32_t>(n - j0);
+        vf s = load(zr + j0) - m;
+        s = seen ? (s < -80.0f ? splat(-80.0f) : s) : splat(0.0f);  // unseen lanes: weight 0, s 0
+        const vf e = seen ? exp_nonpos(s) : splat(0.0f);
+        lv += e;
+        ev += e * s;
+      }
+      const float l = hsum(lv);
+      out[i0 + r] = std::log(l) - hsum(ev) / l;
+    }
+  }
+  return !std::isnan(hsum(poison));
+}
+
+#ifndef SIGMA_CORE_STANDALONE  // the PyTorch binding (a standalone build times the core alone)
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
 // q: (B, H, Tq, d) float32 with unit stride on d; kt: (B, H, d, Tkp) float32 contiguous, the keys
 // transposed and zero-padded to Tkp (a multiple of W) >= Tk columns.  Returns (B, H, Tq).
 torch::Tensor row_entropy(const torch::Tensor& q, const torch::Tensor& kt, int64_t Tk, double scale,
@@ -88,56 +140,15 @@ torch::Tensor row_entropy(const torch::Tensor& q, const torch::Tensor& kt, int64
   float* op = out.data_ptr<float>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
   const float sc = static_cast<float>(scale);
-  vi lane;
-  for (int i = 0; i < W; ++i) lane[i] = i;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> z(RB * Tkp);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const float* qb = qp + b * qs0 + h * qs1;
-      const float* kb = ktp + bh * d * Tkp;
-      vf poison = {};  // stays 0 unless a logit is inf or NaN (then inf * 0 or NaN * 0 = NaN)
-      for (int64_t i0 = 0; i0 < Tq; i0 += RB) {
-        const int64_t R = std::min<int64_t>(RB, Tq - i0);
-        const float* qr[RB];
-        for (int r = 0; r < RB; ++r) qr[r] = qb + (i0 + std::min<int64_t>(r, R - 1)) * qs2;  // tail: repeat
-        const int64_t nmax = causal ? i0 + R : Tk;
-        vf mv[RB];  // running maximum of each row over the keys it sees
-        for (int r = 0; r < RB; ++r) mv[r] = splat(-INFINITY);
-        for (int64_t j0 = 0; j0 < nmax; j0 += W) {
-          vf acc[RB] = {};
-          for (int64_t t = 0; t < d; ++t) {
-            const vf kv = load(kb + t * Tkp + j0);
-            for (int r = 0; r < RB; ++r) acc[r] += qr[r][t] * kv;
-          }
-          for (int r = 0; r < RB; ++r) {
-            const vf v = acc[r] * sc;
-            store(&z[r * Tkp + j0], v);
-            poison += v * 0.0f;
-            const int32_t seen = static_cast<int32_t>((causal ? i0 + r + 1 : Tk) - j0);  // keys of row r here
-            mv[r] = (lane < seen) & (v > mv[r]) ? v : mv[r];
-          }
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t n = causal ? i0 + r + 1 : Tk;  // keys this row sees
-          const float* zr = &z[r * Tkp];
-          const float m = hmax(mv[r]);
-          vf lv = {}, ev = {};
-          for (int64_t j0 = 0; j0 < n; j0 += W) {
-            const auto seen = lane < static_cast<int32_t>(n - j0);
-            vf s = load(zr + j0) - m;
-            s = seen ? (s < -80.0f ? splat(-80.0f) : s) : splat(0.0f);  // unseen lanes: weight 0, s 0
-            const vf e = seen ? exp_nonpos(s) : splat(0.0f);
-            lv += e;
-            ev += e * s;
-          }
-          const float l = hsum(lv);
-          op[bh * Tq + i0 + r] = std::log(l) - hsum(ev) / l;
-        }
-      }
       // every query row and every key enters some computed logit: a non-finite q or k (a diverging
       // model) gives NaN for the whole (batch, head), which the caller declines
-      if (std::isnan(hsum(poison))) std::fill(op + bh * Tq, op + (bh + 1) * Tq, NAN);
+      if (!row_entropy_head(qp + b * qs0 + h * qs1, qs2, ktp + bh * d * Tkp, Tq, Tk, Tkp, d, sc, causal,
+                            z.data(), op + bh * Tq))
+        std::fill(op + bh * Tq, op + (bh + 1) * Tq, NAN);
     }
   });
   return out;
@@ -145,4 +156,6 @@ torch::Tensor row_entropy(const torch::Tensor& q, const torch::Tensor& kt, int64
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_entropy", &row_entropy, "row entropies of softmax(scale q k^T), (B, H, Tq)");
+  m.attr("lanes") = row_entropy_lanes;
 }
+#endif
