@@ -493,8 +493,8 @@ def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_M
     """Row entropies of unmasked attention, fast, or None where this path is not available.
 
     With ``native=True`` and the compiled kernel available (:mod:`sigma_core.native`: built on
-    first use, about 25 s once), that kernel computes them for any length, 8 query rows at a time
-    with their logits in registers and the stable reduction below.  ``native=False`` takes the
+    first use, about 25 s once), that kernel computes them for any length, a few query rows at a
+    time with their logits in registers and the stable reduction below.  ``native=False`` takes the
     PyTorch path, which follows (also without a compiler).  ``native=None`` (default) takes the
     path measured to be faster on this machine (:func:`sigma_core.native.prefer_kernel`: both
     timed once, a fraction of a second, the choice cached beside the build; ``SIGMA_CORE_NATIVE=0``

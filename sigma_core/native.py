@@ -1,10 +1,10 @@
 """The compiled fast path of the entropy monitor: row entropies by a small C++ kernel.
 
 ``csrc/row_entropy.cpp`` computes the entropy of every row of ``softmax(scale q k^T)`` in one pass
-per ``(batch, head)``: the logits of 8 query rows at a time are accumulated in vector registers of
-the machine's own width (16 floats with AVX-512, 8 with AVX2, 4 otherwise) and reduced at once in
-the stable form ``log sum e - sum e s / sum e`` with ``s = z - max z`` (floored at ``-80``), never
-storing more than 8 rows of logits.
+per ``(batch, head)``: the logits of a few query rows at a time (8 with AVX-512, 6 with AVX2) are
+accumulated in vector registers of the machine's own width (16 floats with AVX-512, 8 with AVX2, 4
+otherwise) and reduced at once in the stable form ``log sum e - sum e s / sum e`` with
+``s = z - max z`` (floored at ``-80``), never storing more than those rows of logits.
 
 It is built with :func:`torch.utils.cpp_extension.load` the first time it is needed (about 25 s with
 a C++ compiler; ninja comes with the package; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by default
@@ -25,6 +25,7 @@ path for one call or monitor.  :func:`describe` says which path runs and why.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -43,7 +44,7 @@ import torch
 #: environment variable: "0" disables the compiled kernel (no build is attempted)
 ENV = "SIGMA_CORE_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "row_entropy.cpp"
-#: keys are padded to a multiple of this (a multiple of every build's vector width: 16, 8 or 4)
+#: the kernel pads the keys to a multiple of this (a whole number of its tiles on every instruction set)
 LANES = 16
 
 # compiler flags per CPU capability reported by PyTorch (what its own kernels use on this machine)
@@ -168,7 +169,7 @@ def _env_mode() -> str:
 
 
 def row_entropy_kernel():
-    """The compiled module (with ``row_entropy(q, kt, Tk, scale, causal)``), or None.
+    """The compiled module (with ``row_entropy(q, k, scale, causal)`` and ``lanes``), or None.
 
     None when ``SIGMA_CORE_NATIVE=0`` or when the build failed (the first failure warns with the
     reason; later calls return None at once).
@@ -215,12 +216,11 @@ def row_entropy(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool):
     kernel = row_entropy_kernel()
     if kernel is None:
         return None
-    B, H, Tk, d = k.shape
-    kt = k.new_zeros((B, H, d, -(-Tk // LANES) * LANES))  # keys transposed, zero-padded to whole vectors
-    kt[..., :Tk].copy_(k.transpose(-1, -2))
     if q.stride(-1) != 1:
         q = q.contiguous()
-    return kernel.row_entropy(q, kt, Tk, float(scale), bool(causal))
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    return kernel.row_entropy(q, k, float(scale), bool(causal))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +234,9 @@ CHOICE_FILE = "choice.json"
 _choice_lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_model() -> str:
+    """The CPU's model name (read once: the choice is looked up on every recorded attention call)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

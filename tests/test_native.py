@@ -61,18 +61,34 @@ def test_the_kernel_builds_where_a_compiler_is():
        sign=st.sampled_from([1.0, -1.0]), seed=st.integers(0, 2**31 - 1))
 @settings(max_examples=60)
 def test_kernel_matches_the_float64_reference(kernel, B, H, Tq, Tk, d, causal, logit, sign, seed):
-    """Any batch, heads, lengths (tails of the 8-row blocks and 16-key vectors), head dimension,
-    causal or not, a negative scale, strided q and contiguous k, logits of typical size ``logit``."""
+    """Any batch, heads, lengths (tails of the row blocks and key tiles), head dimension, causal or
+    not, a negative scale, strided q, strided or contiguous k (the kernel transposes each head's
+    keys itself), logits of typical size ``logit``."""
     if causal:
         Tk = Tq
     g = torch.Generator().manual_seed(seed)
-    q, k = strided(B, H, Tq, d, g), torch.randn(B, H, Tk, d, generator=g)
+    q = strided(B, H, Tq, d, g)
+    k = strided(B, H, Tk, d, g) if seed % 2 else torch.randn(B, H, Tk, d, generator=g)
     scale = sign * logit / math.sqrt(d)
     got = native.row_entropy(q, k, scale, causal)
     assert got.shape == (B, H, Tq) and got.dtype == torch.float32
     ref = reference(q, k, scale, causal)
     # float32 logits carry a relative rounding ~1e-7 of their size; the reduction adds none
     np.testing.assert_allclose(got.double().numpy(), ref, rtol=0, atol=1e-6 * (1 + logit))
+
+
+def test_kernel_takes_any_strides(kernel):
+    """Views whose last dimension is not contiguous (every other column; a transposed layout) are
+    copied first; broadcast batch dimensions (stride 0) are read in place."""
+    g = torch.Generator().manual_seed(6)
+    wide = torch.randn(2, 3, 21, 10, generator=g)
+    q, k = wide[..., ::2], wide.flip(2)[..., 1::2]  # (2, 3, 21, 5), strides (.., .., 10, 2)
+    np.testing.assert_allclose(native.row_entropy(q, k, 0.7, True).double().numpy(),
+                               reference(q, k, 0.7, True), rtol=0, atol=1e-6)
+    kt = torch.randn(1, 3, 5, 21, generator=g).transpose(-1, -2)  # (1, 3, 21, 5) with stride 1 on T
+    q = torch.randn(1, 1, 21, 5, generator=g).expand(1, 3, 21, 5)  # stride 0 over heads
+    np.testing.assert_allclose(native.row_entropy(q, kt, 0.7, False).double().numpy(),
+                               reference(q, kt, 0.7, False), rtol=0, atol=1e-6)
 
 
 def test_kernel_exact_rows(kernel):
