@@ -1,4 +1,8 @@
-"""Theorem 3.1's key step, proven: on the centred ball the one-high row minimises softmax entropy.
+"""Theorem 3.1's key step: the machine-checked part of its proof (on the centred ball the one-high row minimises softmax entropy).
+
+What is machine-checked: the sympy identities of the proof, for every T at once, and the
+deductions' consequences on finite grids (corroboration). The deductions themselves (steps 4(b),
+4(d)-(e), 6 and the d = 1 case in ``theory/README.md``) are proven on paper, not by this module.
 
 Run ``python -m theory.proof`` (the fast subset, a few seconds) or ``python -m theory.proof
 --full`` (larger corroboration grids). It re-runs every computational step of the proof in
@@ -554,8 +558,9 @@ def main(argv=None, steps=None):
     print(f"{'ALL STEPS PASSED' if ok else 'SOME STEP FAILED'} ({mode} run, "
           f"{time.perf_counter() - t0:.1f} s)")
     if ok and not args.only:
-        print("Proven: for every T >= 2 and s >= 0, min {Ent(softmax(z)) : ||z - mean(z)|| <= s}"
-              " = h_T(s), attained only at one-high rows; h_T(s) increases strictly in T.")
+        print("Checked: the sympy identities of the proof hold for every T >= 2 and the deductions'"
+              " consequences hold on the grids above; the deductions themselves (steps 4(b), 4(d)-(e),"
+              " 6, d = 1) are proven on paper in theory/README.md.")
     return 0 if ok else 1
 
 
