@@ -25,7 +25,11 @@ docs/monitor.md.
     python benchmarks/bench_entropy.py --part memory --max-T 8192
     OMP_NUM_THREADS=1 python benchmarks/bench_entropy.py --part overhead
     OMP_NUM_THREADS=1 python benchmarks/bench_entropy.py --part overhead --q-gain 150   # large logits
+    OMP_NUM_THREADS=1 python benchmarks/bench_entropy.py --part kernel --rounds 10
     OMP_NUM_THREADS=1 python benchmarks/bench_entropy.py --part hf-gpt2 --rounds 6
+
+``--part kernel`` times the fast path alone, the compiled kernel against the same pass in PyTorch
+operations, on causal attention shapes, and says which one the default takes here.
 
 Part 3 (``--part hf-gpt2``, needs ``transformers``) does the same on a model users have: a Hugging
 Face GPT-2 (4 layers, d = 256, 4 heads, T = 256, batch 8, vocabulary 256, dropout 0, AdamW, random
@@ -189,6 +193,38 @@ def part_overhead(args) -> None:
               f"{100 * (q2 - 1):>8.1f}% [{100 * (q1 - 1):.1f}%, {100 * (q3 - 1):.1f}%]")
 
 
+def part_kernel(args) -> None:
+    """The fast path alone: the compiled kernel (native=True) against its PyTorch operations
+    (native=False) on causal (B, H, T, d) views of (B, T, H d) projections, interleaved, process time."""
+    import torch
+    from sigma_core import native
+    from sigma_core.entropy import fused_row_entropy
+
+    shapes = ((32, 4, 128, 32), (8, 4, 256, 64), (8, 12, 512, 64))
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for B, H, T, d in shapes:
+        q, k = (torch.randn(B, T, H * d, generator=g).view(B, T, H, d).transpose(1, 2) for _ in range(2))
+        assert torch.allclose(fused_row_entropy(q, k, causal=True, native=True),
+                              fused_row_entropy(q, k, causal=True, native=False), atol=1e-5)
+        cases.append((q, k))
+    fused_row_entropy(*cases[0], causal=True)  # the default path's choice, made here before timing
+    print(f"# fused_row_entropy(q, k, causal=True), q and k strided views, best of {args.rounds} rounds "
+          f"of 5 calls per path (paths interleaved), process CPU time")
+    print(f"# {machine()}")
+    print(f"# default path (native=None): {native.describe()}")
+    print(f"{'(B, H, T, d)':>18} {'kernel ms':>10} {'PyTorch ms':>11} {'kernel / PyTorch':>17}")
+    for (q, k), shape in zip(cases, shapes):
+        best = {True: float("inf"), False: float("inf")}
+        for _ in range(args.rounds):
+            for flag in (True, False):
+                t0 = time.process_time()
+                for _ in range(5):
+                    fused_row_entropy(q, k, causal=True, native=flag)
+                best[flag] = min(best[flag], (time.process_time() - t0) / 5)
+        print(f"{str(shape):>18} {1e3 * best[True]:>10.2f} {1e3 * best[False]:>11.2f} {best[True] / best[False]:>16.2f}x")
+
+
 def part_hf_gpt2(args) -> None:
     import copy
 
@@ -301,8 +337,8 @@ def machine() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["all", "memory", "overhead", "hf-gpt2"], default="all",
-                   help="all: memory and overhead (hf-gpt2 only when named)")
+    p.add_argument("--part", choices=["all", "memory", "overhead", "kernel", "hf-gpt2"], default="all",
+                   help="all: memory and overhead (kernel and hf-gpt2 only when named)")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--d", type=int, default=64)
@@ -331,6 +367,8 @@ def main(argv=None) -> int:
         part_memory(args)
     if args.part in ("all", "overhead"):
         part_overhead(args)
+    if args.part == "kernel":
+        part_kernel(args)
     if args.part == "hf-gpt2":
         part_hf_gpt2(args)
     return 0
