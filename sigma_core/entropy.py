@@ -52,6 +52,7 @@ from typing import NamedTuple
 
 import torch
 
+from sigma_core.native import prefer_kernel
 from sigma_core.native import row_entropy as native_row_entropy
 
 __all__ = [
@@ -481,14 +482,23 @@ def _finite_or_none(ent: torch.Tensor):
     return ent.clamp_(min=0.0) if math.isfinite(float(ent.sum())) else None
 
 
+def _torch_fast_path(q, k, scale: float, causal: bool) -> torch.Tensor:
+    """The PyTorch path of :func:`fused_row_entropy` for short sequences (what the kernel is timed
+    against by :func:`sigma_core.native.prefer_kernel`)."""
+    return _dense_row_entropy(q, k, scale, causal)
+
+
 def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_MAX_LOGIT_SCALE,
-                      native=True):
+                      native=None):
     """Row entropies of unmasked attention, fast, or None where this path is not available.
 
-    With ``native`` (default) and the compiled kernel available (:mod:`sigma_core.native`: built on
-    first use, about 25 s once), that kernel computes them for any length, 8 query rows at a time
-    with their logits in registers and the stable reduction below; it is about twice as fast as the
-    PyTorch path, which follows (``native=False``, or no compiler).
+    With ``native=True`` and the compiled kernel available (:mod:`sigma_core.native`: built on
+    first use, about 25 s once), that kernel computes them for any length, a few query rows at a
+    time with their logits in registers and the stable reduction below.  ``native=False`` takes the
+    PyTorch path, which follows (also without a compiler).  ``native=None`` (default) takes the
+    path measured to be faster on this machine (:func:`sigma_core.native.prefer_kernel`: both
+    timed once, a fraction of a second, the choice cached beside the build; ``SIGMA_CORE_NATIVE=0``
+    or ``1`` in the environment decides instead).
 
     Up to :data:`FUSED_DENSE_MAX_KEYS` keys the logits are formed in blocks small enough to stay
     in the core's cache (a few heads and, when causal, 32 query rows with only the keys they see),
@@ -523,6 +533,8 @@ def fused_row_entropy(q, k, *, scale=None, causal=False, max_logit_scale=FUSED_M
     B, H, Tq, d = q.shape
     if min(q.numel(), k.numel()) == 0:
         return None  # nothing to gain: the blocked pass handles empty shapes
+    if native is None:
+        native = prefer_kernel(_torch_fast_path)
     if native:
         with torch.no_grad():
             ent = native_row_entropy(q.detach(), k.detach(), scale, bool(causal))

@@ -85,7 +85,7 @@ class Measurement:
     """
 
     def __init__(self, *, bound_samples: int | None = 1, method: str = "auto", block_size: int = 512,
-                 fused: bool = True, native: bool = True, warn_once=None):
+                 fused: bool = True, native: bool | None = None, warn_once=None):
         self.bound_samples = bound_samples
         self.method = method
         self.block_size = block_size

@@ -141,9 +141,10 @@ class EntropyMonitor:
         Take the entropies of unmasked attention from the fast path where available
         (:func:`sigma_core.entropy.fused_row_entropy`: CPU float32; default True); the bound is
         checked on the sampled rows' exact logits either way.
-    native : bool
-        Let that fast path use the compiled kernel (:mod:`sigma_core.native`, built on first use;
-        default True; the environment variable ``SIGMA_CORE_NATIVE=0`` disables it everywhere).
+    native : bool or None
+        Whether that fast path uses the compiled kernel (:mod:`sigma_core.native`, built on first
+        use): True or False, or None (default) for the path measured to be faster on this machine
+        (timed once, cached beside the build); ``SIGMA_CORE_NATIVE=0`` disables the kernel everywhere.
     bound_every : int
         Check the bound, and compute ``sigma_h``, on the first recorded forward and every
         ``bound_every``-th after it (default 10; 1: on every one); on the others ``sigma``,
@@ -184,7 +185,7 @@ class EntropyMonitor:
 
     def __init__(self, model: nn.Module, *, every: int = 1, path=None, detector=None,
                  bound_samples: int | None = 1, method: str = "auto", block_size: int = 512,
-                 capture: bool = True, fused: bool = True, bound_every: int = 10, native: bool = True,
+                 capture: bool = True, fused: bool = True, bound_every: int = 10, native: bool | None = None,
                  sinks=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -207,8 +208,8 @@ class EntropyMonitor:
             raise TypeError(f"capture must be a bool, got {type(capture).__name__}")
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
-        if not isinstance(native, bool):
-            raise TypeError(f"native must be a bool, got {type(native).__name__}")
+        if native is not None and not isinstance(native, bool):
+            raise TypeError(f"native must be a bool or None, got {type(native).__name__}")
         if not _is_int(bound_every) or bound_every < 1:
             raise ValueError(f"bound_every must be a positive int, got {bound_every!r}")
         bound_every = int(bound_every)

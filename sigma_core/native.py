@@ -1,24 +1,37 @@
 """The compiled fast path of the entropy monitor: row entropies by a small C++ kernel.
 
 ``csrc/row_entropy.cpp`` computes the entropy of every row of ``softmax(scale q k^T)`` in one pass
-per ``(batch, head)``: the logits of 8 query rows at a time are accumulated in vector registers and
-reduced at once in the stable form ``log sum e - sum e s / sum e`` with ``s = z - max z`` (floored at
-``-80``), never storing more than 8 rows of logits.  On the project's cpu-demo GPT it takes about
-half the time of the same computation in PyTorch operations (``benchmarks/bench_entropy.py``).
+per ``(batch, head)``: the logits of a few query rows at a time (8 with AVX-512, 6 with AVX2) are
+accumulated in vector registers of the machine's own width (16 floats with AVX-512, 8 with AVX2, 4
+otherwise) and reduced at once in the stable form ``log sum e - sum e s / sum e`` with
+``s = z - max z`` (floored at ``-80``), never storing more than those rows of logits.
 
 It is built with :func:`torch.utils.cpp_extension.load` the first time it is needed (about 25 s with
 a C++ compiler; ninja comes with the package; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``), once per instruction set (the name carries PyTorch's CPU
-capability, so a cache shared by different machines never runs code built for another CPU).
-Without a compiler, or with ``SIGMA_CORE_NATIVE=0`` in the environment, :func:`row_entropy_kernel`
-returns None and :func:`sigma_core.entropy.fused_row_entropy` uses its PyTorch path (a warning
-says why, once).
+``~/.cache/torch_extensions``), once per instruction set and PyTorch version (the name carries
+PyTorch's CPU capability and version, so a cache shared by different machines never runs code built
+for another CPU).  Without a compiler, or with ``SIGMA_CORE_NATIVE=0`` in the environment,
+:func:`row_entropy_kernel` returns None and :func:`sigma_core.entropy.fused_row_entropy` uses its
+PyTorch path (a warning says why, once).
+
+Which path runs by default is measured, not assumed (:func:`prefer_kernel`): the first time the
+choice is needed, both paths are timed on two small attention shapes (a fraction of a second) and
+the faster one is kept, in a file beside the build (per CPU model and thread count, invalidated when
+the kernel's source changes), so later processes reuse it.  ``SIGMA_CORE_NATIVE=1`` uses the kernel
+without timing, ``SIGMA_CORE_NATIVE=0`` never builds it; ``native=True``/``False`` in
+:func:`~sigma_core.entropy.fused_row_entropy` and :class:`~sigma_core.monitor.EntropyMonitor` picks a
+path for one call or monitor.  :func:`describe` says which path runs and why.
 """
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
+import json
 import logging
+import math
 import os
+import platform
 import shutil
 import threading
 from contextlib import contextmanager
@@ -31,7 +44,7 @@ import torch
 #: environment variable: "0" disables the compiled kernel (no build is attempted)
 ENV = "SIGMA_CORE_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "row_entropy.cpp"
-#: lanes of the kernel's vectors: keys are padded to a multiple of this
+#: the kernel pads the keys to a multiple of this (a whole number of its tiles on every instruction set)
 LANES = 16
 
 # compiler flags per CPU capability reported by PyTorch (what its own kernels use on this machine)
@@ -42,6 +55,14 @@ _ISA_FLAGS = {
 _lock = threading.Lock()
 logger = logging.getLogger(__name__)
 _state: dict = {"tried": False, "module": None, "error": None}
+#: the measured choice of this process (see :func:`prefer_kernel`): None until first needed
+_choice: dict = {"record": None}
+
+
+def _name(cap: str) -> str:
+    """The extension's name: one build per CPU capability and PyTorch version."""
+    version = "".join(c if c.isalnum() else "_" for c in torch.__version__)
+    return f"sigma_core_row_entropy_{cap.lower()}_torch{version}"
 
 
 def _capability() -> str:
@@ -137,13 +158,23 @@ def _ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join(p for p in (os.environ.get("PATH", ""), ninja.BIN_DIR) if p)
 
 
+def _env_mode() -> str:
+    """``SIGMA_CORE_NATIVE``: "0" (never the kernel), "1" (the kernel, untimed) or "auto" (unset)."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV} must be 0, 1 or auto (or unset), got {os.environ[ENV]!r}")
+    return value
+
+
 def row_entropy_kernel():
-    """The compiled module (with ``row_entropy(q, kt, Tk, scale, causal)``), or None.
+    """The compiled module (with ``row_entropy(q, k, scale, causal)`` and ``lanes``), or None.
 
     None when ``SIGMA_CORE_NATIVE=0`` or when the build failed (the first failure warns with the
     reason; later calls return None at once).
     """
-    if os.environ.get(ENV, "1").strip() == "0":
+    if _env_mode() == "0":
         return None
     if _state["tried"]:
         return _state["module"]
@@ -154,7 +185,7 @@ def row_entropy_kernel():
 
                 _ninja_on_path()
                 cap = _capability()
-                name = f"sigma_core_row_entropy_{cap.lower()}"
+                name = _name(cap)
                 _clear_stale_lock(name)
                 if not _built(name):  # say why the first recorded forward pauses
                     logger.warning("sigma_core: building the compiled entropy kernel of the monitor "
@@ -185,9 +216,162 @@ def row_entropy(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool):
     kernel = row_entropy_kernel()
     if kernel is None:
         return None
-    B, H, Tk, d = k.shape
-    kt = k.new_zeros((B, H, d, -(-Tk // LANES) * LANES))  # keys transposed, zero-padded to whole vectors
-    kt[..., :Tk].copy_(k.transpose(-1, -2))
     if q.stride(-1) != 1:
         q = q.contiguous()
-    return kernel.row_entropy(q, kt, Tk, float(scale), bool(causal))
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    return kernel.row_entropy(q, k, float(scale), bool(causal))
+
+
+# ---------------------------------------------------------------------------------------------
+# which path runs by default: measured once per machine, kept beside the build
+
+#: the shapes the first choice times, ``(batch, heads, T, d_head)``, causal, as small GPTs form them
+CHOICE_SHAPES = ((8, 4, 128, 32), (2, 4, 256, 64))
+#: timed rounds per path (interleaved; the best round of each counts)
+CHOICE_ROUNDS = 5
+CHOICE_FILE = "choice.json"
+_choice_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_model() -> str:
+    """The CPU's model name (read once: the choice is looked up on every recorded attention call)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _source_digest() -> str:
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
+def _choice_path() -> Path | None:
+    d = _build_dir(_name(_capability()))
+    return None if d is None else d / CHOICE_FILE
+
+
+def _choice_key() -> str:
+    return f"{_cpu_model()} | {torch.get_num_threads()} threads"
+
+
+def _time_paths(torch_path) -> tuple[float, float]:
+    """Best round of each path (kernel, PyTorch) over :data:`CHOICE_SHAPES`, rounds interleaved,
+    after one untimed round.  Process time with one thread (robust to a loaded machine), wall time
+    with several (their work is spread over cores)."""
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for B, H, T, d in CHOICE_SHAPES:  # (B, H, T, d) views of (B, T, H d) projections
+        q, k = (torch.randn(B, T, H * d, generator=g).view(B, T, H, d).transpose(1, 2) for _ in range(2))
+        cases.append((q, k, d ** -0.5))
+    paths = (row_entropy, torch_path)
+    best = [math.inf, math.inf]
+    with torch.no_grad():
+        for rnd in range(CHOICE_ROUNDS + 1):
+            for i, f in enumerate(paths):
+                t0 = clock()
+                for q, k, sc in cases:
+                    f(q, k, sc, True)
+                if rnd:
+                    best[i] = min(best[i], clock() - t0)
+    return best[0], best[1]
+
+
+def _read_choice(path: Path | None, key: str, digest: str) -> dict | None:
+    if path is None:
+        return None
+    try:
+        rec = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):  # none yet, or unreadable: measure again
+        return None
+    ok = isinstance(rec, dict) and rec.get("source") == digest and isinstance(rec.get("kernel"), bool)
+    return rec if ok else None
+
+
+def _write_choice(path: Path | None, key: str, rec: dict) -> None:
+    if path is None:
+        return
+    try:
+        try:
+            table = json.loads(path.read_text())
+            table = table if isinstance(table, dict) else {}
+        except (OSError, ValueError):
+            table = {}
+        table[key] = rec
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, path)  # atomic: a reader sees the old table or the new one
+    except OSError as err:  # an unwritable cache: this process keeps its choice, the next measures again
+        logger.info("sigma_core: could not store the kernel choice in %s: %s", path, err)
+
+
+def prefer_kernel(torch_path) -> bool:
+    """Whether the default (``native=None``) fast path should use the compiled kernel here.
+
+    ``SIGMA_CORE_NATIVE=0``: never (no build); a failed build: never; ``SIGMA_CORE_NATIVE=1``:
+    always, untimed.  Otherwise the measured choice: the first time it is needed on a machine (CPU
+    model, thread count, PyTorch version and capability, kernel source), both paths are timed on
+    :data:`CHOICE_SHAPES` (``torch_path(q, k, scale, causal)`` is the PyTorch one) and the faster
+    is kept in ``choice.json`` beside the build; later calls and processes reuse it.
+
+    Examples
+    --------
+    >>> from sigma_core.entropy import fused_row_entropy
+    >>> isinstance(prefer_kernel(lambda q, k, s, c: fused_row_entropy(q, k, scale=s, causal=c, native=False)), bool)
+    True
+    """
+    mode = _env_mode()
+    if mode == "0" or row_entropy_kernel() is None:
+        return False
+    if mode == "1":
+        return True
+    key = _choice_key()
+    rec = _choice["record"]
+    if rec is not None and rec["key"] == key:
+        return rec["kernel"]
+    with _choice_lock:
+        rec = _choice["record"]
+        if rec is None or rec["key"] != key:
+            digest = _source_digest()
+            path = _choice_path()
+            rec = _read_choice(path, key, digest)
+            if rec is None:
+                t_kernel, t_torch = _time_paths(torch_path)
+                rec = {"source": digest, "kernel": t_kernel < t_torch, "kernel_s": t_kernel,
+                       "torch_s": t_torch, "capability": _capability(), "torch": torch.__version__,
+                       "shapes": [list(s) for s in CHOICE_SHAPES], "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                _write_choice(path, key, rec)
+            rec = dict(rec, key=key, file=None if path is None else str(path))
+            _choice["record"] = rec
+    return rec["kernel"]
+
+
+def describe() -> str:
+    """One line: which path the default fast path takes here, and why.
+
+    Examples
+    --------
+    >>> isinstance(describe(), str)
+    True
+    """
+    mode = _env_mode()
+    if mode == "0":
+        return f"PyTorch path ({ENV}=0)"
+    if not _state["tried"]:
+        return "not decided yet (the kernel is built and timed at the first recorded forward)"
+    if _state["module"] is None:
+        return f"PyTorch path (the compiled kernel did not build: {_state['error']})"
+    if mode == "1":
+        return f"compiled kernel ({ENV}=1, untimed)"
+    rec = _choice["record"]
+    if rec is None or rec["key"] != _choice_key():
+        return "not decided yet for this thread count (timed at the next recorded forward)"
+    which = "compiled kernel" if rec["kernel"] else "PyTorch path"
+    return (f"{which} (measured: kernel {rec['kernel_s'] * 1e3:.2f} ms, PyTorch {rec['torch_s'] * 1e3:.2f} ms "
+            f"on {len(rec['shapes'])} shapes, {rec['key']}, capability {rec['capability']}; cached in {rec['file']})")

@@ -5,6 +5,7 @@ reference (float64 numpy softmax and scipy's ``entr``), to the exact values of u
 rows, and to the PyTorch path it replaces.  Where a C++ compiler and ninja exist (CI), the kernel
 must build: a test asserts it, so the other tests cannot all skip silently.
 """
+import json
 import math
 import os
 import shutil
@@ -60,18 +61,34 @@ def test_the_kernel_builds_where_a_compiler_is():
        sign=st.sampled_from([1.0, -1.0]), seed=st.integers(0, 2**31 - 1))
 @settings(max_examples=60)
 def test_kernel_matches_the_float64_reference(kernel, B, H, Tq, Tk, d, causal, logit, sign, seed):
-    """Any batch, heads, lengths (tails of the 8-row blocks and 16-key vectors), head dimension,
-    causal or not, a negative scale, strided q and contiguous k, logits of typical size ``logit``."""
+    """Any batch, heads, lengths (tails of the row blocks and key tiles), head dimension, causal or
+    not, a negative scale, strided q, strided or contiguous k (the kernel transposes each head's
+    keys itself), logits of typical size ``logit``."""
     if causal:
         Tk = Tq
     g = torch.Generator().manual_seed(seed)
-    q, k = strided(B, H, Tq, d, g), torch.randn(B, H, Tk, d, generator=g)
+    q = strided(B, H, Tq, d, g)
+    k = strided(B, H, Tk, d, g) if seed % 2 else torch.randn(B, H, Tk, d, generator=g)
     scale = sign * logit / math.sqrt(d)
     got = native.row_entropy(q, k, scale, causal)
     assert got.shape == (B, H, Tq) and got.dtype == torch.float32
     ref = reference(q, k, scale, causal)
     # float32 logits carry a relative rounding ~1e-7 of their size; the reduction adds none
     np.testing.assert_allclose(got.double().numpy(), ref, rtol=0, atol=1e-6 * (1 + logit))
+
+
+def test_kernel_takes_any_strides(kernel):
+    """Views whose last dimension is not contiguous (every other column; a transposed layout) are
+    copied first; broadcast batch dimensions (stride 0) are read in place."""
+    g = torch.Generator().manual_seed(6)
+    wide = torch.randn(2, 3, 21, 10, generator=g)
+    q, k = wide[..., ::2], wide.flip(2)[..., 1::2]  # (2, 3, 21, 5), strides (.., .., 10, 2)
+    np.testing.assert_allclose(native.row_entropy(q, k, 0.7, True).double().numpy(),
+                               reference(q, k, 0.7, True), rtol=0, atol=1e-6)
+    kt = torch.randn(1, 3, 5, 21, generator=g).transpose(-1, -2)  # (1, 3, 21, 5) with stride 1 on T
+    q = torch.randn(1, 1, 21, 5, generator=g).expand(1, 3, 21, 5)  # stride 0 over heads
+    np.testing.assert_allclose(native.row_entropy(q, kt, 0.7, False).double().numpy(),
+                               reference(q, kt, 0.7, False), rtol=0, atol=1e-6)
 
 
 def test_kernel_exact_rows(kernel):
@@ -279,3 +296,130 @@ def test_waiting_for_another_build_is_bounded(monkeypatch, tmp_path):
         holder.wait()
     with native._build_guard(name):  # the holder died: the OS released its lock
         pass
+
+
+def test_the_build_uses_the_machines_vector_width(kernel):
+    """16 lanes with AVX-512, 8 with AVX2, 4 otherwise: a 16-lane vector on an AVX2 machine keeps
+    the 8 accumulators on the stack and made the kernel 3x slower than the PyTorch path on an
+    AMD EPYC (AVX2)."""
+    assert kernel.lanes == {"AVX512": 16, "AVX2": 8}.get(native._capability(), 4)
+    assert native.LANES % kernel.lanes == 0
+    assert "avx2" in native._name("AVX2") and torch.__version__.split("+")[0].replace(".", "_") in native._name("AVX2")
+
+
+@pytest.fixture
+def choice(monkeypatch, tmp_path):
+    """An available kernel (the real one is not needed), an empty choice cache in tmp_path, and a
+    stand-in for the timing that counts its calls and returns ``times`` (kernel, PyTorch)."""
+    monkeypatch.setattr(native, "_state", {"tried": True, "module": object(), "error": None})
+    monkeypatch.setattr(native, "_choice", {"record": None})
+    monkeypatch.setattr(native, "_choice_path", lambda: tmp_path / native.CHOICE_FILE)
+    monkeypatch.delenv(native.ENV, raising=False)
+    box = {"calls": 0, "times": (1.0, 2.0)}
+
+    def timing(torch_path):
+        box["calls"] += 1
+        return box["times"]
+
+    monkeypatch.setattr(native, "_time_paths", timing)
+    box["file"] = tmp_path / native.CHOICE_FILE
+    return box
+
+
+def test_the_choice_is_measured_once_and_reused(choice, monkeypatch):
+    """The first call times both paths and keeps the faster; later calls, and a new process (the
+    file beside the build), reuse it without timing; another kernel source or thread count, or an
+    unreadable file, is measured again."""
+    assert native.prefer_kernel(None) is True and choice["calls"] == 1
+    assert native.prefer_kernel(None) is True and choice["calls"] == 1
+    table = json.loads(choice["file"].read_text())
+    (key, rec), = table.items()
+    assert key == native._choice_key() and rec["kernel"] is True and (rec["kernel_s"], rec["torch_s"]) == (1.0, 2.0)
+    assert rec["source"] == native._source_digest() and rec["torch"] == torch.__version__
+    assert "compiled kernel (measured: kernel 1000.00 ms, PyTorch 2000.00 ms" in native.describe()
+    choice["times"] = (3.0, 1.0)  # were it measured again, the PyTorch path would win
+    monkeypatch.setattr(native, "_choice", {"record": None})  # a new process: reads the file
+    assert native.prefer_kernel(None) is True and choice["calls"] == 1
+    monkeypatch.setattr(native, "_choice", {"record": None})
+    monkeypatch.setattr(native, "_source_digest", lambda: "another-source")  # the kernel changed
+    assert native.prefer_kernel(None) is False and choice["calls"] == 2
+    assert "PyTorch path (measured: kernel 3000.00 ms, PyTorch 1000.00 ms" in native.describe()
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if n == 1 else 1)  # another thread count: its own entry
+        choice["times"] = (1.0, 2.0)
+        assert native.prefer_kernel(None) is True and choice["calls"] == 3
+        assert len(json.loads(choice["file"].read_text())) == 2
+    finally:
+        torch.set_num_threads(n)
+    assert native.prefer_kernel(None) is False and choice["calls"] == 3  # back: the file's entry, untimed
+    choice["file"].write_text("{not json")
+    monkeypatch.setattr(native, "_choice", {"record": None})
+    assert native.prefer_kernel(None) is True and choice["calls"] == 4
+
+
+def test_the_environment_and_the_argument_override_the_choice(choice, monkeypatch):
+    """SIGMA_CORE_NATIVE=1 takes the kernel and =0 the PyTorch path whatever was measured (no
+    timing); native=True/False picks for one call; anything else in the variable is an error
+    naming it."""
+    choice["times"] = (3.0, 1.0)  # measured: the PyTorch path wins
+    g = torch.Generator().manual_seed(4)
+    q, k = strided(2, 3, 30, 8, g), strided(2, 3, 30, 8, g)
+    calls = []
+    monkeypatch.setattr("sigma_core.entropy.native_row_entropy",
+                        lambda *a: calls.append(1) or torch.zeros(2, 3, 30))
+    assert fused_row_entropy(q, k, causal=True) is not None and calls == [] and choice["calls"] == 1
+    fused_row_entropy(q, k, causal=True, native=True)
+    assert calls == [1]
+    monkeypatch.setenv(native.ENV, "1")
+    assert native.prefer_kernel(None) is True
+    fused_row_entropy(q, k, causal=True)
+    assert calls == [1, 1] and "SIGMA_CORE_NATIVE=1" in native.describe()
+    fused_row_entropy(q, k, causal=True, native=False)
+    assert calls == [1, 1]
+    monkeypatch.setattr(native, "_choice", {"record": None})
+    choice["times"] = (1.0, 2.0)
+    monkeypatch.setenv(native.ENV, "0")
+    assert native.prefer_kernel(None) is False and fused_row_entropy(q, k, causal=True) is not None
+    assert calls == [1, 1] and choice["calls"] == 1 and "SIGMA_CORE_NATIVE=0" in native.describe()
+    monkeypatch.setenv(native.ENV, "yes")
+    with pytest.raises(ValueError, match="SIGMA_CORE_NATIVE must be 0, 1 or auto"):
+        native.prefer_kernel(None)
+
+
+def test_a_failed_build_takes_the_pytorch_path_untimed(choice, monkeypatch):
+    monkeypatch.setattr(native, "_state", {"tried": True, "module": None, "error": "OSError: no compiler"})
+    assert native.prefer_kernel(None) is False and choice["calls"] == 0 and not choice["file"].exists()
+    assert "did not build: OSError: no compiler" in native.describe()
+    q, k = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4)
+    np.testing.assert_allclose(fused_row_entropy(q, k, causal=True).double().numpy(),
+                               reference(q, k, 0.5, True), rtol=0, atol=1e-6)
+
+
+def test_an_unwritable_cache_keeps_the_choice_in_the_process(choice, monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_choice_path", lambda: tmp_path / "missing" / native.CHOICE_FILE)
+    assert native.prefer_kernel(None) is True and native.prefer_kernel(None) is True
+    assert choice["calls"] == 1 and not (tmp_path / "missing").exists()
+
+
+def test_the_real_timing_measures_both_paths(kernel, monkeypatch, tmp_path):
+    """The actual measurement: both paths run on CHOICE_SHAPES, each best round is a positive time,
+    the faster one is chosen and stored; the default path of fused_row_entropy is then that one."""
+    from sigma_core import entropy as E
+    monkeypatch.setattr(native, "_choice", {"record": None})
+    monkeypatch.setattr(native, "_choice_path", lambda: tmp_path / native.CHOICE_FILE)
+    monkeypatch.delenv(native.ENV, raising=False)
+    seen = []
+    dense = E._dense_row_entropy
+    monkeypatch.setattr(E, "_dense_row_entropy", lambda *a: seen.append(tuple(a[0].shape)) or dense(*a))
+    chose = native.prefer_kernel(E._torch_fast_path)
+    rec = json.loads((tmp_path / native.CHOICE_FILE).read_text())[native._choice_key()]
+    assert 0 < rec["kernel_s"] < 1 and 0 < rec["torch_s"] < 1 and chose is (rec["kernel_s"] < rec["torch_s"])
+    assert set(seen) == set(native.CHOICE_SHAPES)  # the PyTorch path was timed on those shapes
+    calls = []
+    real = native.row_entropy
+    monkeypatch.setattr("sigma_core.entropy.native_row_entropy", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(5)
+    q, k = strided(2, 2, 20, 8, g), strided(2, 2, 20, 8, g)
+    fused_row_entropy(q, k, causal=True)
+    assert calls == ([1] if chose else [])
