@@ -602,6 +602,7 @@ def _old_convention(p: SigmaReparam, state_dict, prefix: str, version) -> bool:
 
 
 def _swapped_by_value(p: SigmaReparam, W: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> bool:
+    W, u, v = _whole(W), _whole(u), _whole(v)  # (a sharded model's full state arrives as DTensors)
     M = p._as_matrices(W.detach()).to(u.dtype)
     new = _vWu(u.to(M.dtype), M, v.to(M.dtype)).abs().sum()
     old = _vWu(v.to(M.dtype), M, u.to(M.dtype)).abs().sum()

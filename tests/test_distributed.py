@@ -108,6 +108,64 @@ def test_only_rank_0_writes_the_run(two_ranks):
     assert not list(run.glob(".*tmp*"))
 
 
+KILLED_WORKER = textwrap.dedent(f"""
+    import os, sys
+    from sigma_core.experiments.config import preset
+    from sigma_core.experiments.train import Trainer
+    trainer = Trainer(preset("cpu-smoke", **{CFG!r}, distributed="fsdp"), sys.argv[1])
+    assert trainer.sharded and trainer.world_size == 2
+    step = trainer.train_step
+    def killed_at_5(**kw):
+        if trainer.step == 4:  # after the checkpoint of step 3 and the record of step 4
+            os._exit(9)  # every rank dies at once: no checkpoint, no summary
+        return step(**kw)
+    trainer.train_step = killed_at_5
+    trainer.run()
+""")
+
+
+@pytest.fixture(scope="module")
+def fsdp_killed_and_resumed(tmp_path_factory):
+    """``--distributed fsdp``: a 2-rank run killed during step 5, then resumed by the command
+    ``torchrun ... entropy-collapse train --resume RUN --distributed fsdp``."""
+    root = tmp_path_factory.mktemp("fsdp")
+    (root / "worker.py").write_text(KILLED_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    killed = subprocess.run([*run, str(root / "worker.py"), str(root / "run")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode != 0
+    before = records(root / "run")
+    assert [r["step"] for r in before] == [1, 2, 3, 4] and read_checkpoint(root / "run" / CHECKPOINT_NAME)["step"] == 3
+    res = subprocess.run([*run, "-m", "sigma_core.cli", "train", "--resume", str(root / "run"), "--distributed", "fsdp"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return root / "run"
+
+
+def test_fsdp_run_killed_and_resumed_matches_one_process(fsdp_killed_and_resumed, one_process):
+    single_dir, single_state = one_process
+    run = fsdp_killed_and_resumed
+    fsdp, one = records(run), records(single_dir)
+    assert [r["step"] for r in fsdp] == list(range(1, 7))  # the killed step 4 record replaced, once each
+    for key in ("train_loss", "grad_norm", "sigma_max"):  # (entropies: of rank 0's half batch, as with DDP)
+        np.testing.assert_allclose([r[key] for r in fsdp], [r[key] for r in one], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert fsdp[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-5)
+    for k, g in one[-1]["gamma"].items():  # gathered gamma, not a shard's
+        assert fsdp[-1]["gamma"][k] == pytest.approx(g, rel=1e-5)
+    summary = json.loads((run / SUMMARY_NAME).read_text())
+    assert summary["world_size"] == 2 and summary["bound_violations"] == 0 and not summary["diverged"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000006.npz"]
+    assert json.loads((run / "config.json").read_text())["distributed"] == "fsdp"
+    # the single-file checkpoint holds the gathered state, in the one-process format: it loads there
+    state = read_checkpoint(run / CHECKPOINT_NAME)
+    trainer = Trainer(preset("cpu-smoke", **CFG))
+    trainer.load_state_dict(state)
+    for k, v in single_state.items():
+        torch.testing.assert_close(trainer.model.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert state["optimizer"]["state"].keys() == trainer.optimizer.state_dict()["state"].keys()
+
+
 def test_single_process_helpers():
     x = torch.arange(12).reshape(6, 2)
     assert torch.equal(torch.cat([shard(x, r, 3) for r in range(3)]), x)
