@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 from sigma_core.entropy import _hidden_threshold
 
 __all__ = ["Adapted", "AttentionInterceptor", "Call", "ExecutingModules", "SDPA_ARGS", "Weights", "mha_call",
-           "probe_call", "sdpa_arguments", "sdpa_call", "softmax_call", "softmax_input", "suspended"]
+           "packed_query_heads", "probe_call", "sdpa_arguments", "sdpa_call", "softmax_call", "softmax_input", "suspended"]
 
 #: positional order of the arguments of scaled_dot_product_attention
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -281,12 +281,41 @@ def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def sdpa_call(a: dict, adapted: Adapted | None) -> Call:
+def packed_query_heads(module: nn.Module | None, q: torch.Tensor, k: torch.Tensor) -> int:
+    """How many query heads a grouped-query decoding call packed into its query axis, else 1.
+
+    To decode one token with a mask, Hugging Face (``pack_gqa`` of
+    ``transformers.integrations.sdpa_attention``) runs SDPA on the key heads, with the
+    ``g = num_key_value_groups`` query heads sharing key head ``j`` as ``g`` query rows:
+    ``(B, H, 1, d)`` becomes ``(B, H / g, g, d)``.  Recognised from the module making the call
+    (``num_key_value_groups = g > 1``, ``config.num_attention_heads = H`` when it has a config):
+    a call with ``H / g`` heads of queries and keys and exactly ``g`` query rows.
+    """
+    g = getattr(module, "num_key_value_groups", None)
+    if not isinstance(g, int) or g < 2 or q.dim() != 4 or k.dim() != 4:
+        return 1
+    heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+    if q.shape[1] != k.shape[1] or q.shape[2] != g or (isinstance(heads, int) and heads != q.shape[1] * g):
+        return 1
+    return g
+
+
+def sdpa_call(a: dict, adapted: Adapted | None, module: nn.Module | None = None) -> Call:
     """The :class:`Call` of a ``scaled_dot_product_attention`` call with arguments ``a``
     (:func:`sdpa_arguments`; not nested tensors): 3-D inputs are one head, extra batch dimensions
     are folded into the heads, grouped-query key heads are repeated (ValueError when the query
-    heads are not a multiple of them).  ``adapted``: the adapter of the module making the call."""
+    heads are not a multiple of them), and query heads packed into the query axis by grouped-query
+    decoding (:func:`packed_query_heads` of ``module``, the innermost module making the call) are
+    unpacked, so that heads are always query heads.  ``adapted``: the adapter of the module."""
     q, k, mask = a["query"].detach(), a["key"].detach(), a["attn_mask"]
+    g = packed_query_heads(module, q, k)
+    if g > 1:  # (B, Hk, g, d) -> (B, Hk * g, 1, d): query head j * g + r is row r of key head j
+        B, Hk = q.shape[:2]
+        q = q.reshape(B, Hk * g, 1, q.shape[-1])
+        k = k.repeat_interleave(g, dim=1)
+        if mask is not None and mask.dim() == 4:
+            if mask.shape[1] == Hk and mask.shape[2] == g:  # a per-head mask, packed the same way
+                mask = mask.reshape(mask.shape[0], Hk * g, 1, mask.shape[-1])
     if q.dim() == 3:  # (B, T, E): one head
         q, k = q.unsqueeze(1), k.unsqueeze(1)
         mask = mask.unsqueeze(1) if mask is not None and mask.dim() == 3 else mask

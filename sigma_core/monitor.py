@@ -164,6 +164,13 @@ class EntropyMonitor:
         Collapse events of the most recent forward: the detector's new events after a recorded
         forward, empty after one that does not record (so a loop reading it after every step
         sees each event once).
+    skipped : list of dict
+        The attention calls of the most recent recorded forward that were *not* recorded, each
+        ``{"step", "name", "reason"}`` (an error while measuring, nested tensors, non-finite
+        values, a compiled region the monitor cannot see into); empty when everything was.
+        Each kind is also warned once.
+    n_skipped : int
+        Attention calls not recorded since the monitor was attached (every time, not once).
     n_layers : int
         Attention layers seen so far.
     sinks : list
@@ -236,6 +243,9 @@ class EntropyMonitor:
         self._check = False  # check the bound in this forward
         self.events: list[dict] = []
         self._current: list[dict] = []
+        self.skipped: list[dict] = []
+        self.n_skipped = 0
+        self._skipping: list[dict] = []
         self._forwards = 0
         self._step = -1
         self._active = False
@@ -360,6 +370,7 @@ class EntropyMonitor:
         self._active = self._step % self.every == 0
         self._check = self._active and self._recorded % self.bound_every == 0
         self._current = []
+        self._skipping = []
         self._calls = {}
         self._seen = False
         if self._active:
@@ -372,6 +383,7 @@ class EntropyMonitor:
         self._active = False
         self._recorded += 1
         records, self._current = self._current, []
+        self.skipped, self._skipping = self._skipping, []
         if not self._seen and output is not None:  # None: the forward raised (or returns nothing)
             self._warn_once("nothing", "EntropyMonitor: the recorded forward made no attention call the monitor "
                             "can see (scaled_dot_product_attention, a softmax over (B, H, Tq, Tk) logits, the "
@@ -384,17 +396,26 @@ class EntropyMonitor:
 
     # -- one call: capture it, measure it ----------------------------------------------------------
     def _measured(self, layer, name, call) -> None:
-        self._current.extend(self._measure(call, step=self._step, layer=layer, name=name, check=self._check))
+        recs = self._measure(call, step=self._step, layer=layer, name=name, check=self._check)
+        if not recs:  # the measurement warned (non-finite queries, keys or logits)
+            self._skip(name, "non-finite queries, keys or logits")
+        self._current.extend(recs)
+
+    def _skip(self, name: str, reason: str) -> None:
+        """Count an attention call that is not recorded (in :attr:`skipped` and :attr:`n_skipped`)."""
+        self._skipping.append({"step": self._step, "name": name, "reason": reason})
+        self.n_skipped += 1
 
     def _owner(self):
-        """(name, Adapted or None), or None when a probe/MHA module records this call."""
+        """(name, Adapted or None, innermost module or None), or None when a probe/MHA module
+        records this call."""
         if self._stack.in_opaque:  # inside a probe/MHA module's forward
             return None
         stack = self._stack.stack()
-        name = stack[-1][0] if stack else ""
+        name, module = (stack[-1][0], stack[-1][1]) if stack else ("", None)
         entry = next((Adapted(self._adapters[id(m)], m, a, kw) for _, m, a, kw in reversed(stack)
                       if id(m) in self._adapters), None)
-        return name, entry
+        return name, entry, module
 
     def _layer_for(self, name: str) -> int:
         k = self._calls.get(name, 0)
@@ -410,6 +431,7 @@ class EntropyMonitor:
         except BoundViolationWarning:
             raise
         except Exception as err:  # never fail the user's forward
+            self._skip(name, f"{type(err).__name__}: {err}")
             self._warn_once(f"fail:{name}:{type(err).__name__}",
                             f"EntropyMonitor: could not record the attention call in {name or 'model'} "
                             f"at step {self._step}: {type(err).__name__}: {err}")
@@ -433,18 +455,19 @@ class EntropyMonitor:
         self._guarded(owner[0], self._record_softmax, owner, logits)
 
     def _record_sdpa(self, owner, args, kwargs):
-        name, entry = owner
+        name, entry, module = owner
         a = sdpa_arguments(args, kwargs)
         if a["query"].is_nested or a["key"].is_nested:
+            self._skip(name, "nested tensors")
             self._warn_once(f"nested:{name}", f"EntropyMonitor: {name or 'model'} calls attention on nested "
                             "tensors, which the monitor cannot read: not recorded")
             return
         layer = self._layer_for(name)
         with torch.no_grad():
-            self._measured(layer, name, sdpa_call(a, entry))
+            self._measured(layer, name, sdpa_call(a, entry, module))
 
     def _record_softmax(self, owner, logits):
-        name, entry = owner
+        name, entry, _ = owner
         layer = self._layer_for(name)
         self._measured(layer, name, softmax_call(logits, entry))
 
@@ -463,6 +486,7 @@ class EntropyMonitor:
         with suspended(self._mode), torch.no_grad():  # the monitor's own arithmetic does not go through the mode
             call = mha_call(mod, args, kwargs)
             if isinstance(call, str):  # nested tensors: the fused inference path of nn.TransformerEncoder
+                self._skip(name, "nested tensors")
                 self._warn_once(f"nested:{name}", f"EntropyMonitor: {name or 'model'} receives nested tensors "
                                 "(the fast path of nn.TransformerEncoder with a padding mask): not recorded")
                 return
@@ -516,6 +540,8 @@ class CollapseDetector:
             v = rec.get("entropy_mean_half")
             if v is None:
                 v = rec["entropy_mean"]
+            if v is None:  # every row of the head was padding: nothing measured
+                continue
             key = (rec["layer"], rec["head"])
             hist = self._history.setdefault(key, deque(maxlen=self.window))
             checks = [("low_entropy", self.fraction * math.log(rec["seq_len"]))]

@@ -15,7 +15,10 @@ from torch import nn
 
 from sigma_core.adapters import ADAPTERS, register_adapter
 from sigma_core.monitor import BoundViolationWarning, EntropyMonitor
-from thirdparty_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_xtransformer
+from thirdparty_models import (
+    tiny_bart, tiny_bert, tiny_distilbert, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_mistral, tiny_qwen2,
+    tiny_t5, tiny_vit, tiny_whisper, tiny_xtransformer,
+)
 
 VARIANTS = ("theorem", "per_query", "centered", "exact")
 NO_DROPOUT = {
@@ -510,3 +513,94 @@ def test_the_capture_mode_is_off_inside_probe_and_mha_modules_and_back_after_the
         assert torch._C._len_torch_function_stack() == 0
         net(x)
         assert depth["plain.proj"] == 1 and [r["layer"] for r in mon.last if r["head"] == 0] == [0, 1, 2]
+
+
+# -- left padding, grouped-query decoding: GPT-NeoX, Mistral, Qwen2, Gemma2 -------------------------
+CAUSAL_LMS = [(tiny_gpt_neox, "eager"), (tiny_gpt_neox, "sdpa"), (tiny_mistral, "eager"), (tiny_mistral, "sdpa"),
+              (tiny_qwen2, "eager"), (tiny_qwen2, "sdpa"), (tiny_gemma2, "eager")]  # Gemma2: eager only in HF
+
+
+def _left_padded(inputs, pad=(0, 3)):
+    """An attention mask with the first ``pad[b]`` positions of sample ``b`` padded."""
+    mask = torch.ones_like(inputs["input_ids"])
+    for b, p in enumerate(pad):
+        mask[b, :p] = 0
+    return {**inputs, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("factory,impl", CAUSAL_LMS, ids=[f"{f.__name__[5:]}-{i}" for f, i in CAUSAL_LMS])
+def test_left_padding_skips_and_counts_the_rows_that_see_no_key_and_records_the_rest(factory, impl):
+    """A left-padded row of a causal model sees no key in its first positions: those rows are
+    skipped and counted (``rows_no_key``), every other row is recorded on every forward and
+    agrees with a float64 entropy of the model's own attention probabilities over the rows that
+    see keys (eager reference, same weights)."""
+    model, inputs = factory(impl)
+    ref, _ = factory("eager")
+    model.eval(), ref.eval()
+    inputs = _left_padded(inputs)
+    seen = inputs["attention_mask"].bool()  # (B, T): a left-padded query row sees a key iff it is not padding
+    with torch.no_grad():
+        probs = ref(**inputs, output_attentions=True).attentions
+        ctx = _strict()
+        try:
+            with EntropyMonitor(model, bound_samples=None, bound_every=1) as mon:
+                for step in range(2):  # the second forward too: nothing dropped silently
+                    model(**inputs)
+                    assert len(mon.last) == len(probs) * 4 and mon.skipped == [], (step, mon.skipped)
+        finally:
+            ctx.__exit__(None, None, None)
+    assert mon.n_skipped == 0 and mon.last[0]["step"] == 1
+    for r in mon.last:
+        ent = entropy_of(probs[r["layer"]][:, r["head"]])[seen]  # the rows that see keys
+        assert r["rows_no_key"] == 3 and r["n_rows"] == int(seen.sum())
+        assert r["entropy_mean"] == pytest.approx(float(ent.mean()), abs=1e-5)
+        assert r["entropy_min"] == pytest.approx(float(ent.min()), abs=1e-5)
+        assert r["entropy_max"] == pytest.approx(float(ent.max()), abs=1e-5)
+        assert r["bound_rows"] == int(seen.sum()) and r["bound_exact"] <= r["entropy_min"] + 1e-4
+    _no_violations(mon.last)
+
+
+def test_a_head_whose_every_row_is_padding_is_recorded_as_empty_and_the_detector_passes_it_by():
+    """A batch of one fully padded query row: the record says 0 rows measured, 1 with no key,
+    and None entropies (never a number made up), and CollapseDetector ignores it."""
+    from sigma_core.monitor import CollapseDetector
+    mod = BareSDPA()
+    x = torch.randn(1, 3, 12)
+    keep = torch.tensor([[True, True, True], [False, False, False], [True, False, True]]).view(1, 1, 3, 3)
+    with EntropyMonitor(mod, bound_every=1, detector=CollapseDetector()) as mon:
+        mod(x, mask=keep)
+    assert len(mon.last) == 3 and mon.events == []
+    for r in mon.last:
+        assert (r["n_rows"], r["rows_no_key"], r["bound_rows"]) == (2, 1, 2) and r["entropy_min"] is not None
+    with EntropyMonitor(mod, bound_every=1, detector=CollapseDetector()) as mon:
+        mod(x[:, :1], mask=keep[..., 1:2, :1])  # one query row, its only key hidden
+    assert all(r["n_rows"] == 0 and r["rows_no_key"] == 1 and r["entropy_mean"] is None
+               and r["bound_exact"] is None and r["violations_exact"] == 0 for r in mon.last)
+    assert mon.events == []
+
+
+@pytest.mark.parametrize("factory", [tiny_mistral, tiny_qwen2], ids=["mistral", "qwen2"])
+def test_grouped_query_decoding_with_a_cache_and_a_mask_is_recorded_by_query_head(factory):
+    """One cached decoding step with a padding mask: transformers packs the 2 query heads sharing
+    each key head into the query axis; the monitor records the 4 query heads, one row per sample,
+    each equal to the eager model's own attention probabilities (Mistral: over its sliding-window
+    cache of 6 keys)."""
+    model, inputs = factory("sdpa")
+    ref, _ = factory("eager")
+    model.eval(), ref.eval()
+    inputs = _left_padded(inputs)
+    step = {"input_ids": torch.tensor([[5], [7]]),
+            "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)}
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+        ref_cache = ref(**inputs, use_cache=True).past_key_values
+        probs = ref(**step, past_key_values=ref_cache, output_attentions=True).attentions  # (B, 4, 1, T + 1)
+        with EntropyMonitor(model, bound_samples=None, bound_every=1) as mon:
+            model(**step, past_key_values=cache)
+    assert [(r["layer"], r["head"]) for r in mon.last] == [(i, h) for i in range(2) for h in range(4)]
+    for r in mon.last:
+        assert (r["n_rows"], r["seq_len"], r["rows_no_key"]) == (2, probs[r["layer"]].shape[-1], 0)
+        ent = entropy_of(probs[r["layer"]][:, r["head"]])
+        assert r["entropy_mean"] == pytest.approx(float(ent.mean()), abs=1e-5)
+        assert r["entropy_min"] == pytest.approx(float(ent.min()), abs=1e-5)
+    _no_violations(mon.last)
