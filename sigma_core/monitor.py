@@ -98,7 +98,7 @@ from torch import nn
 
 from sigma_core.adapters import find_adapter
 from sigma_core.capture import (
-    Adapted, AttentionInterceptor, ExecutingModules, innermost, mha_call, probe_call, sdpa_arguments, sdpa_call,
+    _optimized_module_type, Adapted, AttentionInterceptor, CompiledForwards, ExecutingModules, in_compiled_call, innermost, mha_call, probe_call, sdpa_arguments, sdpa_call,
     softmax_call, suspended,
 )
 from sigma_core.measure import BoundViolationWarning, Measurement
@@ -108,6 +108,10 @@ from sigma_core.sinks import JsonlSink, MemorySink, SinkSet
 __all__ = ["EntropyMonitor", "CollapseDetector", "BoundViolationWarning"]
 
 logger = logging.getLogger(__name__)
+
+#: the root hooks and capture callbacks always run eagerly: under torch.compile, a graph break at the
+#: start and end of a forward (never inside it), so the forward counter is never traced
+_eager = torch.compiler.disable
 
 
 def _is_int(x) -> bool:
@@ -196,6 +200,9 @@ class EntropyMonitor:
                  sinks=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        opt = _optimized_module_type()
+        if opt is not None and isinstance(model, opt):  # torch.compile(model): watch the model inside
+            model = model._orig_mod
         if not _is_int(every) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
         every = int(every)
@@ -286,6 +293,9 @@ class EntropyMonitor:
         self._n_static = layer
         self._stack = (ExecutingModules(model, watched=adapted, opaque=list(self._handled.values()),
                                         on_opaque=self._on_opaque) if capture else None)
+        self._compiled_skip = False
+        # a model compiled with torch.compile: the recorded forwards run eagerly, the others compiled
+        self._compiled = CompiledForwards(model, lambda: self._forwards % self.every == 0)
         if layer == 0 and not capture:
             self.close()
             raise ValueError("model has no supported attention module (probe protocol or "
@@ -313,6 +323,8 @@ class EntropyMonitor:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if getattr(self, "_compiled", None) is not None:
+            self._compiled.close()
         self._sinks.close()
 
     def __enter__(self):
@@ -361,6 +373,7 @@ class EntropyMonitor:
             self._stack.detach()
 
     # -- root hooks ----------------------------------------------------------------------------
+    @_eager
     def _on_root_pre(self, module, args, kwargs):
         if self._mode is not None:  # a previous forward raised before the post hook could run
             self._stop_capture()
@@ -373,11 +386,29 @@ class EntropyMonitor:
         self._skipping = []
         self._calls = {}
         self._seen = False
+        self._compiled_skip = False
+        if self._active and in_compiled_call():  # compiled code the monitor cannot see into
+            self._active, self._compiled_skip = False, True
+            self._compiled_found = self._compiled.adopt()
         if self._active:
             self._start_capture(args, kwargs)
 
+    @_eager
     def _on_root_post(self, module, args, output):
         self._stop_capture()
+        if self._compiled_skip:
+            self._compiled_skip = False
+            self._skip("", "the forward ran compiled (torch.compile): attention inside a graph is not seen")
+            self.skipped, self._skipping = self._skipping, []
+            self._sinks.write([])  # `last` is empty: nothing of this forward was recorded
+            self._warn_once("compiled", "EntropyMonitor: a forward to record ran as torch.compile'd code, in "
+                            "which the monitor sees no attention: not recorded (monitor.skipped says so each "
+                            "time). " + ("The monitor found the compiled module and runs the forwards it records "
+                                         "eagerly from the next one on." if self._compiled_found else
+                                         "Attach the monitor to the model before compiling it or to the compiled "
+                                         "module, or run the recorded steps under "
+                                         "torch.compiler.set_stance('force_eager')."))
+            return
         if not self._active:
             return
         self._active = False
@@ -436,6 +467,7 @@ class EntropyMonitor:
                             f"EntropyMonitor: could not record the attention call in {name or 'model'} "
                             f"at step {self._step}: {type(err).__name__}: {err}")
 
+    @_eager
     def _on_sdpa(self, args, kwargs):
         if not self._active:
             return
@@ -445,6 +477,7 @@ class EntropyMonitor:
         self._seen = True
         self._guarded(owner[0], self._record_sdpa, owner, args, kwargs)
 
+    @_eager
     def _on_softmax(self, logits, probs):
         if not self._active:
             return
