@@ -604,3 +604,106 @@ def test_grouped_query_decoding_with_a_cache_and_a_mask_is_recorded_by_query_hea
         assert r["entropy_mean"] == pytest.approx(float(ent.mean()), abs=1e-5)
         assert r["entropy_min"] == pytest.approx(float(ent.min()), abs=1e-5)
     _no_violations(mon.last)
+
+
+# -- torch.compile ----------------------------------------------------------------------------------
+class _CountingBackend:
+    """A torch.compile backend that runs the graph eagerly and counts compilations and graph runs."""
+
+    def __init__(self):
+        self.compiled = self.runs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.compiled += 1
+
+        def run(*args):
+            self.runs += 1
+            return gm.forward(*args)
+        return run
+
+
+def _encoder_layer():
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dropout=0.0), {"src": torch.randn(2, 5, 16)}
+
+
+COMPILED = [(tiny_gpt2, "before"), (tiny_mistral, "after"), (tiny_bart, "wrapper"), (_encoder_layer, "inplace")]
+
+
+@pytest.mark.parametrize("factory,how", COMPILED, ids=[f"{f.__name__.strip('_')}-{h}" for f, h in COMPILED])
+def test_a_compiled_model_records_what_the_eager_model_records_and_runs_its_graph_otherwise(factory, how):
+    """GPT-2 compiled and run before the monitor is attached, Mistral compiled after (the wrapper is
+    found at its first forward: that one is skipped, counted and warned), BART passed compiled,
+    nn.TransformerEncoderLayer compiled in place in eval mode under no_grad: every recorded forward
+    gives the eager model's records (it runs eagerly), the forwards in between run the compiled
+    graph, outputs are unchanged, and nothing is dropped without being counted."""
+    torch._dynamo.reset()
+    model, inputs = factory("sdpa") if factory is not _encoder_layer else factory()
+    model.eval()
+    with torch.no_grad():
+        y_ref = model(**inputs)
+        y_ref = y_ref if isinstance(y_ref, torch.Tensor) else y_ref.logits
+        with EntropyMonitor(model) as mon:
+            model(**inputs)
+        ref = [(r["name"], r["head"], r["entropy_mean"], r["entropy_min"]) for r in mon.last]
+        backend = _CountingBackend()
+        if how == "before":
+            compiled = torch.compile(model, backend=backend)
+            compiled(**inputs)
+            mon = EntropyMonitor(model, every=2)
+        elif how == "after":
+            mon = EntropyMonitor(model, every=2)
+            compiled = torch.compile(model, backend=backend)
+        elif how == "wrapper":
+            compiled = torch.compile(model, backend=backend)
+            mon = EntropyMonitor(compiled, every=2)
+        else:
+            model.compile(backend=backend)
+            compiled = model
+            mon = EntropyMonitor(model, every=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got, outs = [], []
+            for step in range(5):
+                runs = backend.runs
+                y = compiled(**inputs)
+                outs.append(y if isinstance(y, torch.Tensor) else y.logits)
+                got.append([(r["name"], r["head"], r["entropy_mean"], r["entropy_min"]) for r in mon.last])
+                if step % 2 == 1:
+                    assert backend.runs > runs, step  # a forward that does not record runs the graph
+        mon.close()
+    assert backend.compiled >= 1
+    for y in outs:
+        assert torch.allclose(y, y_ref, atol=1e-5)
+    msgs = [str(w.message) for w in caught if "EntropyMonitor" in str(w.message)]
+    first = 0
+    if how == "after":  # the compiled wrapper did not exist when the monitor was attached
+        assert got[0] == [] and mon.n_skipped == 1 and len(msgs) == 1 and "torch.compile" in msgs[0]
+        first = 2
+    else:
+        assert mon.n_skipped == 0 and msgs == []
+    for step in range(first, 5, 2):
+        assert [g[:2] for g in got[step]] == [r[:2] for r in ref], step
+        for g, r in zip(got[step], ref):
+            assert g[2] == pytest.approx(r[2], abs=1e-6) and g[3] == pytest.approx(r[3], abs=1e-6)
+    if factory is _encoder_layer:
+        assert model.__dict__.get("_compiled_call_impl") is not None  # close() gave model.compile() back
+        assert "CompiledForwards" not in getattr(model._compiled_call_impl, "__qualname__", "")
+
+
+def test_inside_a_compiled_function_each_recorded_forward_is_skipped_counted_and_warned():
+    """A model called from a torch.compile'd function (no compiled module to hook): the monitor
+    records nothing there, says so on every recorded forward (``skipped``, ``n_skipped``) and
+    warns once with what to do; under ``torch.compiler.set_stance("force_eager")`` it records."""
+    torch._dynamo.reset()
+    model, inputs = _encoder_layer()
+    model.eval()
+    step = torch.compile(lambda x: model(x).sum(), backend="eager")
+    with EntropyMonitor(model) as mon, torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="set_stance"):
+            step(inputs["src"])
+        step(inputs["src"])
+        assert mon.last == [] and mon.n_skipped == 2 and "torch.compile" in mon.skipped[0]["reason"]
+        with torch.compiler.set_stance("force_eager"):
+            step(inputs["src"])
+        assert len(mon.last) == 4 and mon.skipped == [] and mon.n_skipped == 2
