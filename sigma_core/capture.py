@@ -49,6 +49,10 @@ SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "sc
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, torch._C.TensorBase.softmax}
+try:  # the operator behind torch.nn.attention.flex_attention (not measured: counted, see the monitor)
+    from torch._higher_order_ops.flex_attention import flex_attention as _FLEX
+except Exception:  # pragma: no cover - a build without it
+    _FLEX = None
 
 
 def sdpa_arguments(args: tuple, kwargs: dict) -> dict:
@@ -72,15 +76,21 @@ def softmax_input(args: tuple, kwargs: dict):
 
 class AttentionInterceptor(TorchFunctionMode):
     """Calls ``on_sdpa(args, kwargs)`` before each SDPA call and ``on_softmax(logits, probs)``
-    after each last-axis softmax of a 4-D tensor; returns each function's own result."""
+    after each last-axis softmax of a 4-D tensor; returns each function's own result.  Calls of
+    ``torch.nn.attention.flex_attention`` are counted in :attr:`flex_calls` (their operator runs
+    inside a region flex_attention compiles itself, where no callback may run)."""
 
     def __init__(self, on_sdpa, on_softmax):
         super().__init__()
         self.on_sdpa = on_sdpa
         self.on_softmax = on_softmax
+        self.flex_calls = 0  # flex_attention calls seen (inside its own compiled region: only counted)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is _FLEX and _FLEX is not None:
+            self.flex_calls += 1
+            return func(*args, **kwargs)
         if func in _SDPA:
             self.on_sdpa(args, kwargs)
             return func(*args, **kwargs)

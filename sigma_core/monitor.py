@@ -363,6 +363,15 @@ class EntropyMonitor:
     def _stop_capture(self) -> None:
         if self._mode is not None:
             mode, self._mode = self._mode, None
+            for _ in range(mode.flex_calls):
+                self._skip("", "flex_attention: not measured (score_mod/block_mask run inside its compiled kernel)")
+            if mode.flex_calls:
+                self._seen = True
+                self._warn_once("flex", "EntropyMonitor: flex_attention calls are not recorded (their score_mod and "
+                                "block_mask run inside flex_attention's own compiled kernel); monitor.skipped counts "
+                                "them. Record such steps with SDPA or eager attention (Hugging Face: "
+                                "model.set_attn_implementation('sdpa'), same weights), or show q and k through "
+                                "the probe protocol.")
             out, self._mode_out = self._mode_out, False
             try:
                 if not out:

@@ -707,3 +707,40 @@ def test_inside_a_compiled_function_each_recorded_forward_is_skipped_counted_and
         with torch.compiler.set_stance("force_eager"):
             step(inputs["src"])
         assert len(mon.last) == 4 and mon.skipped == [] and mon.n_skipped == 2
+
+
+# -- flex_attention ---------------------------------------------------------------------------------
+def test_flex_attention_calls_are_counted_and_warned_and_the_documented_workaround_records():
+    """flex_attention (a bare module, and Hugging Face attn_implementation="flex_attention") is not
+    measured: every call is counted in ``skipped`` on every recorded forward, one warning says what
+    to do, the output is unchanged; switching the HF model to sdpa (same weights) records it."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    class Flex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.qkv(x).view(B, T, 3, 2, 4).permute(2, 0, 3, 1, 4)  # (B, 2, T, 4) each
+            return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: torch.where(i >= j, s, -math.inf))
+
+    torch.manual_seed(0)
+    mod, x = Flex(), torch.randn(2, 6, 8)
+    with torch.no_grad():  # flex_attention has no CPU backward
+        ref = mod(x)
+        with EntropyMonitor(mod) as mon:
+            with pytest.warns(RuntimeWarning, match="flex_attention calls are not recorded"):
+                y = mod(x)
+            assert torch.equal(y, ref) and mon.last == [] and len(mon.skipped) == 1
+            mod(x)
+            assert mon.n_skipped == 2 and "flex_attention" in mon.skipped[0]["reason"]
+        model, inputs = tiny_llama("flex_attention")
+        with EntropyMonitor(model) as mon:
+            with pytest.warns(RuntimeWarning, match="set_attn_implementation"):
+                model(**inputs)
+            assert mon.last == [] and len(mon.skipped) == 2  # one per layer
+            model.set_attn_implementation("sdpa")
+            model(**inputs)
+        assert len(mon.last) == 2 * 4 and mon.skipped == [] and {r["source"] for r in mon.last} == {"sdpa"}
