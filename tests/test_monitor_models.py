@@ -744,3 +744,60 @@ def test_flex_attention_calls_are_counted_and_warned_and_the_documented_workarou
             model.set_attn_implementation("sdpa")
             model(**inputs)
         assert len(mon.last) == 2 * 4 and mon.skipped == [] and {r["source"] for r in mon.last} == {"sdpa"}
+
+
+# -- the nine families of the compatibility matrix (docs/monitor.md) --------------------------------
+FAMILIES = [(tiny_t5, "eager"), (tiny_t5, "sdpa"), (tiny_gpt_neox, "eager"), (tiny_gpt_neox, "sdpa"),
+            (tiny_mistral, "eager"), (tiny_mistral, "sdpa"), (tiny_qwen2, "eager"), (tiny_qwen2, "sdpa"),
+            (tiny_gemma2, "eager"), (tiny_vit, "eager"), (tiny_vit, "sdpa"), (tiny_whisper, "eager"),
+            (tiny_whisper, "sdpa"), (tiny_bart, "eager"), (tiny_bart, "sdpa"), (tiny_distilbert, "eager"),
+            (tiny_distilbert, "sdpa")]
+
+
+def _probs_in_call_order(out):
+    """The model's own attention probabilities, in the order its attention layers run: the encoder,
+    then each decoder layer's self- and cross-attention."""
+    if getattr(out, "cross_attentions", None):
+        enc = list(out.encoder_attentions)
+        dec = [p for pair in zip(out.decoder_attentions, out.cross_attentions) for p in pair]
+        return enc + dec
+    return list(out.attentions)
+
+
+@pytest.mark.parametrize("factory,impl", FAMILIES, ids=[f"{f.__name__[5:]}-{i}" for f, i in FAMILIES])
+def test_nine_families_match_their_own_attention_probabilities_and_a_reloaded_model_records_the_same(
+        factory, impl):
+    """T5, GPT-NeoX, Mistral, Qwen2, Gemma2, ViT, Whisper, BART, DistilBERT (padding where the
+    factory pads): every attention layer (self and cross) recorded once per forward, per-head
+    entropies equal to a float64 entropy of ``output_attentions`` to 1e-5, no bound violation; the
+    monitor on a copy rebuilt from the state_dict (other initial weights, then loaded) records the
+    same."""
+    model, inputs = factory(impl)
+    ref, _ = factory("eager")
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        probs = _probs_in_call_order(ref(**inputs, output_attentions=True))
+        ctx = _strict()
+        try:
+            with EntropyMonitor(model, bound_samples=None, bound_every=1) as mon:
+                model(**inputs)
+        finally:
+            ctx.__exit__(None, None, None)
+        H = probs[0].shape[1]
+        assert len(mon.last) == len(probs) * H and mon.skipped == []
+        assert [r["layer"] for r in mon.last] == [i // H for i in range(len(probs) * H)]
+        for r in mon.last:
+            ent = entropy_of(probs[r["layer"]][:, r["head"]])
+            assert r["seq_len"] == probs[r["layer"]].shape[-1] and r["rows_no_key"] == 0
+            assert r["entropy_mean"] == pytest.approx(float(ent.mean()), abs=1e-5), r["name"]
+            assert r["entropy_min"] == pytest.approx(float(ent.min()), abs=1e-5), r["name"]
+        _no_violations(mon.last)
+        reloaded, _ = factory(impl, seed=1)
+        reloaded.eval()
+        reloaded.load_state_dict(model.state_dict())
+        with EntropyMonitor(reloaded, bound_samples=None, bound_every=1) as mon2:
+            reloaded(**inputs)
+    assert [(r["name"], r["head"]) for r in mon2.last] == [(r["name"], r["head"]) for r in mon.last]
+    for a, b in zip(mon.last, mon2.last):
+        assert a["entropy_mean"] == pytest.approx(b["entropy_mean"], abs=1e-7)
+        assert a["bound_exact"] == pytest.approx(b["bound_exact"], abs=1e-7)
