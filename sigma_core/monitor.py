@@ -51,7 +51,18 @@ active, which (as in PyTorch itself) turns off the fused inference fast path of
 ``nn.TransformerEncoder(Layer)`` (eval mode without grad, nested tensors for padding masks):
 there, and only there, a recorded forward's output can differ from an unrecorded one by rounding.
 A failure while recording is turned into a warning; the model's forward never fails because of
-the monitor.
+the monitor.  Nothing is dropped silently: an attention call that is not recorded (an error, nested
+tensors, non-finite values, ``flex_attention``, a forward inside compiled code) is listed in
+:attr:`EntropyMonitor.skipped` on every recorded forward and counted in ``n_skipped``, and query
+rows that see no key (left padding in a causal model) are skipped and counted per record
+(``rows_no_key``) while the other rows are recorded.
+
+Under ``torch.compile`` (the model compiled before or after the monitor is attached,
+``torch.compile(model)`` passed as ``model``, or ``model.compile()``) the forwards that record run
+eagerly (:class:`sigma_core.capture.CompiledForwards`: ``torch.compiler.set_stance("force_eager")``
+for that forward only) and give an eager model's records; the others run the compiled graph.  A
+recorded forward inside compiled code the monitor was not attached through (a compiled training
+step) is skipped and counted, with a warning that says what to do.
 
 Record fields (one plain dict per layer and head, JSON-serialisable; ``None`` = not available):
 
@@ -62,7 +73,8 @@ the figures are in docs/monitor.md).
 
 ``step`` (index of the model forward, from 0), ``layer`` (index among attention layers),
 ``name`` (module path), ``source`` (see above), ``head``, ``seq_len`` (keys ``Tk``), ``n_rows``
-(``B*Tq``), ``entropy_mean`` (over all rows), ``entropy_mean_half`` (over rows with at least
+(query rows measured: ``B*Tq`` less ``rows_no_key``, the rows that see no key, whose entropy
+fields are ``None`` when no row is left), ``entropy_mean`` (over all rows), ``entropy_mean_half`` (over rows with at least
 ``Tk/2`` visible keys; equals ``entropy_mean`` without masks), ``entropy_min``,
 ``entropy_max``, ``log_seq_len``, ``sigma`` (``sigma_h``, with the scale; ``None`` without
 weights and on forwards that do not check the bound), ``logit_norm_max`` (largest centred logit norm of the checked rows), ``bound_<variant>`` (min over checked
@@ -98,8 +110,8 @@ from torch import nn
 
 from sigma_core.adapters import find_adapter
 from sigma_core.capture import (
-    _optimized_module_type, Adapted, AttentionInterceptor, CompiledForwards, ExecutingModules, in_compiled_call, innermost, mha_call, probe_call, sdpa_arguments, sdpa_call,
-    softmax_call, suspended,
+    Adapted, AttentionInterceptor, CompiledForwards, ExecutingModules, _optimized_module_type, in_compiled_call,
+    innermost, mha_call, probe_call, sdpa_arguments, sdpa_call, softmax_call, suspended,
 )
 from sigma_core.measure import BoundViolationWarning, Measurement
 from sigma_core.probe import AttentionProbe
