@@ -430,6 +430,16 @@ def packed_query_heads(module: nn.Module | None, q: torch.Tensor, k: torch.Tenso
     ``(B, H, 1, d)`` becomes ``(B, H / g, g, d)``.  Recognised from the module making the call
     (``num_key_value_groups = g > 1``, ``config.num_attention_heads = H`` when it has a config):
     a call with ``H / g`` heads of queries and keys and exactly ``g`` query rows.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> mod = nn.Module(); mod.num_key_value_groups = 2
+    >>> mod.config = SimpleNamespace(num_attention_heads=4)
+    >>> packed_query_heads(mod, torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 5, 8))  # 4 heads packed
+    2
+    >>> packed_query_heads(mod, torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 5, 8))  # enable_gqa layout
+    1
     """
     g = getattr(module, "num_key_value_groups", None)
     if not isinstance(g, int) or g < 2 or q.dim() != 4 or k.dim() != 4:
