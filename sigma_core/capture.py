@@ -428,7 +428,7 @@ def packed_query_heads(module: nn.Module | None, q: torch.Tensor, k: torch.Tenso
     ``transformers.integrations.sdpa_attention``) runs SDPA on the key heads, with the
     ``g = num_key_value_groups`` query heads sharing key head ``j`` as ``g`` query rows:
     ``(B, H, 1, d)`` becomes ``(B, H / g, g, d)``.  Recognised from the module making the call
-    (``num_key_value_groups = g > 1``, ``config.num_attention_heads = H`` when it has a config):
+    (``num_key_value_groups = g > 1`` and ``config.num_attention_heads = H``):
     a call with ``H / g`` heads of queries and keys and exactly ``g`` query rows.
 
     Examples
@@ -445,8 +445,8 @@ def packed_query_heads(module: nn.Module | None, q: torch.Tensor, k: torch.Tenso
     if not isinstance(g, int) or g < 2 or q.dim() != 4 or k.dim() != 4:
         return 1
     heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
-    if q.shape[1] != k.shape[1] or q.shape[2] != g or (isinstance(heads, int) and heads != q.shape[1] * g):
-        return 1
+    if not isinstance(heads, int) or q.shape[1] != k.shape[1] or q.shape[2] != g or heads != q.shape[1] * g:
+        return 1  # (without the module's head count a prefill of g tokens would look the same)
     return g
 
 
