@@ -245,7 +245,9 @@ class SigmaReparam(nn.Module):
     Attributes
     ----------
     gamma : nn.Parameter
-        Shape ``()``, or ``(n_chunks,)`` when ``n_chunks > 1``; fp32 (fp64 for an fp64 weight),
+        Shape ``(n_chunks,)``: ``(1,)`` for a plain weight, ``(3,)`` for split q/k/v (a 1-D
+        tensor, which ``fully_shard`` accepts; a state_dict with the 0-d gamma of earlier
+        versions loads); fp32 (fp64 for an fp64 weight),
         also when the weight is fp16/bf16 (``module.to(torch.bfloat16)`` leaves it fp32).
     _u, _v : torch.Tensor
         Buffers ``(n_chunks, out)`` and ``(n_chunks, in)``: the left (output-side) and right
@@ -298,7 +300,7 @@ class SigmaReparam(nn.Module):
         n = weight.numel() // weight.shape[dim]
         self.register_buffer("_u", torch.zeros(c, m, dtype=cdtype, device=weight.device))
         self.register_buffer("_v", torch.zeros(c, n, dtype=cdtype, device=weight.device))
-        self.gamma = nn.Parameter(torch.ones(c if c > 1 else (), dtype=cdtype, device=weight.device))
+        self.gamma = nn.Parameter(torch.ones(c, dtype=cdtype, device=weight.device))  # (c,): fully_shard refuses 0-d
         self._init_from(weight.detach(), gamma_init)
         #: fresh ``(u_in, v_out, sigma, W_hat, source)`` of this forward's step, set by a batched
         #: step (:func:`batch_power_iterations`) and dropped when the model's forward ends (W_hat,
@@ -409,7 +411,10 @@ class SigmaReparam(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        ku, kv = prefix + "_u", prefix + "_v"
+        kg, ku, kv = prefix + "gamma", prefix + "_u", prefix + "_v"
+        g = state_dict.get(kg)
+        if isinstance(g, torch.Tensor) and g.ndim == 0 and tuple(self.gamma.shape) == (1,):
+            state_dict[kg] = g.reshape(1)  # checkpoints before gamma became (1,) hold a 0-d gamma
         if ku in state_dict and kv in state_dict and _old_convention(
                 self, state_dict, prefix, local_metadata.get("version")):
             state_dict[ku], state_dict[kv] = state_dict[kv], state_dict[ku]
@@ -741,7 +746,7 @@ class _GroupScaleBySigma(torch.autograd.Function):
                 coef = torch.where(si > eps, gi / sig * gw / sig, torch.zeros_like(gw))
                 gW.append((G3 * (gi / sig).view(-1, 1, 1)
                            - (vi * coef.unsqueeze(-1)).unsqueeze(-1) * ui.unsqueeze(-2)).reshape(W.shape))
-                gg.append((gw / sig).reshape(()) if c == 1 else gw / sig)
+                gg.append((gw / sig).reshape(gi.shape))
             return (None, None, None, *gW, *(g if n else None for g, n in zip(gg, gammas_in)),
                     None, None, None)
         with torch.autocast(Gs[0].device.type, enabled=False):
@@ -757,8 +762,8 @@ class _GroupScaleBySigma(torch.autograd.Function):
             rows = [s.view(1, 1) if c == 1 else s.repeat_interleave(W.shape[0] // c).unsqueeze(-1)
                     for s, c, W in zip(scale.split(sizes), sizes, Ws)]
             grad_W = torch._foreach_addcmul(rank1, list(Gs), rows)  # scale G - coef v u^T
-        grad_gammas = [(g.reshape(()) if c == 1 else g) if n else None
-                       for g, c, n in zip(grad_gamma, sizes, gammas_in)]
+        grad_gammas = [g.reshape(gi.shape) if n else None
+                       for g, gi, n in zip(grad_gamma, gammas, gammas_in)]
         grad_W = [g if n else None for g, n in zip(grad_W, need[3:3 + k])]
         return (None, None, None, *grad_W, *grad_gammas, None, None, None)
 
@@ -1368,13 +1373,18 @@ def _batched_steps(model: nn.Module) -> None:
                 raise _nonfinite_error(labels[int(flag.to(torch.uint8).argmax())])
     pending = model.__dict__.setdefault("_sigma_pending", [])
     groups: dict[tuple, list[tuple[SigmaReparam, torch.Tensor, torch.Tensor]]] = {}
+    dtensor, fsdp_module = _sharding_types()
     for plist in model.modules():
+        if fsdp_module is not None and plist is not model and isinstance(plist, fsdp_module):
+            _hook_sharded_unit(model, plist)
         if not isinstance(plist, parametrize.ParametrizationList) or not hasattr(plist, "original"):
             continue
         p = plist[0]  # only a first parametrization sees the raw weight
         if not isinstance(p, SigmaReparam) or not p.training or p._batched_step is not None:
             continue
         weight = plist.original
+        if dtensor is not None and isinstance(weight, dtensor):
+            continue  # a shard (FSDP2 gathers it in its unit's pre-forward): stepped there
         last = p._last
         if last is not None and last.epoch == scope.epoch and last.key == p._key(weight):
             continue  # already stepped in this forward (read before this hook ran)
@@ -1419,6 +1429,44 @@ def _batched_steps(model: nn.Module) -> None:
             for p, ui, vi, si, out, w, step in zip(params, us, vs, sigmas, outs, sources, steps):
                 _set(p, "_batched_step", (ui, vi, si, out, w))
                 step.keep(out, True)
+
+
+def _whole(weight: torch.Tensor) -> torch.Tensor:
+    """``weight``, gathered when it is a DTensor (an FSDP2 shard: a collective over its mesh)."""
+    dtensor, _ = _sharding_types()
+    if dtensor is not None and isinstance(weight, dtensor):
+        return weight.full_tensor()
+    return weight
+
+
+def _sharding_types():
+    """``(DTensor, FSDPModule)`` classes, or ``(None, None)`` without ``torch.distributed``
+    (imported on first use only)."""
+    cached = _SHARDING_TYPES
+    if not cached:
+        try:
+            from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+            from torch.distributed.tensor import DTensor  # noqa: PLC0415
+            cached.extend((DTensor, FSDPModule))
+        except ImportError:  # a build without torch.distributed
+            cached.extend((None, None))
+    return cached[0], cached[1]
+
+
+_SHARDING_TYPES: list = []
+
+
+def _hook_sharded_unit(model: nn.Module, unit: nn.Module) -> None:
+    """Give an FSDP2 unit inside ``model`` the hooks of :func:`batch_power_iterations`.
+
+    ``fully_shard`` gathers a unit's parameters in the unit's own forward pre-hook (registered
+    first, so it runs before this one): at the root's start its weights are shards, which the
+    root's hook skips, and this unit's hook steps them batched once they are whole."""
+    if any(fn is _batched_pre_hook for fn in unit._forward_pre_hooks.values()):
+        return
+    unit.__dict__["_sigma_stack"] = model.__dict__.get("_sigma_stack")
+    unit.register_forward_pre_hook(_batched_pre_hook)
+    unit.register_forward_hook(_batched_post_hook, always_call=True)
 
 
 def _batched_power_steps(Ws: list[torch.Tensor], u: torch.Tensor, v: torch.Tensor, n_steps: int,
@@ -1585,7 +1633,10 @@ def fold_sigma_reparam(model: nn.Module) -> nn.Module:
     The folded model computes what the reparametrised model computes in eval mode, at the
     cost of a plain model (for inference and export).  Parameter objects are kept (their data
     is overwritten with :math:`\\hat W`); the γ parameters and the vector buffers disappear.
-    Other parametrizations stacked on the same tensor are folded as well.
+    Other parametrizations stacked on the same tensor are folded as well.  A model sharded
+    by FSDP2 is refused (``ValueError``): gather a full state dict
+    (``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))``), load it
+    into an unsharded converted model, and fold that.
 
     >>> net = convert_to_sigma_reparam(nn.Sequential(nn.Linear(3, 3)), gamma_init="one").eval()
     >>> x = torch.randn(2, 3)
@@ -1595,6 +1646,14 @@ def fold_sigma_reparam(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    dtensor, _ = _sharding_types()
+    for qualname, module, name, _ in _sigma_modules(model):
+        if dtensor is not None and isinstance(module.parametrizations[name].original, dtensor):
+            raise ValueError(
+                f"model: {qualname}.{name} is sharded (FSDP2 fully_shard / DTensor); fold a whole "
+                f"copy instead: sd = torch.distributed.checkpoint.state_dict.get_model_state_dict("
+                f"model, options=StateDictOptions(full_state_dict=True)), then load sd into the "
+                f"unsharded, converted model and fold that (docs/distributed.md)")
     owners: dict[int, int] = {}
     for module in model.modules():
         for t in module._parameters.values():
@@ -1629,7 +1688,9 @@ def sigma_reparam_state(model: nn.Module) -> dict[str, dict[str, float]]:
 
     Keys are qualified weight names (``"blocks.0.attn.q.weight"``); a fused q/k/v projection
     gives one entry per chunk (``"attn.in_proj_weight.q"``, ``.k``, ``.v``).  Reading the
-    state never advances the power iteration.
+    state never advances the power iteration.  On a model sharded by FSDP2 (``fully_shard``)
+    each weight is gathered (``DTensor.full_tensor``, a collective): call it on every rank;
+    every rank gets the σ of the whole weights.
 
     >>> net = nn.Sequential(SigmaReparamLinear(4, 4, gamma_init="one"))
     >>> sigma_reparam_state(net)["0.weight"]["gamma"]
@@ -1640,8 +1701,8 @@ def sigma_reparam_state(model: nn.Module) -> dict[str, dict[str, float]]:
     state: dict[str, dict[str, float]] = {}
     for qualname, module, name, p in _sigma_modules(model):
         key = f"{qualname}.{name}" if qualname else name
-        sigma = p.sigma(module.parametrizations[name].original).tolist()
-        gamma = p.gamma.detach().reshape(-1).tolist()
+        sigma = p.sigma(_whole(module.parametrizations[name].original)).tolist()
+        gamma = _whole(p.gamma.detach()).reshape(-1).tolist()
         if p.n_chunks == 1:
             state[key] = {"sigma": sigma[0], "gamma": gamma[0]}
         else:

@@ -125,7 +125,7 @@ def test_gamma_init_options():
         layer.weight.data.copy_(W0)
         sigma_reparam(layer, gamma_init=init)
         assert _param(layer).gamma.item() == pytest.approx(expected, rel=1e-6)
-        assert isinstance(_param(layer).gamma, nn.Parameter) and _param(layer).gamma.ndim == 0
+        assert isinstance(_param(layer).gamma, nn.Parameter) and _param(layer).gamma.shape == (1,)
         assert torch.linalg.matrix_norm(layer.weight.detach(), 2).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -356,6 +356,22 @@ def test_state_dict_round_trip_into_fresh_converted_model():
         torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
     for k, b in net.named_buffers():
         assert torch.equal(b, fresh.get_buffer(k))
+
+
+def test_state_dict_with_the_earlier_0d_gamma_loads():
+    """gamma is (n_chunks,) ((1,) for a plain weight: fully_shard refuses 0-d parameters);
+    a state_dict written when a plain weight's gamma was 0-d loads, with the same values."""
+    net = _trained(seed=0)
+    sd = net.state_dict()
+    old = {k: (v.reshape(()) if k.endswith("gamma") and v.numel() == 1 else v) for k, v in sd.items()}
+    assert sum(v.ndim == 0 for k, v in old.items() if k.endswith("gamma")) >= 2
+    fresh = _convert(Net())
+    fresh.load_state_dict(old)
+    assert all(fresh.state_dict()[k].shape == sd[k].shape for k in sd)
+    assert sigma_reparam_state(fresh) == sigma_reparam_state(net)
+    x = torch.randn(2, 5, 8)
+    net.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
 
 
 def test_deepcopy_is_equal_and_independent():
