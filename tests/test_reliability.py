@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -448,3 +449,34 @@ def test_a_full_disk_is_one_line_and_no_traceback(full_disk):
     assert "cannot write the run folder" in res.stderr and "No space left on device" in res.stderr
     assert not (full_disk / "run" / CHECKPOINT_NAME).exists()
     assert not list((full_disk / "run").glob(".checkpoint.pt.tmp*"))  # the half-written file is removed
+
+
+def test_the_monitor_on_a_full_disk_never_fails_the_forward_nor_leaves_half_a_line(full_disk):
+    """EntropyMonitor(path=...) on a real 64 KiB tmpfs filled up: every forward returns its
+    output, the failure is one RuntimeWarning, the file holds only whole JSON lines, close()
+    does not raise, and once space is freed the records are written again."""
+    from torch import nn
+
+    from sigma_core.monitor import EntropyMonitor
+
+    filler = full_disk / "filler"
+    filler.write_bytes(b"\0" * 40 * 1024)  # leaves room for a few dozen records only
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True, dropout=0.0)
+    x = torch.randn(2, 5, 8)
+    log = full_disk / "entropy.jsonl"
+    monitor = EntropyMonitor(layer, path=log)
+    with pytest.warns(RuntimeWarning, match="No space left on device") as caught:
+        for _ in range(200):
+            assert layer(x).shape == x.shape
+    assert sum("No space left" in str(w.message) for w in caught) == 1  # once, not 200 times
+    lines = log.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) > 10  # ends with a newline: no half-written line
+    steps = [json.loads(line)["step"] for line in lines[:-1]]
+    assert steps == sorted(steps) and len(steps) % 2 == 0  # whole forwards (2 heads each)
+    filler.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)
+        monitor.close()  # no OSError (nothing is left unflushed)
+    after = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(after) == len(steps) + 2 and after[-1]["step"] == 200
