@@ -61,6 +61,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = _float(text, "a number >= 0")
+    if not (0 <= value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """Any finite number."""
     value = _float(text, "a number")
