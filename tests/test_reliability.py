@@ -633,3 +633,44 @@ def test_sigterm_during_one_long_operation_ends_the_process_within_seconds(tmp_p
     assert "Traceback" not in err and "step 3 is stuck in one operation" in err, err
     assert f"the checkpoint of step 2 in {run / CHECKPOINT_NAME} is intact" in err
     assert read_checkpoint(run / CHECKPOINT_NAME)["step"] == 2 and not (run / SUMMARY_NAME).exists()
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A real read-only file system (a tmpfs mounted ro: root ignores permission bits)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()[:80]})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("command", ["report", "compare", "demo"])
+def test_out_on_a_file_a_dangling_link_or_a_read_only_folder_is_one_line(command, tmp_path, read_only_folder,
+                                                                          capsys):
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / METRICS_NAME).write_text("")
+    for out, says in ((tmp_path / "file", "exists and is not a directory"),
+                      (tmp_path / "dangling", "which does not exist"),
+                      (read_only_folder, "is not writable"), (read_only_folder / "sub", "is not writable"),
+                      ("", "current directory")):
+        with pytest.raises(SystemExit) as exc:
+            main([command, *([str(run)] if command == "report" else []), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and says in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 2  # the error and the pointer to --help
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "nowhere").exists()
+
+
+def test_a_full_disk_during_compare_is_no_result(full_disk):
+    res = subprocess.run([sys.executable, "-m", "sigma_core.cli", "compare", "--out", str(full_disk / "cmp"),
+                          "--preset", "cpu-smoke", "--methods", "baseline", "--lrs", "0.03", "--steps", "2"],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and "No space left on device" in res.stderr
+    assert "diverged yes" not in res.stdout + res.stderr and not (full_disk / "cmp" / "compare.md").exists()
