@@ -123,8 +123,12 @@ class MemorySink(RecordSink):
 class JsonlSink(RecordSink):
     """Append each record as one JSON line (``pandas.read_json(path, lines=True)`` reads it).
 
-    The file is opened at construction (an unopenable path raises there), written with one
-    ``json.dumps(record)`` line per record and flushed after each recorded forward.
+    The file is opened at construction (an unopenable path raises there) and each recorded
+    forward's records are written at once, one ``json.dumps(record)`` line each, straight to the
+    file (no buffer is left to flush at :meth:`close`).  A write that fails (a full disk) is cut
+    back to the file's previous end before the error is raised, so the file never holds half a
+    line or half a forward; :class:`SinkSet` turns the error into a warning and later forwards
+    are written again once there is room.
 
     Parameters
     ----------
@@ -157,13 +161,23 @@ class JsonlSink(RecordSink):
             path = text.replace("{rank}", str(_rank()))
         self.all_ranks = per_rank
         self.path = path
-        # opened here, on every rank: a path that cannot be opened raises before anything runs
-        self._file = open(path, "a", encoding="utf-8")
+        # opened here, on every rank: a path that cannot be opened raises before anything runs;
+        # unbuffered, so that a write either lands whole or is cut back (see write)
+        self._file = open(path, "ab", buffering=0)
 
     def write(self, records: list[dict]) -> None:
-        for rec in records:
-            self._file.write(json.dumps(rec) + "\n")
-        self._file.flush()
+        data = "".join(json.dumps(rec) + "\n" for rec in records).encode("utf-8")
+        end = os.fstat(self._file.fileno()).st_size
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write part of it
+                view = view[self._file.write(view):]
+        except BaseException:
+            try:  # never leave half a line: back to the end before this forward
+                os.ftruncate(self._file.fileno(), end)
+            except OSError:
+                pass
+            raise
 
     def close(self) -> None:
         if self._file is not None:

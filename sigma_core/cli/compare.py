@@ -8,8 +8,9 @@ stable learning rate per method (definitions in :mod:`sigma_core.experiments.com
 from __future__ import annotations
 
 import argparse
+import sys
 
-from sigma_core.cli.argtypes import nonnegative_int, positive_float, positive_int
+from sigma_core.cli.argtypes import nonnegative_int, out_folder, positive_float, positive_int
 from sigma_core.experiments.compare import DEFAULT_LRS, DEFAULT_SOFTCAP, METHODS
 
 
@@ -19,9 +20,14 @@ def run(args: argparse.Namespace) -> int:
     from sigma_core.experiments.compare import run_compare  # noqa: PLC0415
 
     name = args.preset or ("h200" if torch.cuda.is_available() else "cpu-compare")
-    paths = run_compare(args.out, preset_name=name, methods=tuple(args.methods), lrs=tuple(args.lrs),
-                        seeds=tuple(args.seeds), jobs=args.jobs, threads=args.threads, steps=args.steps,
-                        softcap=args.softcap, keep_checkpoints=args.keep_checkpoints)
+    try:
+        paths = run_compare(args.out, preset_name=name, methods=tuple(args.methods), lrs=tuple(args.lrs),
+                            seeds=tuple(args.seeds), jobs=args.jobs, threads=args.threads, steps=args.steps,
+                            softcap=args.softcap, keep_checkpoints=args.keep_checkpoints)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile: no result, no traceback
+        print(f"entropy-collapse compare: cannot write {args.out}: {exc.strerror or exc}"
+              f"{f' ({exc.filename})' if exc.filename else ''}; no table was written", file=sys.stderr)
+        return 1
     print(paths["md"].read_text())
     return 0
 
@@ -54,7 +60,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="learning-rate sweep: sigmaReparam against QK-LayerNorm, soft-capping, spectral_norm",
         description=DESCRIPTION, formatter_class=HelpFormatter)
-    parser.add_argument("--out", default="runs/compare", metavar="OUT", help="output folder (default runs/compare)")
+    parser.add_argument("--out", default="runs/compare", metavar="OUT", type=out_folder, help="output folder (default runs/compare)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
                         help="training preset (default: h200 with CUDA, else cpu-compare)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",

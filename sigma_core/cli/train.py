@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from sigma_core.cli.argtypes import finite_float, integer, nonnegative_int, positive_float, positive_int
+from sigma_core.cli.argtypes import finite_float, integer, nonnegative_float, nonnegative_int, positive_float, positive_int
 from sigma_core.experiments import config as _config
 from sigma_core.experiments.config import GAMMA_INITS, NORMS, PRESETS, REPARAMS, TrainConfig, preset
 
@@ -329,8 +329,8 @@ def _resume(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from sigma_core.experiments import distributed  # noqa: PLC0415
-    from sigma_core.experiments.train import (DirtyTreeError, RunFolderError, Trainer,  # noqa: PLC0415
-                                              TrainingInterrupted)
+    from sigma_core.experiments.train import (DirtyTreeError, RunFolderError, TooLargeError,  # noqa: PLC0415
+                                              Trainer, TrainingInterrupted)
 
     if args.progress is None:
         args.progress = sys.stderr.isatty()  # the bar (tqdm) writes to stderr
@@ -350,10 +350,14 @@ def _run(args: argparse.Namespace) -> int:
                 trainer = Trainer(cfg, args.out, allow_dirty=args.allow_dirty)
             except DirtyTreeError as exc:
                 args._parser.error(f"--out {args.out}: {exc}")
+            except TooLargeError as exc:
+                args._parser.error(flags_in_message(str(exc)))
             run_dir = args.out
+        trainer.stop_timeout = args.stop_timeout
+        trainer.exit_when_stuck = True  # a step stuck in one long operation must not outlive the signal
         try:
             summary = trainer.run()
-        except TrainingInterrupted as exc:
+        except TrainingInterrupted as exc:  # TrainingAborted too: the step was abandoned
             if trainer.is_main:
                 print(f"entropy-collapse train: {exc}", file=sys.stderr)
             return 128 + exc.signum
@@ -447,6 +451,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--allow-dirty", action="store_true",
                         help="write into the checkout's results/ even when tracked files differ from the "
                              "commit (the run is marked git_dirty; refused otherwise)")
+    parser.add_argument("--stop-timeout", type=nonnegative_float, default=10.0, metavar="S",
+                        help="after SIGINT/SIGTERM the step in progress is finished and the checkpoint "
+                             "written; a step not done S seconds after the signal is abandoned instead "
+                             "(the last checkpoint stays as it was; default 10)")
     add_config_arguments(parser)
     parser.set_defaults(func=_run, _parser=parser)
     return parser
