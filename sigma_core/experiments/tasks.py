@@ -9,7 +9,10 @@
 - :class:`SequenceTask` (``model="seq2seq"``): reverse (or copy) a sequence of ``block_size``
   symbols drawn uniformly from ``vocab_size``; every training batch is freshly generated from
   the run's data generator, the held-out set (``eval_batches * batch_size`` sequences) from a
-  fixed seed.
+  fixed seed;
+- :class:`~sigma_core.experiments.speech.SpokenDigitsTask` (``model="speech"``): espeak-ng
+  spoken digit strings as log-mel frames, split into train / validation / test by utterance
+  (:mod:`sigma_core.experiments.speech_data`); the held-out set is the validation split.
 
 Every task gives training batches from a caller-owned :class:`torch.Generator` (so the data
 order is saved and restored with the generator's state), fixed held-out batches, a fixed batch
@@ -193,4 +196,8 @@ def make_task(cfg, corpus: Corpus | None = None):
         return SequenceTask(cfg.seq_task, vocab_size=cfg.vocab_size, block_size=cfg.block_size,
                             batch_size=cfg.batch_size, eval_batches=cfg.eval_batches,
                             sample_batch=cfg.sample_batch)
-    raise ValueError(f"model must be one of ('gpt', 'vit', 'seq2seq'), got {cfg.model!r}")
+    if cfg.model == "speech":
+        from sigma_core.experiments.speech import SpokenDigitsTask  # noqa: PLC0415
+
+        return SpokenDigitsTask(cfg)
+    raise ValueError(f"model must be one of ('gpt', 'vit', 'seq2seq', 'speech'), got {cfg.model!r}")

@@ -1,0 +1,292 @@
+"""The speech claim at classroom scale: spoken digit strings, a deep post-LN CTC encoder, SGD.
+
+:class:`SpokenDigitsTask` (``model="speech"``) serves the corpus of
+:mod:`sigma_core.experiments.speech_data` (espeak-ng digit strings as log-mel frames, split by
+utterance into train / validation / test) to :class:`~sigma_core.experiments.train.Trainer`:
+features standardised with the training frames' mean and standard deviation, every utterance
+padded (with the standardised floor of the dB range, :data:`~sigma_core.experiments.speech_data.DB_MIN`)
+to ``STACK * block_size`` frames (:data:`sigma_core.models.speech.STACK` frames per token), targets padded with -1.  During training the held-out set is the
+validation split, and ``val_accuracy`` is ``1 - digit error rate`` on it (:func:`error_rate`:
+Levenshtein edits of the best-path decoding over reference digits).
+
+``python -m sigma_core.experiments.speech run [--out results/claims/speech] [--jobs 2]`` trains
+the sweep of :func:`planned_runs` (baseline and sigmaReparam, each at :data:`LRS` and
+:data:`SEEDS`, the same step budget) with ``entropy-collapse train`` subprocesses, then
+evaluates each finished run's final model on the validation *and* test splits
+(:func:`evaluate_run`, written to ``eval.json``) and drops the checkpoint.  The learning rate
+of each method is chosen on validation error and reported on test error (:func:`summarise`).
+
+Example
+-------
+>>> edit_distance([1, 2, 3], [1, 3]), edit_distance([], [4, 4]), edit_distance([5, 6], [6, 5])
+(1, 2, 2)
+>>> error_rate([[1, 2, 3], [7]], [[1, 3], [7, 7]])     # 1 + 1 edits over 2 + 2 reference digits
+0.5
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sigma_core.experiments import speech_data
+
+LRS = (0.01, 0.03, 0.1, 0.3)
+SEEDS = (0, 1, 2)
+METHODS = {"baseline": "none", "sigma": "sigma"}
+PRESET = "speech-digits"
+
+
+# ---------------------------------------------------------------------------------- metrics
+def edit_distance(hyp, ref) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions, each cost 1) of two sequences."""
+    hyp, ref = list(hyp), list(ref)
+    prev = list(range(len(ref) + 1))
+    for i, h in enumerate(hyp, 1):
+        cur = [i]
+        for j, r in enumerate(ref, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (h != r)))
+        prev = cur
+    return prev[-1]
+
+
+def error_rate(hyps, refs) -> float:
+    """Total :func:`edit_distance` over total reference length (the digit error rate)."""
+    if len(hyps) != len(refs):
+        raise ValueError(f"hyps and refs must have the same length, got {len(hyps)} and {len(refs)}")
+    n = sum(len(r) for r in refs)
+    if n == 0:
+        raise ValueError("refs must hold at least one symbol")
+    return sum(edit_distance(h, r) for h, r in zip(hyps, refs)) / n
+
+
+# ---------------------------------------------------------------------------------- the task
+@functools.lru_cache(maxsize=1)
+def _corpus(path: str):
+    return speech_data.load(path)
+
+
+class SpokenDigitsTask:
+    """espeak-ng digit strings as log-mel frames (the speech model's task)."""
+
+    name = "espeak-ng-spoken-digits"
+
+    def __init__(self, cfg, path: str | os.PathLike = speech_data.PATH):
+        data = _corpus(str(path))
+        self.manifest = data["manifest"]
+        self.sha256 = self.manifest["sha256"]
+        from sigma_core.models.speech import STACK  # noqa: PLC0415
+
+        self.n_frames = STACK * cfg.block_size
+        train_feats = data["train"][0]
+        longest = max(len(f) for split in speech_data.SPLITS for f in data[split][0])
+        if longest > self.n_frames:
+            raise ValueError(f"block_size must be at least {math.ceil(longest / STACK)} (the longest utterance "
+                             f"has {longest} frames, {STACK} per token), got {cfg.block_size}")
+        frames = np.concatenate(train_feats)
+        self.mean, self.std = float(frames.mean()), float(frames.std())
+        self.splits = {s: self._tensors(*data[s]) for s in speech_data.SPLITS}
+        self.batch_size, self.sample_batch = cfg.batch_size, cfg.sample_batch
+        self.tokens_per_example = cfg.block_size
+        self.n_train = len(self.splits["train"][0])
+
+    def _tensors(self, feats, labels):
+        pad = (speech_data.DB_MIN - self.mean) / self.std
+        x = np.full((len(feats), self.n_frames, speech_data.N_MELS), pad, dtype=np.float32)
+        y = np.full((len(labels), speech_data.MAX_DIGITS), -1, dtype=np.int64)
+        for i, (f, lab) in enumerate(zip(feats, labels)):
+            x[i, : len(f)] = (f - self.mean) / self.std
+            y[i, : len(lab)] = lab
+        return torch.from_numpy(x), torch.from_numpy(y)  # (N, F, n_mels), (N, S)
+
+    def describe(self) -> dict:
+        m = self.manifest
+        return {"source": self.name, "espeak_ng": m["espeak_ng"], "sha256": self.sha256,
+                "n_split": m["n_split"], "build_seed": m["seed"], "command": m["command"],
+                "path": "sigma_core/experiments/corpus/spoken_digits.npz"}
+
+    def config_fields(self) -> dict:
+        return {"data": self.describe(), "data_sha256": self.sha256}
+
+    def train_batch(self, batch_size: int, generator: torch.Generator, device="cpu"):
+        x, y = self.splits["train"]
+        idx = torch.randint(len(x), (batch_size,), generator=generator)  # (B,)
+        return x[idx].to(device), y[idx].to(device)
+
+    def batches(self, split: str, device="cpu"):
+        """The whole ``split`` (train, val or test) in batches of ``batch_size``."""
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {speech_data.SPLITS}, got {split!r}")
+        x, y = self.splits[split]
+        return [(x[i:i + self.batch_size].to(device), y[i:i + self.batch_size].to(device))
+                for i in range(0, len(x), self.batch_size)]
+
+    def eval_batches(self, device="cpu"):
+        """The validation split (what the run sees while it trains)."""
+        return self.batches("val", device)
+
+    def sample_inputs(self, device="cpu") -> tuple:
+        return (self.splits["val"][0][: self.sample_batch].to(device),)
+
+    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+        """``(reference digits - edits, reference digits)``: their ratio is 1 - digit error rate."""
+        from sigma_core.models.speech import greedy_decode  # noqa: PLC0415
+
+        refs = [[int(v) for v in row if v >= 0] for row in y.tolist()]
+        hyps = greedy_decode(logits.argmax(-1))
+        n = sum(len(r) for r in refs)
+        return n - sum(edit_distance(h, r) for h, r in zip(hyps, refs)), n
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, task: SpokenDigitsTask, split: str) -> dict:
+    """``{"loss", "error_rate", "digits"}`` of ``model`` (eval mode) on a split of ``task``."""
+    from sigma_core.models.speech import greedy_decode  # noqa: PLC0415
+
+    was = model.training
+    model.eval()
+    losses, hyps, refs, sizes = [], [], [], []
+    for x, y in task.batches(split):
+        logits, loss = model(x, y)
+        losses.append(float(loss))
+        sizes.append(len(x))
+        hyps += greedy_decode(logits.argmax(-1))
+        refs += [[int(v) for v in row if v >= 0] for row in y.tolist()]
+    model.train(was)
+    return {"loss": float(np.average(losses, weights=sizes)), "error_rate": error_rate(hyps, refs),
+            "digits": sum(len(r) for r in refs)}
+
+
+def evaluate_run(run_dir: str | os.PathLike) -> dict:
+    """Evaluate a finished run's final model (its ``checkpoint.pt``) on validation and test and
+    write ``eval.json``; a diverged run (no finite final model) gets error rate 1 on both."""
+    from sigma_core.experiments.train import Trainer  # noqa: PLC0415
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary["diverged"]:
+        out = {"diverged": True, "val": {"loss": None, "error_rate": 1.0}, "test": {"loss": None, "error_rate": 1.0}}
+    else:
+        trainer = Trainer.resume(run_dir, allow_dirty=True)
+        out = {"diverged": False, **{s: evaluate(trainer.model, trainer.task, s) for s in ("val", "test")}}
+    (run_dir / "eval.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------- the sweep
+def _lr(x: float) -> str:
+    return f"{x:g}"
+
+
+def planned_runs(lrs=LRS, seeds=SEEDS, extra_flags=()) -> list[tuple[str, list[str]]]:
+    """``(run path relative to the sweep folder, train flags)`` of every run."""
+    return [(f"{label}/lr_{_lr(lr)}/seed_{seed}",
+             ["--preset", PRESET, "--reparam", reparam, "--lr", _lr(lr), "--seed", str(seed), *extra_flags])
+            for label, reparam in METHODS.items() for lr in lrs for seed in seeds]
+
+
+def _train_and_evaluate(out: Path, flags: list[str]) -> str:
+    if (out / "eval.json").exists():
+        return f"skip {out}"
+    cmd = [sys.executable, "-m", "sigma_core.cli", "train", "--out", str(out), "--threads", "1",
+           "--no-progress", "--checkpoint-every", "0", *flags]
+    if (out / "summary.json").exists() and (out / "checkpoint.pt").exists():
+        pass  # trained, not yet evaluated
+    else:
+        for f in (out.rglob("*") if out.exists() else []):
+            if f.is_file():
+                f.unlink()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:  # a diverged run exits 0 (divergence is a result)
+            return f"FAILED {out} ({proc.returncode}): {proc.stderr[-2000:]}"
+    torch.set_num_threads(1)
+    ev = evaluate_run(out)
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        ckpt.unlink()  # results keep config, metrics, summary, eval and samples, not weights
+    return f"done {out}: val {ev['val']['error_rate']:.3f} test {ev['test']['error_rate']:.3f}"
+
+
+def run_all(out_dir: str | os.PathLike, *, jobs: int = 1, lrs=LRS, seeds=SEEDS, extra_flags=()) -> None:
+    """Train and evaluate every planned run into ``out_dir`` (``jobs`` at a time, one thread each)."""
+    out = Path(out_dir)
+    todo = [(out / rel, flags) for rel, flags in planned_runs(lrs, seeds, extra_flags)]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for msg in pool.map(lambda job: _train_and_evaluate(*job), todo):
+            print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------- reading
+def load_sweep(root: str | os.PathLike) -> list[dict]:
+    """One row per evaluated run under ``root``: method, lr, seed, val/test error, divergence,
+    final lowest-head entropy and largest sigma_h."""
+    rows = []
+    for ev_path in sorted(Path(root).rglob("eval.json")):
+        d = ev_path.parent
+        cfg = json.loads((d / "config.json").read_text())
+        summary = json.loads((d / "summary.json").read_text())
+        ev = json.loads(ev_path.read_text())
+        rows.append({"dir": d, "method": "sigma" if cfg["reparam"] == "sigma" else "baseline", "lr": cfg["lr"],
+                     "seed": cfg["seed"], "steps": cfg["steps"], "n_layer": cfg["n_layer"],
+                     "val_error": ev["val"]["error_rate"], "test_error": ev["test"]["error_rate"],
+                     "diverged": summary["diverged"], "diverged_step": summary["diverged_step"],
+                     "entropy_min_head": summary.get("entropy_min_head"), "sigma_max": summary.get("sigma_max")})
+    return sorted(rows, key=lambda r: (r["method"], r["lr"], r["seed"]))
+
+
+def _sd(xs) -> float:
+    return float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per method: the mean (and sd) validation and test error per learning rate over seeds, and
+    the learning rate of lowest mean *validation* error with its *test* error (mean, sd, n)."""
+    out = {}
+    for method in sorted({r["method"] for r in rows}):
+        by_lr = {}
+        for r in rows:
+            if r["method"] == method:
+                by_lr.setdefault(r["lr"], []).append(r)
+        per_lr = {lr: {"val_mean": float(np.mean([r["val_error"] for r in rs])),
+                       "val_sd": _sd([r["val_error"] for r in rs]),
+                       "test_mean": float(np.mean([r["test_error"] for r in rs])),
+                       "test_sd": _sd([r["test_error"] for r in rs]), "n": len(rs),
+                       "diverged": sum(r["diverged"] for r in rs)} for lr, rs in sorted(by_lr.items())}
+        best = min(per_lr, key=lambda lr: per_lr[lr]["val_mean"])
+        out[method] = {"per_lr": per_lr, "chosen_lr": best, **{k: per_lr[best][k] for k in
+                                                                ("val_mean", "test_mean", "test_sd", "n")}}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sigma_core.experiments.speech", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and evaluate the sweep")
+    run.add_argument("--out", default="results/claims/speech")
+    run.add_argument("--jobs", type=int, default=1)
+    run.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
+    run.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    show = sub.add_parser("summary", help="print the per-method summary of a finished sweep")
+    show.add_argument("--results", default="results/claims/speech")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        if args.jobs < 1:
+            parser.error(f"--jobs must be >= 1, got {args.jobs}")
+        run_all(args.out, jobs=args.jobs, lrs=tuple(args.lrs), seeds=tuple(args.seeds))
+        return 0
+    print(json.dumps(summarise(load_sweep(args.results)), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
