@@ -39,12 +39,26 @@ COLLAPSE_NATS = defs.COLLAPSE_NATS
 #: a loss spike: a logged training loss this many nats above the lowest earlier logged loss
 SPIKE_NATS = defs.SPIKE_NATS
 
-VIT_STD_LRS = (1e-3, 3e-3)
-VIT_SGD_LRS = (0.03, 0.1, 0.3)
-VIT_SEEDS = (1, 2)  # extra seeds at the middle learning rate of each recipe
-VIT_LONG_STEPS = 1200  # the harsh recipe once more with four times the steps
-S2S_DEPTHS = (2, 6, 12)
-S2S_LRS = (0.1, 0.5)
+#: every compared setting is trained with these seeds (weights and data order)
+SEEDS = (0, 1, 2)
+#: the step budget of every ViT run, whatever its recipe (equal budgets)
+VIT_STEPS = 500
+#: ViT recipe -> (train flags, learning rates tried): the same number of rates for each (equal tuning budgets)
+VIT_RECIPES = {
+    "standard": (["--preset", "vit-digits"], (3e-4, 1e-3)),  # pre-LN, AdamW, warm-up, wd 0.05
+    "sigma-sgd": (["--preset", "vit-digits-sgd"], (0.03, 0.1)),  # sigmaReparam, no LN, SGD, no warm-up
+    "baseline-sgd": (["--preset", "vit-digits-sgd", "--reparam", "none"], (0.1, 1.0)),
+}
+S2S_DEPTHS = (6, 12)
+#: seq2seq method -> (train flags, learning rates tried); all post-LN, 200 steps
+S2S_METHODS = {
+    "baseline-sgd": (["--reparam", "none"], (0.1, 0.3)),
+    "sigma-sgd": (["--reparam", "sigma"], (0.1, 0.3)),
+    # the standard reference: AdamW with a linear warm-up (20 steps), no sigmaReparam
+    "baseline-adam": (["--reparam", "none", "--optimizer", "adamw", "--warmup-steps", "20"], (1e-3, 3e-3)),
+}
+#: why sigmaReparam fails at depth 12: the same runs with gamma initialised to sigma(W_0) (W_hat = W_0 at the start)
+S2S_DIAGNOSE = {"sigma-sgd-gamma-sigma": (["--reparam", "sigma", "--gamma-init", "sigma"], (0.1,))}
 GPT_LRS = (0.03, 0.1, 0.3)
 
 
@@ -53,31 +67,25 @@ def _lr(x: float) -> str:
 
 
 def planned_runs() -> list[tuple[str, list[str]]]:
-    """``(run path relative to the results folder, train flags)`` of every run, in order."""
+    """``(run path relative to the results folder, train flags)`` of every run, in order.
+
+    Every ViT and seq2seq run holds out a test split (``--test-split``): learning rates are chosen
+    on the validation split and reported on the test split.
+    """
     runs = []
-    for lr in VIT_STD_LRS:
-        runs.append((f"vit/standard/lr_{_lr(lr)}/seed_0", ["--preset", "vit-digits", "--lr", _lr(lr)]))
-    for seed in VIT_SEEDS:
-        runs.append((f"vit/standard/lr_{_lr(VIT_STD_LRS[0])}/seed_{seed}",
-                     ["--preset", "vit-digits", "--lr", _lr(VIT_STD_LRS[0]), "--seed", str(seed)]))
-    for label, reparam in (("sigma-sgd", "sigma"), ("baseline-sgd", "none")):
-        for lr in VIT_SGD_LRS:
-            runs.append((f"vit/{label}/lr_{_lr(lr)}/seed_0",
-                         ["--preset", "vit-digits-sgd", "--reparam", reparam, "--lr", _lr(lr)]))
-        for seed in VIT_SEEDS:
-            runs.append((f"vit/{label}/lr_{_lr(VIT_SGD_LRS[1])}/seed_{seed}",
-                         ["--preset", "vit-digits-sgd", "--reparam", reparam, "--lr", _lr(VIT_SGD_LRS[1]),
-                          "--seed", str(seed)]))
-    for label, reparam in (("sigma-sgd", "sigma"), ("baseline-sgd", "none")):  # a 4x longer budget
-        runs.append((f"vit/{label}/lr_0.1/steps_{VIT_LONG_STEPS}/seed_0",
-                     ["--preset", "vit-digits-sgd", "--reparam", reparam, "--lr", "0.1",
-                      "--steps", str(VIT_LONG_STEPS), "--log-every", "10"]))
-    for lr in S2S_LRS:
-        for depth in S2S_DEPTHS:
-            for label, reparam in (("baseline", "none"), ("sigma", "sigma")):
-                runs.append((f"seq2seq/{label}/depth_{depth}/lr_{_lr(lr)}",
-                             ["--preset", "seq2seq-reverse", "--reparam", reparam, "--n-layer", str(depth),
-                              "--lr", _lr(lr)]))
+    for label, (flags, lrs) in VIT_RECIPES.items():
+        for lr in lrs:
+            for seed in SEEDS:
+                runs.append((f"vit/{label}/lr_{_lr(lr)}/seed_{seed}",
+                             [*flags, "--lr", _lr(lr), "--seed", str(seed), "--steps", str(VIT_STEPS),
+                              "--log-every", "10", "--test-split"]))
+    for depth in sorted(S2S_DEPTHS, reverse=True):
+        for label, (flags, lrs) in {**S2S_METHODS, **(S2S_DIAGNOSE if depth == 12 else {})}.items():
+            for lr in lrs:
+                for seed in SEEDS:
+                    runs.append((f"seq2seq/{label}/depth_{depth}/lr_{_lr(lr)}/seed_{seed}",
+                                 ["--preset", "seq2seq-reverse", *flags, "--n-layer", str(depth), "--lr", _lr(lr),
+                                  "--seed", str(seed), "--log-every", "8", "--test-split"]))
     for lr in GPT_LRS:
         runs.append((f"gpt/baseline/lr_{_lr(lr)}", ["--preset", "cpu-compare", "--lr", _lr(lr), "--log-every", "2"]))
     runs.append((f"gpt/sigma/lr_{_lr(0.1)}", ["--preset", "cpu-compare", "--reparam", "sigma", "--lr", "0.1",
@@ -105,12 +113,31 @@ def _train(out: Path, flags: list[str], threads: int) -> str:
 
 
 def run_all(out_dir: str | os.PathLike, *, jobs: int = 1, only: str | None = None) -> None:
-    """Train every planned run (those whose path starts with ``only``) into ``out_dir``."""
+    """Train every planned run (those whose path starts with ``only``) into ``out_dir`` and record
+    the invocation (wall time, jobs, commit, CPU, load average) in ``out_dir/run_meta.json``."""
+    import datetime as _dt  # noqa: PLC0415
+    import platform  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from sigma_core.experiments.train import git_commit  # noqa: PLC0415
+
     out = Path(out_dir)
     todo = [(out / rel, flags) for rel, flags in planned_runs() if only is None or rel.startswith(only)]
+    started, load0 = time.perf_counter(), os.getloadavg()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for msg in pool.map(lambda job: _train(job[0], job[1], 1), todo):
             print(msg, flush=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_meta.json").write_text(json.dumps({
+        "command": f"python -m sigma_core.experiments.claims run --out {out.as_posix()} --jobs {jobs}"
+                   + (f" --only {only}" if only else ""),
+        "git_commit": git_commit(), "runs": len(todo), "jobs": jobs, "wall_time_s": round(time.perf_counter() - started, 1),
+        "cpu": cpu, "cpu_count": os.cpu_count(), "load_average_start": [round(x, 2) for x in load0],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, indent=2) + "\n")
 
 
 def main(argv=None) -> int:
@@ -477,7 +504,7 @@ def plot_vit(runs: list[dict], out_dir: Path) -> list[Path]:
             lr = r["config"]["lr"]
             long = _group(r) != recipe
             ls = "--" if long else "-"
-            alpha = 1.0 if lr in (VIT_STD_LRS[0], VIT_SGD_LRS[1]) else 0.35
+            alpha = 1.0 if lr in (VIT_RECIPES["standard"][1][-1], VIT_RECIPES["sigma-sgd"][1][-1]) else 0.35
             steps = [x["step"] for x in recs]
             axes[0].plot(steps, [x["train_loss"] for x in recs], ls, color=color, alpha=alpha,
                          label=f"{recipe} lr {lr:g}" + (f", {r['config']['steps']} steps" if long else ""))
@@ -686,7 +713,7 @@ def write_ledger(results: str | os.PathLike = "results/claims", out: str | os.Pa
         L.append(f"| {r['recipe']} | {r['lr']:g} | {r['seed']} | {acc} | {_fmt(r['val_loss'])} | {_fmt(r['entropy_min_head'])} "
                  f"| {_fmt(r['entropy_mean'])} | {_fmt(r['sigma_max'])} | {_fmt(r['collapse_step'])} | `{_rel(r['dir'], base)}` |")
     L += [""] + figure(fig_vit)
-    L += [f"Caveats: 1 437 training images of 8x8 pixels, 300 steps (one harsh-recipe pair {VIT_LONG_STEPS} steps), a 4-layer d=64 ViT with 2x2 patches "
+    L += [f"Caveats: 1 437 training images of 8x8 pixels, {VIT_STEPS} steps for every recipe, a 4-layer d=64 ViT with 2x2 patches "
           "(17 tokens); the paper trains ViT-B on ImageNet for hundreds of epochs. Both recipes keep a cosine "
           "decay of the learning rate; the harsh recipe removes LayerNorm, warm-up, weight decay and Adam. "
           "sigmaReparam here reparametrises every linear layer and the patch-embedding convolution with "
