@@ -67,6 +67,7 @@ FIELD_HELP = {
     "seed": "random seed (weights and data order)",
     "corpus_bytes": "bytes of the shipped corpus to use (at most 8388608)",
     "val_fraction": "fraction of the data held out for the validation loss",
+    "test_split": "also hold out a test split, evaluated at the last step (test_loss, test_accuracy)",
     "log_every": "record entropy and metrics every N steps",
     "eval_every": "validation loss every N steps",
     "eval_batches": "batches per validation loss",
@@ -82,7 +83,7 @@ _GROUPS = (
                "mlp_ratio", "reparam", "gamma_init", "qk_norm", "logit_softcap", "patch_size", "seq_task")),
     ("optimisation", ("optimizer", "lr", "momentum", "weight_decay", "warmup_steps", "lr_schedule",
                       "grad_clip", "batch_size", "steps", "seed")),
-    ("data and logging", ("corpus_bytes", "val_fraction", "log_every", "eval_every", "eval_batches",
+    ("data and logging", ("corpus_bytes", "val_fraction", "test_split", "log_every", "eval_every", "eval_batches",
                           "sample_steps", "sample_batch")),
     ("runtime", ()),
 )

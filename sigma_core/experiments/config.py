@@ -91,6 +91,9 @@ class TrainConfig:
     (``lr_schedule="constant"``, the default) or follows a half cosine to 0 at ``steps``
     (``"cosine"``); ``grad_clip`` 0 disables clipping (the gradient norm is logged either way).
     Runtime: ``checkpoint_every`` steps a checkpoint is written (0: only at the end of the run).
+    Data: ``test_split`` holds out a test split besides the validation split (see
+    :mod:`sigma_core.experiments.tasks`), evaluated once, at the last step (``test_loss``,
+    ``test_accuracy``), so that a learning rate chosen on validation is reported on unseen data.
     """
 
     preset: str = "custom"
@@ -124,6 +127,7 @@ class TrainConfig:
     # data
     corpus_bytes: int = 8 * 2**20
     val_fraction: float = 0.1
+    test_split: bool = False
     # logging and evaluation
     log_every: int = 10
     eval_every: int = 50
