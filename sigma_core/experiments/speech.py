@@ -98,6 +98,7 @@ class SpokenDigitsTask:
         self.mean, self.std = float(frames.mean()), float(frames.std())
         self.splits = {s: self._tensors(*data[s]) for s in speech_data.SPLITS}
         self.batch_size, self.sample_batch = cfg.batch_size, cfg.sample_batch
+        self.test_split = bool(getattr(cfg, "test_split", False))
         self.tokens_per_example = cfg.block_size
         self.n_train = len(self.splits["train"][0])
 
@@ -136,6 +137,10 @@ class SpokenDigitsTask:
     def eval_batches(self, device="cpu"):
         """The validation split (what the run sees while it trains)."""
         return self.batches("val", device)
+
+    def test_batches(self, device="cpu"):
+        """The test split when the config asks for one (``test_split``), else ``None``."""
+        return self.batches("test", device) if self.test_split else None
 
     def sample_inputs(self, device="cpu") -> tuple:
         return (self.splits["val"][0][: self.sample_batch].to(device),)
@@ -238,7 +243,8 @@ def load_sweep(root: str | os.PathLike) -> list[dict]:
         cfg = json.loads((d / "config.json").read_text())
         summary = json.loads((d / "summary.json").read_text())
         ev = json.loads(ev_path.read_text())
-        rows.append({"dir": d, "method": "sigma" if cfg["reparam"] == "sigma" else "baseline", "lr": cfg["lr"],
+        records = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        rows.append({"records": records, "summary": summary, "block_size": cfg["block_size"], "dir": d, "method": "sigma" if cfg["reparam"] == "sigma" else "baseline", "lr": cfg["lr"],
                      "seed": cfg["seed"], "steps": cfg["steps"], "n_layer": cfg["n_layer"],
                      "val_error": ev["val"]["error_rate"], "test_error": ev["test"]["error_rate"],
                      "diverged": summary["diverged"], "diverged_step": summary["diverged_step"],
@@ -270,6 +276,70 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def run_events(row: dict, definitions=None) -> dict:
+    """Collapse, instability, divergence and learning of one run under ``definitions``
+    (:mod:`sigma_core.experiments.definitions`; default its ``DEFAULT``).  A run *learned* when its
+    final validation error rate is below 1 (the error of an empty transcript) by the definitions'
+    ``learn_margin``; it is *stable* when it learned and neither collapsed nor diverged."""
+    from sigma_core.experiments import definitions as defs  # noqa: PLC0415
+
+    d = defs.DEFAULT if definitions is None else definitions
+    recs = row["records"]
+    div = defs.diverged(recs, row["summary"])
+    collapse = defs.first_collapse_step(recs, seq_len=row["block_size"], definitions=d)
+    unstable = defs.first_instability_step(recs, summary=row["summary"], definitions=d)
+    learned = not div and defs.learned(row["val_error"], 1.0, definitions=d)
+    return {"diverged": div, "collapse_step": collapse, "unstable_step": unstable, "learned": learned,
+            "stable": learned and collapse is None and not div}
+
+
+def claim_verdict(rows: list[dict], definitions=None) -> dict:
+    """Claim 5's verdict from the sweep's rows under ``definitions``.
+
+    Each method's learning rate is the one of lowest mean validation error (:func:`summarise`);
+    its test error rate, as accuracy ``1 - error``, is compared with the baseline's by
+    ``definitions.competitive`` (points; a difference within the seeds' spread is no difference).
+    *reproduced*: sigmaReparam's chosen setting is stable (every seed learned, none collapsed or
+    diverged) and competitive with the tuned baseline; *partly*: some sigmaReparam setting is
+    stable but it is not competitive; *not reproduced at this scale*: no sigmaReparam setting is
+    stable.  Returns ``{"verdict", "numbers"}``.
+    """
+    from sigma_core.experiments import definitions as defs  # noqa: PLC0415
+
+    d = defs.DEFAULT if definitions is None else definitions
+    if not rows:
+        return {"verdict": "not attempted", "numbers": {}}
+    summ = summarise(rows)
+    stable = {}
+    for r in rows:
+        stable.setdefault(r["method"], {}).setdefault(r["lr"], []).append(run_events(r, d)["stable"])
+    stable = {m: {lr: defs.stable_setting(v, definitions=d) for lr, v in by.items()} for m, by in stable.items()}
+
+    def acc(method):
+        lr = summ[method]["chosen_lr"]
+        return [1.0 - r["test_error"] for r in rows if r["method"] == method and r["lr"] == lr]
+
+    numbers = {"summary": summ, "stable_lrs": {m: sorted(lr for lr, ok in by.items() if ok) for m, by in stable.items()}}
+    if "sigma" not in summ or "baseline" not in summ:
+        return {"verdict": "not attempted", "numbers": numbers}
+    comp = defs.competitive(acc("sigma"), acc("baseline"), definitions=d)
+    numbers["competitive"] = comp
+    if stable["sigma"].get(summ["sigma"]["chosen_lr"]) and comp:
+        verdict = "reproduced"
+    elif any(stable["sigma"].values()):
+        verdict = "partly reproduced"
+    else:
+        verdict = "not reproduced at this scale"
+    return {"verdict": verdict, "numbers": numbers}
+
+
+def claim_sensitivity(rows: list[dict]) -> dict[str, str]:
+    """Definition name -> claim 5's verdict under it, over :func:`definitions.alternatives`."""
+    from sigma_core.experiments import definitions as defs  # noqa: PLC0415
+
+    return {d.name: claim_verdict(rows, d)["verdict"] for d in defs.alternatives()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sigma_core.experiments.speech", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -287,7 +357,14 @@ def main(argv=None) -> int:
             parser.error(f"--jobs must be >= 1, got {args.jobs}")
         run_all(args.out, jobs=args.jobs, lrs=tuple(args.lrs), seeds=tuple(args.seeds))
         return 0
-    print(json.dumps(summarise(load_sweep(args.results)), indent=2, default=str))
+    rows = load_sweep(args.results)
+    print(json.dumps(summarise(rows), indent=2, default=str))
+    for r in rows:
+        ev = run_events(r)
+        print(f"{r['method']:9s} lr {r['lr']:<5g} seed {r['seed']}  val {r['val_error']:.3f}  test {r['test_error']:.3f}"
+              f"  min-head entropy {r['entropy_min_head'] if r['entropy_min_head'] is None else round(r['entropy_min_head'], 3)}"
+              f"  {ev}")
+    print(json.dumps({"verdict": claim_verdict(rows)["verdict"], "sensitivity": claim_sensitivity(rows)}, indent=2))
     return 0
 
 
