@@ -186,3 +186,30 @@ def test_summary_chooses_the_learning_rate_on_validation_and_reports_test():
     assert out["chosen_lr"] == 0.1  # best on validation, although 0.3 is better on test
     assert out["test_mean"] == pytest.approx(0.41) and out["test_sd"] == pytest.approx(0.01)
     assert out["n"] == 3
+
+
+def _row(method, lr, seed, val_error, test_error, *, entropy=1.0, diverged=False):
+    records = [{"step": s, "train_loss": 3.0 - 0.1 * s, "entropy_min_head": entropy, "val_loss": 2.0}
+               for s in range(1, 6)]
+    return {"method": method, "lr": lr, "seed": seed, "val_error": val_error, "test_error": test_error,
+            "records": records, "block_size": 34, "diverged": diverged,
+            "summary": {"diverged": diverged, "diverged_step": 5 if diverged else None}}
+
+
+def test_claim5_verdict_follows_the_rules():
+    base = [_row("baseline", 0.01, s, 0.30, 0.30 + 0.01 * s) for s in range(3)] + \
+           [_row("baseline", 0.1, s, 1.0, 1.0, entropy=0.01, diverged=True) for s in range(3)]
+    good = [_row("sigma", 0.1, s, 0.29, 0.30 + 0.01 * s) for s in range(3)]
+    worse = [_row("sigma", 0.1, s, 0.50, 0.50 + 0.01 * s) for s in range(3)]
+    blank = [_row("sigma", lr, s, 1.0, 1.0) for lr in (0.01, 0.1) for s in range(3)]  # never leaves the blank
+    collapsed = [_row("sigma", 0.1, s, 0.29, 0.30, entropy=0.05) for s in range(3)]
+    assert speech.claim_verdict(base + good)["verdict"] == "reproduced"
+    assert speech.claim_verdict(base + worse)["verdict"] == "partly reproduced"
+    assert speech.claim_verdict(base + blank)["verdict"] == "not reproduced at this scale"
+    assert speech.claim_verdict(base + collapsed)["verdict"] == "not reproduced at this scale"
+    assert speech.claim_verdict([])["verdict"] == "not attempted"
+    # one collapsed seed of three: stable only when a majority of seeds must be stable
+    mixed = good[:2] + collapsed[2:]
+    sens = speech.claim_sensitivity(base + mixed)
+    assert sens["default"] == "partly reproduced" or sens["default"] == "not reproduced at this scale"
+    assert sens["stable_seeds=majority"] == "reproduced"
