@@ -195,11 +195,26 @@ def _lr(x: float) -> str:
     return f"{x:g}"
 
 
-def planned_runs(lrs=LRS, seeds=SEEDS, extra_flags=()) -> list[tuple[str, list[str]]]:
-    """``(run path relative to the sweep folder, train flags)`` of every run."""
-    return [(f"{label}/lr_{_lr(lr)}/seed_{seed}",
-             ["--preset", PRESET, "--reparam", reparam, "--lr", _lr(lr), "--seed", str(seed), *extra_flags])
-            for label, reparam in METHODS.items() for lr in lrs for seed in seeds]
+def method_of(config: dict) -> str:
+    """``"baseline"``, ``"sigma"`` (sigmaReparam, gamma initialised to 1, the training default) or
+    ``"sigma-gamma-sigma"`` (gamma initialised to sigma(W_0), so that W_hat = W_0 at the start)."""
+    if config["reparam"] != "sigma":
+        return "baseline"
+    return "sigma" if config.get("gamma_init", "one") == "one" else "sigma-gamma-sigma"
+
+
+def planned_runs(lrs=LRS, seeds=SEEDS, extra_flags=(), methods=tuple(METHODS), gamma_init="one") -> list[tuple[str, list[str]]]:
+    """``(run path relative to the sweep folder, train flags)`` of every run (``gamma_init="sigma"``:
+    the sigmaReparam runs with gamma = sigma(W_0), in folder ``sigma-gamma-sigma``)."""
+    out = []
+    for label in methods:
+        reparam = METHODS[label]
+        flags = ["--gamma-init", gamma_init] if reparam == "sigma" and gamma_init != "one" else []
+        name = "sigma-gamma-sigma" if flags else label
+        out += [(f"{name}/lr_{_lr(lr)}/seed_{seed}",
+                 ["--preset", PRESET, "--reparam", reparam, "--lr", _lr(lr), "--seed", str(seed), *flags, *extra_flags])
+                for lr in lrs for seed in seeds]
+    return out
 
 
 def _train_and_evaluate(out: Path, flags: list[str]) -> str:
@@ -224,10 +239,11 @@ def _train_and_evaluate(out: Path, flags: list[str]) -> str:
     return f"done {out}: val {ev['val']['error_rate']:.3f} test {ev['test']['error_rate']:.3f}"
 
 
-def run_all(out_dir: str | os.PathLike, *, jobs: int = 1, lrs=LRS, seeds=SEEDS, extra_flags=()) -> None:
+def run_all(out_dir: str | os.PathLike, *, jobs: int = 1, lrs=LRS, seeds=SEEDS, extra_flags=(),
+            methods=tuple(METHODS), gamma_init="one") -> None:
     """Train and evaluate every planned run into ``out_dir`` (``jobs`` at a time, one thread each)."""
     out = Path(out_dir)
-    todo = [(out / rel, flags) for rel, flags in planned_runs(lrs, seeds, extra_flags)]
+    todo = [(out / rel, flags) for rel, flags in planned_runs(lrs, seeds, extra_flags, methods, gamma_init)]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for msg in pool.map(lambda job: _train_and_evaluate(*job), todo):
             print(msg, flush=True)
@@ -244,7 +260,7 @@ def load_sweep(root: str | os.PathLike) -> list[dict]:
         summary = json.loads((d / "summary.json").read_text())
         ev = json.loads(ev_path.read_text())
         records = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        rows.append({"records": records, "summary": summary, "block_size": cfg["block_size"], "dir": d, "method": "sigma" if cfg["reparam"] == "sigma" else "baseline", "lr": cfg["lr"],
+        rows.append({"records": records, "summary": summary, "block_size": cfg["block_size"], "dir": d, "method": method_of(cfg), "lr": cfg["lr"],
                      "seed": cfg["seed"], "steps": cfg["steps"], "n_layer": cfg["n_layer"],
                      "val_error": ev["val"]["error_rate"], "test_error": ev["test"]["error_rate"],
                      "diverged": summary["diverged"], "diverged_step": summary["diverged_step"],
@@ -349,13 +365,17 @@ def main(argv=None) -> int:
     run.add_argument("--jobs", type=int, default=1)
     run.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
     run.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    run.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    run.add_argument("--gamma-init", choices=("one", "sigma"), default="one",
+                     help="sigmaReparam's gamma initialisation (sigma: the diagnostic runs, folder sigma-gamma-sigma)")
     show = sub.add_parser("summary", help="print the per-method summary of a finished sweep")
     show.add_argument("--results", default="results/claims/speech")
     args = parser.parse_args(argv)
     if args.command == "run":
         if args.jobs < 1:
             parser.error(f"--jobs must be >= 1, got {args.jobs}")
-        run_all(args.out, jobs=args.jobs, lrs=tuple(args.lrs), seeds=tuple(args.seeds))
+        run_all(args.out, jobs=args.jobs, lrs=tuple(args.lrs), seeds=tuple(args.seeds), methods=tuple(args.methods),
+                gamma_init=args.gamma_init)
         return 0
     rows = load_sweep(args.results)
     print(json.dumps(summarise(rows), indent=2, default=str))
@@ -383,7 +403,7 @@ def rows_from_runs(runs: list[dict]) -> list[dict]:
             continue
         ev = json.loads((Path(r["dir"]) / "eval.json").read_text())
         rows.append({"dir": r["dir"], "records": r["records"], "summary": r["summary"], "block_size": c["block_size"],
-                     "method": "sigma" if c["reparam"] == "sigma" else "baseline", "lr": c["lr"], "seed": c["seed"],
+                     "method": method_of(c), "lr": c["lr"], "seed": c["seed"],
                      "steps": c["steps"], "n_layer": c["n_layer"], "val_error": ev["val"]["error_rate"],
                      "test_error": ev["test"]["error_rate"], "diverged": r["summary"]["diverged"],
                      "diverged_step": r["summary"]["diverged_step"],
@@ -402,13 +422,15 @@ def ledger_entry(runs: list[dict], definitions=None) -> dict:
     v = claim_verdict(rows, d)
     n = v["numbers"]
     ev = []
-    for m in ("baseline", "sigma"):
+    label = {"baseline": "baseline", "sigma": "sigmaReparam",
+             "sigma-gamma-sigma": "Diagnostic, not part of the verdict: sigmaReparam with gamma initialised to sigma(W_0)"}
+    for m in label:
         s = n["summary"].get(m)
         if s is None:
             continue
         accs = [1 - r["test_error"] for r in rows if r["method"] == m and r["lr"] == s["chosen_lr"]]
         events = [run_events(r, d) for r in rows if r["method"] == m]
-        ev.append(f"{'sigmaReparam' if m == 'sigma' else 'baseline'} (post-LN, SGD, no warm-up): learning rate "
+        ev.append(f"{label[m]} (post-LN, SGD, no warm-up): learning rate "
                   f"{s['chosen_lr']:g} chosen on validation error ({100 * s['val_mean']:.1f} %); test digit error rate "
                   f"{100 * s['test_mean']:.1f} % (spread {100 * defs.spread(accs, definitions=d):.1f} points over "
                   f"{s['n']} seeds); stable learning rates {n['stable_lrs'].get(m) or 'none'}; of {len(events)} runs "
@@ -430,10 +452,11 @@ def plot_sweep(runs: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    colors = {"baseline": "tab:red", "sigma": "tab:green"}
-    names = {"baseline": "baseline (post-LN)", "sigma": "sigmaReparam (post-LN)"}
+    colors = {"baseline": "tab:red", "sigma": "tab:green", "sigma-gamma-sigma": "tab:blue"}
+    names = {"baseline": "baseline (post-LN)", "sigma": "sigmaReparam (post-LN)",
+             "sigma-gamma-sigma": "sigmaReparam, gamma_0 = sigma(W_0) (diagnostic)"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for m in ("baseline", "sigma"):
+    for m in colors:
         rs = [r for r in rows if r["method"] == m]
         if not rs:
             continue
