@@ -202,6 +202,13 @@ def first_spike_step(records: list[dict], nats: float = SPIKE_NATS, persist: int
     return defs.first_instability_step(records, spike_nats=nats, spike_persist=persist)
 
 
+def seq_len(config: dict) -> int:
+    """The number of keys of a full attention row: patches + class token for the ViT, ``block_size`` otherwise."""
+    if config.get("model") == "vit":
+        return (8 // int(config.get("patch_size", 2))) ** 2 + 1
+    return int(config.get("block_size", 128))
+
+
 def instability(run: dict, definitions: defs.Definitions = defs.DEFAULT) -> dict:
     """When (if) the run became unstable and when its attention collapsed, by ``definitions``.
 
@@ -218,7 +225,7 @@ def instability(run: dict, definitions: defs.Definitions = defs.DEFAULT) -> dict
     if div is not None and spike is not None and spike >= div:
         spike = None
     unstable = min((s for s in (div, spike) if s is not None), default=None)
-    collapse = defs.first_collapse_step(recs, seq_len=run["config"].get("block_size"), definitions=definitions)
+    collapse = defs.first_collapse_step(recs, seq_len=seq_len(run["config"]), definitions=definitions)
     lead = unstable - collapse if unstable is not None and collapse is not None else None
     return {"diverged_step": div, "spike_step": spike, "unstable_step": unstable, "collapse_step": collapse,
             "lead": lead, "log_every": run["config"].get("log_every")}
