@@ -150,3 +150,23 @@ def test_committed_ledger_states_the_verdicts_the_committed_results_give():
     assert "/tmp/" not in text and "/work/" not in text and "/home/" not in text
     for png in re.findall(r"\]\((\.\./results/[^)]+\.png)\)", text):
         assert (ledger.parent / png).exists(), png
+
+
+def test_the_plan_is_fair_equal_budgets_three_seeds_and_a_test_split():
+    plan = claims.planned_runs()
+    compared = [(path, flags) for path, flags in plan if path.startswith(("vit/", "seq2seq/"))]
+    assert all("--test-split" in flags for _, flags in compared)
+    steps = {flags[flags.index("--steps") + 1] for path, flags in compared if path.startswith("vit/")}
+    assert steps == {str(claims.VIT_STEPS)}  # one step budget for every ViT recipe
+    settings = {}
+    for path, _ in compared:
+        *setting_, seed = path.split("/")
+        settings.setdefault("/".join(setting_), set()).add(seed)
+    assert all(seeds == {"seed_0", "seed_1", "seed_2"} for seeds in settings.values())
+    # the method and its tuned reference get the same number of learning rates
+    assert len(claims.VIT_RECIPES["standard"][1]) == len(claims.VIT_RECIPES["sigma-sgd"][1]) >= 2
+    assert len(claims.S2S_METHODS["baseline-adam"][1]) == len(claims.S2S_METHODS["sigma-sgd"][1]) >= 2
+    gpu = claims.planned_runs("gpu")
+    assert all("--device" in flags for _, flags in gpu)
+    with pytest.raises(ValueError, match="scale"):
+        claims.planned_runs("tpu")
