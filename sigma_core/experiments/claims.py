@@ -730,6 +730,9 @@ def write_ledger(results: str | os.PathLike = "results/claims", out: str | os.Pa
          + f"; plus {len(extra)} committed GPT runs ({', '.join('`' + e + '/`' for e in extra_roots)}) and the "
          f"{len(sweep)} runs of the committed stabiliser sweep `{Path(sweep_root).as_posix()}/` for claims 1 and 2. "
          "CPU only."]
+    train_s = sum(float(r["summary"].get("train_time_s") or 0.0) for r in runs)
+    L[-1] += (f" The runs' own training times sum to {train_s / 60:.1f} min (one torch thread each; wall-clock "
+              "time is about half of that with `--jobs 2` on an idle machine, plus start-up).")
     if meta:
         L[-1] += (f" The last `claims run` ({meta.get('runs')} planned runs, those already present skipped, "
                   f"`--jobs {meta.get('jobs')}`) took {meta.get('wall_time_s', 0) / 60:.1f} min of wall-clock time on "
