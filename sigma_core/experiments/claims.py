@@ -464,6 +464,17 @@ def verdict_claim4(runs, d):
         if diag is not None:
             ev.append(f"depth {depth}, sigmaReparam with gamma initialised to sigma(W_0) (the layer starts as the "
                       f"plain one): {_pm(diag)}.")
+        if not comp:  # why: gamma's initialisation, the learning rate, or the method at this budget
+            other = {lr: row for lr, row in sig["by_lr"].items() if lr != sig["lr"]}
+            by_init = diag is not None and defs.competitive(diag["test"], ref["test"], definitions=d)
+            by_lr = [lr for lr, row in other.items()
+                     if defs.competitive(row["test"], ref["test"], definitions=d)]
+            reason = ("gamma's initialisation: with gamma_0 = sigma(W_0) it is competitive" if by_init else
+                      f"the learning rate: at {by_lr[0]:g} it is competitive, but validation chose otherwise" if by_lr else
+                      "neither gamma's initialisation (gamma_0 = sigma(W_0)) nor the other learning rate"
+                      + (f" ({', '.join(f'{lr:g}: {100 * defs.mean(row['test']):.1f} %' for lr, row in other.items())})"
+                         if other else "") + " makes it competitive: at this depth and budget it is the method")
+            ev.append(f"Why sigmaReparam falls short at depth {depth}: {reason}.")
     if per and all(p["sigma_competitive"] for p in per.values()):
         v = REPRODUCED
     elif any(p["sigma_competitive"] for p in per.values()):
