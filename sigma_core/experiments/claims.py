@@ -72,30 +72,46 @@ def _lr(x: float) -> str:
     return f"{x:g}"
 
 
-def planned_runs() -> list[tuple[str, list[str]]]:
+#: the GPU preset of the same experiments (``claims run --scale gpu``): four times the ViT steps,
+#: seq2seq also at 24 + 24 layers, on the GPU; the same recipes, rates and seeds
+GPU_SCALE = {"vit_steps": 4 * VIT_STEPS, "s2s_depths": (12, 24), "device": "cuda"}
+
+
+def planned_runs(scale: str = "cpu") -> list[tuple[str, list[str]]]:
     """``(run path relative to the results folder, train flags)`` of every run, in order.
 
     Every ViT and seq2seq run holds out a test split (``--test-split``): learning rates are chosen
-    on the validation split and reported on the test split.
+    on the validation split and reported on the test split.  ``scale="gpu"``: :data:`GPU_SCALE`
+    (for ``benchmarks/gpu_check.sh``).
+
+    >>> len(planned_runs()), len(planned_runs("gpu")) > len(planned_runs())
+    (37, True)
     """
+    if scale not in ("cpu", "gpu"):
+        raise ValueError(f"scale must be 'cpu' or 'gpu', got {scale!r}")
+    gpu = scale == "gpu"
+    vit_steps = GPU_SCALE["vit_steps"] if gpu else VIT_STEPS
+    depths = GPU_SCALE["s2s_depths"] if gpu else S2S_DEPTHS
+    device = ["--device", GPU_SCALE["device"]] if gpu else []
     runs = []
     for label, (flags, lrs) in VIT_RECIPES.items():
         for lr in lrs:
             for seed in SEEDS:
                 runs.append((f"vit/{label}/lr_{_lr(lr)}/seed_{seed}",
-                             [*flags, "--lr", _lr(lr), "--seed", str(seed), "--steps", str(VIT_STEPS),
-                              "--log-every", "10", "--test-split"]))
-    for depth in sorted(S2S_DEPTHS, reverse=True):
+                             [*flags, "--lr", _lr(lr), "--seed", str(seed), "--steps", str(vit_steps),
+                              "--log-every", "10", "--test-split", *device]))
+    for depth in sorted(depths, reverse=True):
         for label, (flags, lrs) in {**S2S_METHODS, **(S2S_DIAGNOSE if depth == 12 else {})}.items():
             for lr in lrs:
                 for seed in SEEDS:
                     runs.append((f"seq2seq/{label}/depth_{depth}/lr_{_lr(lr)}/seed_{seed}",
                                  ["--preset", "seq2seq-reverse", *flags, "--n-layer", str(depth), "--lr", _lr(lr),
-                                  "--seed", str(seed), "--log-every", "20", "--test-split"]))
+                                  "--seed", str(seed), "--log-every", "20", "--test-split", *device]))
     for lr in GPT_LRS:
-        runs.append((f"gpt/baseline/lr_{_lr(lr)}", ["--preset", "cpu-compare", "--lr", _lr(lr), "--log-every", "2"]))
+        runs.append((f"gpt/baseline/lr_{_lr(lr)}", ["--preset", "cpu-compare", "--lr", _lr(lr), "--log-every", "2",
+                                                    *device]))
     runs.append((f"gpt/sigma/lr_{_lr(0.1)}", ["--preset", "cpu-compare", "--reparam", "sigma", "--lr", "0.1",
-                                               "--log-every", "2"]))
+                                               "--log-every", "2", *device]))
     return runs
 
 
@@ -118,7 +134,7 @@ def _train(out: Path, flags: list[str], threads: int) -> str:
     return f"done {out}"
 
 
-def run_all(out_dir: str | os.PathLike, *, jobs: int = 1, only: str | None = None) -> None:
+def run_all(out_dir: str | os.PathLike, *, jobs: int = 1, only: str | None = None, scale: str = "cpu") -> None:
     """Train every planned run (those whose path starts with ``only``) into ``out_dir`` and record
     the invocation (wall time, jobs, commit, CPU, load average) in ``out_dir/run_meta.json``."""
     import datetime as _dt  # noqa: PLC0415
@@ -128,7 +144,7 @@ def run_all(out_dir: str | os.PathLike, *, jobs: int = 1, only: str | None = Non
     from sigma_core.experiments.train import git_commit  # noqa: PLC0415
 
     out = Path(out_dir)
-    todo = [(out / rel, flags) for rel, flags in planned_runs() if only is None or rel.startswith(only)]
+    todo = [(out / rel, flags) for rel, flags in planned_runs(scale) if only is None or rel.startswith(only)]
     started, load0 = time.perf_counter(), os.getloadavg()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for msg in pool.map(lambda job: _train(job[0], job[1], 1), todo):
@@ -139,7 +155,7 @@ def run_all(out_dir: str | os.PathLike, *, jobs: int = 1, only: str | None = Non
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_meta.json").write_text(json.dumps({
         "command": f"python -m sigma_core.experiments.claims run --out {out.as_posix()} --jobs {jobs}"
-                   + (f" --only {only}" if only else ""),
+                   + (f" --only {only}" if only else "") + (f" --scale {scale}" if scale != "cpu" else ""),
         "git_commit": git_commit(), "runs": len(todo), "jobs": jobs, "wall_time_s": round(time.perf_counter() - started, 1),
         "cpu": cpu, "cpu_count": os.cpu_count(), "load_average_start": [round(x, 2) for x in load0],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
@@ -154,6 +170,8 @@ def main(argv=None) -> int:
     run.add_argument("--out", default="results/claims")
     run.add_argument("--jobs", type=int, default=1)
     run.add_argument("--only", default=None, help="only runs whose path starts with this (vit, seq2seq, gpt)")
+    run.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
+                     help="cpu: the committed runs; gpu: the same experiments, longer and deeper, on CUDA")
     led = sub.add_parser("ledger", help="write docs/claims.md and the figures from the results")
     led.add_argument("--results", default="results/claims")
     led.add_argument("--out", default="docs/claims.md")
@@ -161,7 +179,7 @@ def main(argv=None) -> int:
     if args.command == "run":
         if args.jobs < 1:
             parser.error(f"--jobs must be >= 1, got {args.jobs}")
-        run_all(args.out, jobs=args.jobs, only=args.only)
+        run_all(args.out, jobs=args.jobs, only=args.only, scale=args.scale)
         return 0
     path = write_ledger(args.results, args.out)
     print(f"ledger written to {path}")
@@ -206,6 +224,13 @@ def first_spike_step(records: list[dict], nats: float = SPIKE_NATS, persist: int
     return defs.first_instability_step(records, spike_nats=nats, spike_persist=persist)
 
 
+def seq_len(config: dict) -> int:
+    """The number of keys of a full attention row: patches + class token for the ViT, ``block_size`` otherwise."""
+    if config.get("model") == "vit":
+        return (8 // int(config.get("patch_size", 2))) ** 2 + 1
+    return int(config.get("block_size", 128))
+
+
 def instability(run: dict, definitions: defs.Definitions = defs.DEFAULT) -> dict:
     """When (if) the run became unstable and when its attention collapsed, by ``definitions``.
 
@@ -222,7 +247,7 @@ def instability(run: dict, definitions: defs.Definitions = defs.DEFAULT) -> dict
     if div is not None and spike is not None and spike >= div:
         spike = None
     unstable = min((s for s in (div, spike) if s is not None), default=None)
-    collapse = defs.first_collapse_step(recs, seq_len=run["config"].get("block_size"), definitions=definitions)
+    collapse = defs.first_collapse_step(recs, seq_len=seq_len(run["config"]), definitions=definitions)
     lead = unstable - collapse if unstable is not None and collapse is not None else None
     return {"diverged_step": div, "spike_step": spike, "unstable_step": unstable, "collapse_step": collapse,
             "lead": lead, "log_every": run["config"].get("log_every")}
@@ -443,6 +468,17 @@ def verdict_claim4(runs, d):
         if diag is not None:
             ev.append(f"depth {depth}, sigmaReparam with gamma initialised to sigma(W_0) (the layer starts as the "
                       f"plain one): {_pm(diag)}.")
+        if not comp:  # why: gamma's initialisation, the learning rate, or the method at this budget
+            other = {lr: row for lr, row in sig["by_lr"].items() if lr != sig["lr"]}
+            by_init = diag is not None and defs.competitive(diag["test"], ref["test"], definitions=d)
+            by_lr = [lr for lr, row in other.items()
+                     if defs.competitive(row["test"], ref["test"], definitions=d)]
+            reason = ("gamma's initialisation: with gamma_0 = sigma(W_0) it is competitive" if by_init else
+                      f"the learning rate: at {by_lr[0]:g} it is competitive, but validation chose otherwise" if by_lr else
+                      "neither gamma's initialisation (gamma_0 = sigma(W_0)) nor the other learning rate"
+                      + (f" ({', '.join(f'{lr:g}: {100 * defs.mean(row['test']):.1f} %' for lr, row in other.items())})"
+                         if other else "") + " makes it competitive: at this depth and budget it is the method")
+            ev.append(f"Why sigmaReparam falls short at depth {depth}: {reason}.")
     if per and all(p["sigma_competitive"] for p in per.values()):
         v = REPRODUCED
     elif any(p["sigma_competitive"] for p in per.values()):
@@ -715,6 +751,9 @@ def write_ledger(results: str | os.PathLike = "results/claims", out: str | os.Pa
          + f"; plus {len(extra)} committed GPT runs ({', '.join('`' + e + '/`' for e in extra_roots)}) and the "
          f"{len(sweep)} runs of the committed stabiliser sweep `{Path(sweep_root).as_posix()}/` for claims 1 and 2. "
          "CPU only."]
+    train_s = sum(float(r["summary"].get("train_time_s") or 0.0) for r in runs)
+    L[-1] += (f" The runs' own training times sum to {train_s / 60:.1f} min (one torch thread each; wall-clock "
+              "time is about half of that with `--jobs 2` on an idle machine, plus start-up).")
     if meta:
         L[-1] += (f" The last `claims run` ({meta.get('runs')} planned runs, those already present skipped, "
                   f"`--jobs {meta.get('jobs')}`) took {meta.get('wall_time_s', 0) / 60:.1f} min of wall-clock time on "
