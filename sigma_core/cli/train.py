@@ -39,7 +39,7 @@ the step and summary.json says "diverged": true); 2 for a bad flag, folder or ch
 #: the help line of each TrainConfig field (a field missing here gets a generic line)
 FIELD_HELP = {
     "model": "which model: gpt (byte-level GPT on the shipped corpus), vit (ViT on 8x8 digits) "
-             "or seq2seq (encoder-decoder on a synthetic task)",
+             "seq2seq (encoder-decoder on a synthetic task) or speech (CTC encoder on spoken digits)",
     "vocab_size": "vocabulary size (256 bytes for the GPT)",
     "d_model": "model width d",
     "n_layer": "number of Transformer blocks",

@@ -9,7 +9,11 @@
 - :class:`SequenceTask` (``model="seq2seq"``): reverse (or copy) a sequence of ``block_size``
   symbols drawn uniformly from ``vocab_size``; every training batch is freshly generated from
   the run's data generator, the held-out set (``eval_batches * batch_size`` sequences) from a
-  fixed seed.
+  fixed seed;
+- :class:`~sigma_core.experiments.speech.SpokenDigitsTask` (``model="speech"``): espeak-ng
+  spoken digit strings as log-mel frames, split into train / validation / test by utterance
+  (:mod:`sigma_core.experiments.speech_data`); the held-out set is the validation split, and
+  with ``test_split`` the test split is the utterances held out for testing.
 
 With ``test_split=True`` (the config's ``test_split``) every task also holds out a *test* split,
 disjoint from the validation split that ``eval_batches`` gives (so a learning rate chosen on
@@ -247,4 +251,8 @@ def make_task(cfg, corpus: Corpus | None = None):
         return SequenceTask(cfg.seq_task, vocab_size=cfg.vocab_size, block_size=cfg.block_size,
                             batch_size=cfg.batch_size, eval_batches=cfg.eval_batches,
                             sample_batch=cfg.sample_batch, test_split=cfg.test_split)
-    raise ValueError(f"model must be one of ('gpt', 'vit', 'seq2seq'), got {cfg.model!r}")
+    if cfg.model == "speech":
+        from sigma_core.experiments.speech import SpokenDigitsTask  # noqa: PLC0415
+
+        return SpokenDigitsTask(cfg)
+    raise ValueError(f"model must be one of ('gpt', 'vit', 'seq2seq', 'speech'), got {cfg.model!r}")

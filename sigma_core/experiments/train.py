@@ -190,7 +190,11 @@ def build_model(cfg) -> torch.nn.Module:
         from sigma_core.models.seq2seq import build_seq2seq  # noqa: PLC0415
 
         return apply_reparam(build_seq2seq(cfg), cfg.reparam, gamma_init=cfg.gamma_init)
-    raise ValueError(f"cfg.model must be 'gpt', 'vit' or 'seq2seq', got {cfg.model!r}")
+    if cfg.model == "speech":
+        from sigma_core.models.speech import build_speech  # noqa: PLC0415
+
+        return apply_reparam(build_speech(cfg), cfg.reparam, gamma_init=cfg.gamma_init)
+    raise ValueError(f"cfg.model must be 'gpt', 'vit', 'seq2seq' or 'speech', got {cfg.model!r}")
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
