@@ -473,11 +473,12 @@ def verdict_claim4(runs, d):
             by_init = diag is not None and defs.competitive(diag["test"], ref["test"], definitions=d)
             by_lr = [lr for lr, row in other.items()
                      if defs.competitive(row["test"], ref["test"], definitions=d)]
+            others = ", ".join("%g: %.1f %%" % (lr, 100 * defs.mean(row["test"])) for lr, row in other.items())
             reason = ("gamma's initialisation: with gamma_0 = sigma(W_0) it is competitive" if by_init else
                       f"the learning rate: at {by_lr[0]:g} it is competitive, but validation chose otherwise" if by_lr else
                       "neither gamma's initialisation (gamma_0 = sigma(W_0)) nor the other learning rate"
-                      + (f" ({', '.join(f'{lr:g}: {100 * defs.mean(row['test']):.1f} %' for lr, row in other.items())})"
-                         if other else "") + " makes it competitive: at this depth and budget it is the method")
+                      + (f" ({others})" if other else "") + " makes it competitive: at this depth and budget it is "
+                      "the method")
             ev.append(f"Why sigmaReparam falls short at depth {depth}: {reason}.")
     if per and all(p["sigma_competitive"] for p in per.values()):
         v = REPRODUCED
