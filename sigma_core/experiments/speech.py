@@ -514,7 +514,10 @@ def ledger_lines(runs: list[dict], base: Path, figures: list[Path]) -> list[str]
                      f"{sum(e['collapse_step'] is not None for e in ev)} | {sum(e['diverged'] for e in ev)} |")
     L += [""] + [f"![{p.stem}]({Path(os.path.relpath(p, base)).as_posix()})" for p in figures] + [""]
     r0 = rows[0]
-    L += [f"Caveats: {r0['n_layer']} post-LN encoder layers of width 64 (80 ms tokens, at most 34 per utterance), "
+    edge = [f"{m} ({s['chosen_lr']:g})" for m, s in summ.items() if len(s["per_lr"]) > 1
+            and s["chosen_lr"] in (min(s["per_lr"]), max(s["per_lr"]))]
+    L += [("Validation chose a rate at the edge of the grid for " + ", ".join(edge) + ": a rate beyond it was not "
+           "tried, so that method's tuned error may be lower than shown. " if edge else "") + f"Caveats: {r0['n_layer']} post-LN encoder layers of width 64 (80 ms tokens, at most 34 per utterance), "
           f"{r0['steps']} SGD steps (momentum 0.9, cosine decay, batch 32: about 6 passes over 1 500 training "
           "utterances), greedy CTC decoding; a synthetic corpus of one synthesiser (8 accents x 14 voice variants, "
           "120-220 words per minute, white noise 20-35 dB below the speech), split by utterance, so test utterances "
