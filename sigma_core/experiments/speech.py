@@ -436,6 +436,19 @@ def ledger_entry(runs: list[dict], definitions=None) -> dict:
                   f"{s['n']} seeds); stable learning rates {n['stable_lrs'].get(m) or 'none'}; of {len(events)} runs "
                   f"{sum(e['learned'] for e in events)} learned, {sum(e['collapse_step'] is not None for e in events)} "
                   f"collapsed, {sum(e['diverged'] for e in events)} diverged.")
+    grads = []
+    for m in label:
+        s = n["summary"].get(m)
+        rs = [r for r in rows if r["method"] == m and s is not None and r["lr"] == s["chosen_lr"]]
+        g = [[x["grad_norm"] for x in r["records"] if x.get("grad_norm") is not None and not x.get("diverged")]
+             for r in rs]
+        g = [x for x in g if len(x) > 4]
+        if g:
+            grads.append(f"{m} at lr {s['chosen_lr']:g}: {np.median([x[0] for x in g]):.3g} at step 1, "
+                         f"{np.median([np.mean(x[-5:]) for x in g]):.3g} over the last 5 logged steps")
+    if grads:
+        ev.append("Gradient norm (median over seeds) — " + "; ".join(grads) + ". A method whose gradient stays "
+                  "near zero while its loss sits at the blank plateau has stopped learning, not become unstable.")
     ev.append(f"Competitive (test accuracy = 1 - error, within {d.competitive_points:g} points of the tuned baseline or "
               f"no difference beyond the spread): {n.get('competitive')}.")
     return {"verdict": v["verdict"], "numbers": n, "evidence": ev}
