@@ -481,9 +481,10 @@ def verdict_claim4(runs, d):
             others = ", ".join("%g: %.1f %%" % (lr, 100 * defs.mean(row["test"])) for lr, row in other.items())
             reason = ("gamma's initialisation: with gamma_0 = sigma(W_0) it is competitive" if by_init else
                       f"the learning rate: at {by_lr[0]:g} it is competitive, but validation chose otherwise" if by_lr else
-                      "neither gamma's initialisation (gamma_0 = sigma(W_0)) nor the other learning rate"
-                      + (f" ({others})" if other else "") + " makes it competitive: at this depth and budget it is "
-                      "the method")
+                      "neither gamma's initialisation (gamma_0 = sigma(W_0))"
+                      + (f" nor the other learning rate ({others})" if other else "") + " makes it competitive: at "
+                      "this depth and budget it is the method"
+                      + ("" if other else " (only one learning rate was run, so the rate is not ruled out)"))
             ev.append(f"Why sigmaReparam falls short at depth {depth}: {reason}.")
     if per and all(p["sigma_competitive"] for p in per.values()):
         v = REPRODUCED
