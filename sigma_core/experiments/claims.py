@@ -688,7 +688,7 @@ CLAIMS = {
 SSL_NOT_ATTEMPTED = (
     "Not attempted: a self-supervised objective (masked tokens or SimCLR-style) with a linear probe, at "
     "3 seeds x 2 methods x a tuned learning rate each, did not fit the CPU time left on two cores shared by "
-    "eight engineers once the speech (24 runs) and language-modelling (18 runs) sweeps had run.")
+    "eight engineers once the speech (24 runs and 3 diagnostic runs) and language-modelling (24 runs) sweeps had run.")
 
 
 def _fmt(x, spec=".3g"):

@@ -21,7 +21,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-LRS = (1e-2, 3e-2, 1e-1)
+LRS = (3e-3, 1e-2, 3e-2, 1e-1)
 SEEDS = (0, 1, 2)
 METHODS = {"baseline": "none", "sigma": "sigma"}
 PRESET = "cpu-compare"
@@ -193,7 +193,10 @@ def ledger_lines(runs: list[dict], base: Path) -> list[str]:
             chosen = " (chosen)" if lr == n[m]["chosen_lr"] else ""
             L.append(f"| {m} | {lr:g}{chosen} | {p['n']} | {p['val_mean']:.3f} | {p['test_mean']:.3f} | {p['stable_seeds']} |")
     c = rows[0]["config"]
-    L += ["", f"Caveats: a {c['n_layer']}-layer d={c['d_model']} byte-level GPT (T={c['block_size']}), {c['steps']} AdamW "
+    edge = [f"{m} ({n[m]['chosen_lr']:g})" for m in ("baseline", "sigma") if m in n
+            and n[m]["chosen_lr"] in (min(n[m]["per_lr"]), max(n[m]["per_lr"]))]
+    L += ["", ("Validation chose a rate at the edge of the grid for " + ", ".join(edge) + ": a rate beyond it was "
+               "not tried, so that method's tuned loss may be better than shown. " if edge else "") + f"Caveats: a {c['n_layer']}-layer d={c['d_model']} byte-level GPT (T={c['block_size']}), {c['steps']} AdamW "
           "steps on CPython standard-library bytes; the held-out bytes are halved into validation and test. A "
           "diverged run counts as the chance loss, log 256 = 5.545 nats. The paper trains GPT-style models of "
           "hundreds of millions of parameters.", ""]

@@ -436,6 +436,19 @@ def ledger_entry(runs: list[dict], definitions=None) -> dict:
                   f"{s['n']} seeds); stable learning rates {n['stable_lrs'].get(m) or 'none'}; of {len(events)} runs "
                   f"{sum(e['learned'] for e in events)} learned, {sum(e['collapse_step'] is not None for e in events)} "
                   f"collapsed, {sum(e['diverged'] for e in events)} diverged.")
+    grads = []
+    for m in label:
+        s = n["summary"].get(m)
+        rs = [r for r in rows if r["method"] == m and s is not None and r["lr"] == s["chosen_lr"]]
+        g = [[x["grad_norm"] for x in r["records"] if x.get("grad_norm") is not None and not x.get("diverged")]
+             for r in rs]
+        g = [x for x in g if len(x) > 4]
+        if g:
+            grads.append(f"{m} at lr {s['chosen_lr']:g}: {np.median([x[0] for x in g]):.3g} at step 1, "
+                         f"{np.median([np.mean(x[-5:]) for x in g]):.3g} over the last 5 logged steps")
+    if grads:
+        ev.append("Gradient norm (median over seeds) — " + "; ".join(grads) + ". A method whose gradient stays "
+                  "near zero while its loss sits at the blank plateau has stopped learning, not become unstable.")
     ev.append(f"Competitive (test accuracy = 1 - error, within {d.competitive_points:g} points of the tuned baseline or "
               f"no difference beyond the spread): {n.get('competitive')}.")
     return {"verdict": v["verdict"], "numbers": n, "evidence": ev}
@@ -514,7 +527,10 @@ def ledger_lines(runs: list[dict], base: Path, figures: list[Path]) -> list[str]
                      f"{sum(e['collapse_step'] is not None for e in ev)} | {sum(e['diverged'] for e in ev)} |")
     L += [""] + [f"![{p.stem}]({Path(os.path.relpath(p, base)).as_posix()})" for p in figures] + [""]
     r0 = rows[0]
-    L += [f"Caveats: {r0['n_layer']} post-LN encoder layers of width 64 (80 ms tokens, at most 34 per utterance), "
+    edge = [f"{m} ({s['chosen_lr']:g})" for m, s in summ.items() if len(s["per_lr"]) > 1
+            and s["chosen_lr"] in (min(s["per_lr"]), max(s["per_lr"]))]
+    L += [("Validation chose a rate at the edge of the grid for " + ", ".join(edge) + ": a rate beyond it was not "
+           "tried, so that method's tuned error may be lower than shown. " if edge else "") + f"Caveats: {r0['n_layer']} post-LN encoder layers of width 64 (80 ms tokens, at most 34 per utterance), "
           f"{r0['steps']} SGD steps (momentum 0.9, cosine decay, batch 32: about 6 passes over 1 500 training "
           "utterances), greedy CTC decoding; a synthetic corpus of one synthesiser (8 accents x 14 voice variants, "
           "120-220 words per minute, white noise 20-35 dB below the speech), split by utterance, so test utterances "
