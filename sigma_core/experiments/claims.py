@@ -758,15 +758,16 @@ def write_ledger(results: str | os.PathLike = "results/claims", out: str | os.Pa
          + f"; plus {len(extra)} committed GPT runs ({', '.join('`' + e + '/`' for e in extra_roots)}) and the "
          f"{len(sweep)} runs of the committed stabiliser sweep `{Path(sweep_root).as_posix()}/` for claims 1 and 2. "
          "CPU only."]
-    train_s = sum(float(r["summary"].get("train_time_s") or 0.0) for r in runs)
-    L[-1] += (f" The runs' own training times sum to {train_s / 60:.1f} min (one torch thread each; wall-clock "
-              "time is about half of that with `--jobs 2` on an idle machine, plus start-up).")
+    own = [r for r in runs if r["config"]["model"] in ("vit", "seq2seq") or "gpt" in r["dir"].parts]
+    train_s = sum(float(r["summary"].get("train_time_s") or 0.0) for r in own)
+    L[-1] += (f" The training times of this ledger's own {len(own)} runs (ViT, seq2seq, GPT) sum to "
+              f"{train_s / 60:.1f} min (one torch thread each).")
     if meta:
-        L[-1] += (f" The last `claims run` ({meta.get('runs')} planned runs, those already present skipped, "
-                  f"`--jobs {meta.get('jobs')}`) took {meta.get('wall_time_s', 0) / 60:.1f} min of wall-clock time on "
-                  f"{meta.get('cpu_count')} cores of an {meta.get('cpu')} shared with other work (load average "
-                  f"{meta.get('load_average_start', ['?'])[0]} at the start, {meta.get('load_average_end', ['?'])[0]} at "
-                  f"the end), {meta.get('date')}.")
+        L[-1] += (f" `claims run` ({meta.get('runs')} planned runs, `--jobs {meta.get('jobs')}`) took "
+                  f"{meta.get('wall_time_s', 0) / 60:.1f} min of wall-clock time on {meta.get('cpu_count')} cores of an "
+                  f"{meta.get('cpu')} shared with other work (load average {meta.get('load_average_start', ['?'])[0]} "
+                  f"at the start, {meta.get('load_average_end', ['?'])[0]} at the end), {meta.get('date')}"
+                  + (f"; {meta['note']}" if meta.get("note") else "") + ".")
     L += ["", "| # | claim | verdict |", "|---|---|---|"]
     for k in sorted(CLAIMS):
         L.append(f"| {k} | {CLAIMS[k]} | **{v[k]['verdict']}**{', ' + SENSITIVE if k in flip else ''} |")
