@@ -549,7 +549,7 @@ def _plt():
 
 
 STYLE = {"standard": ("tab:blue", "standard: pre-LN, AdamW, warm-up, wd"),
-         "sigma-sgd": ("tab:green", "sigmaReparam: no LN (ViT), SGD, no warm-up"),
+         "sigma-sgd": ("tab:green", "sigmaReparam, SGD, no warm-up (ViT: no LN)"),
          "baseline-sgd": ("tab:red", "baseline: SGD, no warm-up"),
          "baseline-adam": ("tab:blue", "baseline: AdamW + warm-up"),
          "sigma-sgd-gamma-sigma": ("tab:olive", "sigmaReparam, gamma_0 = sigma(W_0), SGD")}
@@ -599,7 +599,7 @@ def plot_seq2seq(runs: list[dict], out_dir: Path) -> list[Path]:
     for i, name in enumerate(names):
         color, label = STYLE.get(name, ("k", name))
         depths = sorted(k[1] for k in t if k[0] == name)
-        xs = [dd * (1 + 0.04 * (i - len(names) / 2)) for dd in depths]
+        xs = [dd + 0.15 * (i - (len(names) - 1) / 2) for dd in depths]
         axes[0].plot(xs, [100 * t[(name, dd)]["mean"] for dd in depths], "o-", color=color, label=label)
         for x, dd in zip(xs, depths):
             axes[0].scatter([x] * t[(name, dd)]["n"], [100 * a for a in t[(name, dd)]["test"]], color=color, s=14,
@@ -609,8 +609,9 @@ def plot_seq2seq(runs: list[dict], out_dir: Path) -> list[Path]:
                     recs = [x_ for x_ in r["records"] if x_.get("grad_norm") is not None]
                     axes[1].plot([x_["step"] for x_ in recs], [x_["grad_norm"] for x_ in recs], color=color, lw=1,
                                  alpha=0.7)
-    axes[0].set(xlabel="layers (encoder = decoder)", ylabel="test token accuracy (%)", xscale="log",
+    axes[0].set(xlabel="layers (encoder = decoder)", ylabel="test token accuracy (%)",
                 title="reversal, post-LN, chosen lr per method (points: seeds)")
+    axes[0].set_xticks(sorted({k[1] for k in t}))
     axes[0].axhline(10, color="k", ls=":", lw=1)
     axes[0].legend(fontsize=8)
     axes[1].set(yscale="log", xlabel="step", ylabel="gradient norm",
