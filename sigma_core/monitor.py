@@ -122,9 +122,11 @@ class EntropyMonitor:
     ----------
     model : nn.Module
         Any PyTorch model with softmax attention (see the module docstring for what is seen).
-    every : int
+    every : int or None
         Record on forwards ``0, every, 2*every, ...`` of ``model`` (counted by a forward
-        pre-hook on ``model`` itself).
+        pre-hook on ``model`` itself).  None: record only the forwards asked for with
+        :meth:`record_next` (a training loop's own schedule, as the callbacks of
+        :mod:`sigma_core.integrations` keep one record per optimiser step).
     path : str or os.PathLike, optional
         Append each record as one JSON line (``pandas.read_json(path, lines=True)`` reads it):
         a :class:`sigma_core.sinks.JsonlSink`, written by rank 0 only under ``torch.distributed``.
@@ -189,9 +191,9 @@ class EntropyMonitor:
                  sinks=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not _is_int(every) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        every = int(every)
+        if every is not None and (not _is_int(every) or every < 1):
+            raise ValueError(f"every must be a positive int or None, got {every!r}")
+        every = None if every is None else int(every)
         if bound_samples is not None and (not _is_int(bound_samples) or bound_samples < 1):
             raise ValueError(f"bound_samples must be a positive int or None, got {bound_samples!r}")
         bound_samples = None if bound_samples is None else int(bound_samples)
@@ -237,6 +239,7 @@ class EntropyMonitor:
         self.events: list[dict] = []
         self._current: list[dict] = []
         self._forwards = 0
+        self._asked = False  # record_next() was called: the next forward records
         self._step = -1
         self._active = False
         self._handles = []
@@ -295,6 +298,27 @@ class EntropyMonitor:
     def n_layers(self) -> int:
         """Attention layers known so far (probe/MHA modules, plus captured calls seen)."""
         return self._n_static + len(self._captured_layers)
+
+    def record_next(self) -> None:
+        """Make the next forward of the model record, whatever ``every`` says.
+
+        With ``every=None`` these are the only forwards that record: the caller keeps the
+        schedule (one record per optimiser step under gradient accumulation, none during
+        evaluation).  The request is used up by the next forward.
+
+        Examples
+        --------
+        >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True, dropout=0.0)
+        >>> mon = EntropyMonitor(layer, every=None)
+        >>> x = torch.randn(1, 4, 8)
+        >>> _ = layer(x); len(mon.last)          # nothing asked: nothing recorded
+        0
+        >>> mon.record_next(); _ = layer(x); _ = layer(x)
+        >>> [r["step"] for r in mon.last]        # the forward after the request (index 1), per head
+        [1, 1]
+        >>> mon.close()
+        """
+        self._asked = True
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -357,7 +381,8 @@ class EntropyMonitor:
         self.events = []
         self._step = self._forwards
         self._forwards += 1
-        self._active = self._step % self.every == 0
+        self._active = self._asked or (self.every is not None and self._step % self.every == 0)
+        self._asked = False
         self._check = self._active and self._recorded % self.bound_every == 0
         self._current = []
         self._calls = {}
