@@ -240,6 +240,7 @@ class EntropyMonitor:
         self._current: list[dict] = []
         self._forwards = 0
         self._asked = False  # record_next() was called: the next forward records
+        self._asked_check = None  # ... and checks the bound (None: as bound_every says)
         self._step = -1
         self._active = False
         self._handles = []
@@ -299,12 +300,19 @@ class EntropyMonitor:
         """Attention layers known so far (probe/MHA modules, plus captured calls seen)."""
         return self._n_static + len(self._captured_layers)
 
-    def record_next(self) -> None:
+    def record_next(self, *, check_bound: bool | None = None) -> None:
         """Make the next forward of the model record, whatever ``every`` says.
 
         With ``every=None`` these are the only forwards that record: the caller keeps the
         schedule (one record per optimiser step under gradient accumulation, none during
         evaluation).  The request is used up by the next forward.
+
+        Parameters
+        ----------
+        check_bound : bool or None
+            Whether that forward checks the bound and computes ``sigma_h``: None (default)
+            follows ``bound_every``; True or False decides (a caller whose schedule must not
+            depend on how many forwards this monitor has recorded, such as a resumed run).
 
         Examples
         --------
@@ -318,7 +326,10 @@ class EntropyMonitor:
         [1, 1]
         >>> mon.close()
         """
+        if check_bound is not None and not isinstance(check_bound, bool):
+            raise TypeError(f"check_bound must be a bool or None, got {type(check_bound).__name__}")
         self._asked = True
+        self._asked_check = check_bound
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -382,8 +393,9 @@ class EntropyMonitor:
         self._step = self._forwards
         self._forwards += 1
         self._active = self._asked or (self.every is not None and self._step % self.every == 0)
-        self._asked = False
-        self._check = self._active and self._recorded % self.bound_every == 0
+        asked_check, self._asked, self._asked_check = (self._asked_check if self._asked else None), False, None
+        self._check = self._active and (self._recorded % self.bound_every == 0 if asked_check is None
+                                        else asked_check)
         self._current = []
         self._calls = {}
         self._seen = False

@@ -47,14 +47,19 @@ class StepSchedule:
     first_step : bool
         Record optimiser step 1 too (default True), so the start of a run is seen.
     monitor_options : dict
-        Keyword arguments of :class:`~sigma_core.monitor.EntropyMonitor` (``bound_every``,
-        ``bound_samples``, ``path``, ``sinks``, ``detector``, ...), not ``every``.
+        Keyword arguments of :class:`~sigma_core.monitor.EntropyMonitor` (``bound_samples``,
+        ``path``, ``sinks``, ``detector``, ...), not ``every``.  ``bound_every`` (default 10)
+        counts recorded steps here too, but by step number: the bound is checked on the first
+        recorded step and on steps that are multiples of ``every * bound_every``, so a resumed
+        run checks it on the same steps as an uninterrupted one.
 
     Examples
     --------
     >>> s = StepSchedule(every=10)
-    >>> [n for n in range(1, 41) if s.due(n - 1)]   # the trainer has completed n - 1 steps
+    >>> [n for n in range(1, 201) if s.due(n - 1)][:5]   # the trainer has completed n - 1 steps
     [1, 10, 20, 30, 40]
+    >>> [n for n in range(1, 201) if s.due(n - 1) and s.checks_bound(n - 1)]
+    [1, 100, 200]
     """
 
     def __init__(self, every: int, *, first_step: bool = True, monitor_options: dict | None = None):
@@ -65,6 +70,10 @@ class StepSchedule:
         options = dict(monitor_options or {})
         if "every" in options:
             raise TypeError("every is the callback's own argument (optimiser steps), not a monitor option")
+        bound_every = options.get("bound_every", 10)
+        if not isinstance(bound_every, numbers.Integral) or isinstance(bound_every, bool) or bound_every < 1:
+            raise ValueError(f"bound_every must be a positive int, got {bound_every!r}")
+        self.bound_every = int(bound_every)
         self.monitor_options = options
         self.monitor: EntropyMonitor | None = None
         self.phase = "train"
@@ -75,6 +84,11 @@ class StepSchedule:
         """Whether the optimiser step after ``completed`` completed steps records."""
         n = completed + 1
         return n % self.every == 0 or (self.first_step and n == 1)
+
+    def checks_bound(self, completed: int) -> bool:
+        """Whether a due step after ``completed`` completed steps checks the bound (and ``sigma_h``)."""
+        n = completed + 1
+        return n == (1 if self.first_step else self.every) or n % (self.every * self.bound_every) == 0
 
     def attach(self, model: nn.Module) -> EntropyMonitor:
         """Watch ``model`` (a monitor attached earlier is closed first)."""
@@ -96,17 +110,17 @@ class StepSchedule:
         completed optimiser steps: the first forward of a due step records."""
         if self.monitor is not None and self._armed != completed and self.due(completed):
             self._armed = completed
-            self.arm("train")
+            self.arm("train", check_bound=self.checks_bound(completed))
 
     def stepped(self, completed: int) -> bool:
         """Whether the step asked to record has completed (``completed`` steps now)."""
         return self._armed is not None and completed > self._armed
 
-    def arm(self, phase: str) -> None:
-        """The next forward records, its records kept as ``phase``."""
+    def arm(self, phase: str, check_bound: bool = True) -> None:
+        """The next forward records (checking the bound or not), its records kept as ``phase``."""
         self.phase = phase
         self.taken.pop(phase, None)
-        self.monitor.record_next()
+        self.monitor.record_next(check_bound=check_bound)
 
     def take(self, phase: str) -> list[dict] | None:
         """The records of the latest recorded forward of ``phase`` (None if none since the last take)."""

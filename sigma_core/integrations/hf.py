@@ -42,8 +42,10 @@ class HFEntropyCallback(TrainerCallback):
     eval_prefix : str
         Put before the names of evaluation scalars (default ``"eval_"``, the ``Trainer``'s own).
     **monitor_options
-        Passed to :class:`~sigma_core.monitor.EntropyMonitor` (``bound_every``, ``bound_samples``,
-        ``path``, ``sinks``, ``detector``, ...).
+        Passed to :class:`~sigma_core.monitor.EntropyMonitor` (``bound_samples``, ``path``,
+        ``sinks``, ``detector``, ...).  ``bound_every`` (default 10) is counted by step number: the
+        bound and ``sigma_h`` are checked on the first recorded step and on steps that are multiples
+        of ``every * bound_every``, the same steps in a resumed run.
 
     Attributes
     ----------
