@@ -330,6 +330,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.progress is None:
         args.progress = sys.stderr.isatty()  # the bar (tqdm) writes to stderr
+    if args.tensorboard is not None:
+        try:
+            import tensorboard  # noqa: F401, PLC0415
+        except ImportError:
+            args._parser.error("--tensorboard needs the tensorboard package: pip install 'entropy-collapse[tensorboard]'")
     try:
         if args.resume is not None:
             trainer = _resume(args)
@@ -347,6 +352,7 @@ def _run(args: argparse.Namespace) -> int:
             except DirtyTreeError as exc:
                 args._parser.error(f"--out {args.out}: {exc}")
             run_dir = args.out
+        trainer.tensorboard = args.tensorboard
         try:
             summary = trainer.run()
         except TrainingInterrupted as exc:
@@ -443,6 +449,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--allow-dirty", action="store_true",
                         help="write into the checkout's results/ even when tracked files differ from the "
                              "commit (the run is marked git_dirty; refused otherwise)")
+    parser.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                        help="also write each logged step's per-head entropy, sigma_h, bound margins, violations "
+                             "and losses, and a layer x head entropy heatmap every 10th logged step, as "
+                             "TensorBoard event files in DIR (needs the tensorboard package)")
     add_config_arguments(parser)
     parser.set_defaults(func=_run, _parser=parser)
     return parser
