@@ -138,9 +138,11 @@ class EntropyMonitor:
     ----------
     model : nn.Module
         Any PyTorch model with softmax attention (see the module docstring for what is seen).
-    every : int
+    every : int or None
         Record on forwards ``0, every, 2*every, ...`` of ``model`` (counted by a forward
-        pre-hook on ``model`` itself).
+        pre-hook on ``model`` itself).  None: record only the forwards asked for with
+        :meth:`record_next` (a training loop's own schedule, as the callbacks of
+        :mod:`sigma_core.integrations` keep one record per optimiser step).
     path : str or os.PathLike, optional
         Append each record as one JSON line (``pandas.read_json(path, lines=True)`` reads it):
         a :class:`sigma_core.sinks.JsonlSink`, written by rank 0 only under ``torch.distributed``.
@@ -215,9 +217,9 @@ class EntropyMonitor:
         opt = _optimized_module_type()
         if opt is not None and isinstance(model, opt):  # torch.compile(model): watch the model inside
             model = model._orig_mod
-        if not _is_int(every) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        every = int(every)
+        if every is not None and (not _is_int(every) or every < 1):
+            raise ValueError(f"every must be a positive int or None, got {every!r}")
+        every = None if every is None else int(every)
         if bound_samples is not None and (not _is_int(bound_samples) or bound_samples < 1):
             raise ValueError(f"bound_samples must be a positive int or None, got {bound_samples!r}")
         bound_samples = None if bound_samples is None else int(bound_samples)
@@ -266,6 +268,8 @@ class EntropyMonitor:
         self.n_skipped = 0
         self._skipping: list[dict] = []
         self._forwards = 0
+        self._asked = False  # record_next() was called: the next forward records
+        self._asked_check = None  # ... and checks the bound (None: as bound_every says)
         self._step = -1
         self._active = False
         self._handles = []
@@ -327,6 +331,37 @@ class EntropyMonitor:
     def n_layers(self) -> int:
         """Attention layers known so far (probe/MHA modules, plus captured calls seen)."""
         return self._n_static + len(self._captured_layers)
+
+    def record_next(self, *, check_bound: bool | None = None) -> None:
+        """Make the next forward of the model record, whatever ``every`` says.
+
+        With ``every=None`` these are the only forwards that record: the caller keeps the
+        schedule (one record per optimiser step under gradient accumulation, none during
+        evaluation).  The request is used up by the next forward.
+
+        Parameters
+        ----------
+        check_bound : bool or None
+            Whether that forward checks the bound and computes ``sigma_h``: None (default)
+            follows ``bound_every``; True or False decides (a caller whose schedule must not
+            depend on how many forwards this monitor has recorded, such as a resumed run).
+
+        Examples
+        --------
+        >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True, dropout=0.0)
+        >>> mon = EntropyMonitor(layer, every=None)
+        >>> x = torch.randn(1, 4, 8)
+        >>> _ = layer(x); len(mon.last)          # nothing asked: nothing recorded
+        0
+        >>> mon.record_next(); _ = layer(x); _ = layer(x)
+        >>> [r["step"] for r in mon.last]        # the forward after the request (index 1), per head
+        [1, 1]
+        >>> mon.close()
+        """
+        if check_bound is not None and not isinstance(check_bound, bool):
+            raise TypeError(f"check_bound must be a bool or None, got {type(check_bound).__name__}")
+        self._asked = True
+        self._asked_check = check_bound
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -401,8 +436,10 @@ class EntropyMonitor:
         self.events = []
         self._step = self._forwards
         self._forwards += 1
-        self._active = self._step % self.every == 0
-        self._check = self._active and self._recorded % self.bound_every == 0
+        self._active = self._asked or (self.every is not None and self._step % self.every == 0)
+        asked_check, self._asked, self._asked_check = (self._asked_check if self._asked else None), False, None
+        self._check = self._active and (self._recorded % self.bound_every == 0 if asked_check is None
+                                        else asked_check)
         self._current = []
         self._skipping = []
         self._calls = {}

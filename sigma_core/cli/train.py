@@ -335,6 +335,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.progress is None:
         args.progress = sys.stderr.isatty()  # the bar (tqdm) writes to stderr
+    if args.tensorboard is not None:
+        try:
+            import tensorboard  # noqa: F401, PLC0415
+        except ImportError:
+            args._parser.error("--tensorboard needs the tensorboard package: pip install 'entropy-collapse[tensorboard]'")
     try:
         if args.resume is not None:
             trainer = _resume(args)
@@ -356,6 +361,7 @@ def _run(args: argparse.Namespace) -> int:
             run_dir = args.out
         trainer.stop_timeout = args.stop_timeout
         trainer.exit_when_stuck = True  # a step stuck in one long operation must not outlive the signal
+        trainer.tensorboard = args.tensorboard
         try:
             summary = trainer.run()
         except TrainingInterrupted as exc:  # TrainingAborted too: the step was abandoned
@@ -456,6 +462,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="after SIGINT/SIGTERM the step in progress is finished and the checkpoint "
                              "written; a step not done S seconds after the signal is abandoned instead "
                              "(the last checkpoint stays as it was; default 10)")
+    parser.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                        help="also write each logged step's per-head entropy, sigma_h, bound margins, violations "
+                             "and losses, and a layer x head entropy heatmap every 10th logged step, as "
+                             "TensorBoard event files in DIR (needs the tensorboard package)")
     add_config_arguments(parser)
     parser.set_defaults(func=_run, _parser=parser)
     return parser

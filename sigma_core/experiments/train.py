@@ -492,17 +492,33 @@ def row_samples(model: torch.nn.Module, *inputs: torch.Tensor) -> dict[str, np.n
     return out
 
 
+class _Lent:
+    """A sink lent to one short-lived monitor: its records pass through, its ``close`` does not
+    close the sink (the owner does, once, at the end of the run)."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.all_ranks = getattr(sink, "all_ranks", False)
+
+    def write(self, records):
+        self.sink.write(records)
+
+    def close(self):
+        pass
+
+
 @contextmanager
-def observed(model: GPT, enabled: bool = True):
+def observed(model: GPT, enabled: bool = True, sinks=()):
     """Watch the next forwards of ``model`` with an :class:`~sigma_core.monitor.EntropyMonitor`.
 
     Yields the monitor (``None`` when not ``enabled``); turn it into a metrics record with
-    :func:`attention_metrics`.  The monitor's hooks are removed on exit.
+    :func:`attention_metrics`.  The monitor's hooks are removed on exit; ``sinks`` receive its
+    records and stay open (their owner closes them).
     """
     if not enabled:
         yield None
         return
-    monitor = EntropyMonitor(model, every=1)
+    monitor = EntropyMonitor(model, every=1, sinks=[_Lent(s) for s in sinks])
     try:
         yield monitor
     finally:
@@ -575,10 +591,19 @@ class Trainer:
     allow_dirty : bool
         Write into the checkout's ``results/`` even from a dirty tree (warned and marked);
         by default that raises :class:`DirtyTreeError`.
+    tensorboard : path or None
+        Also write each logged step's attention records (scalars, and a layer x head entropy
+        heatmap every 10th logged step: :class:`sigma_core.integrations.tensorboard.TensorBoardSink`)
+        and its losses to TensorBoard event files in this folder (the ``tensorboard`` attribute;
+        needs the ``tensorboard`` package; rank 0 only).
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *,
-                 corpus: Corpus | None = None, allow_dirty: bool = False):
+                 corpus: Corpus | None = None, allow_dirty: bool = False,
+                 tensorboard: str | os.PathLike | None = None):
+        if tensorboard is not None and not isinstance(tensorboard, (str, os.PathLike)):
+            raise TypeError(f"tensorboard must be a folder path or None, got {type(tensorboard).__name__}")
+        self.tensorboard = None if tensorboard is None else Path(tensorboard)
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         cfg.validate()
@@ -876,6 +901,12 @@ class Trainer:
         if self.is_main:
             self.write_config()
         metrics = open(self.out_dir / METRICS_NAME, "a") if writes else None
+        board = None
+        if self.tensorboard is not None and self.is_main:
+            from sigma_core.integrations.tensorboard import TensorBoardSink  # noqa: PLC0415 (optional package)
+
+            # written during the forward of step self.step + 1, the step metrics.jsonl calls it
+            board = TensorBoardSink(self.tensorboard, step=lambda: self.step + 1)
         self._stop_signal = None
         handlers = self._install_signal_handlers()
         last: dict = {}
@@ -889,7 +920,8 @@ class Trainer:
                 self._enter_step(step)
                 logging = step % cfg.log_every == 0 or step == cfg.steps or step == 1
                 try:
-                    with observed(self.model, enabled=logging and self.is_main) as monitor:
+                    with observed(self.model, enabled=logging and self.is_main,
+                                  sinks=() if board is None else (board,)) as monitor:
                         out = self.train_step(observe=logging)
                 except Diverged as exc:
                     self._leave_step()
@@ -929,6 +961,11 @@ class Trainer:
                                 np.savez_compressed(fh, **{k: v for k, v in samples.items() if k != "violations"})
                             os.replace(tmp, path)
                     self._write_record(metrics, record)
+                    if board is not None:
+                        for key in ("train_loss", "val_loss", "val_accuracy", "grad_norm", "lr"):
+                            if isinstance(record.get(key), (int, float)):
+                                board.writer.add_scalar(key, record[key], step)
+                        board.writer.flush()
                     last = record
                     bar.set_postfix(loss=f"{out['train_loss']:.3f}", ent=f"{record['entropy_mean']:.2f}",
                                     ent_min=f"{record['entropy_min_head']:.3f}")
@@ -949,6 +986,8 @@ class Trainer:
             self._restore_signal_handlers(handlers)
             if metrics is not None:
                 metrics.close()
+            if board is not None:
+                board.close()
         if self.world_size > 1:
             self.replicas_consistent = distributed.replicas_agree(self.model)
             if not self.replicas_consistent:
