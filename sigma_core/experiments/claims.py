@@ -32,10 +32,12 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-#: minimum-head entropy (nats) below which a head counts as collapsed (as in the run report)
-COLLAPSE_NATS = 0.1
+from sigma_core.experiments import definitions as defs
+
+#: minimum-head entropy (nats) below which a head counts as collapsed (definitions.py, as everywhere)
+COLLAPSE_NATS = defs.COLLAPSE_NATS
 #: a loss spike: a logged training loss this many nats above the lowest earlier logged loss
-SPIKE_NATS = 0.5
+SPIKE_NATS = defs.SPIKE_NATS
 
 VIT_STD_LRS = (1e-3, 3e-3)
 VIT_SGD_LRS = (0.03, 0.1, 0.3)
@@ -155,39 +157,39 @@ def load_runs(root: str | os.PathLike) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- events
-def first_collapse_step(records: list[dict], nats: float = COLLAPSE_NATS) -> int | None:
-    """First logged step at which some head's mean entropy is below ``nats``."""
-    return next((r["step"] for r in records if r.get("entropy_min_head") is not None
-                 and r["entropy_min_head"] < nats), None)
+def first_collapse_step(records: list[dict], nats: float = COLLAPSE_NATS, *, seq_len: int | None = None,
+                        definitions: defs.Definitions = defs.DEFAULT) -> int | None:
+    """First logged step at which some head's mean entropy is below ``nats``
+    (:func:`sigma_core.experiments.definitions.first_collapse_step`)."""
+    if nats != definitions.collapse_nats:
+        definitions = defs.dataclasses.replace(definitions, collapse_nats=nats)
+    return defs.first_collapse_step(records, seq_len=seq_len, definitions=definitions)
 
 
-def first_spike_step(records: list[dict], nats: float = SPIKE_NATS) -> int | None:
-    """First logged step whose training loss exceeds the lowest earlier logged loss by ``nats``
-    (a loss spike or an oscillation); a non-finite loss counts as a spike."""
-    best = math.inf
-    for r in records:
-        loss = r.get("train_loss")
-        if r.get("diverged") or loss is None or not math.isfinite(loss):
-            return r["step"]
-        if loss > best + nats:
-            return r["step"]
-        best = min(best, loss)
-    return None
+def first_spike_step(records: list[dict], nats: float = SPIKE_NATS, persist: int = 1) -> int | None:
+    """First logged step whose training loss exceeds the lowest earlier logged loss by ``nats`` and
+    stays there for ``persist`` logged steps (default 1: a single step; instability asks for
+    :data:`~sigma_core.experiments.definitions.SPIKE_PERSIST`); a non-finite loss counts as a spike."""
+    return defs.first_instability_step(records, spike_nats=nats, spike_persist=persist)
 
 
-def instability(run: dict) -> dict:
-    """When (if) the run became unstable and when its attention collapsed.
+def instability(run: dict, definitions: defs.Definitions = defs.DEFAULT) -> dict:
+    """When (if) the run became unstable and when its attention collapsed, by ``definitions``.
 
-    ``diverged_step`` (non-finite loss or gradient), ``spike_step`` (:func:`first_spike_step`),
-    ``unstable_step`` (the earlier of the two), ``collapse_step`` (:func:`first_collapse_step`)
-    and ``lead`` = unstable_step - collapse_step (positive: the collapse came first), with
-    ``log_every`` (the resolution of both).
+    ``diverged_step`` (non-finite loss or gradient), ``spike_step`` (a persistent loss spike,
+    :func:`sigma_core.experiments.definitions.first_instability_step`), ``unstable_step`` (the
+    earlier of the two), ``collapse_step``
+    (:func:`sigma_core.experiments.definitions.first_collapse_step`) and ``lead`` =
+    unstable_step - collapse_step (positive: the collapse came first), with ``log_every`` (the
+    resolution of both).
     """
     recs = run["records"]
-    div = run["summary"].get("diverged_step")
-    spike = first_spike_step([r for r in recs if not r.get("diverged")])
+    div = defs.diverged_step(recs, run["summary"])
+    spike = defs.first_instability_step([r for r in recs if not r.get("diverged")], definitions=definitions)
+    if div is not None and spike is not None and spike >= div:
+        spike = None
     unstable = min((s for s in (div, spike) if s is not None), default=None)
-    collapse = first_collapse_step(recs)
+    collapse = defs.first_collapse_step(recs, seq_len=run["config"].get("block_size"), definitions=definitions)
     lead = unstable - collapse if unstable is not None and collapse is not None else None
     return {"diverged_step": div, "spike_step": spike, "unstable_step": unstable, "collapse_step": collapse,
             "lead": lead, "log_every": run["config"].get("log_every")}
