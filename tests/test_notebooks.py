@@ -309,3 +309,19 @@ def test_html_export_shows_the_slider_cells_plots(tmp_path):
     assert expected >= 1 and len(sliders) == expected, (expected, len(sliders))
     for c in sliders:
         assert "data:image/png;base64," in c, "a slider cell exported without its plot"
+
+
+def test_glossary_quotes_the_ledgers_definitions():
+    """notebooks/README.md's glossary states the rules of sigma_core.experiments.definitions, with its numbers."""
+    from sigma_core.experiments import definitions as d
+    from sigma_core.experiments.report import COLLAPSE_NATS
+
+    text = (NOTEBOOK_DIR / "README.md").read_text()
+    glossary = text[text.index("## Glossary"):text.index("## Exercises")]
+    assert f"below **{d.COLLAPSE_NATS:g} nats**" in glossary and COLLAPSE_NATS == d.COLLAPSE_NATS
+    assert f"more than\n  **{d.SPIKE_NATS:g} nats**" in glossary and f"**{d.SPIKE_PERSIST} logged steps**" in glossary
+    assert f"**{d.LEARN_MARGIN:g} nats** below the chance loss" in glossary
+    assert d.DEFAULT.stable_seeds == "all" and "every seed is stable" in glossary
+    assert d.DEFAULT.spread == "range" and "(max − min)" in glossary
+    nb4 = nbformat.read(NOTEBOOK_DIR / "04_entropy_collapse_live.ipynb", as_version=4)
+    assert any("from sigma_core.experiments import definitions" in c.source for c in nb4.cells if c.cell_type == "code")
