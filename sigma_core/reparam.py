@@ -80,7 +80,9 @@ import functools
 import math
 import os
 import sys
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -94,6 +96,7 @@ __all__ = [
     "convert_to_sigma_reparam",
     "fold_sigma_reparam",
     "is_sigma_reparametrized",
+    "scope_sigma_reparam",
     "sigma_reparam",
     "sigma_reparam_report",
     "sigma_reparam_state",
@@ -118,9 +121,73 @@ def _compiling() -> bool:
 NEAR_ZERO_SIGMA = 1e-4
 
 
-#: number of model forwards under way (batch_power_iterations' hooks count them); a σReparam
-#: weight read outside any is watched for in-place modification (nn.init on module.weight)
-_FORWARD_DEPTH = [0]
+class _ForwardScope(threading.local):
+    """Per thread: the scoped forwards under way (:func:`scope_sigma_reparam`).
+
+    ``depth``: how many (nested) scoped forwards are running; ``epoch``: a number that changes
+    when the outermost one starts (a recomputation by activation checkpointing, inside backward,
+    starts none: it belongs to the forward it recomputes); ``held``: the steps whose W_hat is
+    held for the rest of the outermost forward (released, to a weak reference, when it ends).
+    A σReparam weight read outside any scoped forward is watched for in-place modification
+    (``nn.init`` on ``module.weight``)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.epoch = 0
+        self.held: list[_Step] = []
+
+
+_SCOPE = _ForwardScope()
+
+
+def _enter_scope() -> None:
+    scope = _SCOPE
+    if not scope.depth and not _in_backward():
+        scope.epoch += 1
+    scope.depth += 1
+
+
+def _exit_scope() -> None:
+    scope = _SCOPE
+    scope.depth = max(0, scope.depth - 1)
+    if not scope.depth and scope.held:
+        for step in scope.held:
+            step.w_hat = None
+        scope.held.clear()
+
+
+class _Step:
+    """One power-iteration step of a weight (``u`` input side, ``v`` output side, ``sigma``),
+    the key of the weight and vectors it belongs to (after it was taken), the scoped forward
+    it was taken in (``epoch``, None outside one) and the W_hat computed with it: held while
+    that forward runs, then only weakly (the autograd graph keeps it as long as it needs it;
+    an activation-checkpoint recomputation, which finds it gone, recomputes it from the step)."""
+
+    __slots__ = ("key", "epoch", "u", "v", "sigma", "reentrant", "w_hat", "ref", "graph")
+
+    def __init__(self, key, epoch, u, v, sigma) -> None:
+        self.key, self.epoch, self.u, self.v, self.sigma = key, epoch, u, v, sigma
+        self.reentrant = False
+        self.w_hat = self.ref = None
+        self.graph = False
+
+    def get(self, grad: bool) -> torch.Tensor | None:
+        """The W_hat computed with this step, if alive (with an autograd graph when ``grad``)."""
+        out = self.w_hat
+        if out is None and self.ref is not None:
+            out = self.ref()
+        if out is None or (grad and not self.graph):
+            return None
+        return out
+
+    def keep(self, out: torch.Tensor, graph: bool) -> torch.Tensor:
+        self.ref = weakref.ref(out)
+        self.graph = graph
+        if _SCOPE.depth:
+            if self.w_hat is None:
+                _SCOPE.held.append(self)
+            self.w_hat = out
+        return out
 
 
 def _in_reentrant_checkpoint() -> bool:
@@ -178,7 +245,9 @@ class SigmaReparam(nn.Module):
     Attributes
     ----------
     gamma : nn.Parameter
-        Shape ``()``, or ``(n_chunks,)`` when ``n_chunks > 1``; fp32 (fp64 for an fp64 weight),
+        Shape ``(n_chunks,)``: ``(1,)`` for a plain weight, ``(3,)`` for split q/k/v (a 1-D
+        tensor, which ``fully_shard`` accepts; a state_dict with the 0-d gamma of earlier
+        versions loads); fp32 (fp64 for an fp64 weight),
         also when the weight is fp16/bf16 (``module.to(torch.bfloat16)`` leaves it fp32).
     _u, _v : torch.Tensor
         Buffers ``(n_chunks, out)`` and ``(n_chunks, in)``: the left (output-side) and right
@@ -231,20 +300,22 @@ class SigmaReparam(nn.Module):
         n = weight.numel() // weight.shape[dim]
         self.register_buffer("_u", torch.zeros(c, m, dtype=cdtype, device=weight.device))
         self.register_buffer("_v", torch.zeros(c, n, dtype=cdtype, device=weight.device))
-        self.gamma = nn.Parameter(torch.ones(c if c > 1 else (), dtype=cdtype, device=weight.device))
+        self.gamma = nn.Parameter(torch.ones(c, dtype=cdtype, device=weight.device))  # (c,): fully_shard refuses 0-d
         self._init_from(weight.detach(), gamma_init)
         #: fresh ``(u_in, v_out, sigma, W_hat, source)`` of this forward's step, set by a batched
-        #: step (:func:`batch_power_iterations`) and consumed by the next training read (W_hat,
+        #: step (:func:`batch_power_iterations`) and dropped when the model's forward ends (W_hat,
         #: source: the weight's W_hat computed with its group and the raw weight, or None, None)
         self._batched_step: tuple | None = None
-        #: ``(key, u_in, v_out, sigma, grouped)`` of the last step taken, and ``(key, u_in, v_out,
-        #: sigma)`` of a step computed but not yet taken (a training-mode read under no_grad);
-        #: key = the weight's identity and version and the vectors' version.  A recomputation
-        #: by activation checkpointing (inside backward) reuses the step of its forward.
-        self._last: tuple | None = None
-        self._peek: tuple | None = None
-        #: set by the owning module's hooks (:func:`_cache_weights_per_forward`): only the first
-        #: training read of a forward steps; ``_stepped`` says whether it has happened
+        #: the last step taken (:class:`_Step`, with the W_hat of its forward), and a step
+        #: computed but not yet taken (a training-mode read under no_grad); keyed by the weight's
+        #: identity and version and the vectors' version.  Every read in the same scoped forward
+        #: and a recomputation by activation checkpointing (inside backward) reuse the step and
+        #: W_hat of their forward; ``_eval`` is the same for reads in eval mode.
+        self._last: _Step | None = None
+        self._peek: _Step | None = None
+        self._eval: _Step | None = None
+        #: under torch.compile, set by the owning module's scope hooks (nn.MultiheadAttention):
+        #: only the first training read of its forward steps; ``_stepped``: whether it has
         _set(self, "_once_per_forward", False)
         _set(self, "_stepped", False)
         self._registering = True
@@ -287,8 +358,7 @@ class SigmaReparam(nn.Module):
         if not isinstance(value, torch.Tensor) or _matrix_shape(self, value) is None:
             raise ValueError(f"{self.label}: the assigned value must be a tensor of the weight's shape")
         self._init_from(value.detach(), "sigma")
-        _set(self, "_last", None)
-        _set(self, "_peek", None)
+        self._forget()
         self.__dict__.pop("_handed", None)
         return value
 
@@ -324,7 +394,12 @@ class SigmaReparam(nn.Module):
     #: and the W_hat last read outside a forward (``_handed``: a tensor with autograd history
     #: after a read with grad, which ``deepcopy`` refuses, and whose copy's version counter
     #: differs, which the in-place check would take for an edit)
-    _TRANSIENT = ("_last", "_peek", "_batched_step", "_handed")
+    _TRANSIENT = ("_last", "_peek", "_eval", "_batched_step", "_handed")
+
+    def _forget(self) -> None:
+        """Drop the cached steps (the weight or the vectors were replaced)."""
+        for name in ("_last", "_peek", "_eval"):
+            _set(self, name, None)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -336,14 +411,16 @@ class SigmaReparam(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        ku, kv = prefix + "_u", prefix + "_v"
+        kg, ku, kv = prefix + "gamma", prefix + "_u", prefix + "_v"
+        g = state_dict.get(kg)
+        if isinstance(g, torch.Tensor) and g.ndim == 0 and tuple(self.gamma.shape) == (1,):
+            state_dict[kg] = g.reshape(1)  # checkpoints before gamma became (1,) hold a 0-d gamma
         if ku in state_dict and kv in state_dict and _old_convention(
                 self, state_dict, prefix, local_metadata.get("version")):
             state_dict[ku], state_dict[kv] = state_dict[kv], state_dict[ku]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        _set(self, "_last", None)
-        _set(self, "_peek", None)
+        self._forget()
 
     def _key(self, weight: torch.Tensor) -> tuple:
         return (weight.data_ptr(), weight._version, self._u._version)
@@ -401,52 +478,59 @@ class SigmaReparam(nn.Module):
                 return self._reparametrize(weight)
         return self._reparametrize(weight)
 
-    def _step(self, weight: torch.Tensor, W: torch.Tensor):
-        """``(u_in, v_out, sigma)`` of this training read: the step of its forward when
-        activation checkpointing recomputes it, else a step taken now (or the one a no_grad
-        training read computed for this very weight and vectors)."""
-        key = self._key(weight)
+    def _training_step(self, weight: torch.Tensor, W: torch.Tensor, key: tuple, grad: bool) -> _Step:
+        """The step of a training-mode read.
+
+        With grad: the step of this scoped forward if one was taken (every later read of the
+        weight in the same forward, and a recomputation by activation checkpointing inside
+        backward, reuse it and its W_hat); else the step a no_grad read computed for these very
+        weight and vectors (the forward of a reentrant checkpoint, recomputed now, or simply the
+        same values), taken now; else a new step.  Under no_grad: this forward's step if taken,
+        else the step the next training read will take, computed without changing a buffer.
+        """
+        scope = _SCOPE
         last = self._last
         peek = self._peek
-        _set(self, "_peek", None)
-        recompute = _in_backward()
-        if peek is not None and peek[0] == key and (peek[4] or not recompute):
-            # the step a no_grad training read computed for these very weight and vectors: the
-            # forward of a reentrant checkpoint (recomputed now), or simply the same step
-            u, v, sigma = peek[1:4]
-            self._commit(u, v)
-        elif recompute and last is not None and last[0] == key:  # checkpoint recomputation
-            return last[1], last[2], last[3]
-        else:
+        backward = _in_backward()
+        current = last is not None and last.key == key and (
+            backward or (scope.depth > 0 and last.epoch == scope.epoch))
+        if grad:
+            if backward and peek is not None and peek.reentrant and peek.key == key:
+                return self._take(peek, weight)
+            if current:
+                return last
+            if peek is not None and peek.key == key and not backward:
+                return self._take(peek, weight)
             u, v, sigma = self._power_iteration(W.detach())
             self._check_finite(sigma)
-        _set(self, "_last", (self._key(weight), u, v, sigma, False))
-        return u, v, sigma
-
-    @torch.no_grad()
-    def _peek_step(self, weight: torch.Tensor, W: torch.Tensor):
-        """A training-mode read under no_grad: the step this weight's next training read takes
-        (this forward's batched step, if one is pending), computed without changing a buffer.
-        (A reentrant activation checkpoint runs its forward under no_grad and recomputes it in
-        backward, where that step is taken: both see the same values.)"""
-        pending = self._batched_step
-        if pending is not None:
-            return pending[0], pending[1], pending[2]
-        key = self._key(weight)
-        peek = self._peek
-        if peek is None or peek[0] != key:
-            u, v, sigma = _power_steps(W, _cast(self._v, W.dtype), _cast(self._u, W.dtype),
+            step = _Step(self._key(weight), scope.epoch if scope.depth else None, u, v, sigma)
+            _set(self, "_last", step)
+            _set(self, "_peek", None)
+            return step
+        if current:
+            return last
+        if peek is None or peek.key != key:
+            u, v, sigma = _power_steps(W.detach(), _cast(self._v, W.dtype), _cast(self._u, W.dtype),
                                        self.n_power_iterations, self.eps)
-            peek = (key, u, v, sigma, False)
+            peek = _Step(key, scope.epoch if scope.depth else None, u, v, sigma)
             _set(self, "_peek", peek)
-        if not peek[4] and _in_reentrant_checkpoint():
-            peek = peek[:4] + (True,)
-            _set(self, "_peek", peek)
-        return peek[1], peek[2], peek[3]
+        if not peek.reentrant and _in_reentrant_checkpoint():
+            peek.reentrant = True
+        return peek
+
+    def _take(self, step: _Step, weight: torch.Tensor) -> _Step:
+        """Take a step computed under no_grad: the vectors become its vectors."""
+        self._commit(step.u, step.v)
+        self._check_finite(step.sigma)
+        scope = _SCOPE
+        step.key, step.epoch = self._key(weight), (scope.epoch if scope.depth else None)
+        _set(self, "_last", step)
+        _set(self, "_peek", None)
+        return step
 
     def _reparametrize(self, weight: torch.Tensor) -> torch.Tensor:
         if _compiling():
-            return self._reparametrize_(weight)
+            return self._reparametrize_compiled(weight)
         handed = self.__dict__.pop("_handed", None)
         if handed is not None and handed[0]._version != handed[1]:
             raise RuntimeError(
@@ -456,42 +540,42 @@ class SigmaReparam(nn.Module):
                 f"(module.weight = nn.init.normal_(torch.empty_like(module.weight))) or initialise "
                 f"module.parametrizations.weight.original")
         out = self._reparametrize_(weight)
-        if not _FORWARD_DEPTH[0]:  # a read outside a model forward: watch for in-place edits
+        if not _SCOPE.depth:  # a read outside a model forward: watch for in-place edits
             self.__dict__["_handed"] = (out, out._version)
         return out
 
     def _reparametrize_(self, weight: torch.Tensor) -> torch.Tensor:
         W = _cast(self._as_matrices(weight), _compute_dtype(weight.dtype))  # (c, m, n)
+        grad = torch.is_grad_enabled()
+        key = self._key(weight)
+        if self.training:
+            step = self._training_step(weight, W, key, grad)
+        else:  # the vectors as they are; one W_hat per scoped forward
+            scope = _SCOPE
+            step = self._eval
+            if step is None or step.key != key or not scope.depth or step.epoch != scope.epoch:
+                u, v = _cast(self._v, W.dtype), _cast(self._u, W.dtype)
+                if grad:
+                    u, v = u.clone(), v.clone()
+                with torch.no_grad():
+                    sigma = _vWu(v, W, u)
+                step = _Step(key, scope.epoch if scope.depth else None, u, v, sigma)
+                _set(self, "_eval", step if scope.depth else None)
+        out = step.get(grad)
+        if out is not None:
+            return out
+        gamma = _cast(self.gamma, W.dtype).reshape(self.n_chunks)
+        out = _ScaleBySigma.apply(W, gamma, step.u, step.v, step.sigma, self.eps)  # (c, m, n)
+        return step.keep(_cast(self._from_matrices(out, weight), weight.dtype), grad)
+
+    def _reparametrize_compiled(self, weight: torch.Tensor) -> torch.Tensor:
+        """Under ``torch.compile``: every training read with grad takes a step of its own in the
+        graph (fresh u, v, not the buffers, which the next forward overwrites, for backward)."""
+        W = _cast(self._as_matrices(weight), _compute_dtype(weight.dtype))  # (c, m, n)
         fresh = not (self._once_per_forward and self._stepped)
         if self.training and torch.is_grad_enabled() and fresh:
             _set(self, "_stepped", self._once_per_forward)
-            pending = self._batched_step
-            if pending is not None:  # this forward's step already taken by the batched step
-                _set(self, "_batched_step", None)
-                u, v, sigma, W_hat, source = pending
-                grouped = W_hat is not None and weight is source
-                if not _compiling():
-                    _set(self, "_last", (self._key(weight), u, v, sigma, grouped))
-                if grouped:  # W_hat computed with its group
-                    return W_hat
-            elif _compiling():
-                # fresh u, v (not the buffers, which the next forward overwrites) for backward
-                u, v, sigma = self._power_iteration(W.detach())
-            else:
-                last = self._last
-                if (last is not None and last[4] and _in_backward()
-                        and last[0] == self._key(weight)):
-                    # non-reentrant checkpoint recomputing a forward whose W_hat came from its
-                    # group (outside the recomputed region): the same values, nothing saved
-                    # (requiring grad, so that the ops using it save what they saved before)
-                    with torch.no_grad():
-                        out = W * (_cast(self.gamma, W.dtype).reshape(-1, 1, 1)
-                                   / last[3].clamp_min(self.eps).view(-1, 1, 1))
-                        out = _cast(self._from_matrices(out, weight), weight.dtype)
-                    return out.requires_grad_(weight.requires_grad)
-                u, v, sigma = self._step(weight, W)
-        elif self.training and fresh and not _compiling():
-            u, v, sigma = self._peek_step(weight, W)
+            u, v, sigma = self._power_iteration(W.detach())
         else:
             u, v = _cast(self._v, W.dtype), _cast(self._u, W.dtype)
             if torch.is_grad_enabled():
@@ -560,18 +644,22 @@ class _ScaleBySigma(torch.autograd.Function):
     over the matrix instead of about ten small operations.  ``sigma`` is passed in (its value,
     vᵀWu, is known from the power iteration); where it is below ``eps`` it is clamped and the
     second term vanishes.  Double backward recomputes σ from W, so it is exact too.
+
+    The inputs are kept on ``ctx`` (:func:`_keep_inputs`), not by ``save_for_backward``: the node
+    saves nothing that saved-tensor hooks see, so activation checkpointing gets the same saved
+    tensors whether a read computes W_hat or reuses the W_hat of its forward.
     """
 
     @staticmethod
     def forward(ctx, W, gamma, u, v, sigma, eps):  # noqa: D102
         scale = gamma / sigma.clamp_min(eps)  # (c,)
-        ctx.save_for_backward(W, gamma, u, v, sigma)
+        _keep_inputs(ctx, (W,), (W, gamma, u, v, sigma))
         ctx.eps = eps
         return W * scale.view(-1, 1, 1)
 
     @staticmethod
     def backward(ctx, G):  # noqa: D102
-        W, gamma, u, v, sigma = ctx.saved_tensors
+        W, gamma, u, v, sigma = _kept_inputs(ctx)
         eps = ctx.eps
         with torch.autocast(G.device.type, enabled=False):
             if torch.is_grad_enabled():  # create_graph: sigma as a differentiable function of W
@@ -593,6 +681,31 @@ class _ScaleBySigma(torch.autograd.Function):
         return grad_W, grad_gamma, None, None, None, None
 
 
+def _keep_inputs(ctx, weights, tensors) -> None:
+    """Keep a node's ``tensors`` (its inputs, none of them its output: no reference cycle) on
+    ``ctx`` with the versions of ``weights``, which :func:`_kept_inputs` checks as
+    ``save_for_backward`` would.  Under ``torch.compile``: ``save_for_backward``."""
+    if _compiling():
+        ctx.save_for_backward(*tensors)
+        return
+    ctx.kept = tensors
+    ctx.versions = [(w, w._version) for w in weights]
+
+
+def _kept_inputs(ctx) -> tuple:
+    kept = getattr(ctx, "kept", None)
+    if kept is None:
+        return ctx.saved_tensors
+    for w, version in ctx.versions:
+        if w._version != version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: a sigma_reparam weight of shape {tuple(w.shape)} is at "
+                f"version {w._version}; expected version {version} instead (it was changed "
+                f"between the forward and this backward, e.g. by optimizer.step())")
+    return kept
+
+
 class _GroupScaleBySigma(torch.autograd.Function):
     r""":class:`_ScaleBySigma` for a group of weights whose matrices share one shape, in one node.
 
@@ -611,14 +724,14 @@ class _GroupScaleBySigma(torch.autograd.Function):
         scale = gamma / sigma.clamp_min(eps)  # (N,)
         rows = [s.view(1, 1) if c == 1 else s.repeat_interleave(W.shape[0] // c).unsqueeze(-1)
                 for s, c, W in zip(scale.split(sizes), sizes, Ws)]
-        ctx.save_for_backward(gamma, u, v, sigma, *Ws, *gammas)
+        _keep_inputs(ctx, Ws, (gamma, u, v, sigma, *Ws, *gammas))
         ctx.eps, ctx.sizes, ctx.k = eps, sizes, k
         return tuple(torch._foreach_mul(list(Ws), rows))
 
     @staticmethod
     def backward(ctx, *Gs):  # noqa: D102
         eps, sizes, k = ctx.eps, ctx.sizes, ctx.k
-        gamma, u, v, sigma, *rest = ctx.saved_tensors
+        gamma, u, v, sigma, *rest = _kept_inputs(ctx)
         Ws, gammas = rest[:k], rest[k:]
         need = ctx.needs_input_grad
         gammas_in = need[3 + k:3 + 2 * k]
@@ -633,7 +746,7 @@ class _GroupScaleBySigma(torch.autograd.Function):
                 coef = torch.where(si > eps, gi / sig * gw / sig, torch.zeros_like(gw))
                 gW.append((G3 * (gi / sig).view(-1, 1, 1)
                            - (vi * coef.unsqueeze(-1)).unsqueeze(-1) * ui.unsqueeze(-2)).reshape(W.shape))
-                gg.append((gw / sig).reshape(()) if c == 1 else gw / sig)
+                gg.append((gw / sig).reshape(gi.shape))
             return (None, None, None, *gW, *(g if n else None for g, n in zip(gg, gammas_in)),
                     None, None, None)
         with torch.autocast(Gs[0].device.type, enabled=False):
@@ -649,8 +762,8 @@ class _GroupScaleBySigma(torch.autograd.Function):
             rows = [s.view(1, 1) if c == 1 else s.repeat_interleave(W.shape[0] // c).unsqueeze(-1)
                     for s, c, W in zip(scale.split(sizes), sizes, Ws)]
             grad_W = torch._foreach_addcmul(rank1, list(Gs), rows)  # scale G - coef v u^T
-        grad_gammas = [(g.reshape(()) if c == 1 else g) if n else None
-                       for g, c, n in zip(grad_gamma, sizes, gammas_in)]
+        grad_gammas = [g.reshape(gi.shape) if n else None
+                       for g, gi, n in zip(grad_gamma, gammas, gammas_in)]
         grad_W = [g if n else None for g, n in zip(grad_W, need[3:3 + k])]
         return (None, None, None, *grad_W, *grad_gammas, None, None, None)
 
@@ -858,17 +971,24 @@ def _own_class_on_deepcopy(module: nn.Module) -> None:
 
 
 def _enter_weight_cache(module: nn.Module, args) -> None:
-    """Forward pre-hook: this forward of ``module`` advances each of its σReparam weights once."""
-    for param in _own_sigma_params(module):
-        _set(param, "_once_per_forward", True)
-        _set(param, "_stepped", False)
+    """Forward pre-hook of :func:`scope_sigma_reparam`: a scoped forward starts.  (Under
+    torch.compile: the module's own σReparam weights step at their first read only.)"""
+    if _compiling():
+        for param in _own_sigma_params(module):
+            _set(param, "_once_per_forward", True)
+            _set(param, "_stepped", False)
+    else:
+        _enter_scope()
 
 
 def _exit_weight_cache(module: nn.Module, args, output) -> None:
-    """Forward hook (always called, also when the forward raises): back to a step per training read."""
-    for param in _own_sigma_params(module):
-        _set(param, "_once_per_forward", False)
-        _set(param, "_stepped", False)
+    """Forward hook (always called, also when the forward raises): the scoped forward ends."""
+    if _compiling():
+        for param in _own_sigma_params(module):
+            _set(param, "_once_per_forward", False)
+            _set(param, "_stepped", False)
+    else:
+        _exit_scope()
 
 
 def _own_sigma_params(module: nn.Module):
@@ -882,27 +1002,85 @@ def _own_sigma_params(module: nn.Module):
 
 
 def _cache_weights_per_forward(module: nn.Module) -> None:
-    """Make each training forward of ``module`` advance its σReparam weights exactly once.
-
-    ``nn.MultiheadAttention`` reads ``in_proj_weight`` several times per forward (its fast-path
-    checks, then the computation); without this every read would be a training read that
-    advances the power iteration.  Later reads in the same forward reuse the vectors of the
-    first (the same W_hat, each read with its own graph).  Reads under ``no_grad`` (an entropy
-    monitor) neither step nor count, unlike a ``parametrize.cached()`` read, which would hand
-    the forward a weight without gradient.
-    """
+    """Register the hooks of :func:`scope_sigma_reparam` on ``module`` (once)."""
     if _enter_weight_cache in module._forward_pre_hooks.values():
         return
     module.register_forward_pre_hook(_enter_weight_cache)
     module.register_forward_hook(_exit_weight_cache, always_call=True)
 
 
-def _remove_weight_cache_hooks(module: nn.Module) -> None:
+def _remove_weight_cache_hooks(module: nn.Module) -> bool:
+    found = False
     for hooks, fn in ((module._forward_pre_hooks, _enter_weight_cache),
                       (module._forward_hooks, _exit_weight_cache)):
         for key in [k for k, h in hooks.items() if h is fn]:
             del hooks[key]
             getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
+            found = True
+    return found
+
+
+def scope_sigma_reparam(model: nn.Module, enabled: bool = True) -> nn.Module:
+    r"""Make each forward of ``model`` one unit of σReparam work: one :math:`\hat W` and one
+    power-iteration step per weight, however often the forward reads the weight.
+
+    Registers a forward pre-hook and an always-called forward hook on ``model``.  During a
+    forward of ``model`` the first read of a σReparam weight (in training mode with grad:
+    also its power-iteration step) computes :math:`\hat W`; every later read in the same
+    forward returns that same tensor: a second call of the same layer (shared weights), a
+    parent module that checks ``layer.weight.dtype`` or ``isinstance(layer.weight, ...)``
+    before calling the layer (Hugging Face's ``T5DenseActDense`` reads ``wo.weight`` three
+    times), ``nn.MultiheadAttention``'s own checks.  A recomputation by activation
+    checkpointing (``torch.utils.checkpoint``, reentrant or not, and Hugging Face's
+    ``gradient_checkpointing_enable``) reuses the step and the :math:`\hat W` values of the
+    forward it recomputes, so the saved tensors and the gradient are those of the run without
+    checkpointing.  :math:`\hat W` is held until the forward ends, then only as long as
+    autograd keeps it.
+
+    :func:`convert_to_sigma_reparam` calls it on the model it converts (``batched=True`` or not;
+    :func:`batch_power_iterations` includes it); :func:`sigma_reparam` on an
+    ``nn.MultiheadAttention``.  Call it on your model's top module when you register
+    σReparam by hand (:func:`sigma_reparam`, :class:`SigmaReparamLinear`).  A read outside any
+    scoped forward (``layer(x)`` on its own, ``layer.weight`` in a training loop) is a forward
+    of its own: one step per read.  Under ``torch.compile`` the hooks step aside.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The module whose forward is the unit (the one your training loop calls).
+    enabled : bool
+        ``False`` removes the hooks again.
+
+    Returns
+    -------
+    nn.Module
+        ``model``.
+
+    Examples
+    --------
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = SigmaReparamLinear(4, 4), SigmaReparamLinear(4, 4)
+    ...     def forward(self, x):
+    ...         x = x.to(self.b.weight.dtype)   # a read before the layer's own
+    ...         return self.b(self.a(self.a(x)))
+    >>> net = scope_sigma_reparam(Net())
+    >>> p = net.a.parametrizations.weight[0]
+    >>> before = p._u._version
+    >>> net(torch.randn(2, 4)).sum().backward()
+    >>> p._u._version - before                       # a read twice: one step
+    1
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    if enabled:
+        _cache_weights_per_forward(model)
+    else:
+        _remove_weight_cache_hooks(model)
+    return model
 
 
 class SigmaReparamLinear(nn.Linear):
@@ -1128,6 +1306,8 @@ def convert_to_sigma_reparam(
     _warn_unconverted_attention(model, [e for e in report if e["name"] not in lookups])
     if batched:
         batch_power_iterations(model)
+    else:
+        scope_sigma_reparam(model)
     return model
 
 
@@ -1172,32 +1352,42 @@ def _batched_pre_hook(model: nn.Module, args) -> None:
     """Forward pre-hook of :func:`batch_power_iterations`: one step per group of equal shapes."""
     if _compiling():
         return
-    _FORWARD_DEPTH[0] += 1
+    _enter_scope()
     try:
         _batched_steps(model)
     except BaseException:
-        _FORWARD_DEPTH[0] -= 1
+        _exit_scope()
         raise
 
 
 def _batched_steps(model: nn.Module) -> None:
     if not torch.is_grad_enabled() or _compiling():
         return
-    recompute = _in_backward()  # activation checkpointing recomputes the whole model
+    if _in_backward():  # activation checkpointing recomputing the model: the reads reuse its steps
+        return
+    scope = _SCOPE
     flags = model.__dict__.get("_sigma_nonfinite_flags")
-    if flags and not recompute:  # accelerators: the finiteness flags of the previous batched forward
+    if flags:  # accelerators: the finiteness flags of the previous batched forward
         for flag, labels in flags.values():
             if bool(flag.any()):
                 raise _nonfinite_error(labels[int(flag.to(torch.uint8).argmax())])
     pending = model.__dict__.setdefault("_sigma_pending", [])
     groups: dict[tuple, list[tuple[SigmaReparam, torch.Tensor, torch.Tensor]]] = {}
+    dtensor, fsdp_module = _sharding_types()
     for plist in model.modules():
+        if fsdp_module is not None and plist is not model and isinstance(plist, fsdp_module):
+            _hook_sharded_unit(model, plist)
         if not isinstance(plist, parametrize.ParametrizationList) or not hasattr(plist, "original"):
             continue
         p = plist[0]  # only a first parametrization sees the raw weight
         if not isinstance(p, SigmaReparam) or not p.training or p._batched_step is not None:
             continue
         weight = plist.original
+        if dtensor is not None and isinstance(weight, dtensor):
+            continue  # a shard (FSDP2 gathers it in its unit's pre-forward): stepped there
+        last = p._last
+        if last is not None and last.epoch == scope.epoch and last.key == p._key(weight):
+            continue  # already stepped in this forward (read before this hook ran)
         W = p._as_matrices(weight.detach())  # (c, m, n)
         dtype = _compute_dtype(weight.dtype)
         key = (W.shape[1:], dtype, W.device, p.n_power_iterations, p.eps)
@@ -1205,44 +1395,78 @@ def _batched_steps(model: nn.Module) -> None:
     for (_, dtype, device, n_steps, eps), members in groups.items():
         params = [p for p, _, _ in members]
         sizes = [p.n_chunks for p in params]
-        if recompute:  # each weight: the step of the forward being recomputed (no new step)
-            steps = [p._step(w, W) for p, W, w in members]
-            us, vs, sigmas = (tuple(s[i] for s in steps) for i in range(3))
-            u, v, sigma = torch.cat(us), torch.cat(vs), torch.cat(sigmas)
-        else:
-            with torch.no_grad():
-                if len(members) == 1:  # nothing to batch: the weight's own step, no stacking
-                    p, W, _ = members[0]
-                    u, v, sigma = _power_steps(W, _cast(p._v, dtype), _cast(p._u, dtype), n_steps, eps)
-                    us, vs, sigmas = (u,), (v,), (sigma,)
-                    p._commit(u, v)
-                else:
-                    u0 = torch.cat([_cast(p._v, dtype) for p in params])  # (sum c, n)
-                    v0 = torch.cat([_cast(p._u, dtype) for p in params])  # (sum c, m)
-                    stack = model.__dict__.get("_sigma_stack")
-                    if stack is None:
-                        stack = device.type != "cpu"
-                    u, v, sigma = _batched_power_steps([W for _, W, _ in members], u0, v0, n_steps,
-                                                       eps, stack)
-                    us, vs, sigmas = u.split(sizes), v.split(sizes), sigma.split(sizes)
-                    torch._foreach_copy_([p._v for p in params], list(us))
-                    torch._foreach_copy_([p._u for p in params], list(vs))
-            for p, ui, vi, si, (_, _, w) in zip(params, us, vs, sigmas, members):
-                _set(p, "_peek", None)
-                _set(p, "_last", (p._key(w), ui, vi, si, False))
-        for p, ui, vi, si in zip(params, us, vs, sigmas):
+        with torch.no_grad():
+            if len(members) == 1:  # nothing to batch: the weight's own step, no stacking
+                p, W, _ = members[0]
+                u, v, sigma = _power_steps(W, _cast(p._v, dtype), _cast(p._u, dtype), n_steps, eps)
+                us, vs, sigmas = (u,), (v,), (sigma,)
+                p._commit(u, v)
+            else:
+                u0 = torch.cat([_cast(p._v, dtype) for p in params])  # (sum c, n)
+                v0 = torch.cat([_cast(p._u, dtype) for p in params])  # (sum c, m)
+                stack = model.__dict__.get("_sigma_stack")
+                if stack is None:
+                    stack = device.type != "cpu"
+                u, v, sigma = _batched_power_steps([W for _, W, _ in members], u0, v0, n_steps,
+                                                   eps, stack)
+                us, vs, sigmas = u.split(sizes), v.split(sizes), sigma.split(sizes)
+                torch._foreach_copy_([p._v for p in params], list(us))
+                torch._foreach_copy_([p._u for p in params], list(vs))
+        steps = []
+        for p, ui, vi, si, (_, _, w) in zip(params, us, vs, sigmas, members):
+            steps.append(_Step(p._key(w), scope.epoch, ui, vi, si))  # every read of this forward
+            _set(p, "_peek", None)
+            _set(p, "_last", steps[-1])
             _set(p, "_batched_step", (ui, vi, si, None, None))
         pending.extend(params)
-        if not recompute:
-            _check_group(model, params, sigmas, sigma)
+        _check_group(model, params, sigmas, sigma)
         sources = [w for _, _, w in members]
         if (len(members) > 1 and all(w.ndim == 2 and w.dtype == dtype for w in sources)
                 and all(p.dim == 0 for p in params) and not torch.is_autocast_enabled(device.type)):
             # W_hat of the whole group in one autograd node (one closed-form backward)
             gammas = [p.gamma for p in params]
             outs = _GroupScaleBySigma.apply(eps, tuple(sizes), len(params), *sources, *gammas, u, v, sigma)
-            for p, ui, vi, si, out, w in zip(params, us, vs, sigmas, outs, sources):
+            for p, ui, vi, si, out, w, step in zip(params, us, vs, sigmas, outs, sources, steps):
                 _set(p, "_batched_step", (ui, vi, si, out, w))
+                step.keep(out, True)
+
+
+def _whole(weight: torch.Tensor) -> torch.Tensor:
+    """``weight``, gathered when it is a DTensor (an FSDP2 shard: a collective over its mesh)."""
+    dtensor, _ = _sharding_types()
+    if dtensor is not None and isinstance(weight, dtensor):
+        return weight.full_tensor()
+    return weight
+
+
+def _sharding_types():
+    """``(DTensor, FSDPModule)`` classes, or ``(None, None)`` without ``torch.distributed``
+    (imported on first use only)."""
+    cached = _SHARDING_TYPES
+    if not cached:
+        try:
+            from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+            from torch.distributed.tensor import DTensor  # noqa: PLC0415
+            cached.extend((DTensor, FSDPModule))
+        except ImportError:  # a build without torch.distributed
+            cached.extend((None, None))
+    return cached[0], cached[1]
+
+
+_SHARDING_TYPES: list = []
+
+
+def _hook_sharded_unit(model: nn.Module, unit: nn.Module) -> None:
+    """Give an FSDP2 unit inside ``model`` the hooks of :func:`batch_power_iterations`.
+
+    ``fully_shard`` gathers a unit's parameters in the unit's own forward pre-hook (registered
+    first, so it runs before this one): at the root's start its weights are shards, which the
+    root's hook skips, and this unit's hook steps them batched once they are whole."""
+    if any(fn is _batched_pre_hook for fn in unit._forward_pre_hooks.values()):
+        return
+    unit.__dict__["_sigma_stack"] = model.__dict__.get("_sigma_stack")
+    unit.register_forward_pre_hook(_batched_pre_hook)
+    unit.register_forward_hook(_batched_post_hook, always_call=True)
 
 
 def _batched_power_steps(Ws: list[torch.Tensor], u: torch.Tensor, v: torch.Tensor, n_steps: int,
@@ -1292,7 +1516,7 @@ def _batched_post_hook(model: nn.Module, args, output) -> None:
     forward uses them."""
     if _compiling():
         return
-    _FORWARD_DEPTH[0] = max(0, _FORWARD_DEPTH[0] - 1)
+    _exit_scope()
     pending = model.__dict__.get("_sigma_pending")
     while pending:
         _set(pending.pop(), "_batched_step", None)
@@ -1380,11 +1604,14 @@ Vert`,
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     if stack is not None and not isinstance(stack, bool):
         raise TypeError(f"stack must be a bool or None, got {type(stack).__name__}")
-    _remove_batch_hooks(model)
+    had = _remove_batch_hooks(model)
     if enabled:
+        _remove_weight_cache_hooks(model)  # (the batched hooks scope the forward themselves)
         model.__dict__["_sigma_stack"] = stack
         model.register_forward_pre_hook(_batched_pre_hook)
         model.register_forward_hook(_batched_post_hook, always_call=True)
+    elif had:
+        scope_sigma_reparam(model)  # each weight steps on its own, still once per forward
     return model
 
 
@@ -1406,7 +1633,10 @@ def fold_sigma_reparam(model: nn.Module) -> nn.Module:
     The folded model computes what the reparametrised model computes in eval mode, at the
     cost of a plain model (for inference and export).  Parameter objects are kept (their data
     is overwritten with :math:`\\hat W`); the γ parameters and the vector buffers disappear.
-    Other parametrizations stacked on the same tensor are folded as well.
+    Other parametrizations stacked on the same tensor are folded as well.  A model sharded
+    by FSDP2 is refused (``ValueError``): gather a full state dict
+    (``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))``), load it
+    into an unsharded converted model, and fold that.
 
     >>> net = convert_to_sigma_reparam(nn.Sequential(nn.Linear(3, 3)), gamma_init="one").eval()
     >>> x = torch.randn(2, 3)
@@ -1416,6 +1646,14 @@ def fold_sigma_reparam(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    dtensor, _ = _sharding_types()
+    for qualname, module, name, _ in _sigma_modules(model):
+        if dtensor is not None and isinstance(module.parametrizations[name].original, dtensor):
+            raise ValueError(
+                f"model: {qualname}.{name} is sharded (FSDP2 fully_shard / DTensor); fold a whole "
+                f"copy instead: sd = torch.distributed.checkpoint.state_dict.get_model_state_dict("
+                f"model, options=StateDictOptions(full_state_dict=True)), then load sd into the "
+                f"unsharded, converted model and fold that (docs/distributed.md)")
     owners: dict[int, int] = {}
     for module in model.modules():
         for t in module._parameters.values():
@@ -1450,7 +1688,9 @@ def sigma_reparam_state(model: nn.Module) -> dict[str, dict[str, float]]:
 
     Keys are qualified weight names (``"blocks.0.attn.q.weight"``); a fused q/k/v projection
     gives one entry per chunk (``"attn.in_proj_weight.q"``, ``.k``, ``.v``).  Reading the
-    state never advances the power iteration.
+    state never advances the power iteration.  On a model sharded by FSDP2 (``fully_shard``)
+    each weight is gathered (``DTensor.full_tensor``, a collective): call it on every rank;
+    every rank gets the σ of the whole weights.
 
     >>> net = nn.Sequential(SigmaReparamLinear(4, 4, gamma_init="one"))
     >>> sigma_reparam_state(net)["0.weight"]["gamma"]
@@ -1461,8 +1701,8 @@ def sigma_reparam_state(model: nn.Module) -> dict[str, dict[str, float]]:
     state: dict[str, dict[str, float]] = {}
     for qualname, module, name, p in _sigma_modules(model):
         key = f"{qualname}.{name}" if qualname else name
-        sigma = p.sigma(module.parametrizations[name].original).tolist()
-        gamma = p.gamma.detach().reshape(-1).tolist()
+        sigma = p.sigma(_whole(module.parametrizations[name].original)).tolist()
+        gamma = _whole(p.gamma.detach()).reshape(-1).tolist()
         if p.n_chunks == 1:
             state[key] = {"sigma": sigma[0], "gamma": gamma[0]}
         else:

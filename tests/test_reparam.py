@@ -125,7 +125,7 @@ def test_gamma_init_options():
         layer.weight.data.copy_(W0)
         sigma_reparam(layer, gamma_init=init)
         assert _param(layer).gamma.item() == pytest.approx(expected, rel=1e-6)
-        assert isinstance(_param(layer).gamma, nn.Parameter) and _param(layer).gamma.ndim == 0
+        assert isinstance(_param(layer).gamma, nn.Parameter) and _param(layer).gamma.shape == (1,)
         assert torch.linalg.matrix_norm(layer.weight.detach(), 2).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -356,6 +356,22 @@ def test_state_dict_round_trip_into_fresh_converted_model():
         torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
     for k, b in net.named_buffers():
         assert torch.equal(b, fresh.get_buffer(k))
+
+
+def test_state_dict_with_the_earlier_0d_gamma_loads():
+    """gamma is (n_chunks,) ((1,) for a plain weight: fully_shard refuses 0-d parameters);
+    a state_dict written when a plain weight's gamma was 0-d loads, with the same values."""
+    net = _trained(seed=0)
+    sd = net.state_dict()
+    old = {k: (v.reshape(()) if k.endswith("gamma") and v.numel() == 1 else v) for k, v in sd.items()}
+    assert sum(v.ndim == 0 for k, v in old.items() if k.endswith("gamma")) >= 2
+    fresh = _convert(Net())
+    fresh.load_state_dict(old)
+    assert all(fresh.state_dict()[k].shape == sd[k].shape for k in sd)
+    assert sigma_reparam_state(fresh) == sigma_reparam_state(net)
+    x = torch.randn(2, 5, 8)
+    net.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
 
 
 def test_deepcopy_is_equal_and_independent():
@@ -625,7 +641,11 @@ def test_batched_deepcopy_fold_and_disable():
     batched(x)
     torch.testing.assert_close(_param(twin.extra)._v, _param(batched.extra)._v)  # hooks copied too
     batch_power_iterations(twin, enabled=False)
-    assert not twin._forward_pre_hooks and not twin._forward_hooks
+    # no batched hooks left; the forward stays the unit (scope_sigma_reparam's hooks only)
+    from sigma_core.reparam import _enter_weight_cache, _exit_weight_cache
+
+    assert list(twin._forward_pre_hooks.values()) == [_enter_weight_cache]
+    assert list(twin._forward_hooks.values()) == [_exit_weight_cache]
     batch_power_iterations(twin)
     batch_power_iterations(twin)  # idempotent: one pair of hooks
     assert len(twin._forward_pre_hooks) == len(twin._forward_hooks) == 1
@@ -698,10 +718,12 @@ def test_multihead_attention_takes_one_power_step_per_training_forward():
     assert mha.parametrizations.in_proj_weight.original.grad.abs().sum() > 0
     v2 = torch.nn.functional.normalize((W @ u_before.unsqueeze(-1)).squeeze(-1), dim=-1)
     torch.testing.assert_close(param._u, v2, rtol=1e-5, atol=1e-6)
-    # the per-forward mode ends even when the forward raises, and folding removes the hooks
+    # the per-forward scope ends even when the forward raises, and folding removes the hooks
+    from sigma_core.reparam import _SCOPE
+
     with pytest.raises(Exception):
         mha(x, torch.randn(2, 5, 7), x)
-    assert not param._once_per_forward
+    assert _SCOPE.depth == 0 and _SCOPE.held == []
     fold_sigma_reparam(mha)
     assert not mha._forward_pre_hooks and not mha._forward_hooks
 
@@ -983,7 +1005,11 @@ def test_default_conversion_is_batched_and_covers_multihead_attention():
     net = convert_to_sigma_reparam(Net())
     assert len(net._forward_pre_hooks) == 1
     assert is_sigma_reparametrized(net.attn, "in_proj_weight")
-    assert not convert_to_sigma_reparam(Net(), batched=False)._forward_pre_hooks
+    from sigma_core.reparam import _batched_pre_hook, _enter_weight_cache
+
+    assert list(net._forward_pre_hooks.values()) == [_batched_pre_hook]
+    unbatched = convert_to_sigma_reparam(Net(), batched=False)  # not batched, still scoped
+    assert list(unbatched._forward_pre_hooks.values()) == [_enter_weight_cache]
     with pytest.raises(TypeError, match="batched"):
         convert_to_sigma_reparam(Net(), batched=1)
     with pytest.raises(TypeError, match="split_qkv"):

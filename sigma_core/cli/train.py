@@ -29,8 +29,9 @@ At the end it prints a short summary; `entropy-collapse report RUN_DIR` draws th
   entropy-collapse train --resume runs/sigma     (continue from its checkpoint)
 
 A resumed run keeps its stored configuration; only --device, --threads, --compile,
---progress and --checkpoint-every may be given again.  Under torchrun the run is
-data-parallel and --batch-size is the global batch.
+--distributed, --progress and --checkpoint-every may be given again.  Under torchrun the run
+is data-parallel and --batch-size is the global batch: --distributed ddp (default) replicates
+the model, --distributed fsdp shards it (FSDP2, per transformer block and at the root).
 
 Exit status: 0 when the run finished or diverged (divergence is a result: the message names
 the step and summary.json says "diverged": true); 2 for a bad flag, folder or checkpoint;
@@ -73,6 +74,8 @@ FIELD_HELP = {
     "sample_batch": "sequences whose every attention row is saved at --sample-steps",
     "device": "auto, cpu, cuda or cuda:N",
     "threads": "torch CPU threads; 0 keeps torch's default",
+    "distributed": "under torchrun: ddp (replicate the model, DistributedDataParallel) or fsdp "
+                   "(shard it with FSDP2 fully_shard per block and at the root)",
     "checkpoint_every": "write checkpoint.pt every N steps; 0: only at the end",
 }
 
@@ -249,7 +252,8 @@ def _restart(args: argparse.Namespace):
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per :class:`TrainConfig` field (default: the preset's value), in sections."""
-    choices = {"norm": NORMS, "reparam": REPARAMS, "gamma_init": GAMMA_INITS}
+    choices = {"norm": NORMS, "reparam": REPARAMS, "gamma_init": GAMMA_INITS,
+               "distributed": getattr(_config, "DISTRIBUTED_MODES", ("ddp",))}
     for name, attr in (("model", "MODELS"), ("optimizer", "OPTIMIZERS"), ("lr_schedule", "LR_SCHEDULES"),
                        ("seq_task", "SEQ_TASKS")):
         if hasattr(_config, attr):

@@ -49,6 +49,9 @@ SEED_MAX = 2**63 - 3
 NORMS = ("pre", "post", "none")
 REPARAMS = ("none", "sigma", "spectral")
 GAMMA_INITS = ("sigma", "one")
+#: how a run under torchrun spreads the model: "ddp" (replicated, DistributedDataParallel) or
+#: "fsdp" (FSDP2 fully_shard per transformer block and at the root); one process ignores it
+DISTRIBUTED_MODES = ("ddp", "fsdp")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 SEQ_TASKS = ("reverse", "copy")
@@ -135,6 +138,7 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     compile: bool = False
+    distributed: str = "ddp"
     threads: int = 0
     progress: bool = True
     checkpoint_every: int = 100
@@ -199,6 +203,8 @@ class TrainConfig:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.reparam not in REPARAMS:
             raise ValueError(f"reparam must be one of {REPARAMS}, got {self.reparam!r}")
+        if self.distributed not in DISTRIBUTED_MODES:
+            raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES}, got {self.distributed!r}")
         if self.gamma_init not in GAMMA_INITS:
             raise ValueError(f"gamma_init must be one of {GAMMA_INITS}, got {self.gamma_init!r}")
         if not isinstance(self.qk_norm, bool):

@@ -19,6 +19,14 @@ Design (what makes a run of N processes equal to one process up to reduction ord
 - only rank 0 writes ``config.json``, ``metrics.jsonl``, samples, checkpoints and the summary;
   the attention statistics of a logged step are those of rank 0's shard.
 
+With ``--distributed fsdp`` the model is sharded instead (:func:`shard_model`: FSDP2
+``fully_shard`` per transformer block and at the root): each rank holds a slice of every
+parameter, FSDP2 gathers a block's weights in its forward and reduce-scatters the gradients,
+so the gradient is again that of the global mean loss.  Every forward then needs every rank:
+evaluation, attention samples and the gathered sigma/gamma of a logged step run on all ranks
+(one writer still); checkpoints hold the gathered full state in the single-file format, so a
+run resumes under DDP, FSDP or in one process alike.
+
 Example
 -------
 >>> import torch
@@ -69,6 +77,86 @@ def setup(device: str = "auto") -> torch.device | None:
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` every transformer block (each child of an ``nn.ModuleList``
+    that holds parameters), then the root; in place, returns ``model``.
+
+    Build the optimizer afterwards (its parameters are the sharded ``DTensor`` ones).
+    """
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+    from torch.nn.utils.parametrize import ParametrizationList  # noqa: PLC0415
+
+    units: list[str] = []
+    for name, module in model.named_modules():
+        if (not isinstance(module, torch.nn.ModuleList) or isinstance(module, ParametrizationList)
+                or any(name.startswith(u + ".") for u in units)):  # (blocks inside a block: one unit)
+            continue
+        for i, block in enumerate(module):
+            if any(True for _ in block.parameters()):
+                units.append(f"{name}.{i}" if name else str(i))
+                fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or a submodule) is an FSDP2 ``fully_shard`` unit."""
+    try:
+        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the gathered tensor when it is a ``DTensor`` (a collective: every rank)."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """The whole model state on the CPU (gathered from the shards under FSDP2: every rank
+    calls it, rank 0 gets it, the others an empty dict); the keys and values of
+    ``model.state_dict()`` of the unsharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: PLC0415
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's gathered state in the format of ``optimizer.state_dict()`` of one
+    process (parameters numbered in the optimizer's order), so the same file loads anywhere
+    (every rank calls it; rank 0 gets it, the others an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict  # noqa: PLC0415
+
+    sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if "param_groups" not in sd:  # cpu_offload: only rank 0 holds the gathered state
+        return sd
+    index = {fqn: i for i, fqn in enumerate(fqn for g in sd["param_groups"] for fqn in g["params"])}
+    state = {index[fqn]: {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+             for fqn, st in sd["state"].items()}
+    groups = [{**g, "params": [index[fqn] for fqn in g["params"]]} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                    optimizer_state: dict) -> None:
+    """Load :func:`full_model_state` / :func:`full_optimizer_state` (or the ``state_dict()`` of
+    one process) into a sharded ``model`` and its ``optimizer``; every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,  # noqa: PLC0415
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    by_name = {"state": {order[i]: st for i, st in optimizer_state["state"].items()},
+               "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
+                                for g in optimizer_state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
 def teardown() -> None:
     """Leave the process group (no-op when none is initialised)."""
     if dist.is_available() and dist.is_initialized():
@@ -111,11 +199,12 @@ def any_rank(flag: int) -> int:
 @torch.no_grad()
 def replicas_agree(module: torch.nn.Module) -> bool:
     """Whether every parameter and buffer (sigmaReparam's ``_u``, ``_v`` included) is bit-identical
-    on all ranks: per-tensor float64 checksums are compared through an all-reduce of min and max."""
+    on all ranks: per-tensor float64 checksums are compared through an all-reduce of min and max
+    (the shards of an FSDP2 model are gathered first: every rank calls it)."""
     rank, world = rank_and_world()
     if world == 1:
         return True
-    tensors = [t.detach().double() for t in module.state_dict().values()]
+    tensors = [whole(t.detach()).double() for t in module.state_dict().values()]  # (FSDP2: gathered)
     vec = torch.stack([t.sum() for t in tensors] + [(t * t).sum() for t in tensors])
     lo, hi = vec.clone(), vec.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)

@@ -81,7 +81,7 @@ METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
 SUMMARY_NAME = "summary.json"
 #: fields that may change on resume (they do not change the trajectory's numbers on one device)
-RUNTIME_FIELDS = ("device", "compile", "threads", "progress", "checkpoint_every")
+RUNTIME_FIELDS = ("device", "compile", "distributed", "threads", "progress", "checkpoint_every")
 #: what a training checkpoint holds (``cuda_rng`` too when it was written on CUDA)
 STATE_KEYS = ("config", "step", "model", "optimizer", "data_generator", "torch_rng", "train_time",
               "tokens_seen", "corpus_sha256")
@@ -369,8 +369,16 @@ def row_samples(model: torch.nn.Module, *inputs: torch.Tensor) -> dict[str, np.n
     was_training = model.training
     model.eval()
     seen: list[tuple] = []
-    hooks = [attn.probe.register_forward_hook(lambda m, args, out: seen.append(args))
-             for attn in model.attention_modules()]
+    weights: list[tuple] = []
+
+    def capture(attn):
+        def hook(module, args, out):
+            seen.append(args)
+            # read inside the forward, where FSDP2 has gathered the block's weights
+            weights.append(tuple(w.detach().clone() for w in attn.head_weights()))
+        return hook
+
+    hooks = [attn.probe.register_forward_hook(capture(attn)) for attn in model.attention_modules()]
     try:
         model(*inputs)
     finally:
@@ -378,11 +386,12 @@ def row_samples(model: torch.nn.Module, *inputs: torch.Tensor) -> dict[str, np.n
             h.remove()
         model.train(was_training)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("layer", "head", "n_keys", "entropy", *VARIANTS)}
-    for layer, (attn, (x, q, k, *rest)) in enumerate(zip(model.attention_modules(), seen, strict=True)):
+    for layer, (attn, (x, q, k, *rest), w_qk) in enumerate(zip(model.attention_modules(), seen, weights,
+                                                              strict=True)):
         x_k = rest[0] if rest else None  # cross-attention: the key-side tokens
         # float64 statistics of the float32 queries and keys: the exact-row bound then holds to ~1e-12
         stats = attention_row_stats(q.double(), k.double(), scale=attn.scale, causal=attn.causal)  # (B, H, T)
-        sigma = head_sigma(*attn.head_weights(), scale=attn.scale)  # (H,)
+        sigma = head_sigma(*w_qk, scale=attn.scale)  # (H,)
         if getattr(attn, "weight_bounds_valid", True):
             norms = bound_variant_norms(stats, sigma, x, x_k)  # {variant: (B, H, T)}
         else:  # QK-LayerNorm, cross-attention: weight variants do not apply (sigma_core.probe);
@@ -417,7 +426,14 @@ def observed(model: GPT, enabled: bool = True):
         monitor.close()
 
 
-def attention_metrics(monitor: EntropyMonitor, model: GPT) -> dict:
+def attention_gammas(model: torch.nn.Module) -> dict:
+    """sigmaReparam's gamma of each attention projection (gathered under FSDP2: every rank)."""
+    from sigma_core.reparam import sigma_reparam_state  # noqa: PLC0415
+
+    return {k: v["gamma"] for k, v in sigma_reparam_state(model).items() if ".attn." in k}
+
+
+def attention_metrics(monitor: EntropyMonitor, model: GPT, *, gamma: dict | None = None) -> dict:
     """Per-step attention fields of ``metrics.jsonl`` from the monitor's last records.
 
     ``entropy[l][h]``: mean entropy of head h of layer l over rows with at least T/2 keys (so
@@ -427,7 +443,8 @@ def attention_metrics(monitor: EntropyMonitor, model: GPT) -> dict:
     ``sigma[l][h]`` = sigma_h (eq. (1), with the logit scale) and ``sigma_max`` its maximum;
     ``rows_checked`` and ``bound_violations`` (rows below any of the bounds h_{T_i}, eq. (2),
     summed over the variants; it must stay 0); ``gamma``: sigmaReparam's gamma of each attention
-    projection when the model is reparametrised.
+    projection when the model is reparametrised (``gamma``: that dict, computed beforehand, e.g.
+    on every rank of a sharded model).
     """
     recs = monitor.last
     if not recs:
@@ -447,10 +464,10 @@ def attention_metrics(monitor: EntropyMonitor, model: GPT) -> dict:
            "entropy_min_row": float(row_min), "sigma_max": float(sig.max()),
            "rows_checked": int(rows), "bound_violations": int(violations),
            "entropy": ent.tolist(), "sigma": sig.tolist()}
-    if any(True for _ in _sigma_state_names(model)):
-        from sigma_core.reparam import sigma_reparam_state
-
-        out["gamma"] = {k: v["gamma"] for k, v in sigma_reparam_state(model).items() if ".attn." in k}
+    if gamma is not None:
+        out["gamma"] = gamma
+    elif any(True for _ in _sigma_state_names(model)):
+        out["gamma"] = attention_gammas(model)
     return out
 
 
@@ -498,13 +515,18 @@ class Trainer:
         self.corpus = getattr(self.task, "corpus", None)  # the GPT's bytes; None for other models
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg)
+        #: FSDP2: the model is sharded in place (fully_shard per block and at the root); every
+        #: forward, the gathered state and the sigma/gamma read then need every rank
+        self.sharded = self.world_size > 1 and cfg.distributed == "fsdp"
+        if self.sharded:
+            distributed.shard_model(self.model)
+        self.optimizer = build_optimizer(self.model, cfg)  # (after sharding: the DTensor parameters)
         self.data_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.train_time = 0.0
         self.tokens_seen = 0
         self.ddp = self.model
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
 
             # broadcast_buffers (default): sigmaReparam's u, v come from rank 0 at every forward
@@ -526,9 +548,17 @@ class Trainer:
         return nullcontext()
 
     def state_dict(self) -> dict:
-        """Everything needed to continue the run exactly: model, optimiser, data order, RNG."""
-        return {"config": self.cfg.to_dict(), "step": self.step, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+        """Everything needed to continue the run exactly: model, optimiser, data order, RNG.
+
+        Under FSDP2 the model and optimizer state are gathered (every rank calls this) into the
+        format of one process, so the file is the same whatever the world size."""
+        if self.sharded:
+            model_state = distributed.full_model_state(self.model)
+            optimizer_state = distributed.full_optimizer_state(self.model, self.optimizer)
+        else:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        return {"config": self.cfg.to_dict(), "step": self.step, "model": model_state,
+                "optimizer": optimizer_state,
                 "data_generator": self.data_generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "train_time": self.train_time,
                 "tokens_seen": self.tokens_seen, "corpus_sha256": self.task.sha256,
@@ -557,8 +587,11 @@ class Trainer:
         if state["corpus_sha256"] != self.task.sha256:
             raise CheckpointError("checkpoint was trained on different data (corpus/data sha256 differs)")
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sharded:
+                distributed.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+            else:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"checkpoint model/optimizer state does not fit this model: {exc}") from exc
         self.data_generator.set_state(state["data_generator"])
@@ -586,7 +619,11 @@ class Trainer:
             if self.out_dir is None:
                 raise ValueError("path is required when the trainer has no out_dir")
             path = self.out_dir / CHECKPOINT_NAME
-        if self.is_main:  # one writer; the state is the same on every rank
+        if self.sharded:  # gathered from every rank's shards; one writer
+            state = self.state_dict()
+            if self.is_main:
+                atomic_torch_save(state, path)
+        elif self.is_main:  # one writer; the state is the same on every rank
             atomic_torch_save(self.state_dict(), path)
         return Path(path)
 
@@ -665,7 +702,7 @@ class Trainer:
         except FloatingPointError as exc:  # sigmaReparam's sigma estimate is not finite
             raise Diverged(step, f"non-finite weights ({exc})") from exc
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)).item()
         loss_value = distributed.mean_over_ranks(loss.detach()).item()
         if not math.isfinite(loss_value):
             raise Diverged(step, f"non-finite loss ({loss_value})", loss_value, grad_norm)
@@ -755,16 +792,18 @@ class Trainer:
                     self._write_record(metrics, record)
                     break
                 bar.update(1)
+                pre = self._collective_logging(step) if logging and self.sharded else {}
                 if logging and self.is_main:
-                    record = {"step": step, **out, **attention_metrics(monitor, self.model),
+                    record = {"step": step, **out, **attention_metrics(monitor, self.model, gamma=pre.get("gamma")),
                               "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
                               "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9)}
                     if step % cfg.eval_every == 0 or step == cfg.steps:
-                        record["val_loss"] = self.evaluate()
+                        record["val_loss"] = pre["val_loss"] if "val_loss" in pre else self.evaluate()
                         if self.last_val_accuracy is not None:
                             record["val_accuracy"] = self.last_val_accuracy
                     if step in cfg.sample_steps:
-                        samples = row_samples(self.model, *self.task.sample_inputs(self.device))
+                        samples = pre["samples"] if "samples" in pre else row_samples(
+                            self.model, *self.task.sample_inputs(self.device))
                         record["sample_violations"] = int(samples["violations"])
                         if self.out_dir is not None:
                             path = self.out_dir / "samples" / f"step_{step:06d}.npz"
@@ -797,6 +836,19 @@ class Trainer:
         if writes:
             atomic_write_text(self.out_dir / SUMMARY_NAME, json.dumps(self.summary, indent=2) + "\n")
         return self.summary
+
+    def _collective_logging(self, step: int) -> dict:
+        """Under FSDP2, what a logged step computes with forwards or gathered weights, on every
+        rank (a forward of rank 0 alone would wait for the others' all-gathers forever)."""
+        cfg, pre = self.cfg, {}
+        if any(True for _ in _sigma_state_names(self.model)):
+            pre["gamma"] = attention_gammas(self.model)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            pre["val_loss"] = self.evaluate()
+            pre["val_accuracy"] = self.last_val_accuracy
+        if step in cfg.sample_steps:
+            pre["samples"] = row_samples(self.model, *self.task.sample_inputs(self.device))
+        return pre
 
     @staticmethod
     def _write_record(metrics, record: dict) -> None:
