@@ -37,8 +37,10 @@ Each run's config.json, metrics.jsonl, summary.json and samples/ stay in OUT/run
 Methods: baseline; sigma-reparam (sigmaReparam on every linear layer); sigma-reparam-no-ln
 (the same without LayerNorm); qk-layernorm (LayerNorm on each head's q and k); softcap
 (logits c*tanh(a/c)); spectral-norm (torch's spectral_norm, gamma fixed at 1).
-Collapsed: some head's entropy below 0.05 log T at the last logged step.  Diverged: a
-non-finite loss, a crash, or a final validation loss >= log 256.
+Definitions (sigma_core/experiments/definitions.py, as in the report and the claims ledger):
+collapsed: some head's entropy below 0.1 nats at a logged step.  Diverged: a non-finite loss
+or gradient, a crash, or no finite final validation loss.  Learned: a final validation loss
+0.05 nats below log 256.  Stable: every seed learned and none collapsed or diverged.
 
 How long: the default (6 methods x 6 rates, seed 0, cpu-compare preset, 200 steps) is 36
 runs of a few seconds each on one CPU core; 3 seeds (108 runs) need about 13 minutes of

@@ -40,7 +40,7 @@ the step and summary.json says "diverged": true); 2 for a bad flag, folder or ch
 #: the help line of each TrainConfig field (a field missing here gets a generic line)
 FIELD_HELP = {
     "model": "which model: gpt (byte-level GPT on the shipped corpus), vit (ViT on 8x8 digits) "
-             "or seq2seq (encoder-decoder on a synthetic task)",
+             "seq2seq (encoder-decoder on a synthetic task) or speech (CTC encoder on spoken digits)",
     "vocab_size": "vocabulary size (256 bytes for the GPT)",
     "d_model": "model width d",
     "n_layer": "number of Transformer blocks",
@@ -68,6 +68,7 @@ FIELD_HELP = {
     "seed": "random seed (weights and data order)",
     "corpus_bytes": "bytes of the shipped corpus to use (at most 8388608)",
     "val_fraction": "fraction of the data held out for the validation loss",
+    "test_split": "also hold out a test split, evaluated at the last step (test_loss, test_accuracy)",
     "log_every": "record entropy and metrics every N steps",
     "eval_every": "validation loss every N steps",
     "eval_batches": "batches per validation loss",
@@ -85,7 +86,7 @@ _GROUPS = (
                "mlp_ratio", "reparam", "gamma_init", "qk_norm", "logit_softcap", "patch_size", "seq_task")),
     ("optimisation", ("optimizer", "lr", "momentum", "weight_decay", "warmup_steps", "lr_schedule",
                       "grad_clip", "batch_size", "steps", "seed")),
-    ("data and logging", ("corpus_bytes", "val_fraction", "log_every", "eval_every", "eval_batches",
+    ("data and logging", ("corpus_bytes", "val_fraction", "test_split", "log_every", "eval_every", "eval_batches",
                           "sample_steps", "sample_batch")),
     ("runtime", ()),
 )

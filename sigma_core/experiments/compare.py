@@ -348,7 +348,7 @@ def write_compare(rows: list[dict], out_dir: str | os.PathLike, *, meta: dict | 
     (out / "meta.json").write_text(json.dumps({**meta, "largest_stable_lr": best}, indent=2) + "\n")
     paths["meta"] = out / "meta.json"
     lines = ["# sigmaReparam vs the other attention stabilisers: learning-rate sweep", ""]
-    for key in ("preset", "device_name", "torch", "git_commit", "date", "steps", "seeds", "model"):
+    for key in ("preset", "device_name", "torch", "git_commit", "date", "steps", "seeds", "model", "rederived"):
         if key in meta:
             lines.append(f"- {key.replace('_', ' ')}: {meta[key]}")
     lines += ["", "Definitions (sigma_core/experiments/definitions.py, the same for the run report and the "
@@ -492,3 +492,36 @@ def run_compare(out_dir, *, preset_name: str = "cpu-compare", methods=tuple(METH
     paths = write_compare(rows, out_dir, meta=meta)
     log(f"[compare] table written to {paths['md']}")
     return paths
+
+
+def rederive(out_dir: str | os.PathLike, *, log=print) -> dict[str, Path]:
+    """Rewrite a finished sweep's tables and figures from its committed run folders
+    (``out_dir/runs/METHOD/lr_LR/seed_S``) under the current definitions, without training.
+
+    The sweep's ``meta.json`` is kept (preset, versions, commit, wall time of the training) and
+    gains ``rederived`` (the date); a run folder without ``summary.json`` (a crash) counts as diverged.
+    """
+    out = Path(out_dir)
+    meta_path = out / "meta.json"
+    if not (out / "runs").is_dir():
+        raise ValueError(f"out_dir {out} has no runs/ folder to re-derive from")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta.pop("largest_stable_lr", None)
+    dirs = sorted(p.parent for p in (out / "runs").rglob("config.json"))
+    rows = []
+    for d in dirs:
+        row = summarise_compare_run(d)
+        row["method"] = d.relative_to(out / "runs").parts[0]  # the sweep's own name of the method
+        rows.append(row)
+    meta["rederived"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    paths = write_compare(rows, out, meta=meta)
+    log(f"[compare] {len(rows)} runs re-derived into {paths['md']}")
+    return paths
+
+
+if __name__ == "__main__":  # python -m sigma_core.experiments.compare rederive results/compare-cpu
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "rederive":
+        sys.exit("usage: python -m sigma_core.experiments.compare rederive SWEEP_FOLDER")
+    rederive(sys.argv[2])

@@ -26,7 +26,10 @@ whole config next to its metrics.  Presets are named starting points:
   SGD with momentum 0.9, no warm-up, no weight decay (``reparam="none"``: the baseline under it);
 - ``seq2seq-reverse``: a post-LN encoder-decoder (6 + 6 layers, d=32) reversing 8 symbols of
   10, SGD with momentum 0.9, no warm-up, constant lr 0.1, 200 steps (``n_layer`` sets the depth);
-- ``vit-smoke``, ``seq2seq-smoke``: the same models at test size (seconds).
+- ``speech-digits``: a post-LN Transformer encoder with CTC (8 layers, d=64, 80 ms tokens) on
+  espeak-ng spoken digit strings (:mod:`sigma_core.experiments.speech`), SGD with momentum 0.9,
+  no warm-up, cosine decay, 300 steps;
+- ``vit-smoke``, ``seq2seq-smoke``, ``speech-smoke``: the same models at test size (seconds).
 
 Example
 -------
@@ -43,7 +46,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-MODELS = ("gpt", "vit", "seq2seq")
+MODELS = ("gpt", "vit", "seq2seq", "speech")
 #: the largest seed (the run's generators are seeded with seed, seed + 1 and seed + 2)
 SEED_MAX = 2**63 - 3
 NORMS = ("pre", "post", "none")
@@ -96,6 +99,9 @@ class TrainConfig:
     (``lr_schedule="constant"``, the default) or follows a half cosine to 0 at ``steps``
     (``"cosine"``); ``grad_clip`` 0 disables clipping (the gradient norm is logged either way).
     Runtime: ``checkpoint_every`` steps a checkpoint is written (0: only at the end of the run).
+    Data: ``test_split`` holds out a test split besides the validation split (see
+    :mod:`sigma_core.experiments.tasks`), evaluated once, at the last step (``test_loss``,
+    ``test_accuracy``), so that a learning rate chosen on validation is reported on unseen data.
     """
 
     preset: str = "custom"
@@ -129,6 +135,7 @@ class TrainConfig:
     # data
     corpus_bytes: int = 8 * 2**20
     val_fraction: float = 0.1
+    test_split: bool = False
     # logging and evaluation
     log_every: int = 10
     eval_every: int = 50
@@ -292,6 +299,12 @@ PRESETS: dict[str, dict] = {
                             warmup_steps=0, batch_size=32, steps=200, eval_batches=8,
                             log_every=4, eval_every=50, sample_batch=4, sample_steps=(200,),
                             progress=False, checkpoint_every=0),
+    # deep post-LN CTC encoder on espeak-ng spoken digit strings (log-mel frames), SGD with
+    # momentum, no warm-up, cosine decay (sigma_core.experiments.speech)
+    "speech-digits": dict(model="speech", vocab_size=11, block_size=34, d_model=64, n_layer=8, n_head=4,
+                          norm="post", optimizer="sgd", momentum=0.9, lr=0.1, warmup_steps=0,
+                          lr_schedule="cosine", batch_size=32, steps=300, log_every=5, eval_every=100,
+                          sample_batch=4, sample_steps=(300,), progress=False, checkpoint_every=0),
     # smoke-size versions for the tests (seconds)
     "vit-smoke": dict(model="vit", d_model=16, n_layer=2, n_head=2, patch_size=4, norm="pre",
                       optimizer="adamw", lr=3e-3, warmup_steps=3, lr_schedule="cosine",
@@ -301,10 +314,13 @@ PRESETS: dict[str, dict] = {
                           n_head=2, norm="post", optimizer="sgd", momentum=0.9, lr=0.1, batch_size=8,
                           steps=12, eval_batches=2, log_every=3, eval_every=6, sample_batch=2,
                           sample_steps=(12,), progress=False),
+    "speech-smoke": dict(model="speech", vocab_size=11, block_size=34, d_model=16, n_layer=2, n_head=2,
+                         norm="post", optimizer="sgd", momentum=0.9, lr=0.1, batch_size=8, steps=6,
+                         log_every=3, eval_every=6, sample_batch=2, sample_steps=(6,), progress=False),
 }
 
 #: the preset a model starts from when the command line names none
-DEFAULT_PRESET = {"gpt": "cpu-demo", "vit": "vit-digits", "seq2seq": "seq2seq-reverse"}
+DEFAULT_PRESET = {"gpt": "cpu-demo", "vit": "vit-digits", "seq2seq": "seq2seq-reverse", "speech": "speech-digits"}
 
 
 def preset(name: str, **overrides) -> TrainConfig:

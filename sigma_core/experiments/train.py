@@ -190,7 +190,11 @@ def build_model(cfg) -> torch.nn.Module:
         from sigma_core.models.seq2seq import build_seq2seq  # noqa: PLC0415
 
         return apply_reparam(build_seq2seq(cfg), cfg.reparam, gamma_init=cfg.gamma_init)
-    raise ValueError(f"cfg.model must be 'gpt', 'vit' or 'seq2seq', got {cfg.model!r}")
+    if cfg.model == "speech":
+        from sigma_core.models.speech import build_speech  # noqa: PLC0415
+
+        return apply_reparam(build_speech(cfg), cfg.reparam, gamma_init=cfg.gamma_init)
+    raise ValueError(f"cfg.model must be 'gpt', 'vit', 'seq2seq' or 'speech', got {cfg.model!r}")
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -719,15 +723,16 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the task's held-out batches (the same batches at every call).
+    def evaluate(self, batches=None) -> float:
+        """Mean loss over the task's held-out batches (the same batches at every call), or over
+        ``batches`` (the test split's at the last step of a ``test_split`` run).
 
         For the classifiers (ViT: test images; seq2seq: target tokens under teacher forcing) the
         fraction predicted right is kept in :attr:`last_val_accuracy` (``None`` for the GPT).
         """
         self.model.eval()
         losses, right, total = [], 0, 0
-        for x, y in self.task.eval_batches(self.device):
+        for x, y in (self.task.eval_batches(self.device) if batches is None else batches):
             with self.autocast():
                 logits, loss = self.model(x, y)
             losses.append(loss.item())
@@ -801,6 +806,12 @@ class Trainer:
                         record["val_loss"] = pre["val_loss"] if "val_loss" in pre else self.evaluate()
                         if self.last_val_accuracy is not None:
                             record["val_accuracy"] = self.last_val_accuracy
+                    if step == cfg.steps and cfg.test_split:  # evaluated once, never used to choose
+                        accuracy = self.last_val_accuracy
+                        record["test_loss"] = self.evaluate(self.task.test_batches(self.device))
+                        if self.last_val_accuracy is not None:
+                            record["test_accuracy"] = self.last_val_accuracy
+                        self.last_val_accuracy = accuracy
                     if step in cfg.sample_steps:
                         samples = pre["samples"] if "samples" in pre else row_samples(
                             self.model, *self.task.sample_inputs(self.device))
@@ -888,6 +899,8 @@ class Trainer:
                    "norm": self.cfg.norm, "optimizer": self.cfg.optimizer, "reparam": self.cfg.reparam,
                    "lr": self.cfg.lr, "final_train_loss": last.get("train_loss"),
                    "final_val_loss": last.get("val_loss"), "final_val_accuracy": last.get("val_accuracy"),
+                   **({"final_test_loss": last.get("test_loss"), "final_test_accuracy": last.get("test_accuracy")}
+                      if self.cfg.test_split else {}),
                    "git_dirty": self.git_dirty, "entropy_mean": last.get("entropy_mean"),
                    "entropy_min_head": last.get("entropy_min_head"), "sigma_max": last.get("sigma_max"),
                    "bound_violations": None, "train_time_s": self.train_time,
