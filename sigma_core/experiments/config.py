@@ -10,9 +10,14 @@ whole config next to its metrics.  Presets are named starting points:
 - ``cpu-compare``: the stabiliser sweep of ``entropy-collapse compare`` on two CPU cores
   (d=64, 2 layers, 4 heads, T=64, batch 16, 200 steps: a few seconds per run);
 - ``classroom``: a live demonstration that fits in a lecture (d=64, 2 layers, 4 heads, T=64,
-  batch 16, 150 steps at lr 3e-2, entropy logged every 5 steps): with ``reparam="none"`` some
-  head ends below 0.1 nats, with ``reparam="sigma"`` every head stays above 1 nat, and the pair
-  takes well under a minute on two CPU cores (notebook 04; tests/test_notebooks.py checks it);
+  batch 16, 150 steps at lr 3e-2, entropy logged every 5 steps, one CPU thread, so that the
+  numbers do not depend on the machine's core count): with ``reparam="none"`` some head
+  ends below 0.1 nats (0.026), with ``reparam="sigma"`` every head stays above 1 nat (2.00); about
+  11 s of CPU time per run (notebook 04; tests/test_notebooks.py checks it);
+- ``classroom-spike``: the classroom model at lr 3e-1 for 80 steps, logged every step, for the
+  instability demonstration of notebook 04: with ``reparam="none"`` a head's entropy falls below
+  0.1 nats within three steps and the training loss climbs to three to four times its starting
+  value and oscillates; with ``reparam="sigma"`` neither happens (about 5 s of CPU time per run);
 - ``h200``: the reference GPU setting (d=256, 6 layers, 8 heads, T=256, batch 64, 1000 steps)
   at lr 1e-2, where the baseline collapses and sigmaReparam does not;
 - ``vit-digits``: a ViT (d=64, 4 layers, 4 heads, 2x2 patches) on scikit-learn's 8x8 digits with
@@ -266,7 +271,12 @@ PRESETS: dict[str, dict] = {
                         sample_steps=(200,), progress=False),
     "classroom": dict(d_model=64, n_layer=2, n_head=4, block_size=64, batch_size=16, steps=150,
                       lr=3e-2, corpus_bytes=2**21, log_every=5, eval_every=75, eval_batches=4,
-                      sample_steps=(150,), checkpoint_every=0),
+                      sample_steps=(150,), checkpoint_every=0, threads=1),
+    # the classroom model at ten times its learning rate, logged every step: the entropy falls, then the
+    # loss spikes to several times its starting value and oscillates (the shape of the paper's Figure 1)
+    "classroom-spike": dict(d_model=64, n_layer=2, n_head=4, block_size=64, batch_size=16, steps=80,
+                            lr=3e-1, corpus_bytes=2**21, log_every=1, eval_every=40, eval_batches=4,
+                            sample_steps=(80,), checkpoint_every=0, threads=1),
     "h200": dict(d_model=256, n_layer=6, n_head=8, block_size=256, batch_size=64, steps=1000,
                  lr=1e-2, log_every=10, eval_every=100, eval_batches=8,
                  sample_steps=(100, 1000), compile=False),
