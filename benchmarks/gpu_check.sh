@@ -16,6 +16,7 @@
 #   h200_report.log    training + report output (tokens/s, MFU, violations)
 #   bench_reparam.log  sigmaReparam step-time ratios at d=256/6 layers and d=1024
 #   bench_entropy.log  dense vs streaming memory/time on the GPU, monitor overhead
+#   claims_gpu.log, claims_gpu.tar.gz  the claims ledger's runs at --scale gpu (as far as they got)
 # Commit the unpacked runs under results/h200/ (no checkpoints) with env.txt beside them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,4 +65,9 @@ step bench_reparam 150 bash -c "$PY benchmarks/bench_reparam.py --device cuda --
 
 # 4. Entropy measurement on the GPU: dense vs streaming up to T=32768, monitor overhead.
 step bench_entropy 120 $PY benchmarks/bench_entropy.py --device cuda --max-T 32768
+# 5. The claims ledger's experiments at their GPU scale (4x the ViT steps, seq2seq also at 24+24 layers):
+#    whatever finishes in the limit comes back; `claims run` skips finished runs, so a later lease continues.
+CLAIMS_RUNS=${CLAIMS_RUNS:-/tmp/claims_gpu}
+step claims_gpu 150 $PY -m sigma_core.experiments.claims run --scale gpu --out "$CLAIMS_RUNS" --jobs 1
+tar -C "$(dirname "$CLAIMS_RUNS")" -czf "$OUT/claims_gpu.tar.gz" "$(basename "$CLAIMS_RUNS")" 2>/dev/null
 echo "== done"; ls -la "$OUT"

@@ -27,6 +27,7 @@ function (and a hook in the monitor that calls it).
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import math
 import sys
@@ -40,14 +41,18 @@ from torch.overrides import TorchFunctionMode
 
 from sigma_core.entropy import _hidden_threshold
 
-__all__ = ["Adapted", "AttentionInterceptor", "Call", "ExecutingModules", "SDPA_ARGS", "Weights", "mha_call",
-           "probe_call", "sdpa_arguments", "sdpa_call", "softmax_call", "softmax_input", "suspended"]
+__all__ = ["Adapted", "AttentionInterceptor", "Call", "CompiledForwards", "ExecutingModules", "SDPA_ARGS", "Weights", "mha_call",
+           "packed_query_heads", "probe_call", "sdpa_arguments", "sdpa_call", "softmax_call", "softmax_input", "suspended"]
 
 #: positional order of the arguments of scaled_dot_product_attention
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, torch._C.TensorBase.softmax}
+try:  # the operator behind torch.nn.attention.flex_attention (not measured: counted, see the monitor)
+    from torch._higher_order_ops.flex_attention import flex_attention as _FLEX
+except Exception:  # pragma: no cover - a build without it
+    _FLEX = None
 
 
 def sdpa_arguments(args: tuple, kwargs: dict) -> dict:
@@ -71,15 +76,21 @@ def softmax_input(args: tuple, kwargs: dict):
 
 class AttentionInterceptor(TorchFunctionMode):
     """Calls ``on_sdpa(args, kwargs)`` before each SDPA call and ``on_softmax(logits, probs)``
-    after each last-axis softmax of a 4-D tensor; returns each function's own result."""
+    after each last-axis softmax of a 4-D tensor; returns each function's own result.  Calls of
+    ``torch.nn.attention.flex_attention`` are counted in :attr:`flex_calls` (their operator runs
+    inside a region flex_attention compiles itself, where no callback may run)."""
 
     def __init__(self, on_sdpa, on_softmax):
         super().__init__()
         self.on_sdpa = on_sdpa
         self.on_softmax = on_softmax
+        self.flex_calls = 0  # flex_attention calls seen (inside its own compiled region: only counted)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is _FLEX and _FLEX is not None:
+            self.flex_calls += 1
+            return func(*args, **kwargs)
         if func in _SDPA:
             self.on_sdpa(args, kwargs)
             return func(*args, **kwargs)
@@ -157,11 +168,13 @@ class ExecutingModules:
         self._args = {}
         self.in_opaque = 0
 
+    @torch.compiler.disable
     def _enter(self, module, args):
         self.in_opaque += 1
         if self.in_opaque == 1 and self._on_opaque is not None:
             self._on_opaque(True)
 
+    @torch.compiler.disable
     def _leave(self, module, args, output):
         if self.in_opaque == 0:
             return
@@ -169,6 +182,7 @@ class ExecutingModules:
         if self.in_opaque == 0 and self._on_opaque is not None:
             self._on_opaque(False)
 
+    @torch.compiler.disable
     def _keep(self, module, args, kwargs):
         self._args[id(module)] = (args, kwargs)
 
@@ -188,6 +202,132 @@ class ExecutingModules:
             frame = frame.f_back
         found.reverse()
         return found
+
+
+# -- torch.compile -------------------------------------------------------------------------------
+def _optimized_module_type():
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except Exception:  # pragma: no cover - a build without dynamo
+        return None
+    return OptimizedModule
+
+
+def _forced_eager() -> bool:
+    try:
+        return torch._dynamo.eval_frame._stance.stance == "force_eager"
+    except Exception:  # pragma: no cover - an older/newer layout: assume not
+        return False
+
+
+def in_compiled_call() -> bool:
+    """Whether the caller runs inside a call that ``torch.compile`` compiles (a ``compile_wrapper``
+    frame of ``torch._dynamo.eval_frame`` on the call stack, and the compiler not forced eager)."""
+    if _forced_eager():
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "compile_wrapper" and code.co_filename.endswith(("_dynamo/eval_frame.py",
+                                                                              "_dynamo\\eval_frame.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class CompiledForwards:
+    """Run the forwards a monitor records eagerly when ``model`` is compiled with ``torch.compile``.
+
+    Under ``torch.compile`` the monitor cannot see attention calls (they are inside a graph), and
+    tracing its torch-function mode breaks Dynamo on many models.  So a recorded forward runs with
+    ``torch.compiler.set_stance("force_eager")`` (the model's own eager code, the records of an
+    eager model) and every other forward runs the compiled graph untouched.  The stance is set
+    where a forward begins *outside* the compiled code: a forward pre-hook on each
+    ``torch.compile(model)`` wrapper (``OptimizedModule``, found from ``model`` through the
+    garbage collector's objects when attached, or later on the call stack by :meth:`adopt`), and a wrapper
+    around ``model._compiled_call_impl`` for ``model.compile()``.  ``due()`` says whether the next
+    forward of ``model`` records.  :meth:`close` removes all of it.
+    """
+
+    def __init__(self, model: nn.Module, due: Callable[[], bool]):
+        self._model = model
+        self._due = due
+        self._handles: list = []
+        self._wrappers: set[int] = set()
+        self._stance = None
+        self._inplace = None  # (the original _compiled_call_impl, our wrapper)
+        opt = _optimized_module_type()
+        if opt is not None:  # torch.compile(model) wrappers made before the monitor: one pass over the heap
+            for obj in gc.get_objects():
+                if issubclass(type(obj), opt) and obj._modules.get("_orig_mod") is model:  # (no proxy touched)
+                    self.hook(obj)
+        self.adopt_inplace()
+
+    @property
+    def wrapped(self) -> bool:
+        """Whether a compiled entry point of the model is handled."""
+        return bool(self._wrappers) or self._inplace is not None
+
+    def hook(self, wrapper: nn.Module) -> None:
+        """Force eager execution of the recorded forwards that enter through ``wrapper``."""
+        if id(wrapper) in self._wrappers:
+            return
+        self._wrappers.add(id(wrapper))
+        self._handles.append(wrapper.register_forward_pre_hook(self._enter, prepend=True))
+        self._handles.append(wrapper.register_forward_hook(self._leave, always_call=True))
+
+    def adopt_inplace(self) -> bool:
+        """Wrap ``model._compiled_call_impl`` (set by ``model.compile()``) if not done yet."""
+        impl = self._model.__dict__.get("_compiled_call_impl")
+        if impl is None or (self._inplace is not None and impl is self._inplace[1]):
+            return False
+
+        def call(*args, **kwargs):
+            self._enter(None, args)
+            try:
+                return impl(*args, **kwargs)
+            finally:
+                self._leave(None, args, None)
+
+        self._inplace = (impl, call)
+        self._model._compiled_call_impl = call
+        return True
+
+    def adopt(self) -> bool:
+        """Called inside a compiled forward the monitor was not told of: hook the
+        ``torch.compile(model)`` wrapper found on the call stack (or ``model.compile()``), so that
+        the next recorded forwards run eagerly.  Whether one was found."""
+        found = self.adopt_inplace()
+        opt = _optimized_module_type()
+        frame = sys._getframe(1)
+        while frame is not None and opt is not None:
+            obj = frame.f_locals.get("self") if frame.f_code.co_argcount else None
+            if isinstance(obj, opt) and getattr(obj, "_orig_mod", None) is self._model:
+                self.hook(obj)
+                found = True
+            frame = frame.f_back
+        return found
+
+    def _enter(self, module, args):
+        if self._stance is None and self._due():
+            self._stance = torch.compiler.set_stance("force_eager")  # applied now; undone in _leave
+
+    def _leave(self, module, args, output):
+        if self._stance is not None:
+            stance, self._stance = self._stance, None
+            stance.__exit__(None, None, None)
+
+    def close(self) -> None:
+        self._leave(None, (), None)
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._wrappers = set()
+        if self._inplace is not None:
+            impl, call = self._inplace
+            if self._model.__dict__.get("_compiled_call_impl") is call:
+                self._model._compiled_call_impl = impl
+            self._inplace = None
 
 
 # -- what a call is -------------------------------------------------------------------------------
@@ -281,12 +421,51 @@ def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def sdpa_call(a: dict, adapted: Adapted | None) -> Call:
+def packed_query_heads(module: nn.Module | None, q: torch.Tensor, k: torch.Tensor) -> int:
+    """How many query heads a grouped-query decoding call packed into its query axis, else 1.
+
+    To decode one token with a mask, Hugging Face (``pack_gqa`` of
+    ``transformers.integrations.sdpa_attention``) runs SDPA on the key heads, with the
+    ``g = num_key_value_groups`` query heads sharing key head ``j`` as ``g`` query rows:
+    ``(B, H, 1, d)`` becomes ``(B, H / g, g, d)``.  Recognised from the module making the call
+    (``num_key_value_groups = g > 1`` and ``config.num_attention_heads = H``):
+    a call with ``H / g`` heads of queries and keys and exactly ``g`` query rows.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> mod = nn.Module(); mod.num_key_value_groups = 2
+    >>> mod.config = SimpleNamespace(num_attention_heads=4)
+    >>> packed_query_heads(mod, torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 5, 8))  # 4 heads packed
+    2
+    >>> packed_query_heads(mod, torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 5, 8))  # enable_gqa layout
+    1
+    """
+    g = getattr(module, "num_key_value_groups", None)
+    if not isinstance(g, int) or g < 2 or q.dim() != 4 or k.dim() != 4:
+        return 1
+    heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+    if not isinstance(heads, int) or q.shape[1] != k.shape[1] or q.shape[2] != g or heads != q.shape[1] * g:
+        return 1  # (without the module's head count a prefill of g tokens would look the same)
+    return g
+
+
+def sdpa_call(a: dict, adapted: Adapted | None, module: nn.Module | None = None) -> Call:
     """The :class:`Call` of a ``scaled_dot_product_attention`` call with arguments ``a``
     (:func:`sdpa_arguments`; not nested tensors): 3-D inputs are one head, extra batch dimensions
     are folded into the heads, grouped-query key heads are repeated (ValueError when the query
-    heads are not a multiple of them).  ``adapted``: the adapter of the module making the call."""
+    heads are not a multiple of them), and query heads packed into the query axis by grouped-query
+    decoding (:func:`packed_query_heads` of ``module``, the innermost module making the call) are
+    unpacked, so that heads are always query heads.  ``adapted``: the adapter of the module."""
     q, k, mask = a["query"].detach(), a["key"].detach(), a["attn_mask"]
+    g = packed_query_heads(module, q, k)
+    if g > 1:  # (B, Hk, g, d) -> (B, Hk * g, 1, d): query head j * g + r is row r of key head j
+        B, Hk = q.shape[:2]
+        q = q.reshape(B, Hk * g, 1, q.shape[-1])
+        k = k.repeat_interleave(g, dim=1)
+        if mask is not None and mask.dim() == 4:
+            if mask.shape[1] == Hk and mask.shape[2] == g:  # a per-head mask, packed the same way
+                mask = mask.reshape(mask.shape[0], Hk * g, 1, mask.shape[-1])
     if q.dim() == 3:  # (B, T, E): one head
         q, k = q.unsqueeze(1), k.unsqueeze(1)
         mask = mask.unsqueeze(1) if mask is not None and mask.dim() == 3 else mask

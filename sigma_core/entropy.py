@@ -287,15 +287,22 @@ class _State:
         m2.add_(m2b + d.square() * n * nb / ntot_safe)
         n.copy_(ntot)
 
-    def finish(self) -> RowStats:
+    def finish(self, allow_empty: bool = False) -> RowStats:
+        """The statistics; a row with no visible key raises ValueError, or with ``allow_empty``
+        gets ``n_keys = 0`` and NaN entropy and norm (the monitor skips and counts such rows)."""
         n_keys = self.n.round().to(torch.int64)
-        if bool((n_keys == 0).any()):
-            raise ValueError("attn_mask/causal leave a query row with no visible key: its entropy is undefined")
+        empty = n_keys == 0
+        if bool(empty.any()):
+            if not allow_empty:
+                raise ValueError("attn_mask/causal leave a query row with no visible key: its entropy is undefined")
+            nan = torch.full((), math.nan, dtype=self.l.dtype, device=self.l.device)
+            entropy = torch.where(empty, nan, torch.log(self.l) - self.r / self.l.clamp(min=1))
+            return RowStats(entropy, torch.where(empty, nan, self.m2.clamp(min=0).sqrt()), n_keys, self.extent)
         entropy = torch.log(self.l) - self.r / self.l
         return RowStats(entropy, self.m2.clamp(min=0).sqrt(), n_keys, self.extent)
 
 
-def _row_stats(q, k, scale, causal, attn_mask, block_size):
+def _row_stats(q, k, scale, causal, attn_mask, block_size, allow_empty=False):
     """Blocked pass over the keys; ``block_size >= Tk`` is the dense method (one block).
 
     With ``causal`` the rows that see nothing of a block skip it, and the rows that see all of
@@ -328,11 +335,11 @@ def _row_stats(q, k, scale, causal, attn_mask, block_size):
             if additive is not None:
                 s.add_(additive)
             state.update(rows, s, visible, j0, j1)
-    return state.finish()
+    return state.finish(allow_empty)
 
 
 def attention_row_stats(q, k, *, scale=None, causal=False, attn_mask=None, method="auto",
-                        block_size=512, _float_mask_is_bias=False) -> RowStats:
+                        block_size=512, _float_mask_is_bias=False, _allow_empty=False) -> RowStats:
     """Entropy, centred logit norm, visible-key count and extent of every attention row, in one pass.
 
     Parameters
@@ -378,10 +385,10 @@ def attention_row_stats(q, k, *, scale=None, causal=False, attn_mask=None, metho
         method = "dense" if B * H * Tq * Tk <= AUTO_DENSE_MAX_ELEMENTS else "streaming"
     with torch.no_grad():
         return _row_stats(q.detach(), k.detach(), scale, causal, attn_mask,
-                          Tk if method == "dense" else block_size)
+                          Tk if method == "dense" else block_size, _allow_empty)
 
 
-def logits_row_stats(logits: torch.Tensor, *, block_rows: int = 256) -> RowStats:
+def logits_row_stats(logits: torch.Tensor, *, block_rows: int = 256, _allow_empty: bool = False) -> RowStats:
     """:class:`RowStats` of attention logits that are already formed, ``(B, H, Tq, Tk)``.
 
     ``logits`` is what a softmax attention normalises (scale, mask and any bias included); keys
@@ -417,7 +424,7 @@ def logits_row_stats(logits: torch.Tensor, *, block_rows: int = 256) -> RowStats
             visible = zb > thr  # -inf and finfo.min-like entries are hidden
             s = zb.to(cdt).masked_fill(~visible, 0.0)  # a new buffer: update() consumes it
             state.update(rows, s, None if bool(visible.all()) else visible, 0, Tk)
-        return state.finish()
+        return state.finish(_allow_empty)
 
 
 #: rows whose logit scale ``|scale| ||q_i|| max_j ||k_j||`` exceeds this are recomputed exactly by

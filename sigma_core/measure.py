@@ -105,7 +105,7 @@ class Measurement:
                     self._warn_once(f"nonfinite:{name}", f"EntropyMonitor: layer {layer} ({name}) has non-finite "
                                     f"logits at step {step}; not recorded")
                     return []
-                st, sub = logits_row_stats(z), None
+                st, sub = logits_row_stats(z, _allow_empty=True), None
                 bound = None  # no bound check in this forward: no adapter, no sigma_h
                 if check:
                     nb = self._nb(z.shape[0])
@@ -164,7 +164,7 @@ class Measurement:
             if not self._finite(step, layer, name, q, k):
                 return None
             st = attention_row_stats(q, k, scale=scale, causal=causal, attn_mask=mask, method=self.method,
-                                     block_size=self.block_size, _float_mask_is_bias=True)
+                                     block_size=self.block_size, _float_mask_is_bias=True, _allow_empty=True)
             return st, RowStats(*(t[:nb] for t in st))
         B, H, Tq = ent.shape
         Tk = k.shape[2]
@@ -235,24 +235,31 @@ class Measurement:
     # -- the records -----------------------------------------------------------------------------
     def _check_bound(self, step, layer, name, per_head, sub: RowStats, bound, note, nb):
         """Fill ``per_head`` with ``logit_norm_max`` and each variant's bound and violations on the
-        checked rows ``sub``; a violation is logged and warned (:class:`BoundViolationWarning`)."""
+        checked rows ``sub`` that see a key (rows with none are skipped: they have no entropy); a
+        violation is logged and warned (:class:`BoundViolationWarning`)."""
         H = sub.entropy.shape[1]
+        ok = sub.n_keys > 0  # (nb, H, Tq)
         if note is None:
             sigma, xq, xk = bound
             norms = bound_variant_norms(sub, sigma, xq[:nb], None if xk is None else xk[:nb])
         else:
             norms = {"exact": sub.logit_norm.double()}
-        n_keys = sub.n_keys.cpu().numpy()
+        ok_np = ok.cpu().numpy()
+        n_keys = sub.n_keys.clamp(min=1).cpu().numpy()
         sub_ent = sub.entropy.double().cpu().numpy()
         tol = _tolerance(sub.entropy)
-        per_head["logit_norm_max"] = sub.logit_norm.amax((0, 2)).tolist()
+        per_head["bound_rows"] = ok.sum((0, 2)).tolist()
+        lmax = torch.where(ok, sub.logit_norm, -math.inf).amax((0, 2)).tolist()
+        per_head["logit_norm_max"] = [v if v > -math.inf else None for v in lmax]
         for v in VARIANTS:
             if v not in norms:
                 per_head[f"bound_{v}"] = per_head[f"violations_{v}"] = [None] * H
                 continue
-            h = entropy_lower_bound(norms[v].cpu().numpy(), n_keys)  # (nb, H, Tq)
-            bad = sub_ent < h - tol * (1.0 + h)
-            per_head[f"bound_{v}"] = h.min(axis=(0, 2)).tolist()
+            s = torch.where(ok, norms[v], 0.0).cpu().numpy()
+            h = entropy_lower_bound(s, n_keys)  # (nb, H, Tq)
+            bad = ok_np & (sub_ent < h - tol * (1.0 + h))
+            hmin = np.where(ok_np, h, np.inf).min(axis=(0, 2))
+            per_head[f"bound_{v}"] = [float(x) if np.isfinite(x) else None for x in hmin]
             per_head[f"violations_{v}"] = bad.sum(axis=(0, 2)).astype(int).tolist()
             if bad.any():
                 b, hh, i = (int(c[0]) for c in np.nonzero(bad))
@@ -269,15 +276,19 @@ class Measurement:
         the bound (then ``sigma`` is None too); ``sub``: the exact statistics of the checked rows
         (default: the first ``bound_samples`` batch elements of ``st``)."""
         B, H, Tq = st.entropy.shape
+        ok = st.n_keys > 0  # rows that see a key (padding can leave none: no entropy, skipped and counted)
+        n_ok = ok.sum((0, 2))
         ent = st.entropy
         half = st.n_keys >= Tk / 2  # (B, H, Tq)
         n_half = half.sum((0, 2))
         mean_half = torch.where(half, ent, 0).sum((0, 2)) / n_half.clamp(min=1)
-        # one transfer for the per-head entropy statistics: rows mean, mean_half, min, max, n_half
-        summary = torch.stack([ent.mean((0, 2)), mean_half, ent.amin((0, 2)), ent.amax((0, 2)),
-                               n_half.to(ent.dtype)]).tolist()
+        # one transfer for the per-head statistics: mean, mean_half, min, max, n_half, rows seeing a key
+        summary = torch.stack([torch.where(ok, ent, 0).sum((0, 2)) / n_ok.clamp(min=1), mean_half,
+                               torch.where(ok, ent, math.inf).amin((0, 2)),
+                               torch.where(ok, ent, -math.inf).amax((0, 2)),
+                               n_half.to(ent.dtype), n_ok.to(ent.dtype)]).tolist()
         per_head = dict(zip(("entropy_mean", "entropy_mean_half", "entropy_min", "entropy_max"), summary))
-        half_counts = summary[4]
+        half_counts, ok_counts = summary[4], [int(c) for c in summary[5]]
         nb = self._nb(B)
         note, sigma = (bound, None) if isinstance(bound, str) else (None, None if bound is None else bound[0])
         per_head["sigma"] = [None] * H if sigma is None else sigma.tolist()
@@ -291,12 +302,14 @@ class Measurement:
         out = []
         for hd in range(H):
             rec = {"step": step, "layer": layer, "name": name, "source": source, "head": hd,
-                   "seq_len": Tk, "n_rows": B * Tq, "log_seq_len": math.log(Tk),
-                   "bound_rows": nb * Tq if check else 0}
+                   "seq_len": Tk, "n_rows": ok_counts[hd], "rows_no_key": B * Tq - ok_counts[hd],
+                   "log_seq_len": math.log(Tk), "bound_rows": 0}
             for key, vals in per_head.items():
                 rec[key] = vals[hd]
             if half_counts[hd] == 0:
                 rec["entropy_mean_half"] = None
+            if ok_counts[hd] == 0:  # every row of this head is padding: nothing to measure
+                rec["entropy_mean"] = rec["entropy_min"] = rec["entropy_max"] = None
             rec["weight_bound_note"] = note
             out.append(rec)
         return out

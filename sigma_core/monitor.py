@@ -51,7 +51,18 @@ active, which (as in PyTorch itself) turns off the fused inference fast path of
 ``nn.TransformerEncoder(Layer)`` (eval mode without grad, nested tensors for padding masks):
 there, and only there, a recorded forward's output can differ from an unrecorded one by rounding.
 A failure while recording is turned into a warning; the model's forward never fails because of
-the monitor.
+the monitor.  Nothing is dropped silently: an attention call that is not recorded (an error, nested
+tensors, non-finite values, ``flex_attention``, a forward inside compiled code) is listed in
+:attr:`EntropyMonitor.skipped` on every recorded forward and counted in ``n_skipped``, and query
+rows that see no key (left padding in a causal model) are skipped and counted per record
+(``rows_no_key``) while the other rows are recorded.
+
+Under ``torch.compile`` (the model compiled before or after the monitor is attached,
+``torch.compile(model)`` passed as ``model``, or ``model.compile()``) the forwards that record run
+eagerly (:class:`sigma_core.capture.CompiledForwards`: ``torch.compiler.set_stance("force_eager")``
+for that forward only) and give an eager model's records; the others run the compiled graph.  A
+recorded forward inside compiled code the monitor was not attached through (a compiled training
+step) is skipped and counted, with a warning that says what to do.
 
 Record fields (one plain dict per layer and head, JSON-serialisable; ``None`` = not available):
 
@@ -62,7 +73,8 @@ the figures are in docs/monitor.md).
 
 ``step`` (index of the model forward, from 0), ``layer`` (index among attention layers),
 ``name`` (module path), ``source`` (see above), ``head``, ``seq_len`` (keys ``Tk``), ``n_rows``
-(``B*Tq``), ``entropy_mean`` (over all rows), ``entropy_mean_half`` (over rows with at least
+(query rows measured: ``B*Tq`` less ``rows_no_key``, the rows that see no key, whose entropy
+fields are ``None`` when no row is left), ``entropy_mean`` (over all rows), ``entropy_mean_half`` (over rows with at least
 ``Tk/2`` visible keys; equals ``entropy_mean`` without masks), ``entropy_min``,
 ``entropy_max``, ``log_seq_len``, ``sigma`` (``sigma_h``, with the scale; ``None`` without
 weights and on forwards that do not check the bound), ``logit_norm_max`` (largest centred logit norm of the checked rows), ``bound_<variant>`` (min over checked
@@ -98,8 +110,8 @@ from torch import nn
 
 from sigma_core.adapters import find_adapter
 from sigma_core.capture import (
-    Adapted, AttentionInterceptor, ExecutingModules, innermost, mha_call, probe_call, sdpa_arguments, sdpa_call,
-    softmax_call, suspended,
+    Adapted, AttentionInterceptor, CompiledForwards, ExecutingModules, _optimized_module_type, in_compiled_call,
+    innermost, mha_call, probe_call, sdpa_arguments, sdpa_call, softmax_call, suspended,
 )
 from sigma_core.measure import BoundViolationWarning, Measurement
 from sigma_core.probe import AttentionProbe
@@ -108,6 +120,10 @@ from sigma_core.sinks import JsonlSink, MemorySink, SinkSet
 __all__ = ["EntropyMonitor", "CollapseDetector", "BoundViolationWarning"]
 
 logger = logging.getLogger(__name__)
+
+#: the root hooks and capture callbacks always run eagerly: under torch.compile, a graph break at the
+#: start and end of a forward (never inside it), so the forward counter is never traced
+_eager = torch.compiler.disable
 
 
 def _is_int(x) -> bool:
@@ -122,9 +138,11 @@ class EntropyMonitor:
     ----------
     model : nn.Module
         Any PyTorch model with softmax attention (see the module docstring for what is seen).
-    every : int
+    every : int or None
         Record on forwards ``0, every, 2*every, ...`` of ``model`` (counted by a forward
-        pre-hook on ``model`` itself).
+        pre-hook on ``model`` itself).  None: record only the forwards asked for with
+        :meth:`record_next` (a training loop's own schedule, as the callbacks of
+        :mod:`sigma_core.integrations` keep one record per optimiser step).
     path : str or os.PathLike, optional
         Append each record as one JSON line (``pandas.read_json(path, lines=True)`` reads it):
         a :class:`sigma_core.sinks.JsonlSink`, written by rank 0 only under ``torch.distributed``.
@@ -164,6 +182,13 @@ class EntropyMonitor:
         Collapse events of the most recent forward: the detector's new events after a recorded
         forward, empty after one that does not record (so a loop reading it after every step
         sees each event once).
+    skipped : list of dict
+        The attention calls of the most recent recorded forward that were *not* recorded, each
+        ``{"step", "name", "reason"}`` (an error while measuring, nested tensors, non-finite
+        values, a compiled region the monitor cannot see into); empty when everything was.
+        Each kind is also warned once.
+    n_skipped : int
+        Attention calls not recorded since the monitor was attached (every time, not once).
     n_layers : int
         Attention layers seen so far.
     sinks : list
@@ -189,9 +214,12 @@ class EntropyMonitor:
                  sinks=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not _is_int(every) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        every = int(every)
+        opt = _optimized_module_type()
+        if opt is not None and isinstance(model, opt):  # torch.compile(model): watch the model inside
+            model = model._orig_mod
+        if every is not None and (not _is_int(every) or every < 1):
+            raise ValueError(f"every must be a positive int or None, got {every!r}")
+        every = None if every is None else int(every)
         if bound_samples is not None and (not _is_int(bound_samples) or bound_samples < 1):
             raise ValueError(f"bound_samples must be a positive int or None, got {bound_samples!r}")
         bound_samples = None if bound_samples is None else int(bound_samples)
@@ -236,7 +264,12 @@ class EntropyMonitor:
         self._check = False  # check the bound in this forward
         self.events: list[dict] = []
         self._current: list[dict] = []
+        self.skipped: list[dict] = []
+        self.n_skipped = 0
+        self._skipping: list[dict] = []
         self._forwards = 0
+        self._asked = False  # record_next() was called: the next forward records
+        self._asked_check = None  # ... and checks the bound (None: as bound_every says)
         self._step = -1
         self._active = False
         self._handles = []
@@ -276,6 +309,9 @@ class EntropyMonitor:
         self._n_static = layer
         self._stack = (ExecutingModules(model, watched=adapted, opaque=list(self._handled.values()),
                                         on_opaque=self._on_opaque) if capture else None)
+        self._compiled_skip = False
+        # a model compiled with torch.compile: the recorded forwards run eagerly, the others compiled
+        self._compiled = CompiledForwards(model, lambda: self._forwards % self.every == 0)
         if layer == 0 and not capture:
             self.close()
             raise ValueError("model has no supported attention module (probe protocol or "
@@ -296,6 +332,37 @@ class EntropyMonitor:
         """Attention layers known so far (probe/MHA modules, plus captured calls seen)."""
         return self._n_static + len(self._captured_layers)
 
+    def record_next(self, *, check_bound: bool | None = None) -> None:
+        """Make the next forward of the model record, whatever ``every`` says.
+
+        With ``every=None`` these are the only forwards that record: the caller keeps the
+        schedule (one record per optimiser step under gradient accumulation, none during
+        evaluation).  The request is used up by the next forward.
+
+        Parameters
+        ----------
+        check_bound : bool or None
+            Whether that forward checks the bound and computes ``sigma_h``: None (default)
+            follows ``bound_every``; True or False decides (a caller whose schedule must not
+            depend on how many forwards this monitor has recorded, such as a resumed run).
+
+        Examples
+        --------
+        >>> layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True, dropout=0.0)
+        >>> mon = EntropyMonitor(layer, every=None)
+        >>> x = torch.randn(1, 4, 8)
+        >>> _ = layer(x); len(mon.last)          # nothing asked: nothing recorded
+        0
+        >>> mon.record_next(); _ = layer(x); _ = layer(x)
+        >>> [r["step"] for r in mon.last]        # the forward after the request (index 1), per head
+        [1, 1]
+        >>> mon.close()
+        """
+        if check_bound is not None and not isinstance(check_bound, bool):
+            raise TypeError(f"check_bound must be a bool or None, got {type(check_bound).__name__}")
+        self._asked = True
+        self._asked_check = check_bound
+
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
         """Remove every hook and close the sinks: the JSON-lines file and ``sinks`` (idempotent)."""
@@ -303,6 +370,8 @@ class EntropyMonitor:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if getattr(self, "_compiled", None) is not None:
+            self._compiled.close()
         self._sinks.close()
 
     def __enter__(self):
@@ -341,6 +410,15 @@ class EntropyMonitor:
     def _stop_capture(self) -> None:
         if self._mode is not None:
             mode, self._mode = self._mode, None
+            for _ in range(mode.flex_calls):
+                self._skip("", "flex_attention: not measured (score_mod/block_mask run inside its compiled kernel)")
+            if mode.flex_calls:
+                self._seen = True
+                self._warn_once("flex", "EntropyMonitor: flex_attention calls are not recorded (their score_mod and "
+                                "block_mask run inside flex_attention's own compiled kernel); monitor.skipped counts "
+                                "them. Record such steps with SDPA or eager attention (Hugging Face: "
+                                "model.set_attn_implementation('sdpa'), same weights), or show q and k through "
+                                "the probe protocol.")
             out, self._mode_out = self._mode_out, False
             try:
                 if not out:
@@ -351,27 +429,50 @@ class EntropyMonitor:
             self._stack.detach()
 
     # -- root hooks ----------------------------------------------------------------------------
+    @_eager
     def _on_root_pre(self, module, args, kwargs):
         if self._mode is not None:  # a previous forward raised before the post hook could run
             self._stop_capture()
         self.events = []
         self._step = self._forwards
         self._forwards += 1
-        self._active = self._step % self.every == 0
-        self._check = self._active and self._recorded % self.bound_every == 0
+        self._active = self._asked or (self.every is not None and self._step % self.every == 0)
+        asked_check, self._asked, self._asked_check = (self._asked_check if self._asked else None), False, None
+        self._check = self._active and (self._recorded % self.bound_every == 0 if asked_check is None
+                                        else asked_check)
         self._current = []
+        self._skipping = []
         self._calls = {}
         self._seen = False
+        self._compiled_skip = False
+        if self._active and in_compiled_call():  # compiled code the monitor cannot see into
+            self._active, self._compiled_skip = False, True
+            self._compiled_found = self._compiled.adopt()
         if self._active:
             self._start_capture(args, kwargs)
 
+    @_eager
     def _on_root_post(self, module, args, output):
         self._stop_capture()
+        if self._compiled_skip:
+            self._compiled_skip = False
+            self._skip("", "the forward ran compiled (torch.compile): attention inside a graph is not seen")
+            self.skipped, self._skipping = self._skipping, []
+            self._sinks.write([])  # `last` is empty: nothing of this forward was recorded
+            self._warn_once("compiled", "EntropyMonitor: a forward to record ran as torch.compile'd code, in "
+                            "which the monitor sees no attention: not recorded (monitor.skipped says so each "
+                            "time). " + ("The monitor found the compiled module and runs the forwards it records "
+                                         "eagerly from the next one on." if self._compiled_found else
+                                         "Attach the monitor to the model before compiling it or to the compiled "
+                                         "module, or run the recorded steps under "
+                                         "torch.compiler.set_stance('force_eager')."))
+            return
         if not self._active:
             return
         self._active = False
         self._recorded += 1
         records, self._current = self._current, []
+        self.skipped, self._skipping = self._skipping, []
         if not self._seen and output is not None:  # None: the forward raised (or returns nothing)
             self._warn_once("nothing", "EntropyMonitor: the recorded forward made no attention call the monitor "
                             "can see (scaled_dot_product_attention, a softmax over (B, H, Tq, Tk) logits, the "
@@ -384,17 +485,26 @@ class EntropyMonitor:
 
     # -- one call: capture it, measure it ----------------------------------------------------------
     def _measured(self, layer, name, call) -> None:
-        self._current.extend(self._measure(call, step=self._step, layer=layer, name=name, check=self._check))
+        recs = self._measure(call, step=self._step, layer=layer, name=name, check=self._check)
+        if not recs:  # the measurement warned (non-finite queries, keys or logits)
+            self._skip(name, "non-finite queries, keys or logits")
+        self._current.extend(recs)
+
+    def _skip(self, name: str, reason: str) -> None:
+        """Count an attention call that is not recorded (in :attr:`skipped` and :attr:`n_skipped`)."""
+        self._skipping.append({"step": self._step, "name": name, "reason": reason})
+        self.n_skipped += 1
 
     def _owner(self):
-        """(name, Adapted or None), or None when a probe/MHA module records this call."""
+        """(name, Adapted or None, innermost module or None), or None when a probe/MHA module
+        records this call."""
         if self._stack.in_opaque:  # inside a probe/MHA module's forward
             return None
         stack = self._stack.stack()
-        name = stack[-1][0] if stack else ""
+        name, module = (stack[-1][0], stack[-1][1]) if stack else ("", None)
         entry = next((Adapted(self._adapters[id(m)], m, a, kw) for _, m, a, kw in reversed(stack)
                       if id(m) in self._adapters), None)
-        return name, entry
+        return name, entry, module
 
     def _layer_for(self, name: str) -> int:
         k = self._calls.get(name, 0)
@@ -410,10 +520,12 @@ class EntropyMonitor:
         except BoundViolationWarning:
             raise
         except Exception as err:  # never fail the user's forward
+            self._skip(name, f"{type(err).__name__}: {err}")
             self._warn_once(f"fail:{name}:{type(err).__name__}",
                             f"EntropyMonitor: could not record the attention call in {name or 'model'} "
                             f"at step {self._step}: {type(err).__name__}: {err}")
 
+    @_eager
     def _on_sdpa(self, args, kwargs):
         if not self._active:
             return
@@ -423,6 +535,7 @@ class EntropyMonitor:
         self._seen = True
         self._guarded(owner[0], self._record_sdpa, owner, args, kwargs)
 
+    @_eager
     def _on_softmax(self, logits, probs):
         if not self._active:
             return
@@ -433,18 +546,19 @@ class EntropyMonitor:
         self._guarded(owner[0], self._record_softmax, owner, logits)
 
     def _record_sdpa(self, owner, args, kwargs):
-        name, entry = owner
+        name, entry, module = owner
         a = sdpa_arguments(args, kwargs)
         if a["query"].is_nested or a["key"].is_nested:
+            self._skip(name, "nested tensors")
             self._warn_once(f"nested:{name}", f"EntropyMonitor: {name or 'model'} calls attention on nested "
                             "tensors, which the monitor cannot read: not recorded")
             return
         layer = self._layer_for(name)
         with torch.no_grad():
-            self._measured(layer, name, sdpa_call(a, entry))
+            self._measured(layer, name, sdpa_call(a, entry, module))
 
     def _record_softmax(self, owner, logits):
-        name, entry = owner
+        name, entry, _ = owner
         layer = self._layer_for(name)
         self._measured(layer, name, softmax_call(logits, entry))
 
@@ -463,6 +577,7 @@ class EntropyMonitor:
         with suspended(self._mode), torch.no_grad():  # the monitor's own arithmetic does not go through the mode
             call = mha_call(mod, args, kwargs)
             if isinstance(call, str):  # nested tensors: the fused inference path of nn.TransformerEncoder
+                self._skip(name, "nested tensors")
                 self._warn_once(f"nested:{name}", f"EntropyMonitor: {name or 'model'} receives nested tensors "
                                 "(the fast path of nn.TransformerEncoder with a padding mask): not recorded")
                 return
@@ -516,6 +631,8 @@ class CollapseDetector:
             v = rec.get("entropy_mean_half")
             if v is None:
                 v = rec["entropy_mean"]
+            if v is None:  # every row of the head was padding: nothing measured
+                continue
             key = (rec["layer"], rec["head"])
             hist = self._history.setdefault(key, deque(maxlen=self.window))
             checks = [("low_entropy", self.fraction * math.log(rec["seq_len"]))]

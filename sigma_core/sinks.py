@@ -36,13 +36,18 @@ Examples
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections import deque
 
+import numpy as np
 import torch
 
-__all__ = ["JsonlSink", "MemorySink", "RecordSink", "SinkSet", "is_writer"]
+__all__ = ["JsonlSink", "MemorySink", "RecordSink", "SinkSet", "entropy_grid", "is_writer", "record_scalars"]
+
+#: the bound variants of the records, weakest first (sigma_core.entropy.VARIANTS, without importing it)
+_VARIANTS = ("theorem", "per_query", "centered", "exact")
 
 
 def is_writer() -> bool:
@@ -123,8 +128,12 @@ class MemorySink(RecordSink):
 class JsonlSink(RecordSink):
     """Append each record as one JSON line (``pandas.read_json(path, lines=True)`` reads it).
 
-    The file is opened at construction (an unopenable path raises there), written with one
-    ``json.dumps(record)`` line per record and flushed after each recorded forward.
+    The file is opened at construction (an unopenable path raises there) and each recorded
+    forward's records are written at once, one ``json.dumps(record)`` line each, straight to the
+    file (no buffer is left to flush at :meth:`close`).  A write that fails (a full disk) is cut
+    back to the file's previous end before the error is raised, so the file never holds half a
+    line or half a forward; :class:`SinkSet` turns the error into a warning and later forwards
+    are written again once there is room.
 
     Parameters
     ----------
@@ -157,13 +166,23 @@ class JsonlSink(RecordSink):
             path = text.replace("{rank}", str(_rank()))
         self.all_ranks = per_rank
         self.path = path
-        # opened here, on every rank: a path that cannot be opened raises before anything runs
-        self._file = open(path, "a", encoding="utf-8")
+        # opened here, on every rank: a path that cannot be opened raises before anything runs;
+        # unbuffered, so that a write either lands whole or is cut back (see write)
+        self._file = open(path, "ab", buffering=0)
 
     def write(self, records: list[dict]) -> None:
-        for rec in records:
-            self._file.write(json.dumps(rec) + "\n")
-        self._file.flush()
+        data = "".join(json.dumps(rec) + "\n" for rec in records).encode("utf-8")
+        end = os.fstat(self._file.fileno()).st_size
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write part of it
+                view = view[self._file.write(view):]
+        except BaseException:
+            try:  # never leave half a line: back to the end before this forward
+                os.ftruncate(self._file.fileno(), end)
+            except OSError:
+                pass
+            raise
 
     def close(self) -> None:
         if self._file is not None:
@@ -221,3 +240,87 @@ class SinkSet:
                 sink.close()
             except Exception as err:
                 self._warn(i, sink, "close", err)
+
+
+def record_scalars(records: list[dict], *, prefix: str = "") -> dict[str, float]:
+    """The scalars a logger shows for one recorded forward, by name.
+
+    The names are the same for every integration (TensorBoard tags, ``Trainer.log`` and
+    ``LightningModule.log`` keys; ``/`` groups them in TensorBoard), ``L`` the layer index and
+    ``h`` the head:
+
+    - ``entropy/layerL/headh``: the head's mean row entropy (``entropy_mean``, nats);
+    - ``entropy_min_head/layerL``: the smallest of these over the layer's heads, and
+      ``entropy_min_head/all`` over every layer;
+    - ``sigma/layerL/headh``: ``sigma_h`` (on forwards that check the bound, where the weights are known);
+    - ``bound_margin_<variant>/layerL``: the smallest over the layer's heads of ``entropy_min -
+      bound_<variant>``, how far the lowest row entropy sits above the variant's lower bound
+      (on checked forwards where the variant applies; never below 0 when every row is checked,
+      ``bound_samples=None``, since each row's entropy is at least its own bound);
+    - ``violations_<variant>``: rows below the variant's bound, summed over layers and heads
+      (on checked forwards; must be 0).
+
+    Parameters
+    ----------
+    records : list of dict
+        The records of one recorded forward (``EntropyMonitor.last``).
+    prefix : str
+        Put before every name (``"eval_"`` for an evaluation forward, say).
+
+    Examples
+    --------
+    >>> recs = [{"layer": 0, "head": h, "entropy_mean": e, "entropy_min": e - 0.5, "sigma": None,
+    ...          **{f"bound_{v}": None for v in _VARIANTS}, **{f"violations_{v}": None for v in _VARIANTS}}
+    ...         for h, e in enumerate([2.0, 1.5])]
+    >>> recs[1].update(bound_exact=0.25, violations_exact=0)
+    >>> record_scalars(recs)
+    {'entropy/layer0/head0': 2.0, 'entropy/layer0/head1': 1.5, 'entropy_min_head/layer0': 1.5, 'entropy_min_head/all': 1.5, 'bound_margin_exact/layer0': 0.75, 'violations_exact': 0}
+    """
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+    heads: dict[str, float] = {}
+    sigma: dict[str, float] = {}
+    low: dict[int, float] = {}
+    margin: dict[str, float] = {}
+    violations: dict[str, int] = {}
+    for r in records:
+        layer, head, ent = r["layer"], r["head"], r["entropy_mean"]
+        heads[f"{prefix}entropy/layer{layer}/head{head}"] = ent
+        low[layer] = min(low.get(layer, math.inf), ent)
+        if r.get("sigma") is not None:
+            sigma[f"{prefix}sigma/layer{layer}/head{head}"] = r["sigma"]
+        for v in _VARIANTS:
+            bound = r.get(f"bound_{v}")
+            if bound is not None:
+                key = f"{prefix}bound_margin_{v}/layer{layer}"
+                margin[key] = min(margin.get(key, math.inf), r["entropy_min"] - bound)
+            count = r.get(f"violations_{v}")
+            if count is not None:
+                key = f"{prefix}violations_{v}"
+                violations[key] = violations.get(key, 0) + int(count)
+    out = dict(heads)
+    out.update({f"{prefix}entropy_min_head/layer{layer}": v for layer, v in low.items()})
+    if low:
+        out[f"{prefix}entropy_min_head/all"] = min(low.values())
+    out.update(sigma)
+    out.update(margin)
+    out.update(violations)
+    return out
+
+
+def entropy_grid(records: list[dict], field: str = "entropy_mean") -> np.ndarray:
+    """``field`` of one recorded forward as a layer x head array (NaN where a layer has fewer heads).
+
+    Examples
+    --------
+    >>> entropy_grid([{"layer": 0, "head": 0, "entropy_mean": 1.0}, {"layer": 1, "head": 1, "entropy_mean": 2.0}])
+    array([[ 1., nan],
+           [nan,  2.]])
+    """
+    if not records:
+        raise ValueError("records must hold at least one record")
+    grid = np.full((max(r["layer"] for r in records) + 1, max(r["head"] for r in records) + 1), np.nan)
+    for r in records:
+        if r.get(field) is not None:
+            grid[r["layer"], r["head"]] = r[field]
+    return grid

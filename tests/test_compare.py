@@ -56,25 +56,44 @@ def write_run(tmp_path, entropies, *, losses=None, val=2.0, summary=True, T=64):
     return d
 
 
-def test_collapse_rule_is_the_detectors_at_the_last_logged_step(tmp_path):
-    line = 0.05 * math.log(64)  # CollapseDetector's default: 0.208 nats at T = 64
-    r = summarise_compare_run(write_run(tmp_path, [[[3.0, 3.0]], [[line * 0.9, 3.0]], [[line * 0.5, 3.0]]]))
-    assert r["method"] == "qk-layernorm"
-    assert (r["collapsed"], r["first_collapse_step"], r["diverged"]) == (True, 20, False)
-
-
-def test_recovered_head_is_not_collapsed_but_its_first_collapse_is_kept(tmp_path):
+def test_collapse_rule_is_the_one_of_definitions_py(tmp_path):
+    """0.1 nats at any logged step (definitions.py), the rule of the report and the ledger too;
+    0.05 log T (0.208 nats at T = 64, the live monitor's line) is not it."""
     line = 0.05 * math.log(64)
-    r = summarise_compare_run(write_run(tmp_path, [[[line * 0.5, 3.0]], [[line * 1.1, 3.0]]]))
-    assert (r["collapsed"], r["first_collapse_step"]) == (False, 10)
+    r = summarise_compare_run(write_run(tmp_path, [[[3.0, 3.0]], [[0.15, 3.0]], [[0.099, 3.0]]]))
+    assert r["method"] == "qk-layernorm"
+    assert 0.15 < line and (r["collapsed"], r["first_collapse_step"], r["diverged"]) == (True, 30, False)
+    from sigma_core.experiments.definitions import first_collapse_step
+    from sigma_core.experiments.report import read_metrics, summarise_run
+    run = tmp_path / "run"
+    assert summarise_run(run)["first_collapse_step"] == first_collapse_step(read_metrics(run)) == 30
 
 
-@pytest.mark.parametrize("case", ["nan_loss", "uniform_val", "crashed"])
+def test_a_recovered_head_still_collapsed_and_the_table_says_so(tmp_path):
+    """collapsed and first collapse step come from one rule: never 'collapsed 0/3' next to a
+    first collapse step (the committed sweep printed both once)."""
+    r = summarise_compare_run(write_run(tmp_path, [[[0.05, 3.0]], [[1.1, 3.0]]]))
+    assert (r["collapsed"], r["first_collapse_step"]) == (True, 10)
+    rows = [{**r, "seed": s} for s in range(3)]
+    t = aggregate(rows)[0]
+    assert (t["n_collapsed"], t["first_collapse_step"], t["stable"]) == (3, 10, False)
+
+
+@pytest.mark.parametrize("case", ["nan_loss", "crashed", "no_val"])
 def test_divergence_rule(tmp_path, case):
-    kw = {"nan_loss": dict(losses=[2.0, float("nan")]), "uniform_val": dict(val=math.log(256) + 0.01),
-          "crashed": dict(summary=False)}[case]
+    kw = {"nan_loss": dict(losses=[2.0, float("nan")]), "crashed": dict(summary=False),
+          "no_val": dict(val=float("nan"))}[case]
     r = summarise_compare_run(write_run(tmp_path, [[[3.0]], [[3.0]]], **kw))
     assert r["diverged"] and not r["collapsed"]
+
+
+def test_a_run_at_chance_did_not_learn_and_is_not_stable(tmp_path):
+    r = summarise_compare_run(write_run(tmp_path, [[[3.0]], [[3.0]]], val=math.log(256) - 0.01))
+    assert not r["diverged"] and not r["collapsed"] and not r["learned"]
+    assert not aggregate([r])[0]["stable"]
+    (tmp_path / "b").mkdir()
+    ok = summarise_compare_run(write_run(tmp_path / "b", [[[3.0]], [[3.0]]], val=2.0))
+    assert ok["learned"] and aggregate([ok])[0]["stable"]
 
 
 def test_methods_map_onto_config_options_and_back():
@@ -140,7 +159,7 @@ def test_compare_figures_say_what_markers_and_bars_mean_and_clip_tiny_entropies(
     assert loss_svg.count('id="LineCollection_') == 2  # one set of error bars per method
     ent_svg = paths["entropy"].with_suffix(".svg").read_text()
     assert f"below {ENTROPY_FLOOR:g} nats (drawn at the floor)" in ent_svg
-    assert "collapse line 0.05 log T = 0.21" in ent_svg
+    assert "collapse threshold 0.1 nats" in ent_svg  # definitions.py, as in the table
     # no tiny entropy: no floor legend
     plot_compare(aggregate([row("baseline", 1e-2), row("baseline", 1e-1)]), tmp_path)
     assert "drawn at the floor" not in (tmp_path / "entropy_vs_lr.svg").read_text()

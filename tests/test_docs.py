@@ -56,3 +56,45 @@ def test_slug_matches_github():
     assert slug("Why the collapsed baseline shows fewer tokens/s than σReparam") == \
         "why-the-collapsed-baseline-shows-fewer-tokenss-than-σreparam"
     assert slug("σReparam's cost (`benchmarks/bench_reparam.py`)") == "σreparams-cost-benchmarksbench_reparampy"
+
+
+def examples(page: Path, section: str):
+    """``(title, code, shown)`` of each ``### title`` of ``## section`` on ``page`` whose ```python
+    block is followed by a ```text block: the code and the output the page says it prints."""
+    body = page.read_text(encoding="utf-8").split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    found = []
+    for part in body.split("\n### ")[1:]:
+        m = re.search(r"```python\n(.*?)```\n(?:(?!```).)*?```text\n(.*?)```", part, flags=re.S)
+        if m:
+            found.append((part.splitlines()[0].strip(), m.group(1), m.group(2)))
+    return found
+
+
+TRAINING = examples(ROOT / "docs" / "monitor.md", "In a training run")
+
+
+def _printed(code: str, capsys) -> list[str]:
+    exec(compile(code, "docs example", "exec"), {"__name__": "docs_example"})
+    # the Hugging Face Trainer prints its own log lines (dicts): the example's lines are the others
+    return [line for line in capsys.readouterr().out.splitlines() if not line.startswith("{")]
+
+
+def test_each_integration_has_a_checked_example():
+    assert [t for t, _, _ in TRAINING] == ["A loop of your own", "Hugging Face `Trainer`", "Lightning", "TensorBoard"]
+
+
+@pytest.mark.parametrize("title, code, shown", TRAINING, ids=[t for t, _, _ in TRAINING])
+def test_the_training_examples_of_docs_monitor_print_what_the_page_says(title, code, shown, capsys, tmp_path,
+                                                                       monkeypatch):
+    pytest.importorskip({"Hugging Face `Trainer`": "transformers", "Lightning": "lightning",
+                         "TensorBoard": "tensorboard"}.get(title, "torch"))
+    monkeypatch.chdir(tmp_path)  # whatever an example writes stays out of the checkout
+    assert _printed(code, capsys) == shown.splitlines()
+
+
+def test_the_readme_loop_logging_every_10_steps_prints_what_it_says(capsys, tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    code, shown = re.search(r"```python\n((?:(?!```).)*?every=10(?:(?!```).)*?)```\n(?:(?!```).)*?```text\n(.*?)```",
+                            text, flags=re.S).groups()
+    monkeypatch.chdir(tmp_path)
+    assert _printed(code, capsys) == shown.splitlines()

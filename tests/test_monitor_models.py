@@ -15,7 +15,10 @@ from torch import nn
 
 from sigma_core.adapters import ADAPTERS, register_adapter
 from sigma_core.monitor import BoundViolationWarning, EntropyMonitor
-from thirdparty_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_xtransformer
+from thirdparty_models import (
+    tiny_bart, tiny_bert, tiny_distilbert, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_mistral, tiny_qwen2,
+    tiny_t5, tiny_vit, tiny_whisper, tiny_xtransformer,
+)
 
 VARIANTS = ("theorem", "per_query", "centered", "exact")
 NO_DROPOUT = {
@@ -510,3 +513,291 @@ def test_the_capture_mode_is_off_inside_probe_and_mha_modules_and_back_after_the
         assert torch._C._len_torch_function_stack() == 0
         net(x)
         assert depth["plain.proj"] == 1 and [r["layer"] for r in mon.last if r["head"] == 0] == [0, 1, 2]
+
+
+# -- left padding, grouped-query decoding: GPT-NeoX, Mistral, Qwen2, Gemma2 -------------------------
+CAUSAL_LMS = [(tiny_gpt_neox, "eager"), (tiny_gpt_neox, "sdpa"), (tiny_mistral, "eager"), (tiny_mistral, "sdpa"),
+              (tiny_qwen2, "eager"), (tiny_qwen2, "sdpa"), (tiny_gemma2, "eager")]  # Gemma2: eager only in HF
+
+
+def _left_padded(inputs, pad=(0, 3)):
+    """An attention mask with the first ``pad[b]`` positions of sample ``b`` padded."""
+    mask = torch.ones_like(inputs["input_ids"])
+    for b, p in enumerate(pad):
+        mask[b, :p] = 0
+    return {**inputs, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("factory,impl", CAUSAL_LMS, ids=[f"{f.__name__[5:]}-{i}" for f, i in CAUSAL_LMS])
+def test_left_padding_skips_and_counts_the_rows_that_see_no_key_and_records_the_rest(factory, impl):
+    """A left-padded row of a causal model sees no key in its first positions: those rows are
+    skipped and counted (``rows_no_key``), every other row is recorded on every forward and
+    agrees with a float64 entropy of the model's own attention probabilities over the rows that
+    see keys (eager reference, same weights)."""
+    model, inputs = factory(impl)
+    ref, _ = factory("eager")
+    model.eval(), ref.eval()
+    inputs = _left_padded(inputs)
+    seen = inputs["attention_mask"].bool()  # (B, T): a left-padded query row sees a key iff it is not padding
+    with torch.no_grad():
+        probs = ref(**inputs, output_attentions=True).attentions
+        ctx = _strict()
+        try:
+            with EntropyMonitor(model, bound_samples=None, bound_every=1) as mon:
+                for step in range(2):  # the second forward too: nothing dropped silently
+                    model(**inputs)
+                    assert len(mon.last) == len(probs) * 4 and mon.skipped == [], (step, mon.skipped)
+        finally:
+            ctx.__exit__(None, None, None)
+    assert mon.n_skipped == 0 and mon.last[0]["step"] == 1
+    for r in mon.last:
+        ent = entropy_of(probs[r["layer"]][:, r["head"]])[seen]  # the rows that see keys
+        assert r["rows_no_key"] == 3 and r["n_rows"] == int(seen.sum())
+        assert r["entropy_mean"] == pytest.approx(float(ent.mean()), abs=1e-5)
+        assert r["entropy_min"] == pytest.approx(float(ent.min()), abs=1e-5)
+        assert r["entropy_max"] == pytest.approx(float(ent.max()), abs=1e-5)
+        assert r["bound_rows"] == int(seen.sum()) and r["bound_exact"] <= r["entropy_min"] + 1e-4
+    _no_violations(mon.last)
+
+
+def test_a_head_whose_every_row_is_padding_is_recorded_as_empty_and_the_detector_passes_it_by():
+    """A batch of one fully padded query row: the record says 0 rows measured, 1 with no key,
+    and None entropies (never a number made up), and CollapseDetector ignores it."""
+    from sigma_core.monitor import CollapseDetector
+    mod = BareSDPA()
+    x = torch.randn(1, 3, 12)
+    keep = torch.tensor([[True, True, True], [False, False, False], [True, False, True]]).view(1, 1, 3, 3)
+    with EntropyMonitor(mod, bound_every=1, detector=CollapseDetector()) as mon:
+        mod(x, mask=keep)
+    assert len(mon.last) == 3 and mon.events == []
+    for r in mon.last:
+        assert (r["n_rows"], r["rows_no_key"], r["bound_rows"]) == (2, 1, 2) and r["entropy_min"] is not None
+    with EntropyMonitor(mod, bound_every=1, detector=CollapseDetector()) as mon:
+        mod(x[:, :1], mask=keep[..., 1:2, :1])  # one query row, its only key hidden
+    assert all(r["n_rows"] == 0 and r["rows_no_key"] == 1 and r["entropy_mean"] is None
+               and r["bound_exact"] is None and r["violations_exact"] == 0 for r in mon.last)
+    assert mon.events == []
+
+
+@pytest.mark.parametrize("factory", [tiny_mistral, tiny_qwen2], ids=["mistral", "qwen2"])
+def test_grouped_query_decoding_with_a_cache_and_a_mask_is_recorded_by_query_head(factory):
+    """One cached decoding step with a padding mask: transformers packs the 2 query heads sharing
+    each key head into the query axis; the monitor records the 4 query heads, one row per sample,
+    each equal to the eager model's own attention probabilities (Mistral: over its sliding-window
+    cache of 6 keys)."""
+    model, inputs = factory("sdpa")
+    ref, _ = factory("eager")
+    model.eval(), ref.eval()
+    inputs = _left_padded(inputs)
+    step = {"input_ids": torch.tensor([[5], [7]]),
+            "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)}
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+        ref_cache = ref(**inputs, use_cache=True).past_key_values
+        probs = ref(**step, past_key_values=ref_cache, output_attentions=True).attentions  # (B, 4, 1, T + 1)
+        with EntropyMonitor(model, bound_samples=None, bound_every=1) as mon:
+            model(**step, past_key_values=cache)
+    assert [(r["layer"], r["head"]) for r in mon.last] == [(i, h) for i in range(2) for h in range(4)]
+    for r in mon.last:
+        assert (r["n_rows"], r["seq_len"], r["rows_no_key"]) == (2, probs[r["layer"]].shape[-1], 0)
+        ent = entropy_of(probs[r["layer"]][:, r["head"]])
+        assert r["entropy_mean"] == pytest.approx(float(ent.mean()), abs=1e-5)
+        assert r["entropy_min"] == pytest.approx(float(ent.min()), abs=1e-5)
+    _no_violations(mon.last)
+
+
+# -- torch.compile ----------------------------------------------------------------------------------
+class _CountingBackend:
+    """A torch.compile backend that runs the graph eagerly and counts compilations and graph runs."""
+
+    def __init__(self):
+        self.compiled = self.runs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.compiled += 1
+
+        def run(*args):
+            self.runs += 1
+            return gm.forward(*args)
+        return run
+
+
+def _encoder_layer():
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dropout=0.0), {"src": torch.randn(2, 5, 16)}
+
+
+COMPILED = [(tiny_gpt2, "before"), (tiny_mistral, "after"), (tiny_bart, "wrapper"), (_encoder_layer, "inplace")]
+
+
+@pytest.mark.parametrize("factory,how", COMPILED, ids=[f"{f.__name__.strip('_')}-{h}" for f, h in COMPILED])
+def test_a_compiled_model_records_what_the_eager_model_records_and_runs_its_graph_otherwise(factory, how):
+    """GPT-2 compiled and run before the monitor is attached, Mistral compiled after (the wrapper is
+    found at its first forward: that one is skipped, counted and warned), BART passed compiled,
+    nn.TransformerEncoderLayer compiled in place in eval mode under no_grad: every recorded forward
+    gives the eager model's records (it runs eagerly), the forwards in between run the compiled
+    graph, outputs are unchanged, and nothing is dropped without being counted."""
+    torch._dynamo.reset()
+    model, inputs = factory("sdpa") if factory is not _encoder_layer else factory()
+    model.eval()
+    with torch.no_grad():
+        y_ref = model(**inputs)
+        y_ref = y_ref if isinstance(y_ref, torch.Tensor) else y_ref.logits
+        with EntropyMonitor(model) as mon:
+            model(**inputs)
+        ref = [(r["name"], r["head"], r["entropy_mean"], r["entropy_min"]) for r in mon.last]
+        backend = _CountingBackend()
+        if how == "before":
+            compiled = torch.compile(model, backend=backend)
+            compiled(**inputs)
+            mon = EntropyMonitor(model, every=2)
+        elif how == "after":
+            mon = EntropyMonitor(model, every=2)
+            compiled = torch.compile(model, backend=backend)
+        elif how == "wrapper":
+            compiled = torch.compile(model, backend=backend)
+            mon = EntropyMonitor(compiled, every=2)
+        else:
+            model.compile(backend=backend)
+            compiled = model
+            mon = EntropyMonitor(model, every=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got, outs = [], []
+            for step in range(5):
+                runs = backend.runs
+                y = compiled(**inputs)
+                outs.append(y if isinstance(y, torch.Tensor) else y.logits)
+                got.append([(r["name"], r["head"], r["entropy_mean"], r["entropy_min"]) for r in mon.last])
+                if step % 2 == 1:
+                    assert backend.runs > runs, step  # a forward that does not record runs the graph
+        mon.close()
+    assert backend.compiled >= 1
+    for y in outs:
+        assert torch.allclose(y, y_ref, atol=1e-5)
+    msgs = [str(w.message) for w in caught if "EntropyMonitor" in str(w.message)]
+    first = 0
+    if how == "after":  # the compiled wrapper did not exist when the monitor was attached
+        assert got[0] == [] and mon.n_skipped == 1 and len(msgs) == 1 and "torch.compile" in msgs[0]
+        first = 2
+    else:
+        assert mon.n_skipped == 0 and msgs == []
+    for step in range(first, 5, 2):
+        assert [g[:2] for g in got[step]] == [r[:2] for r in ref], step
+        for g, r in zip(got[step], ref):
+            assert g[2] == pytest.approx(r[2], abs=1e-6) and g[3] == pytest.approx(r[3], abs=1e-6)
+    if factory is _encoder_layer:
+        assert model.__dict__.get("_compiled_call_impl") is not None  # close() gave model.compile() back
+        assert "CompiledForwards" not in getattr(model._compiled_call_impl, "__qualname__", "")
+
+
+def test_inside_a_compiled_function_each_recorded_forward_is_skipped_counted_and_warned():
+    """A model called from a torch.compile'd function (no compiled module to hook): the monitor
+    records nothing there, says so on every recorded forward (``skipped``, ``n_skipped``) and
+    warns once with what to do; under ``torch.compiler.set_stance("force_eager")`` it records."""
+    torch._dynamo.reset()
+    model, inputs = _encoder_layer()
+    model.eval()
+    step = torch.compile(lambda x: model(x).sum(), backend="eager")
+    with EntropyMonitor(model) as mon, torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="set_stance"):
+            step(inputs["src"])
+        step(inputs["src"])
+        assert mon.last == [] and mon.n_skipped == 2 and "torch.compile" in mon.skipped[0]["reason"]
+        with torch.compiler.set_stance("force_eager"):
+            step(inputs["src"])
+        assert len(mon.last) == 4 and mon.skipped == [] and mon.n_skipped == 2
+
+
+# -- flex_attention ---------------------------------------------------------------------------------
+def test_flex_attention_calls_are_counted_and_warned_and_the_documented_workaround_records():
+    """flex_attention (a bare module, and Hugging Face attn_implementation="flex_attention") is not
+    measured: every call is counted in ``skipped`` on every recorded forward, one warning says what
+    to do, the output is unchanged; switching the HF model to sdpa (same weights) records it."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    class Flex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.qkv(x).view(B, T, 3, 2, 4).permute(2, 0, 3, 1, 4)  # (B, 2, T, 4) each
+            return flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: torch.where(i >= j, s, -math.inf))
+
+    torch.manual_seed(0)
+    mod, x = Flex(), torch.randn(2, 6, 8)
+    with torch.no_grad():  # flex_attention has no CPU backward
+        ref = mod(x)
+        with EntropyMonitor(mod) as mon:
+            with pytest.warns(RuntimeWarning, match="flex_attention calls are not recorded"):
+                y = mod(x)
+            assert torch.equal(y, ref) and mon.last == [] and len(mon.skipped) == 1
+            mod(x)
+            assert mon.n_skipped == 2 and "flex_attention" in mon.skipped[0]["reason"]
+        model, inputs = tiny_llama("flex_attention")
+        with EntropyMonitor(model) as mon:
+            with pytest.warns(RuntimeWarning, match="set_attn_implementation"):
+                model(**inputs)
+            assert mon.last == [] and len(mon.skipped) == 2  # one per layer
+            model.set_attn_implementation("sdpa")
+            model(**inputs)
+        assert len(mon.last) == 2 * 4 and mon.skipped == [] and {r["source"] for r in mon.last} == {"sdpa"}
+
+
+# -- the nine families of the compatibility matrix (docs/monitor.md) --------------------------------
+FAMILIES = [(tiny_t5, "eager"), (tiny_t5, "sdpa"), (tiny_gpt_neox, "eager"), (tiny_gpt_neox, "sdpa"),
+            (tiny_mistral, "eager"), (tiny_mistral, "sdpa"), (tiny_qwen2, "eager"), (tiny_qwen2, "sdpa"),
+            (tiny_gemma2, "eager"), (tiny_vit, "eager"), (tiny_vit, "sdpa"), (tiny_whisper, "eager"),
+            (tiny_whisper, "sdpa"), (tiny_bart, "eager"), (tiny_bart, "sdpa"), (tiny_distilbert, "eager"),
+            (tiny_distilbert, "sdpa")]
+
+
+def _probs_in_call_order(out):
+    """The model's own attention probabilities, in the order its attention layers run: the encoder,
+    then each decoder layer's self- and cross-attention."""
+    if getattr(out, "cross_attentions", None):
+        enc = list(out.encoder_attentions)
+        dec = [p for pair in zip(out.decoder_attentions, out.cross_attentions) for p in pair]
+        return enc + dec
+    return list(out.attentions)
+
+
+@pytest.mark.parametrize("factory,impl", FAMILIES, ids=[f"{f.__name__[5:]}-{i}" for f, i in FAMILIES])
+def test_nine_families_match_their_own_attention_probabilities_and_a_reloaded_model_records_the_same(
+        factory, impl):
+    """T5, GPT-NeoX, Mistral, Qwen2, Gemma2, ViT, Whisper, BART, DistilBERT (padding where the
+    factory pads): every attention layer (self and cross) recorded once per forward, per-head
+    entropies equal to a float64 entropy of ``output_attentions`` to 1e-5, no bound violation; the
+    monitor on a copy rebuilt from the state_dict (other initial weights, then loaded) records the
+    same."""
+    model, inputs = factory(impl)
+    ref, _ = factory("eager")
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        probs = _probs_in_call_order(ref(**inputs, output_attentions=True))
+        ctx = _strict()
+        try:
+            with EntropyMonitor(model, bound_samples=None, bound_every=1) as mon:
+                model(**inputs)
+        finally:
+            ctx.__exit__(None, None, None)
+        H = probs[0].shape[1]
+        assert len(mon.last) == len(probs) * H and mon.skipped == []
+        assert [r["layer"] for r in mon.last] == [i // H for i in range(len(probs) * H)]
+        for r in mon.last:
+            ent = entropy_of(probs[r["layer"]][:, r["head"]])
+            assert r["seq_len"] == probs[r["layer"]].shape[-1] and r["rows_no_key"] == 0
+            assert r["entropy_mean"] == pytest.approx(float(ent.mean()), abs=1e-5), r["name"]
+            assert r["entropy_min"] == pytest.approx(float(ent.min()), abs=1e-5), r["name"]
+        _no_violations(mon.last)
+        reloaded, _ = factory(impl, seed=1)
+        reloaded.eval()
+        reloaded.load_state_dict(model.state_dict())
+        with EntropyMonitor(reloaded, bound_samples=None, bound_every=1) as mon2:
+            reloaded(**inputs)
+    assert [(r["name"], r["head"]) for r in mon2.last] == [(r["name"], r["head"]) for r in mon.last]
+    for a, b in zip(mon.last, mon2.last):
+        assert a["entropy_mean"] == pytest.approx(b["entropy_mean"], abs=1e-7)
+        assert a["bound_exact"] == pytest.approx(b["bound_exact"], abs=1e-7)

@@ -13,9 +13,12 @@ A second test keeps the committed notebooks clean: no outputs and no execution c
 diff shows only what a person wrote.
 
 The course: every lesson has at least two exercises (markdown cells tagged ``exercise``) with
-solutions (code cells tagged ``solution``, which assert their answer and run here with the rest);
-``make student-notebooks`` writes copies without the solutions, which must still run. Sliders
-(``controls(...)``) fall back to one plain call without a widget front-end, as here. The
+solutions (code cells tagged ``solution``, which assert their answer and that the exercise's check
+accepts it, and run here with the rest) and a check cell (tagged ``check``) that runs in the student
+copy too. ``make student-notebooks`` writes copies without the solutions; here they run with a wrong
+answer put into every exercise, and every check must say "not yet" and the closing cell must not say
+"all claims hold". Sliders (``controls(...)``) draw one plain call as an ordinary output, so an
+executed notebook without a widget front-end (as here, or an HTML export) shows their plots. The
 ``classroom`` preset meets its numbers through the real command line.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ EXPECTED = (
     "02_tightness_and_looseness.ipynb",
     "03_sigma_reparam_mechanics.ipynb",
     "04_entropy_collapse_live.ipynb",
-    "05_reading_the_gpu_run.ipynb",
+    "05_reading_the_committed_runs.ipynb",
     "06_claims_ledger.ipynb",
 )
 #: per-cell limit; a smoke-mode notebook takes well under two minutes in all on 2 cores
@@ -84,14 +87,44 @@ def test_notebook_executes_and_its_claims_hold(path, monkeypatch):
     client.execute()
     kernel_python = nb.cells[-1].outputs[0]["text"].strip()
     assert kernel_python == sys.executable, "the kernel must be the interpreter running pytest"
-    if any("controls(" in c.source for c in nb.cells if c.cell_type == "code" and "def controls(" not in c.source):
-        printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-        assert "plain parameters" in printed, "a control did not fall back to its plain call"
+    for i, c in enumerate(nb.cells):
+        if c.cell_type == "code" and "controls(" in c.source and "import" not in c.source:
+            printed = "".join(o.get("text", "") for o in c.outputs)
+            assert "plain parameters" in printed, f"cell {i}: a control did not make its plain call"
+            assert any("image/png" in o.get("data", {}) for o in c.outputs), (
+                f"cell {i}: a control's plain call shows no figure without a widget front-end")
+    if path in LESSONS:   # nothing answered (the instructor copy): the claims hold
+        final = "".join(o.get("text", "") for o in nb.cells[-2].outputs)
+        assert "all claims" in final and "not yet" not in final, final
 
 
 #: the course of notebooks/README.md (exercises, solutions, student copies); notebooks numbered after
 #: it are not lessons and need no exercises
 LESSONS = [p for p in NOTEBOOKS if p.name[:2] in {"01", "02", "03", "04", "05"}]
+
+#: a wrong answer for every exercise (the starting cell's first line names it); the student-copy runs put
+#: them in and expect "not yet" from each check. 1.1 and 2.2 are the tempting mistakes: log T as the allowed
+#: norm, and the one-hot row (k = 1) as the box minimum.
+WRONG = {
+    "1.1": "allowed_norm = np.log(128)\nentropy_at_110 = 0.5",
+    "1.2": "z_rand = np.random.default_rng(7).normal(size=32)\nnorm_needed = max_logit_norm(0.1, 32)\nlarger = 'extremal'",
+    "2.1": "first_mu = 4.0\ncentred_there = 0.0",
+    "2.2": "best_k = 1\nH_best = 1.0\nH_one_hot = 1.0",
+    "3.1": "predicted_forwards = 30\nmeasured_forwards = 30",
+    "3.2": "gap_per_step = np.zeros(30)\nwidest_step = 1",
+    "4.1": "run_dir_lr3e3 = runs['baseline']\nleast_entropy_lr3e3 = 0.5",
+    "4.2": "low_fraction = {'baseline': [0.0, 0.0], 'sigmaReparam': [0.0, 0.0]}\nmost_collapsed_layer = 0",
+    "5.1": "n_records_checked = 1\nlargest_difference = 0.0",
+    "5.2": "growth = {}",
+}
+
+
+def _exercise_of(cell):
+    """'1.1' for a starting cell whose first line is '# Exercise 1.1: ...', else None."""
+    first = cell.source.split("\n", 1)[0]
+    if cell.cell_type == "code" and first.startswith("# Exercise "):
+        return first[len("# Exercise "):].split(":")[0]
+    return None
 
 
 def _tags(cell):
@@ -109,8 +142,29 @@ def test_lesson_has_exercises_with_asserted_solutions(path):
         assert cell.cell_type == "code" and "assert " in cell.source, f"{path.name}: solution {i} asserts nothing"
         before = nb.cells[i - 1]  # the task, or its starting cell, comes right before the solution
         assert "exercise" in _tags(before) or "solution" in _tags(before), f"{path.name}: orphan solution {i}"
+    # every exercise: a starting cell naming it, its solution(s), then a check cell, which the student copy keeps
+    starts = [i for i, c in enumerate(nb.cells) if _exercise_of(c)]
+    assert len(starts) == len(tasks), f"{path.name}: every exercise needs a starting cell '# Exercise N.M: ...'"
+    for i in starts:
+        ex = _exercise_of(nb.cells[i])
+        assert ex in WRONG, f"{path.name}: exercise {ex} has no wrong answer for the student-copy test"
+        assert "exercise" in _tags(nb.cells[i]) and "exercise" in _tags(nb.cells[i - 1])
+        j = i + 1
+        while "solution" in _tags(nb.cells[j]):
+            assert f'exercises.grade("{ex}"' in nb.cells[j].source, f"{path.name}: solution of {ex} is not graded"
+            j += 1
+        assert j > i + 1, f"{path.name}: exercise {ex} has no solution"
+        check = nb.cells[j]
+        assert "check" in _tags(check) and f'exercises.check("{ex}"' in check.source, f"{path.name}: {ex} has no check"
+        # the solution computes into its own names: it never assigns the answers of the starting cell
+        names = [line.split("=")[0].strip() for line in nb.cells[i].source.splitlines()[1:] if " = ..." in line]
+        for k in range(i + 1, j):
+            for name in names:
+                assert not any(line.startswith(f"{name} =") or line.startswith(f"{name}=")
+                               for line in nb.cells[k].source.splitlines()), f"{path.name}: solution overwrites {name}"
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "solution" not in _tags(code[-1]), "the closing assert cell must not be a solution"
+    assert "exercises.verdict(" in code[-1].source, "the closing cell's verdict must know the exercises"
     assert "arxiv.org/abs/2303.06296" in nb.cells[0].source and "README.md" in nb.cells[0].source
 
 
@@ -166,13 +220,32 @@ STUDENT_RUNS = [p for p in LESSONS if not p.name.startswith("04_")]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", STUDENT_RUNS, ids=_ids(STUDENT_RUNS))
-def test_student_copy_runs_without_its_solutions(path, tmp_path, monkeypatch):
+def test_student_copy_runs_and_tells_a_wrong_answer(path, tmp_path, monkeypatch):
+    """The student copy runs without its solutions; with a wrong answer in every exercise each check
+    says "not yet" (with a hint) and the closing cell does not claim that all claims hold."""
     monkeypatch.setenv("ENTROPY_COLLAPSE_SMOKE", "1")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     _, _ = _student_copies(tmp_path)
     nb = nbformat.read(tmp_path / path.name, as_version=4)
+    injected = []
+    for c in nb.cells:
+        ex = _exercise_of(c)
+        if ex:
+            c.source = f"# Exercise {ex}: a wrong answer\n" + WRONG[ex]
+            injected.append(ex)
+    assert len(injected) >= 2
     NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                    resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
+    told = {}
+    for c in nb.cells:
+        if "check" in _tags(c):
+            text = "".join(o.get("text", "") for o in c.outputs)
+            told[text.split(":")[0]] = text
+    for ex in injected:
+        assert f"exercise {ex}: not yet." in told.get(f"exercise {ex}", ""), (ex, told)
+        assert len(told[f"exercise {ex}"]) > len(f"exercise {ex}: not yet.") + 20, f"{ex}: no hint"
+    final = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+    assert "all claims" not in final and all(ex in final for ex in injected), final
 
 
 @pytest.mark.slow
@@ -193,3 +266,62 @@ def test_classroom_pair_meets_its_numbers(tmp_path):
     assert summaries["sigma"]["entropy_min_head"] > 1.0, summaries["sigma"]
     assert summaries["none"]["bound_violations"] == 0 and summaries["sigma"]["bound_violations"] == 0
     assert not summaries["none"]["diverged"] and not summaries["sigma"]["diverged"]
+    # one thread and fixed seeds: the numbers notebook 4 and notebooks/README.md quote
+    assert abs(summaries["none"]["entropy_min_head"] - 0.026) < 0.01, summaries["none"]
+    assert abs(summaries["sigma"]["entropy_min_head"] - 2.00) < 0.01, summaries["sigma"]
+    # notebook 4's exercise checks on these runs (its student copy is not executed here: it trains the pair
+    # again): the lr 3e-2 run is not the lr 3e-3 one, and wrong fractions are told so
+    from sigma_core import course
+
+    ex = course.Exercises("4")
+    runs = {"baseline": tmp_path / "none", "sigmaReparam": tmp_path / "sigma"}
+    status, hint = ex.grade("4.1", run_dir_lr3e3=runs["baseline"],
+                            least_entropy_lr3e3=summaries["none"]["entropy_min_head"])
+    assert status == "not yet" and "3e-3" in hint
+    right = course._low_fractions(runs)
+    layer = max(range(len(right["baseline"])), key=right["baseline"].__getitem__)
+    assert ex.grade("4.2", low_fraction=right, most_collapsed_layer=layer, runs=runs)[0] == "correct"
+    wrong = {k: [0.0] * len(v) for k, v in right.items()}
+    assert ex.grade("4.2", low_fraction=wrong, most_collapsed_layer=layer, runs=runs)[0] == "not yet"
+
+
+@pytest.mark.slow
+def test_html_export_shows_the_slider_cells_plots(tmp_path):
+    """``jupyter nbconvert --execute --to html`` (no widget front-end): every cell that calls
+    ``controls(...)`` exports its plot as an image, not only the text of a widget."""
+    import os
+    import re
+    import subprocess
+
+    pytest.importorskip("nbconvert")
+    path = NOTEBOOK_DIR / "02_tightness_and_looseness.ipynb"
+    env = {**os.environ, "ENTROPY_COLLAPSE_SMOKE": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    subprocess.run([sys.executable, "-m", "nbconvert", "--execute", "--to", "html", "--output-dir",
+                    str(tmp_path), f"--ExecutePreprocessor.timeout={CELL_TIMEOUT_S}",
+                    "--ExecutePreprocessor.kernel_name=python3", str(path)],
+                   cwd=NOTEBOOK_DIR, env=env, check=True, capture_output=True, text=True)
+    html = (tmp_path / (path.stem + ".html")).read_text()
+    # the exported cells, split at each input prompt; the slider cells are those whose source calls controls(
+    cells = re.split(r'<div class="jp-Cell ', html)
+    sliders = [c for c in cells if "plain parameters (open the notebook in Jupyter for sliders)" in c]
+    nb = nbformat.read(path, as_version=4)
+    expected = sum("controls(" in c.source and "import" not in c.source for c in nb.cells if c.cell_type == "code")
+    assert expected >= 1 and len(sliders) == expected, (expected, len(sliders))
+    for c in sliders:
+        assert "data:image/png;base64," in c, "a slider cell exported without its plot"
+
+
+def test_glossary_quotes_the_ledgers_definitions():
+    """notebooks/README.md's glossary states the rules of sigma_core.experiments.definitions, with its numbers."""
+    from sigma_core.experiments import definitions as d
+    from sigma_core.experiments.report import COLLAPSE_NATS
+
+    text = (NOTEBOOK_DIR / "README.md").read_text()
+    glossary = text[text.index("## Glossary"):text.index("## Exercises")]
+    assert f"below **{d.COLLAPSE_NATS:g} nats**" in glossary and COLLAPSE_NATS == d.COLLAPSE_NATS
+    assert f"more than\n  **{d.SPIKE_NATS:g} nats**" in glossary and f"**{d.SPIKE_PERSIST} logged steps**" in glossary
+    assert f"**{d.LEARN_MARGIN:g} nats** below the chance loss" in glossary
+    assert d.DEFAULT.stable_seeds == "all" and "every seed is stable" in glossary
+    assert d.DEFAULT.spread == "range" and "(max − min)" in glossary
+    nb4 = nbformat.read(NOTEBOOK_DIR / "04_entropy_collapse_live.ipynb", as_version=4)
+    assert any("from sigma_core.experiments import definitions" in c.source for c in nb4.cells if c.cell_type == "code")

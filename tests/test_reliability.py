@@ -11,13 +11,15 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
 
 from sigma_core.cli import main
 from sigma_core.experiments.config import preset
-from sigma_core.experiments.train import (CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, CheckpointError, Diverged,
+from sigma_core.experiments.train import (CHECKPOINT_NAME, METRICS_NAME, STUCK_EXIT_S, SUMMARY_NAME, CheckpointError,
+                              Diverged,
                               Trainer, atomic_torch_save, read_checkpoint,
                               read_checkpoint_file, truncate_metrics)
 
@@ -448,3 +450,227 @@ def test_a_full_disk_is_one_line_and_no_traceback(full_disk):
     assert "cannot write the run folder" in res.stderr and "No space left on device" in res.stderr
     assert not (full_disk / "run" / CHECKPOINT_NAME).exists()
     assert not list((full_disk / "run").glob(".checkpoint.pt.tmp*"))  # the half-written file is removed
+
+
+def test_the_monitor_on_a_full_disk_never_fails_the_forward_nor_leaves_half_a_line(full_disk):
+    """EntropyMonitor(path=...) on a real 64 KiB tmpfs filled up: every forward returns its
+    output, the failure is one RuntimeWarning, the file holds only whole JSON lines, close()
+    does not raise, and once space is freed the records are written again."""
+    from torch import nn
+
+    from sigma_core.monitor import EntropyMonitor
+
+    filler = full_disk / "filler"
+    filler.write_bytes(b"\0" * 40 * 1024)  # leaves room for a few dozen records only
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True, dropout=0.0)
+    x = torch.randn(2, 5, 8)
+    log = full_disk / "entropy.jsonl"
+    monitor = EntropyMonitor(layer, path=log)
+    with pytest.warns(RuntimeWarning, match="No space left on device") as caught:
+        for _ in range(200):
+            assert layer(x).shape == x.shape
+    assert sum("No space left" in str(w.message) for w in caught) == 1  # once, not 200 times
+    lines = log.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) > 10  # ends with a newline: no half-written line
+    steps = [json.loads(line)["step"] for line in lines[:-1]]
+    assert steps == sorted(steps) and len(steps) % 2 == 0  # whole forwards (2 heads each)
+    filler.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)
+        monitor.close()  # no OSError (nothing is left unflushed)
+    after = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(after) == len(steps) + 2 and after[-1]["step"] == 200
+
+
+def _wait_for_checkpoint(path, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+
+
+def test_a_signal_during_a_long_step_ends_the_run_within_seconds_keeping_the_checkpoint(tmp_path):
+    """Steps of one sequence of 16 000 tokens (each many seconds, mostly inside one attention
+    operation that no Python handler interrupts): SIGTERM during step 2 or later ends the run
+    within seconds, not after the step, with exit 143, saying which checkpoint is intact; that
+    checkpoint is the last one written, whole, and nothing after it was written.
+    (`--block-size 100000` was ignored for 19 minutes before.)"""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sigma_core.cli", "train", "--out", str(run), "--preset", "cpu-smoke",
+         "--block-size", "16000", "--batch-size", "1", "--steps", "6", "--checkpoint-every", "1",
+         "--log-every", "100", "--threads", "1", "--no-progress", "--stop-timeout", "0.5"],
+        env={**ENV, "SIGMA_CORE_NATIVE": "0"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_checkpoint(run / CHECKPOINT_NAME, proc)
+        step_before = read_checkpoint(run / CHECKPOINT_NAME)["step"]
+        time.sleep(0.5)  # inside the next step
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - signalled
+    finally:
+        proc.kill()
+    state = read_checkpoint(run / CHECKPOINT_NAME)  # whole: its sha256 matches
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "abandoned" in err
+    assert f"the checkpoint of step {state['step']}" in err and f"--resume {run}" in err
+    assert state["step"] in (step_before, step_before + 1) and state["step"] < 6
+    per_step = state["train_time"] / state["step"]  # the run's own clock
+    assert took < min(8.0, per_step), f"the run took {took:.1f} s to stop, a step {per_step:.1f} s"
+    assert not (run / SUMMARY_NAME).exists() and not list(run.glob(".*.tmp*"))
+
+
+def test_a_signal_ends_the_wait_for_another_process_building_the_kernel(tmp_path, monkeypatch):
+    """While another process holds the kernel's build lock, the run's first recorded step waits
+    for it (up to BUILD_WAIT_SECONDS = 120 s); SIGTERM ends that wait within seconds: exit 143,
+    one message offering --restart (no checkpoint yet), no traceback, the other build untouched."""
+    from sigma_core import native
+
+    ext = tmp_path / "ext"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
+    name = native._name(native._capability())
+    d = native._build_dir(name)
+    d.mkdir(parents=True, exist_ok=True)
+    code = (f"import fcntl, time; fh = open({str(d.parent / f'.{name}.flock')!r}, 'w'); "
+            "fcntl.flock(fh, fcntl.LOCK_EX); print('held', flush=True); time.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    proc = None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sigma_core.cli", "train", "--out", str(run), "--preset", "cpu-smoke",
+             "--steps", "4", "--threads", "1", "--no-progress", "--stop-timeout", "1"],
+            env={**ENV, "TORCH_EXTENSIONS_DIR": str(ext), "SIGMA_CORE_NATIVE": "1"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen = []
+        for line in proc.stderr:  # the warning before the wait
+            seen.append(line)
+            if "building the compiled entropy kernel" in line:
+                break
+        else:
+            raise AssertionError(f"no build announced: {seen} {proc.communicate()}")
+        time.sleep(1.0)  # waiting on the lock now
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, err = proc.communicate(timeout=100)  # the lock wait alone would last 120 s
+        took = time.monotonic() - signalled
+        assert holder.poll() is None  # the other build goes on
+    finally:
+        holder.kill()
+        holder.wait()
+        if proc is not None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert took < 20, f"the wait outlived the signal by {took:.1f} s"
+    assert "Traceback" not in err and "during step 1, which was abandoned" in err
+    assert f"--restart {run}" in err and not (run / CHECKPOINT_NAME).exists()
+
+
+
+def test_block_size_100000_is_refused_up_front_naming_the_flag(tmp_path, capsys):
+    """The issue's `--block-size 100000` ran 19 minutes, deaf to SIGTERM, then ran out of memory:
+    its recorded steps form a 1 x 2 x 100000^2 float32 attention map (80 GB).  Now one line
+    naming the flag, exit 2, nothing written; a size that fits still runs."""
+    from sigma_core.experiments.train import TooLargeError, check_fits_in_memory
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", str(tmp_path / "run"), "--preset", "cpu-smoke", "--block-size", "100000",
+              "--batch-size", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--block-size (100000) is too large for this machine" in err
+    assert "74.5 GiB" in err and not (tmp_path / "run").exists()  # 4 * 2 * 1e10 bytes
+    cfg = preset("cpu-smoke", block_size=1024, batch_size=2)  # 2 x 2 x 1024^2 x 4 = 16 MiB exactly
+    check_fits_in_memory(cfg, memory=16 * 2**20)
+    with pytest.raises(TooLargeError, match="block_size"):
+        check_fits_in_memory(cfg, memory=16 * 2**20 - 1)
+
+
+STUCK_SCRIPT = """
+import sys, torch
+from sigma_core.experiments.config import preset
+from sigma_core.experiments.train import Trainer
+torch.set_num_threads(1)
+trainer = Trainer(preset("cpu-smoke", steps=6, checkpoint_every=1, log_every=100, threads=1, progress=False),
+                  sys.argv[1])
+trainer.stop_timeout, trainer.exit_when_stuck = 0.5, True  # as the CLI sets them
+a = torch.randn(8000, 8000)
+step = trainer.train_step
+def train_step(**kw):
+    if trainer.step == 2:
+        print("long", flush=True)
+        a @ a  # one operation of 1e12 flops: tens of seconds, deaf to Python signal handlers
+    return step(**kw)
+trainer.train_step = train_step
+trainer.run()
+"""
+
+
+def test_sigterm_during_one_long_operation_ends_the_process_within_seconds(tmp_path):
+    """A step stuck in one long C++ operation (a real 8000 x 8000 matmul on one thread inside step
+    3): SIGTERM ends the process within seconds all the same (exit 143), saying the step is stuck
+    and that the checkpoint of step 2 is intact, which it is."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_SCRIPT, str(run)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "long", proc.communicate()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the run ignored SIGTERM for 60 s") from None
+        took = time.monotonic() - signalled
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert took < 0.5 + STUCK_EXIT_S + 5, f"{took:.1f} s"
+    assert "Traceback" not in err and "step 3 is stuck in one operation" in err, err
+    assert f"the checkpoint of step 2 in {run / CHECKPOINT_NAME} is intact" in err
+    assert read_checkpoint(run / CHECKPOINT_NAME)["step"] == 2 and not (run / SUMMARY_NAME).exists()
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A real read-only file system (a tmpfs mounted ro: root ignores permission bits)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()[:80]})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("command", ["report", "compare", "demo"])
+def test_out_on_a_file_a_dangling_link_or_a_read_only_folder_is_one_line(command, tmp_path, read_only_folder,
+                                                                          capsys):
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / METRICS_NAME).write_text("")
+    for out, says in ((tmp_path / "file", "exists and is not a directory"),
+                      (tmp_path / "dangling", "which does not exist"),
+                      (read_only_folder, "is not writable"), (read_only_folder / "sub", "is not writable"),
+                      ("", "current directory")):
+        with pytest.raises(SystemExit) as exc:
+            main([command, *([str(run)] if command == "report" else []), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and says in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 2  # the error and the pointer to --help
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "nowhere").exists()
+
+
+def test_a_full_disk_during_compare_is_no_result(full_disk):
+    res = subprocess.run([sys.executable, "-m", "sigma_core.cli", "compare", "--out", str(full_disk / "cmp"),
+                          "--preset", "cpu-smoke", "--methods", "baseline", "--lrs", "0.03", "--steps", "2"],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and "No space left on device" in res.stderr
+    assert "diverged yes" not in res.stdout + res.stderr and not (full_disk / "cmp" / "compare.md").exists()

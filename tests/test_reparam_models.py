@@ -25,13 +25,29 @@ from sigma_core.reparam import (
     fold_sigma_reparam,
     sigma_reparam_report,
 )
-from thirdparty_models import tiny_bert, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_t5, tiny_xtransformer
+from thirdparty_models import (
+    tiny_bart,
+    tiny_bert,
+    tiny_distilbert,
+    tiny_gemma2,
+    tiny_gpt2,
+    tiny_gpt_neox,
+    tiny_llama,
+    tiny_mistral,
+    tiny_qwen2,
+    tiny_t5,
+    tiny_vit,
+    tiny_whisper,
+    tiny_xtransformer,
+)
 
 torch.set_num_threads(1)
 
 NO_DROPOUT = {
     "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
     "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "bart": dict(dropout=0.0),
+    "distilbert": dict(dropout=0.0, attention_dropout=0.0),
 }
 
 
@@ -77,11 +93,29 @@ MODELS = {
     "xtransformers": (lambda: tiny_xtransformer(flash=False), 13),
     "nn.Transformer": (lambda: _torch_model(TorchTransformer), 21),
     "nn.TransformerEncoder": (lambda: _torch_model(TorchEncoder), 9),
+    # the nine of issue 25 (T5: encoder-decoder, relative_attention_bias table, T5DenseActDense
+    # reading wo.weight three times; GPT-NeoX: interleaved query_key_value; Mistral/Qwen2/Gemma2:
+    # grouped-query, sliding window, soft-capping; ViT: patch Conv2d left alone by default;
+    # Whisper/BART: cross-attention)
+    "t5": (lambda: tiny_t5("eager"), 32),
+    "gpt_neox": (lambda: tiny_gpt_neox("eager"), 9),
+    "mistral": (lambda: tiny_mistral("eager"), 15),
+    "qwen2": (lambda: tiny_qwen2("eager"), 15),
+    "gemma2": (lambda: tiny_gemma2("eager"), 14),
+    "vit": (lambda: tiny_vit("eager"), 12),
+    "whisper": (lambda: tiny_whisper("eager"), 16),
+    "bart": (lambda: tiny_bart("eager", **NO_DROPOUT["bart"]), 16),
+    "distilbert": (lambda: tiny_distilbert("eager", **NO_DROPOUT["distilbert"]), 12),
 }
+#: models whose output head is tied to the token embedding (left alone, with one warning)
+TIED_HEADS = {"gpt2": "lm_head.weight", "t5": "lm_head.weight", "gemma2": "lm_head.weight",
+              "whisper": "proj_out.weight", "bart": "lm_head.weight"}
+HF_MODELS = {"gpt2", "bert", "llama", *list(MODELS)[6:]}
 
 
 def _out(model, inputs):
-    out = model(**inputs)
+    dtype = next(p.dtype for n, p in model.named_parameters() if not n.endswith("gamma"))
+    out = model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()})
     for name in ("logits", "last_hidden_state"):
         if hasattr(out, name):
             return getattr(out, name)
@@ -120,10 +154,16 @@ def test_convert_covers_every_projection_and_keeps_the_function(case):
     converted = [e for e in report if e["converted"]]
     assert len(converted) == n_converted, [e["name"] for e in converted]
     skipped = {e["name"]: e["reason"] for e in report if not e["converted"]}
-    assert all("Embedding" in r or r.startswith("tied") for r in skipped.values()), skipped
+    assert all("Embedding" in r or r.startswith("tied") or r in ("Conv1d is not in layer_types",
+                                                                  "Conv2d is not in layer_types")
+               for r in skipped.values()), skipped
     if name == "gpt2":  # tied wte/lm_head: left alone, with a warning naming both
         assert skipped["lm_head.weight"] == "tied to transformer.wte.weight"
         assert len(messages) == 1 and "lm_head.weight" in messages[0] and "wte" in messages[0]
+    elif name in TIED_HEADS:
+        head = TIED_HEADS[name]
+        assert skipped[head].startswith("tied to ")
+        assert len(messages) == 1 and head in messages[0] and "tied" in messages[0], messages
     else:
         assert messages == []  # no attention module left unconverted
     with torch.no_grad():
@@ -251,7 +291,7 @@ def _checkpoint_forward(module, reentrant):
 
 
 def _enable_checkpointing(name, model, reentrant):
-    if name in ("gpt2", "bert", "llama"):
+    if name in HF_MODELS:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     elif name == "nn.TransformerEncoder":
         for layer in model.enc.layers:
@@ -441,3 +481,170 @@ def test_t5_relative_attention_bias_is_a_lookup_table_not_an_unconverted_project
         convert_to_sigma_reparam(model, layer_types=(nn.Conv1d,))
     text = " ".join(str(w.message) for w in caught)
     assert "SelfAttention.q.weight" in text and "relative_attention_bias" not in text
+
+
+# ------------------------- one W_hat and one step per weight per forward (issue 25) ----
+
+class _DtypeCheckBlock(nn.Module):
+    """Reads ``self.b.weight`` (isinstance, dtype) before calling ``self.b``, as Hugging Face's
+    ``T5DenseActDense`` does with ``wo``."""
+
+    def __init__(self, linear, d=8):
+        super().__init__()
+        self.a, self.b = linear(d, d), linear(d, d)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if isinstance(self.b.weight, torch.Tensor) and h.dtype != self.b.weight.dtype:
+            h = h.to(self.b.weight.dtype)
+        return self.b(h)
+
+
+class _TwoBlocks(nn.Module):
+    def __init__(self, linear=nn.Linear):
+        super().__init__()
+        self.blocks = nn.ModuleList([_DtypeCheckBlock(linear), _DtypeCheckBlock(linear)])
+        self.checkpointing = None  # None, or use_reentrant of torch.utils.checkpoint
+
+    def forward(self, x):
+        for block in self.blocks:
+            if self.checkpointing is None:
+                x = block(x)
+            else:
+                x = checkpoint(block, x, use_reentrant=self.checkpointing)
+        return x
+
+
+#: the ways to get sigmaReparam: convert (batched, the default), convert unbatched, by hand
+PATHS = ["batched", "unbatched", "by hand"]
+
+
+def _two_blocks(path):
+    from sigma_core.reparam import SigmaReparamLinear, scope_sigma_reparam
+
+    torch.manual_seed(0)
+    if path == "by hand":
+        model = scope_sigma_reparam(_TwoBlocks(lambda i, o: SigmaReparamLinear(i, o)))
+    else:
+        model = convert_to_sigma_reparam(_TwoBlocks(), batched=path == "batched")
+    with torch.no_grad():  # far from the fixed point, so that every extra step shows
+        for p in _sigma_params(model):
+            p._u.copy_(torch.nn.functional.normalize(torch.randn_like(p._u), dim=-1))
+            p._v.copy_(torch.nn.functional.normalize(torch.randn_like(p._v), dim=-1))
+    return model.double().train()
+
+
+def _count_w_hat(monkeypatch):
+    """Count the W_hat computations (weights through the per-weight and the group node)."""
+    from sigma_core import reparam
+
+    count = [0]
+    one, group = reparam._ScaleBySigma.apply, reparam._GroupScaleBySigma.apply
+
+    def one_counted(*args):
+        count[0] += 1
+        return one(*args)
+
+    def group_counted(*args):
+        count[0] += args[2]  # (eps, sizes, k, ...): k weights
+        return group(*args)
+
+    monkeypatch.setattr(reparam._ScaleBySigma, "apply", one_counted)
+    monkeypatch.setattr(reparam._GroupScaleBySigma, "apply", group_counted)
+    return count
+
+
+def _one_step_by_hand(model, start, steps=1):
+    """The vectors ``steps`` power-iteration steps from ``start`` (u: output side, v: input side)."""
+    out = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "parametrizations"):
+            continue
+        for tname, plist in module.parametrizations.items():
+            p = plist[0]
+            W = p._as_matrices(plist.original.detach()).to(p._u.dtype)  # (c, m, n)
+            prefix = f"{name}.parametrizations.{tname}.0." if name else f"parametrizations.{tname}.0."
+            v, u = start[prefix + "_u"], start[prefix + "_v"]
+            for _ in range(steps):
+                v = torch.nn.functional.normalize((W @ u.unsqueeze(-1)).squeeze(-1), dim=-1)
+                u = torch.nn.functional.normalize((v.unsqueeze(-2) @ W).squeeze(-2), dim=-1)
+            out[prefix + "_u"], out[prefix + "_v"] = v, u
+    return out
+
+
+def _vectors(model):
+    return {k: b.detach().clone() for k, b in model.named_buffers() if k.endswith(("_u", "_v"))}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_weight_read_three_times_in_a_forward_costs_one_w_hat_and_one_step(path, monkeypatch):
+    """``b.weight`` is read for isinstance, for its dtype and by the Linear: one W_hat and one
+    power-iteration step per weight and forward (the vectors equal one step by hand)."""
+    model = _two_blocks(path)
+    count = _count_w_hat(monkeypatch)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    for _ in range(2):
+        start = _vectors(model)
+        count[0] = 0
+        model(x).square().sum().backward()
+        assert count[0] == 4  # 4 weights, one W_hat each
+        expected = _one_step_by_hand(model, start)
+        for k, b in _vectors(model).items():
+            torch.testing.assert_close(b, expected[k], rtol=1e-12, atol=1e-12, msg=k)
+    # outside the model's forward, a layer called on its own is a forward of its own
+    start = _vectors(model)
+    model.blocks[0].b(x).sum().backward()
+    moved = {k for k, b in _vectors(model).items() if not torch.equal(b, start[k])}
+    assert moved == {"blocks.0.b.parametrizations.weight.0._u", "blocks.0.b.parametrizations.weight.0._v"}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_a_block_that_reads_its_weight_twice_is_exact(path, reentrant, monkeypatch):
+    """No CheckpointError ("Recomputed values ... have different metadata"), one step per
+    training step, and buffers and gradients equal to the run without checkpointing (fp64)."""
+    ref = _two_blocks(path)
+    model = copy.deepcopy(ref)
+    model.checkpointing = reentrant
+    count = _count_w_hat(monkeypatch)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)  # (reentrant needs one)
+    for _ in range(2):
+        start = _vectors(ref)
+        for m in (ref, model):
+            m.zero_grad()
+            count[0] = 0
+            loss = m(x).square().sum()
+            assert count[0] == 4  # the forward: one W_hat per weight
+            loss.backward()
+        expected = _one_step_by_hand(ref, start)
+        for k, b in _vectors(ref).items():
+            torch.testing.assert_close(b, expected[k], rtol=1e-12, atol=1e-12, msg=k)
+            torch.testing.assert_close(model.get_buffer(k), b, rtol=1e-12, atol=1e-14, msg=k)
+        for (k, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-14, msg=k)
+        with torch.no_grad():
+            for m in (ref, model):
+                for p in m.parameters():
+                    p.sub_(0.1 * p.grad)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_t5_one_w_hat_and_one_step_per_weight_per_forward(batched, monkeypatch):
+    """Hugging Face T5 (``T5DenseActDense`` reads ``wo.weight`` three times per forward)."""
+    model, inputs = tiny_t5()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied lm_head
+        convert_to_sigma_reparam(model, batched=batched)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in _sigma_params(model):
+            p._u.copy_(torch.nn.functional.normalize(torch.randn_like(p._u), dim=-1))
+            p._v.copy_(torch.nn.functional.normalize(torch.randn_like(p._v), dim=-1))
+    model.double().train()
+    count = _count_w_hat(monkeypatch)
+    start = _vectors(model)
+    _loss(model, inputs).backward()
+    assert count[0] == len(_sigma_params(model)) == 32
+    expected = _one_step_by_hand(model, start)
+    for k, b in _vectors(model).items():
+        torch.testing.assert_close(b, expected[k], rtol=1e-10, atol=1e-12, msg=k)

@@ -167,3 +167,40 @@ def test_config_rejects_bad_stabiliser_options(bad):
 def test_config_round_trip_keeps_the_options():
     cfg = preset("cpu-compare", qk_norm=True, logit_softcap=30.0)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("reparam", ["sigma", "spectral"])
+def test_apply_reparam_takes_one_class_or_conv1d_by_name(reparam):
+    """layer_types as a user writes it: one class (not a one-element tuple), or "Conv1D" for
+    Hugging Face's GPT-2 layers (a TypeError before); each matched layer is reparametrised
+    (spectral: its weight's spectral norm is 1 to the power iteration's 2 %, where the raw
+    weight's is about 0.3), the others not."""
+    from tests.thirdparty_models import tiny_gpt2
+
+    net = apply_reparam(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Conv1d(4, 4, 1)), reparam,
+                        layer_types=torch.nn.Linear)
+    assert [hasattr(m, "parametrizations") for m in net] == [True, False]
+    gpt2, inputs = tiny_gpt2()
+    convs = [m for m in gpt2.modules() if type(m).__name__ == "Conv1D"]
+    apply_reparam(gpt2, reparam, layer_types="Conv1D")
+    assert convs and all(hasattr(m, "parametrizations") for m in convs)
+    assert not hasattr(gpt2.lm_head, "parametrizations")  # an nn.Linear: not asked for
+    gpt2.eval()
+    gpt2(**inputs)
+    for m in convs:
+        if reparam == "spectral":
+            assert torch.linalg.matrix_norm(m.weight.detach().double(), 2).item() == pytest.approx(1.0, rel=0.02)
+        else:
+            assert type(m.parametrizations.weight[0]).__name__ == "SigmaReparam"
+
+
+@pytest.mark.parametrize("kwargs, exc, names", [
+    (dict(reparam="spectral", layer_types="Linear"), TypeError, "layer_types"),
+    (dict(reparam="spectral", layer_types=3), TypeError, "layer_types.*got 3"),
+    (dict(reparam="sigma", layer_types=()), TypeError, "layer_types"),
+    (dict(reparam=("spectral",)), TypeError, "reparam"),
+    (dict(reparam="weightnorm"), ValueError, "reparam"),
+])
+def test_apply_reparam_refuses_bad_arguments_by_name(kwargs, exc, names):
+    with pytest.raises(exc, match=names):
+        apply_reparam(torch.nn.Linear(2, 2), **kwargs)

@@ -61,6 +61,40 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = _float(text, "a number >= 0")
+    if not (0 <= value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def out_folder(text: str):
+    """A folder a command can write into: an existing writable directory, or a new one whose
+    nearest existing parent is a writable directory; not a file, a dangling link or a read-only
+    folder, and not ``''`` (the current directory)."""
+    import os  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder name would write into the current directory")
+    path = Path(text)
+    if path.is_symlink() and not path.exists():
+        raise argparse.ArgumentTypeError(f"{text} is a symbolic link to {os.readlink(path)}, which does not exist")
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():
+            raise argparse.ArgumentTypeError(f"{probe} is a symbolic link to {os.readlink(probe)}, which does not exist")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise argparse.ArgumentTypeError(f"{probe} is not a directory, so {text} cannot be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{probe} is not writable (read-only or no permission)")
+    return path
+
+
 def finite_float(text: str) -> float:
     """Any finite number."""
     value = _float(text, "a number")

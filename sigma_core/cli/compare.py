@@ -8,8 +8,9 @@ stable learning rate per method (definitions in :mod:`sigma_core.experiments.com
 from __future__ import annotations
 
 import argparse
+import sys
 
-from sigma_core.cli.argtypes import nonnegative_int, positive_float, positive_int
+from sigma_core.cli.argtypes import nonnegative_int, out_folder, positive_float, positive_int
 from sigma_core.experiments.compare import DEFAULT_LRS, DEFAULT_SOFTCAP, METHODS
 
 
@@ -19,9 +20,14 @@ def run(args: argparse.Namespace) -> int:
     from sigma_core.experiments.compare import run_compare  # noqa: PLC0415
 
     name = args.preset or ("h200" if torch.cuda.is_available() else "cpu-compare")
-    paths = run_compare(args.out, preset_name=name, methods=tuple(args.methods), lrs=tuple(args.lrs),
-                        seeds=tuple(args.seeds), jobs=args.jobs, threads=args.threads, steps=args.steps,
-                        softcap=args.softcap, keep_checkpoints=args.keep_checkpoints)
+    try:
+        paths = run_compare(args.out, preset_name=name, methods=tuple(args.methods), lrs=tuple(args.lrs),
+                            seeds=tuple(args.seeds), jobs=args.jobs, threads=args.threads, steps=args.steps,
+                            softcap=args.softcap, keep_checkpoints=args.keep_checkpoints)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile: no result, no traceback
+        print(f"entropy-collapse compare: cannot write {args.out}: {exc.strerror or exc}"
+              f"{f' ({exc.filename})' if exc.filename else ''}; no table was written", file=sys.stderr)
+        return 1
     print(paths["md"].read_text())
     return 0
 
@@ -37,8 +43,10 @@ Each run's config.json, metrics.jsonl, summary.json and samples/ stay in OUT/run
 Methods: baseline; sigma-reparam (sigmaReparam on every linear layer); sigma-reparam-no-ln
 (the same without LayerNorm); qk-layernorm (LayerNorm on each head's q and k); softcap
 (logits c*tanh(a/c)); spectral-norm (torch's spectral_norm, gamma fixed at 1).
-Collapsed: some head's entropy below 0.05 log T at the last logged step.  Diverged: a
-non-finite loss, a crash, or a final validation loss >= log 256.
+Definitions (sigma_core/experiments/definitions.py, as in the report and the claims ledger):
+collapsed: some head's entropy below 0.1 nats at a logged step.  Diverged: a non-finite loss
+or gradient, a crash, or no finite final validation loss.  Learned: a final validation loss
+0.05 nats below log 256.  Stable: every seed learned and none collapsed or diverged.
 
 How long: the default (6 methods x 6 rates, seed 0, cpu-compare preset, 200 steps) is 36
 runs of a few seconds each on one CPU core; 3 seeds (108 runs) need about 13 minutes of
@@ -54,7 +62,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="learning-rate sweep: sigmaReparam against QK-LayerNorm, soft-capping, spectral_norm",
         description=DESCRIPTION, formatter_class=HelpFormatter)
-    parser.add_argument("--out", default="runs/compare", metavar="OUT", help="output folder (default runs/compare)")
+    parser.add_argument("--out", default="runs/compare", metavar="OUT", type=out_folder, help="output folder (default runs/compare)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
                         help="training preset (default: h200 with CUDA, else cpu-compare)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",

@@ -9,10 +9,11 @@ the baseline GPT and its sigmaReparam twin and writes their report.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 
-from sigma_core.cli.argtypes import positive_int
+from sigma_core.cli.argtypes import out_folder, positive_int
 from theory import entropy_lower_bound, extremal_instance, softmax_entropy, theorem_bound
 
 #: the grid of the demo table
@@ -85,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
         from sigma_core.experiments.train import run_demo
 
         print()
-        run_demo(args.out, preset_name=args.preset, steps=args.steps)
+        try:
+            run_demo(args.out, preset_name=args.preset, steps=args.steps)
+        except OSError as exc:  # a full disk, a folder made read-only meanwhile: say so, no traceback
+            print(f"entropy-collapse demo: cannot write {args.out}: {exc.strerror or exc}"
+                  f"{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -113,7 +119,7 @@ def register(subparsers) -> None:
         "demo", help="the bound in numbers, then a baseline and a sigmaReparam GPT trained side by "
                      "side, with a report (about 5 min on a CPU; --no-train: a second)",
         description=DESCRIPTION, formatter_class=HelpFormatter)
-    parser.add_argument("--out", default="runs/demo", metavar="DIR",
+    parser.add_argument("--out", default="runs/demo", metavar="DIR", type=out_folder,
                         help="where the two run folders and the report go (default runs/demo)")
     parser.add_argument("--preset", choices=("cpu-smoke", "classroom", "cpu-demo", "h200"), default=None,
                         metavar="NAME",

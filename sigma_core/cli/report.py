@@ -5,6 +5,8 @@ import argparse
 import os
 from pathlib import Path
 
+from sigma_core.cli.argtypes import out_folder
+
 
 def default_out(run_dirs: list[str]) -> Path:
     """One run: its own directory; several: ``report/`` beside them (in their common parent)."""
@@ -39,7 +41,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "and every sampled row's entropy against the bound.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="run folders written by `entropy-collapse train` (or `demo`)")
-    parser.add_argument("--out", default=None, metavar="DIR",
+    parser.add_argument("--out", default=None, metavar="DIR", type=out_folder,
                         help="where report.md and the figures go (default: the run folder itself for one "
                              "RUN_DIR; for several, a folder named report beside them, in their common parent)")
     parser.set_defaults(func=_run, _parser=parser)

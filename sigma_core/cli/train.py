@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from sigma_core.cli.argtypes import finite_float, integer, nonnegative_int, positive_float, positive_int
+from sigma_core.cli.argtypes import finite_float, integer, nonnegative_float, nonnegative_int, positive_float, positive_int
 from sigma_core.experiments import config as _config
 from sigma_core.experiments.config import GAMMA_INITS, NORMS, PRESETS, REPARAMS, TrainConfig, preset
 
@@ -40,7 +40,7 @@ the step and summary.json says "diverged": true); 2 for a bad flag, folder or ch
 #: the help line of each TrainConfig field (a field missing here gets a generic line)
 FIELD_HELP = {
     "model": "which model: gpt (byte-level GPT on the shipped corpus), vit (ViT on 8x8 digits) "
-             "or seq2seq (encoder-decoder on a synthetic task)",
+             "seq2seq (encoder-decoder on a synthetic task) or speech (CTC encoder on spoken digits)",
     "vocab_size": "vocabulary size (256 bytes for the GPT)",
     "d_model": "model width d",
     "n_layer": "number of Transformer blocks",
@@ -68,6 +68,7 @@ FIELD_HELP = {
     "seed": "random seed (weights and data order)",
     "corpus_bytes": "bytes of the shipped corpus to use (at most 8388608)",
     "val_fraction": "fraction of the data held out for the validation loss",
+    "test_split": "also hold out a test split, evaluated at the last step (test_loss, test_accuracy)",
     "log_every": "record entropy and metrics every N steps",
     "eval_every": "validation loss every N steps",
     "eval_batches": "batches per validation loss",
@@ -85,7 +86,7 @@ _GROUPS = (
                "mlp_ratio", "reparam", "gamma_init", "qk_norm", "logit_softcap", "patch_size", "seq_task")),
     ("optimisation", ("optimizer", "lr", "momentum", "weight_decay", "warmup_steps", "lr_schedule",
                       "grad_clip", "batch_size", "steps", "seed")),
-    ("data and logging", ("corpus_bytes", "val_fraction", "log_every", "eval_every", "eval_batches",
+    ("data and logging", ("corpus_bytes", "val_fraction", "test_split", "log_every", "eval_every", "eval_batches",
                           "sample_steps", "sample_batch")),
     ("runtime", ()),
 )
@@ -329,11 +330,16 @@ def _resume(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from sigma_core.experiments import distributed  # noqa: PLC0415
-    from sigma_core.experiments.train import (DirtyTreeError, RunFolderError, Trainer,  # noqa: PLC0415
-                                              TrainingInterrupted)
+    from sigma_core.experiments.train import (DirtyTreeError, RunFolderError, TooLargeError,  # noqa: PLC0415
+                                              Trainer, TrainingInterrupted)
 
     if args.progress is None:
         args.progress = sys.stderr.isatty()  # the bar (tqdm) writes to stderr
+    if args.tensorboard is not None:
+        try:
+            import tensorboard  # noqa: F401, PLC0415
+        except ImportError:
+            args._parser.error("--tensorboard needs the tensorboard package: pip install 'entropy-collapse[tensorboard]'")
     try:
         if args.resume is not None:
             trainer = _resume(args)
@@ -350,10 +356,15 @@ def _run(args: argparse.Namespace) -> int:
                 trainer = Trainer(cfg, args.out, allow_dirty=args.allow_dirty)
             except DirtyTreeError as exc:
                 args._parser.error(f"--out {args.out}: {exc}")
+            except TooLargeError as exc:
+                args._parser.error(flags_in_message(str(exc)))
             run_dir = args.out
+        trainer.stop_timeout = args.stop_timeout
+        trainer.exit_when_stuck = True  # a step stuck in one long operation must not outlive the signal
+        trainer.tensorboard = args.tensorboard
         try:
             summary = trainer.run()
-        except TrainingInterrupted as exc:
+        except TrainingInterrupted as exc:  # TrainingAborted too: the step was abandoned
             if trainer.is_main:
                 print(f"entropy-collapse train: {exc}", file=sys.stderr)
             return 128 + exc.signum
@@ -447,6 +458,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--allow-dirty", action="store_true",
                         help="write into the checkout's results/ even when tracked files differ from the "
                              "commit (the run is marked git_dirty; refused otherwise)")
+    parser.add_argument("--stop-timeout", type=nonnegative_float, default=10.0, metavar="S",
+                        help="after SIGINT/SIGTERM the step in progress is finished and the checkpoint "
+                             "written; a step not done S seconds after the signal is abandoned instead "
+                             "(the last checkpoint stays as it was; default 10)")
+    parser.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                        help="also write each logged step's per-head entropy, sigma_h, bound margins, violations "
+                             "and losses, and a layer x head entropy heatmap every 10th logged step, as "
+                             "TensorBoard event files in DIR (needs the tensorboard package)")
     add_config_arguments(parser)
     parser.set_defaults(func=_run, _parser=parser)
     return parser

@@ -13,19 +13,20 @@ figures and the largest stable learning rate per method:
 - ``spectral-norm``: ``torch.nn.utils.parametrizations.spectral_norm`` on every linear layer
   (W / sigma(W), gamma fixed at 1).
 
-Definitions (per run, from its ``metrics.jsonl``, i.e. the logged steps):
+Definitions (per run, from its ``metrics.jsonl``, i.e. the logged steps): those of
+:mod:`sigma_core.experiments.definitions`, the same as the run report and the claims ledger:
 
-- ``collapsed``: the monitor's rule, :class:`~sigma_core.monitor.CollapseDetector` with its
-  default ``fraction`` 0.05, replayed over every logged step on each head's entropy (mean over
-  rows with at least T/2 keys): some head is in the ``low_entropy`` state (entropy below
-  ``0.05 log T``) at the last logged step.  ``first_collapse_step`` is the first logged step
-  at which any head entered that state (it may have recovered later);
+- ``collapsed``: some head's entropy (mean over rows with at least T/2 keys) fell below 0.1 nats
+  at a logged step (:func:`~sigma_core.experiments.definitions.first_collapse_step`); that step
+  is ``first_collapse_step``, so a run is collapsed exactly when it has one (a head that
+  recovers later still collapsed);
 - ``diverged``: a non-finite training loss or gradient norm at a logged step, a crashed run, or
-  a final validation loss that is missing, non-finite or no better than uniform bytes
-  (``>= log 256``);
-- ``stable``: at this learning rate no seed collapsed and no seed diverged.  The *largest stable
-  learning rate* of a method is the largest swept rate at which it is stable (``None`` when
-  there is none); it says nothing about rates between or beyond the swept ones.
+  a final validation loss that is missing or non-finite;
+- ``learned``: the final validation loss is below that of uniform bytes (``log 256``) by at
+  least 0.05 nats;
+- ``stable``: at this learning rate every seed learned and none collapsed or diverged.  The
+  *largest stable learning rate* of a method is the largest swept rate at which it is stable
+  (``None`` when there is none); it says nothing about rates between or beyond the swept ones.
 
 Aggregates over seeds: mean final validation loss (and its standard deviation), the minimum of
 the per-seed minimum head entropies, the mean of the mean entropies, the maximum sigma_h, and
@@ -36,7 +37,7 @@ Example
 -------
 >>> rows = [dict(method="a", lr=lr, seed=0, final_val_loss=1.0, entropy_min=1.0, entropy_mean=2.0,
 ...              sigma_max=1.0, collapsed=lr > 0.02, diverged=False, first_collapse_step=None,
-...              bound_violations=0, train_time_s=1.0) for lr in (0.001, 0.01, 0.03)]
+...              learned=True, bound_violations=0, train_time_s=1.0) for lr in (0.001, 0.01, 0.03)]
 >>> largest_stable_lr(aggregate(rows))
 {'a': 0.01}
 """
@@ -53,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sigma_core.monitor import CollapseDetector
+from sigma_core.experiments import definitions as defs
 
 #: Gemma 2's attention-logit cap
 DEFAULT_SOFTCAP = 50.0
@@ -70,11 +71,11 @@ METHODS: dict[str, dict] = {
 }
 #: columns of the per-(method, lr) table, in order
 TABLE_COLUMNS = ("method", "lr", "n_seeds", "final_val_loss", "final_val_loss_std", "entropy_min",
-                 "entropy_mean", "sigma_max", "n_collapsed", "n_diverged", "collapsed", "diverged",
+                 "entropy_mean", "sigma_max", "n_collapsed", "n_diverged", "n_learned", "collapsed", "diverged",
                  "stable", "first_collapse_step", "bound_violations", "train_time_s")
 #: columns of the per-run table
 RUN_COLUMNS = ("method", "lr", "seed", "final_val_loss", "entropy_min", "entropy_mean", "sigma_max",
-               "collapsed", "first_collapse_step", "diverged", "bound_violations", "train_time_s",
+               "collapsed", "first_collapse_step", "diverged", "learned", "bound_violations", "train_time_s",
                "run_dir")
 
 
@@ -116,8 +117,10 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def summarise_compare_run(run_dir: str | os.PathLike, *, fraction: float = 0.05) -> dict:
-    """One sweep row from a run directory: final numbers, ``collapsed`` and ``diverged`` (module doc).
+def summarise_compare_run(run_dir: str | os.PathLike, *,
+                          definitions: defs.Definitions = defs.DEFAULT) -> dict:
+    """One sweep row from a run directory: final numbers, ``collapsed``, ``diverged`` and
+    ``learned`` (module doc; :mod:`~sigma_core.experiments.definitions`).
 
     Reads ``config.json``, ``metrics.jsonl`` and, when present, ``summary.json`` (a crashed run
     has none and counts as diverged).
@@ -130,39 +133,26 @@ def summarise_compare_run(run_dir: str | os.PathLike, *, fraction: float = 0.05)
         raise ValueError(f"run_dir {run_dir} has no config.json")
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    seq_len = int(config["block_size"])
-    detector = CollapseDetector(fraction=fraction)
-    first_collapse, collapsed, diverged = None, False, summary is None
-    for rec in records:
-        if rec.get("diverged") or not all(_finite(rec.get(k)) for k in ("train_loss", "grad_norm")):
-            diverged = True
-        ent = rec.get("entropy")
-        if ent is None:
-            continue
-        heads = [{"layer": li, "head": hi, "step": rec["step"], "seq_len": seq_len,
-                  "entropy_mean_half": e, "entropy_mean": e} for li, layer in enumerate(ent)
-                 for hi, e in enumerate(layer)]
-        if detector.update(heads) and first_collapse is None:
-            first_collapse = rec["step"]
-        # the detector's low_entropy state at this step: some head below fraction * log T
-        collapsed = any(h["entropy_mean_half"] < detector.fraction * math.log(seq_len) for h in heads)
+    first_collapse = defs.first_collapse_step(records, seq_len=int(config["block_size"]), definitions=definitions)
+    diverged = defs.diverged(records, summary)
+    val = defs.final_heldout_loss(records)
+    learned = defs.learned(val, defs.chance_loss({"vocab_size": 256, **config}), definitions=definitions)
     last = records[-1] if records else {}
-    val = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
-    if not _finite(val) or val >= math.log(int(config.get("vocab_size", 256))):
-        diverged = True
     violations = sum(int(r.get("bound_violations", 0) or 0) + int(r.get("sample_violations", 0) or 0)
                      for r in records)
     return {"method": method_of(config), "lr": float(config["lr"]),
             "seed": int(config["seed"]), "final_val_loss": val,
             "entropy_min": last.get("entropy_min_head"), "entropy_mean": last.get("entropy_mean"),
-            "sigma_max": last.get("sigma_max"), "collapsed": bool(collapsed),
-            "first_collapse_step": first_collapse, "diverged": bool(diverged),
+            "sigma_max": last.get("sigma_max"), "collapsed": first_collapse is not None,
+            "first_collapse_step": first_collapse, "diverged": bool(diverged), "learned": bool(learned),
             "bound_violations": int(violations), "train_time_s": last.get("train_time_s"),
             "run_dir": str(run_dir)}
 
 
-def aggregate(rows: list[dict]) -> list[dict]:
-    """Per ``(method, lr)`` over seeds (module doc), sorted by method order then lr."""
+def aggregate(rows: list[dict], *, definitions: defs.Definitions = defs.DEFAULT) -> list[dict]:
+    """Per ``(method, lr)`` over seeds (module doc), sorted by method order then lr; ``stable`` by
+    :func:`~sigma_core.experiments.definitions.stable_setting` (every seed, by default).  A row
+    without ``learned`` (an older runs.csv) counts as learned."""
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], float(r["lr"])), []).append(r)
@@ -176,6 +166,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         val, ent_min, ent_mean, sig = (nums(rs, k) for k in ("final_val_loss", "entropy_min",
                                                            "entropy_mean", "sigma_max"))
         n_col, n_div = sum(bool(r["collapsed"]) for r in rs), sum(bool(r["diverged"]) for r in rs)
+        ok = [not r["collapsed"] and not r["diverged"] and r.get("learned", True) is not False for r in rs]
         steps = [r["first_collapse_step"] for r in rs if r.get("first_collapse_step") is not None]
         out.append({"method": method, "lr": lr, "n_seeds": len(rs),
                     "final_val_loss": float(np.mean(val)) if val else None,
@@ -183,8 +174,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
                     "entropy_min": min(ent_min) if ent_min else None,
                     "entropy_mean": float(np.mean(ent_mean)) if ent_mean else None,
                     "sigma_max": max(sig) if sig else None,
-                    "n_collapsed": n_col, "n_diverged": n_div, "collapsed": n_col > 0,
-                    "diverged": n_div > 0, "stable": n_col == 0 and n_div == 0,
+                    "n_collapsed": n_col, "n_diverged": n_div,
+                    "n_learned": sum(r.get("learned", True) is not False for r in rs), "collapsed": n_col > 0,
+                    "diverged": n_div > 0, "stable": defs.stable_setting(ok, definitions=definitions),
                     "first_collapse_step": min(steps) if steps else None,
                     "bound_violations": sum(int(r.get("bound_violations") or 0) for r in rs),
                     "train_time_s": float(np.mean(nums(rs, "train_time_s"))) if nums(rs, "train_time_s") else None})
@@ -226,10 +218,11 @@ ENTROPY_FLOOR = 1e-3
 
 
 def plot_compare(table: list[dict], out_dir: Path, *, seq_len: int | None = None,
-                 fraction: float = 0.05, formats=("png", "svg")) -> dict[str, Path]:
+                 fraction: float | None = None, formats=("png", "svg")) -> dict[str, Path]:
     """``loss_vs_lr.png`` (final validation loss per method, with ± one standard deviation over
     seeds as error bars when there are several) and ``entropy_vs_lr.png`` (least and mean head
-    entropy per method, with the collapse line ``fraction * log T``; values below
+    entropy per method, with the collapse threshold of :mod:`~sigma_core.experiments.definitions`
+    (0.1 nats; ``fraction`` given: the line ``fraction * log T`` instead); values below
     :data:`ENTROPY_FLOOR` are drawn on the floor as downward triangles).  Markers: filled circle
     stable, cross collapsed (in at least one seed), open circle diverged; the legend says so.
     Each figure is also written in the other ``formats`` (SVG by default) beside the PNG."""
@@ -302,10 +295,14 @@ def plot_compare(table: list[dict], out_dir: Path, *, seq_len: int | None = None
     axes[0].set_ylim(bottom=ENTROPY_FLOOR / 1.6)
     axes[0].set_ylabel("least head entropy at the end (nats)")
     handles = list(marker_key)
-    if seq_len:
+    if fraction is not None and seq_len:
         axes[0].axhline(fraction * math.log(seq_len), color="k", ls="--", lw=1)
         handles.append(Line2D([], [], color="k", ls="--", lw=1,
                               label=f"collapse line {fraction:g} log T = {fraction * math.log(seq_len):.2f}"))
+    elif fraction is None:
+        line = defs.DEFAULT.collapse_threshold(seq_len)
+        axes[0].axhline(line, color="k", ls="--", lw=1)
+        handles.append(Line2D([], [], color="k", ls="--", lw=1, label=f"collapse threshold {line:g} nats"))
     if clipped:
         handles.append(Line2D([], [], ls="", marker="v", color="grey", mfc="none", ms=8,
                               label=f"below {ENTROPY_FLOOR:g} nats (drawn at the floor)"))
@@ -351,15 +348,19 @@ def write_compare(rows: list[dict], out_dir: str | os.PathLike, *, meta: dict | 
     (out / "meta.json").write_text(json.dumps({**meta, "largest_stable_lr": best}, indent=2) + "\n")
     paths["meta"] = out / "meta.json"
     lines = ["# sigmaReparam vs the other attention stabilisers: learning-rate sweep", ""]
-    for key in ("preset", "device_name", "torch", "git_commit", "date", "steps", "seeds", "model"):
+    for key in ("preset", "device_name", "torch", "git_commit", "date", "steps", "seeds", "model", "rederived"):
         if key in meta:
             lines.append(f"- {key.replace('_', ' ')}: {meta[key]}")
-    lines += ["", "Collapsed: a head's entropy (mean over rows with >= T/2 keys) below 0.05 log T at the "
-              "last logged step (the monitor's CollapseDetector rule). Diverged: non-finite loss, a "
-              "crash, or final validation loss >= log 256. Stable: no seed collapsed or diverged.", "",
+    lines += ["", "Definitions (sigma_core/experiments/definitions.py, the same for the run report and the "
+              f"claims ledger): collapsed: some head's entropy (mean over rows with >= T/2 keys) below "
+              f"{defs.DEFAULT.collapse_nats:g} nats at a logged step, the first such step being the first "
+              "collapse step (a head that recovers later still collapsed). Diverged: non-finite loss or "
+              "gradient, a crash, or no finite final validation loss. Learned: final validation loss at least "
+              f"{defs.DEFAULT.learn_margin:g} nats below log 256 (uniform bytes). Stable: every seed learned and "
+              "none collapsed or diverged.", "",
               "| method | lr | seeds | final val loss | min head entropy | mean entropy | max σ_h "
-              "| collapsed | diverged | first collapse step | bound violations |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| collapsed | diverged | learned | first collapse step | bound violations |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         loss = _fmt(r["final_val_loss"], ".3f")
         if r["final_val_loss_std"] is not None:
@@ -367,7 +368,7 @@ def write_compare(rows: list[dict], out_dir: str | os.PathLike, *, meta: dict | 
         lines.append(f"| {r['method']} | {r['lr']:g} | {r['n_seeds']} | {loss} | {_fmt(r['entropy_min'], '.3g')} "
                      f"| {_fmt(r['entropy_mean'], '.3g')} | {_fmt(r['sigma_max'], '.3g')} "
                      f"| {r['n_collapsed']}/{r['n_seeds']} | {r['n_diverged']}/{r['n_seeds']} "
-                     f"| {_fmt(r['first_collapse_step'])} | {r['bound_violations']} |")
+                     f"| {r['n_learned']}/{r['n_seeds']} | {_fmt(r['first_collapse_step'])} | {r['bound_violations']} |")
     lines += ["", "Largest stable learning rate (of the swept rates):", "", "| method | largest stable lr |",
               "|---|---|"]
     lines += [f"| {m} | {_fmt(v, 'g') if v is not None else 'none'} |" for m, v in best.items()]
@@ -491,3 +492,36 @@ def run_compare(out_dir, *, preset_name: str = "cpu-compare", methods=tuple(METH
     paths = write_compare(rows, out_dir, meta=meta)
     log(f"[compare] table written to {paths['md']}")
     return paths
+
+
+def rederive(out_dir: str | os.PathLike, *, log=print) -> dict[str, Path]:
+    """Rewrite a finished sweep's tables and figures from its committed run folders
+    (``out_dir/runs/METHOD/lr_LR/seed_S``) under the current definitions, without training.
+
+    The sweep's ``meta.json`` is kept (preset, versions, commit, wall time of the training) and
+    gains ``rederived`` (the date); a run folder without ``summary.json`` (a crash) counts as diverged.
+    """
+    out = Path(out_dir)
+    meta_path = out / "meta.json"
+    if not (out / "runs").is_dir():
+        raise ValueError(f"out_dir {out} has no runs/ folder to re-derive from")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta.pop("largest_stable_lr", None)
+    dirs = sorted(p.parent for p in (out / "runs").rglob("config.json"))
+    rows = []
+    for d in dirs:
+        row = summarise_compare_run(d)
+        row["method"] = d.relative_to(out / "runs").parts[0]  # the sweep's own name of the method
+        rows.append(row)
+    meta["rederived"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    paths = write_compare(rows, out, meta=meta)
+    log(f"[compare] {len(rows)} runs re-derived into {paths['md']}")
+    return paths
+
+
+if __name__ == "__main__":  # python -m sigma_core.experiments.compare rederive results/compare-cpu
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "rederive":
+        sys.exit("usage: python -m sigma_core.experiments.compare rederive SWEEP_FOLDER")
+    rederive(sys.argv[2])

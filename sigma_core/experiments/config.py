@@ -10,9 +10,14 @@ whole config next to its metrics.  Presets are named starting points:
 - ``cpu-compare``: the stabiliser sweep of ``entropy-collapse compare`` on two CPU cores
   (d=64, 2 layers, 4 heads, T=64, batch 16, 200 steps: a few seconds per run);
 - ``classroom``: a live demonstration that fits in a lecture (d=64, 2 layers, 4 heads, T=64,
-  batch 16, 150 steps at lr 3e-2, entropy logged every 5 steps): with ``reparam="none"`` some
-  head ends below 0.1 nats, with ``reparam="sigma"`` every head stays above 1 nat, and the pair
-  takes well under a minute on two CPU cores (notebook 04; tests/test_notebooks.py checks it);
+  batch 16, 150 steps at lr 3e-2, entropy logged every 5 steps, one CPU thread, so that the
+  numbers do not depend on the machine's core count): with ``reparam="none"`` some head
+  ends below 0.1 nats (0.026), with ``reparam="sigma"`` every head stays above 1 nat (2.00); about
+  11 s of CPU time per run (notebook 04; tests/test_notebooks.py checks it);
+- ``classroom-spike``: the classroom model at lr 3e-1 for 80 steps, logged every step, for the
+  instability demonstration of notebook 04: with ``reparam="none"`` a head's entropy falls below
+  0.1 nats within three steps and the training loss climbs to three to four times its starting
+  value and oscillates; with ``reparam="sigma"`` neither happens (about 5 s of CPU time per run);
 - ``h200``: the reference GPU setting (d=256, 6 layers, 8 heads, T=256, batch 64, 1000 steps)
   at lr 1e-2, where the baseline collapses and sigmaReparam does not;
 - ``vit-digits``: a ViT (d=64, 4 layers, 4 heads, 2x2 patches) on scikit-learn's 8x8 digits with
@@ -21,7 +26,10 @@ whole config next to its metrics.  Presets are named starting points:
   SGD with momentum 0.9, no warm-up, no weight decay (``reparam="none"``: the baseline under it);
 - ``seq2seq-reverse``: a post-LN encoder-decoder (6 + 6 layers, d=32) reversing 8 symbols of
   10, SGD with momentum 0.9, no warm-up, constant lr 0.1, 200 steps (``n_layer`` sets the depth);
-- ``vit-smoke``, ``seq2seq-smoke``: the same models at test size (seconds).
+- ``speech-digits``: a post-LN Transformer encoder with CTC (8 layers, d=64, 80 ms tokens) on
+  espeak-ng spoken digit strings (:mod:`sigma_core.experiments.speech`), SGD with momentum 0.9,
+  no warm-up, cosine decay, 300 steps;
+- ``vit-smoke``, ``seq2seq-smoke``, ``speech-smoke``: the same models at test size (seconds).
 
 Example
 -------
@@ -38,7 +46,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-MODELS = ("gpt", "vit", "seq2seq")
+MODELS = ("gpt", "vit", "seq2seq", "speech")
 #: the largest seed (the run's generators are seeded with seed, seed + 1 and seed + 2)
 SEED_MAX = 2**63 - 3
 NORMS = ("pre", "post", "none")
@@ -91,6 +99,9 @@ class TrainConfig:
     (``lr_schedule="constant"``, the default) or follows a half cosine to 0 at ``steps``
     (``"cosine"``); ``grad_clip`` 0 disables clipping (the gradient norm is logged either way).
     Runtime: ``checkpoint_every`` steps a checkpoint is written (0: only at the end of the run).
+    Data: ``test_split`` holds out a test split besides the validation split (see
+    :mod:`sigma_core.experiments.tasks`), evaluated once, at the last step (``test_loss``,
+    ``test_accuracy``), so that a learning rate chosen on validation is reported on unseen data.
     """
 
     preset: str = "custom"
@@ -124,6 +135,7 @@ class TrainConfig:
     # data
     corpus_bytes: int = 8 * 2**20
     val_fraction: float = 0.1
+    test_split: bool = False
     # logging and evaluation
     log_every: int = 10
     eval_every: int = 50
@@ -259,7 +271,12 @@ PRESETS: dict[str, dict] = {
                         sample_steps=(200,), progress=False),
     "classroom": dict(d_model=64, n_layer=2, n_head=4, block_size=64, batch_size=16, steps=150,
                       lr=3e-2, corpus_bytes=2**21, log_every=5, eval_every=75, eval_batches=4,
-                      sample_steps=(150,), checkpoint_every=0),
+                      sample_steps=(150,), checkpoint_every=0, threads=1),
+    # the classroom model at ten times its learning rate, logged every step: the entropy falls, then the
+    # loss spikes to several times its starting value and oscillates (the shape of the paper's Figure 1)
+    "classroom-spike": dict(d_model=64, n_layer=2, n_head=4, block_size=64, batch_size=16, steps=80,
+                            lr=3e-1, corpus_bytes=2**21, log_every=1, eval_every=40, eval_batches=4,
+                            sample_steps=(80,), checkpoint_every=0, threads=1),
     "h200": dict(d_model=256, n_layer=6, n_head=8, block_size=256, batch_size=64, steps=1000,
                  lr=1e-2, log_every=10, eval_every=100, eval_batches=8,
                  sample_steps=(100, 1000), compile=False),
@@ -282,6 +299,12 @@ PRESETS: dict[str, dict] = {
                             warmup_steps=0, batch_size=32, steps=200, eval_batches=8,
                             log_every=4, eval_every=50, sample_batch=4, sample_steps=(200,),
                             progress=False, checkpoint_every=0),
+    # deep post-LN CTC encoder on espeak-ng spoken digit strings (log-mel frames), SGD with
+    # momentum, no warm-up, cosine decay (sigma_core.experiments.speech)
+    "speech-digits": dict(model="speech", vocab_size=11, block_size=34, d_model=64, n_layer=8, n_head=4,
+                          norm="post", optimizer="sgd", momentum=0.9, lr=0.1, warmup_steps=0,
+                          lr_schedule="cosine", batch_size=32, steps=300, log_every=5, eval_every=100,
+                          sample_batch=4, sample_steps=(300,), progress=False, checkpoint_every=0),
     # smoke-size versions for the tests (seconds)
     "vit-smoke": dict(model="vit", d_model=16, n_layer=2, n_head=2, patch_size=4, norm="pre",
                       optimizer="adamw", lr=3e-3, warmup_steps=3, lr_schedule="cosine",
@@ -291,10 +314,13 @@ PRESETS: dict[str, dict] = {
                           n_head=2, norm="post", optimizer="sgd", momentum=0.9, lr=0.1, batch_size=8,
                           steps=12, eval_batches=2, log_every=3, eval_every=6, sample_batch=2,
                           sample_steps=(12,), progress=False),
+    "speech-smoke": dict(model="speech", vocab_size=11, block_size=34, d_model=16, n_layer=2, n_head=2,
+                         norm="post", optimizer="sgd", momentum=0.9, lr=0.1, batch_size=8, steps=6,
+                         log_every=3, eval_every=6, sample_batch=2, sample_steps=(6,), progress=False),
 }
 
 #: the preset a model starts from when the command line names none
-DEFAULT_PRESET = {"gpt": "cpu-demo", "vit": "vit-digits", "seq2seq": "seq2seq-reverse"}
+DEFAULT_PRESET = {"gpt": "cpu-demo", "vit": "vit-digits", "seq2seq": "seq2seq-reverse", "speech": "speech-digits"}
 
 
 def preset(name: str, **overrides) -> TrainConfig:

@@ -40,11 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
+from sigma_core.experiments import definitions as defs
 from theory import entropy_lower_bound
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
-COLLAPSE_NATS = 0.1
+#: the collapse threshold of :mod:`sigma_core.experiments.definitions`
+COLLAPSE_NATS = defs.COLLAPSE_NATS
 #: a row counts as below its bound when entropy < bound - BELOW_TOL (the trainer's tolerance)
 BELOW_TOL = 1e-4
 #: the formats every figure is written in besides PNG (the first is always PNG)
@@ -115,7 +117,7 @@ def summarise_run(run_dir: str | os.PathLike) -> dict:
     config = read_config(run_dir)
     last = records[-1] if records else {}
     val = [r for r in records if r.get("val_loss") is not None]
-    collapsed = [r["step"] for r in records if r.get("entropy_min_head", math.inf) < COLLAPSE_NATS]
+    first_collapse = defs.first_collapse_step(records, seq_len=config.get("block_size"))
     sample_step, samples = load_samples(run_dir)
     rows = int(samples["entropy"].size) if samples else 0
     slack = None
@@ -127,7 +129,7 @@ def summarise_run(run_dir: str | os.PathLike) -> dict:
         "final_train_loss": last.get("train_loss"), "final_val_loss": val[-1]["val_loss"] if val else None,
         "best_val_loss": min(r["val_loss"] for r in val) if val else None,
         "entropy_mean": last.get("entropy_mean"), "entropy_min_head": last.get("entropy_min_head"),
-        "sigma_max": last.get("sigma_max"), "first_collapse_step": collapsed[0] if collapsed else None,
+        "sigma_max": last.get("sigma_max"), "first_collapse_step": first_collapse,
         "logged_rows": int(sum(r.get("rows_checked", 0) for r in records)),
         "logged_violations": int(sum(r.get("bound_violations", 0) for r in records)),
         "sample_step": sample_step, "sample_rows": rows,

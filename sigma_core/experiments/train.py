@@ -91,6 +91,45 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed: missing, truncated/corrupted, or of another config."""
 
 
+class TooLargeError(ValueError):
+    """A config whose steps cannot fit in this machine's memory (refused before anything runs)."""
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(cfg, memory: int | None = None) -> None:
+    """Refuse (:class:`TooLargeError`, naming ``block_size``) a GPT config whose logged steps form
+    one float32 attention map larger than ``memory`` (default: this machine's physical memory).
+
+    The recorded steps check every attention row against the bound on the map ``batch_size x
+    n_head x T x T`` (T = ``block_size``); where that alone exceeds the memory, the first step
+    would run for minutes and then fail (``block_size`` 100 000: 80 GB for one sequence of two
+    heads), so it is refused up front.
+
+    >>> from sigma_core.experiments.config import preset
+    >>> check_fits_in_memory(preset("cpu-smoke"), memory=2**30)  # 8 x 2 x 32 x 32 floats: fits
+    >>> check_fits_in_memory(preset("cpu-smoke", block_size=100_000, batch_size=1),
+    ...                      memory=24 * 2**30)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    sigma_core.experiments.train.TooLargeError: block_size (100000) is too large for this machine: ...
+    """
+    if getattr(cfg, "model", "gpt") != "gpt":
+        return
+    memory = physical_memory_bytes() if memory is None else memory
+    need = 4 * cfg.batch_size * cfg.n_head * cfg.block_size ** 2
+    if memory is not None and need > memory:
+        raise TooLargeError(
+            f"block_size ({cfg.block_size}) is too large for this machine: the recorded steps form an attention "
+            f"map of batch_size x n_head x block_size^2 = {cfg.batch_size} x {cfg.n_head} x {cfg.block_size}^2 "
+            f"float32 values, {need / 2**30:.1f} GiB, and the machine has {memory / 2**30:.1f} GiB")
+
+
 class DirtyTreeError(ValueError):
     """A run into the checkout's ``results/`` from uncommitted code (pass ``allow_dirty`` to mark it instead)."""
 
@@ -109,6 +148,46 @@ class TrainingInterrupted(RuntimeError):
         where = (f"checkpoint written to {run_dir / CHECKPOINT_NAME}; resume with: "
                  f"entropy-collapse train --resume {run_dir}") if run_dir is not None else "no run directory"
         super().__init__(f"interrupted by {name} after step {step}; {where}")
+
+
+class TrainingAborted(TrainingInterrupted):
+    """Raised by :meth:`Trainer.run` when a SIGINT/SIGTERM came during a step that did not finish
+    within :attr:`Trainer.stop_timeout` seconds, or a second signal came: the step in progress
+    was abandoned and nothing of it written, so the folder holds what it held after the last
+    checkpoint (``checkpoint_step``; None when none was written yet) and ``resume`` continues from
+    there."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path | None, checkpoint_step: int | None):
+        self.signum, self.step, self.run_dir, self.checkpoint_step = signum, step, run_dir, checkpoint_step
+        RuntimeError.__init__(self, abort_message(signum, step, run_dir, checkpoint_step))
+
+
+def abort_message(signum: int, step: int, run_dir: Path | None, checkpoint_step: int | None) -> str:
+    """What :class:`TrainingAborted` says: which step was abandoned and what is left on disk."""
+    head = f"interrupted by {signal.Signals(signum).name} during step {step}, which was abandoned"
+    if run_dir is None:
+        return head + "; nothing was written"
+    if checkpoint_step is None:
+        return (head + f"; no checkpoint was written yet: start it again with: "
+                f"entropy-collapse train --restart {run_dir}")
+    return (head + f"; the checkpoint of step {checkpoint_step} in {run_dir / CHECKPOINT_NAME} is intact: "
+            f"resume with: entropy-collapse train --resume {run_dir}")
+
+
+class _StepAborted(KeyboardInterrupt):
+    """Raised out of a step by the signal handler (a KeyboardInterrupt, so that no ``except
+    Exception`` on the way, e.g. around the kernel build, swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: seconds a step may still take after SIGINT/SIGTERM before it is abandoned (:attr:`Trainer.stop_timeout`)
+STOP_TIMEOUT_S = 10.0
+#: seconds after the step was told to stop before the process exits, when it is stuck in one
+#: long operation that no Python signal handler can interrupt (only with :attr:`Trainer.exit_when_stuck`)
+STUCK_EXIT_S = 2.0
 
 
 class Diverged(FloatingPointError):
@@ -190,7 +269,11 @@ def build_model(cfg) -> torch.nn.Module:
         from sigma_core.models.seq2seq import build_seq2seq  # noqa: PLC0415
 
         return apply_reparam(build_seq2seq(cfg), cfg.reparam, gamma_init=cfg.gamma_init)
-    raise ValueError(f"cfg.model must be 'gpt', 'vit' or 'seq2seq', got {cfg.model!r}")
+    if cfg.model == "speech":
+        from sigma_core.models.speech import build_speech  # noqa: PLC0415
+
+        return apply_reparam(build_speech(cfg), cfg.reparam, gamma_init=cfg.gamma_init)
+    raise ValueError(f"cfg.model must be 'gpt', 'vit', 'seq2seq' or 'speech', got {cfg.model!r}")
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -409,17 +492,33 @@ def row_samples(model: torch.nn.Module, *inputs: torch.Tensor) -> dict[str, np.n
     return out
 
 
+class _Lent:
+    """A sink lent to one short-lived monitor: its records pass through, its ``close`` does not
+    close the sink (the owner does, once, at the end of the run)."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.all_ranks = getattr(sink, "all_ranks", False)
+
+    def write(self, records):
+        self.sink.write(records)
+
+    def close(self):
+        pass
+
+
 @contextmanager
-def observed(model: GPT, enabled: bool = True):
+def observed(model: GPT, enabled: bool = True, sinks=()):
     """Watch the next forwards of ``model`` with an :class:`~sigma_core.monitor.EntropyMonitor`.
 
     Yields the monitor (``None`` when not ``enabled``); turn it into a metrics record with
-    :func:`attention_metrics`.  The monitor's hooks are removed on exit.
+    :func:`attention_metrics`.  The monitor's hooks are removed on exit; ``sinks`` receive its
+    records and stay open (their owner closes them).
     """
     if not enabled:
         yield None
         return
-    monitor = EntropyMonitor(model, every=1)
+    monitor = EntropyMonitor(model, every=1, sinks=[_Lent(s) for s in sinks])
     try:
         yield monitor
     finally:
@@ -492,13 +591,23 @@ class Trainer:
     allow_dirty : bool
         Write into the checkout's ``results/`` even from a dirty tree (warned and marked);
         by default that raises :class:`DirtyTreeError`.
+    tensorboard : path or None
+        Also write each logged step's attention records (scalars, and a layer x head entropy
+        heatmap every 10th logged step: :class:`sigma_core.integrations.tensorboard.TensorBoardSink`)
+        and its losses to TensorBoard event files in this folder (the ``tensorboard`` attribute;
+        needs the ``tensorboard`` package; rank 0 only).
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike | None = None, *,
-                 corpus: Corpus | None = None, allow_dirty: bool = False):
+                 corpus: Corpus | None = None, allow_dirty: bool = False,
+                 tensorboard: str | os.PathLike | None = None):
+        if tensorboard is not None and not isinstance(tensorboard, (str, os.PathLike)):
+            raise TypeError(f"tensorboard must be a folder path or None, got {type(tensorboard).__name__}")
+        self.tensorboard = None if tensorboard is None else Path(tensorboard)
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         cfg.validate()
+        check_fits_in_memory(cfg)
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.git_dirty = check_clean_tree(self.out_dir, allow_dirty=allow_dirty)
@@ -518,6 +627,9 @@ class Trainer:
         #: FSDP2: the model is sharded in place (fully_shard per block and at the root); every
         #: forward, the gathered state and the sigma/gamma read then need every rank
         self.sharded = self.world_size > 1 and cfg.distributed == "fsdp"
+        if self.sharded and cfg.test_split:  # the test evaluation runs on the writer rank alone
+            raise ValueError("test_split is not supported with distributed='fsdp' (every forward of a "
+                             "sharded model needs every rank); run the test split in one process")
         if self.sharded:
             distributed.shard_model(self.model)
         self.optimizer = build_optimizer(self.model, cfg)  # (after sharding: the DTensor parameters)
@@ -534,6 +646,16 @@ class Trainer:
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.compiled = torch.compile(self.ddp) if cfg.compile else self.ddp
         self._stop_signal: int | None = None
+        #: seconds a step may still take after SIGINT/SIGTERM before it is abandoned (None: no limit)
+        self.stop_timeout: float | None = STOP_TIMEOUT_S
+        #: exit the process (status 128 + signal) when the abandoned step is stuck in one operation
+        #: STUCK_EXIT_S seconds later (the CLI sets it; a notebook's kernel must not exit)
+        self.exit_when_stuck = False
+        self._in_step = False  # in the part of a step that writes nothing (it may be abandoned)
+        self._step_lock = threading.Lock()
+        self._step_over = threading.Event()
+        self._step_number = 0
+        self._checkpoint_step: int | None = None  # the step of the last checkpoint in out_dir
         self.diverged: Diverged | None = None
         self._flops_per_token = flops_per_token(self.model)
         self._val_generator_seed = cfg.seed + 2
@@ -625,6 +747,8 @@ class Trainer:
                 atomic_torch_save(state, path)
         elif self.is_main:  # one writer; the state is the same on every rank
             atomic_torch_save(self.state_dict(), path)
+        if self.out_dir is not None and Path(path) == self.out_dir / CHECKPOINT_NAME:
+            self._checkpoint_step = self.step
         return Path(path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -672,6 +796,7 @@ class Trainer:
                                       f"this folder ({detail}); nothing was changed")
         trainer = cls(cfg, run_dir, corpus=corpus, allow_dirty=allow_dirty)
         trainer.load_state_dict(state)
+        trainer._checkpoint_step = trainer.step
         if trainer.finished:  # nothing to do: the folder stays as it is
             return trainer
         if trainer.is_main:
@@ -719,15 +844,16 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the task's held-out batches (the same batches at every call).
+    def evaluate(self, batches=None) -> float:
+        """Mean loss over the task's held-out batches (the same batches at every call), or over
+        ``batches`` (the test split's at the last step of a ``test_split`` run).
 
         For the classifiers (ViT: test images; seq2seq: target tokens under teacher forcing) the
         fraction predicted right is kept in :attr:`last_val_accuracy` (``None`` for the GPT).
         """
         self.model.eval()
         losses, right, total = [], 0, 0
-        for x, y in self.task.eval_batches(self.device):
+        for x, y in (self.task.eval_batches(self.device) if batches is None else batches):
             with self.autocast():
                 logits, loss = self.model(x, y)
             losses.append(loss.item())
@@ -758,6 +884,10 @@ class Trainer:
         A checkpoint is written every ``cfg.checkpoint_every`` steps and at the end.  On a
         non-finite loss or gradient the run stops (the summary says ``diverged``); on SIGINT or
         SIGTERM it finishes the step, writes the checkpoint and raises :class:`TrainingInterrupted`.
+        A step that is not done :attr:`stop_timeout` seconds after the signal (or a second signal)
+        is abandoned: nothing of it is written and :class:`TrainingAborted` is raised, the last
+        checkpoint left as it was.  Only the part of a step that writes nothing is ever abandoned
+        (the records, samples and checkpoint are written after it, each whole or not at all).
         """
         cfg = self.cfg
         if self.finished:  # a resumed finished run: report it, write nothing
@@ -771,6 +901,12 @@ class Trainer:
         if self.is_main:
             self.write_config()
         metrics = open(self.out_dir / METRICS_NAME, "a") if writes else None
+        board = None
+        if self.tensorboard is not None and self.is_main:
+            from sigma_core.integrations.tensorboard import TensorBoardSink  # noqa: PLC0415 (optional package)
+
+            # written during the forward of step self.step + 1, the step metrics.jsonl calls it
+            board = TensorBoardSink(self.tensorboard, step=lambda: self.step + 1)
         self._stop_signal = None
         handlers = self._install_signal_handlers()
         last: dict = {}
@@ -781,11 +917,14 @@ class Trainer:
                        desc=f"{cfg.model} {cfg.reparam} lr={cfg.lr:g}", dynamic_ncols=True)
             while self.step < cfg.steps:
                 step = self.step + 1
+                self._enter_step(step)
                 logging = step % cfg.log_every == 0 or step == cfg.steps or step == 1
                 try:
-                    with observed(self.model, enabled=logging and self.is_main) as monitor:
+                    with observed(self.model, enabled=logging and self.is_main,
+                                  sinks=() if board is None else (board,)) as monitor:
                         out = self.train_step(observe=logging)
                 except Diverged as exc:
+                    self._leave_step()
                     self.diverged = exc
                     record = {"step": exc.step, "diverged": True, "reason": exc.reason,
                               "train_loss": _finite_or_none(exc.loss), "grad_norm": _finite_or_none(exc.grad_norm)}
@@ -801,10 +940,19 @@ class Trainer:
                         record["val_loss"] = pre["val_loss"] if "val_loss" in pre else self.evaluate()
                         if self.last_val_accuracy is not None:
                             record["val_accuracy"] = self.last_val_accuracy
+                    samples = None
+                    if step == cfg.steps and cfg.test_split:  # evaluated once, never used to choose
+                        accuracy = self.last_val_accuracy
+                        record["test_loss"] = self.evaluate(self.task.test_batches(self.device))
+                        if self.last_val_accuracy is not None:
+                            record["test_accuracy"] = self.last_val_accuracy
+                        self.last_val_accuracy = accuracy
                     if step in cfg.sample_steps:
                         samples = pre["samples"] if "samples" in pre else row_samples(
                             self.model, *self.task.sample_inputs(self.device))
                         record["sample_violations"] = int(samples["violations"])
+                    self._leave_step()  # from here on the step writes: it is no longer abandoned
+                    if samples is not None:
                         if self.out_dir is not None:
                             path = self.out_dir / "samples" / f"step_{step:06d}.npz"
                             path.parent.mkdir(exist_ok=True)
@@ -813,9 +961,15 @@ class Trainer:
                                 np.savez_compressed(fh, **{k: v for k, v in samples.items() if k != "violations"})
                             os.replace(tmp, path)
                     self._write_record(metrics, record)
+                    if board is not None:
+                        for key in ("train_loss", "val_loss", "val_accuracy", "grad_norm", "lr"):
+                            if isinstance(record.get(key), (int, float)):
+                                board.writer.add_scalar(key, record[key], step)
+                        board.writer.flush()
                     last = record
                     bar.set_postfix(loss=f"{out['train_loss']:.3f}", ent=f"{record['entropy_mean']:.2f}",
                                     ent_min=f"{record['entropy_min_head']:.3f}")
+                self._leave_step()
                 stop = distributed.any_rank(self._stop_signal or 0)
                 if self.out_dir is not None and (stop or step == cfg.steps or (
                         cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
@@ -824,10 +978,16 @@ class Trainer:
                     bar.close()
                     raise TrainingInterrupted(stop, self.step, self.out_dir)
             bar.close()
+        except _StepAborted as exc:
+            bar.close()
+            raise TrainingAborted(exc.signum, self._step_number, self.out_dir, self._checkpoint_step) from None
         finally:
+            self._leave_step()
             self._restore_signal_handlers(handlers)
             if metrics is not None:
                 metrics.close()
+            if board is not None:
+                board.close()
         if self.world_size > 1:
             self.replicas_consistent = distributed.replicas_agree(self.model)
             if not self.replicas_consistent:
@@ -857,26 +1017,104 @@ class Trainer:
             metrics.flush()
             os.fsync(metrics.fileno())
 
+    def _enter_step(self, step: int) -> None:
+        with self._step_lock:
+            self._step_number, self._in_step = step, True
+            self._step_over.clear()
+
+    def _leave_step(self) -> None:
+        with self._step_lock:
+            self._in_step = False
+            self._step_over.set()
+
     def _install_signal_handlers(self) -> dict:
-        """SIGINT/SIGTERM set a flag read after the current step; a second one aborts at once."""
+        """SIGINT/SIGTERM set a flag read after the current step; when that step is not done
+        :attr:`stop_timeout` seconds later, or a second signal comes, the step is abandoned
+        (:class:`_StepAborted`, raised only where the step writes nothing).
+
+        A Python signal handler runs only when the main thread returns to the interpreter, which
+        a step inside one long operation does not do for minutes; so the signal also reaches a
+        watchdog thread at once, through :func:`signal.set_wakeup_fd`.  After ``stop_timeout``
+        the watchdog signals the main thread again (its handler raises as soon as it runs) and,
+        with :attr:`exit_when_stuck`, ends the process :data:`STUCK_EXIT_S` seconds later if the
+        step is still inside one operation (nothing is being written then: the last checkpoint
+        stays whole, as after a SIGKILL).
+        """
         if threading.current_thread() is not threading.main_thread():
             return {}
+        main = threading.main_thread().ident
+        self._abandon = False
 
         def handler(signum, frame):
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without checkpoint")
-            self._stop_signal = signum
-            if self.is_main:
-                print(f"\n{signal.Signals(signum).name} received: finishing step {self.step + 1}, then "
-                      f"writing the checkpoint (send it again to abort at once)", file=sys.stderr, flush=True)
+            first = self._stop_signal is None
+            if first:
+                self._stop_signal = signum
+                if self.is_main:
+                    limit = (f"; if it is not done in {self.stop_timeout:g} s it is abandoned"
+                             if self.stop_timeout is not None else "")
+                    print(f"\n{signal.Signals(signum).name} received: finishing step {self._step_number}, "
+                          f"then writing the checkpoint{limit} (send it again to abandon the step at once)",
+                          file=sys.stderr, flush=True)
+            if (self._abandon or not first) and self._in_step:
+                raise _StepAborted(self._stop_signal)
+            # otherwise the step is done and being written (records, checkpoint): that finishes,
+            # then the run stops
+
+        def watchdog(read_fd):
+            armed = False
+            while True:
+                try:
+                    data = os.read(read_fd, 64)
+                except OSError:
+                    break
+                if not data:
+                    break
+                sigs = [b for b in data if b in (signal.SIGINT, signal.SIGTERM)]
+                if not sigs or armed or self.stop_timeout is None:
+                    continue
+                armed = True
+                signum = sigs[0]
+                if not self._in_step or self._step_over.wait(self.stop_timeout):
+                    continue
+                if self.is_main:
+                    print(f"step {self._step_number} not done {self.stop_timeout:g} s after "
+                          f"{signal.Signals(signum).name}: abandoning it", file=sys.stderr, flush=True)
+                self._abandon = True
+                signal.pthread_kill(main, signum)  # its handler raises _StepAborted in the main thread
+                if not self.exit_when_stuck or self._step_over.wait(STUCK_EXIT_S):
+                    continue
+                with self._step_lock:  # held by the main thread only to leave the step: it is not writing
+                    if self._in_step:
+                        if self.is_main:
+                            print(f"entropy-collapse train: step {self._step_number} is stuck in one operation; "
+                                  + abort_message(signum, self._step_number, self.out_dir, self._checkpoint_step),
+                                  file=sys.stderr, flush=True)
+                        os._exit(128 + signum)
+            os.close(read_fd)
 
         old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             old[sig] = signal.signal(sig, handler)
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        try:
+            old["wakeup_fd"] = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except (ValueError, OSError):  # pragma: no cover - not the main thread, or an unusual platform
+            os.close(read_fd)
+            os.close(write_fd)
+            return old
+        old["write_fd"] = write_fd
+        threading.Thread(target=watchdog, args=(read_fd,), daemon=True, name="entropy-collapse stop watchdog").start()
         return old
 
     @staticmethod
     def _restore_signal_handlers(old: dict) -> None:
+        old = dict(old)
+        write_fd = old.pop("write_fd", None)
+        if "wakeup_fd" in old:
+            signal.set_wakeup_fd(old.pop("wakeup_fd"))
+        if write_fd is not None:
+            os.close(write_fd)  # the watchdog reads its end and stops
         for sig, h in old.items():
             signal.signal(sig, h)
 
@@ -888,6 +1126,8 @@ class Trainer:
                    "norm": self.cfg.norm, "optimizer": self.cfg.optimizer, "reparam": self.cfg.reparam,
                    "lr": self.cfg.lr, "final_train_loss": last.get("train_loss"),
                    "final_val_loss": last.get("val_loss"), "final_val_accuracy": last.get("val_accuracy"),
+                   **({"final_test_loss": last.get("test_loss"), "final_test_accuracy": last.get("test_accuracy")}
+                      if self.cfg.test_split else {}),
                    "git_dirty": self.git_dirty, "entropy_mean": last.get("entropy_mean"),
                    "entropy_min_head": last.get("entropy_min_head"), "sigma_max": last.get("sigma_max"),
                    "bound_violations": None, "train_time_s": self.train_time,

@@ -249,30 +249,51 @@ class GPT(nn.Module):
 
 
 def apply_reparam(model: nn.Module, reparam: str, *, gamma_init: str = "sigma",
-                  layer_types: tuple[type[nn.Module], ...] = (nn.Linear,)) -> nn.Module:
+                  layer_types=(nn.Linear,)) -> nn.Module:
     """Reparametrise every layer of ``model`` of one of ``layer_types`` (default every
     ``nn.Linear``; the ViT adds its patch-embedding ``nn.Conv2d``) in place and return it.
 
     ``"none"`` leaves it alone; ``"sigma"`` applies sigmaReparam
     (:func:`sigma_core.reparam.convert_to_sigma_reparam`, W_hat = gamma/sigma(W) * W);
     ``"spectral"`` applies ``torch.nn.utils.parametrizations.spectral_norm`` (W_hat = W/sigma(W)).
+    ``layer_types`` is a module class, a tuple of them, or ``"Conv1D"`` (Hugging Face's GPT-2
+    layer, matched by name), for both reparametrisations; anything else is a ``TypeError``
+    naming it.
+
+    >>> net = apply_reparam(nn.Sequential(nn.Linear(3, 4), nn.Conv1d(4, 4, 1)), "spectral",
+    ...                     layer_types=nn.Linear)
+    >>> [hasattr(m, "parametrizations") for m in net]  # the Linear layer only
+    [True, False]
     """
+    if not isinstance(reparam, str):
+        raise TypeError(f"reparam must be 'none', 'sigma' or 'spectral' (a str), got {type(reparam).__name__}")
+    if reparam not in ("none", "sigma", "spectral"):
+        raise ValueError(f"reparam must be 'none', 'sigma' or 'spectral', got {reparam!r}")
+    given = layer_types
+    if isinstance(layer_types, (type, str)):  # one class (or "Conv1D") on its own
+        layer_types = (layer_types,)
+    try:
+        layer_types = tuple(layer_types)
+    except TypeError:
+        layer_types = ()
+    if not layer_types or not all(isinstance(t, type) or t == "Conv1D" for t in layer_types):
+        raise TypeError(f'layer_types must be a module class, a tuple of them or "Conv1D", got {given!r}')
     if reparam == "none":
         return model
     if reparam == "sigma":
         from sigma_core.reparam import batch_power_iterations, convert_to_sigma_reparam
 
         # power-iteration steps batched per weight shape (same values; benchmarks/bench_reparam.py)
-        return batch_power_iterations(convert_to_sigma_reparam(model, layer_types=tuple(layer_types),
+        return batch_power_iterations(convert_to_sigma_reparam(model, layer_types=layer_types,
                                                                gamma_init=gamma_init))
-    if reparam == "spectral":
-        from torch.nn.utils.parametrizations import spectral_norm
+    from torch.nn.utils.parametrizations import spectral_norm
 
-        for module in list(model.modules()):
-            if isinstance(module, tuple(layer_types)):
-                spectral_norm(module)
-        return model
-    raise ValueError(f"reparam must be 'none', 'sigma' or 'spectral', got {reparam!r}")
+    from sigma_core.reparam import _matches_type
+
+    for module in list(model.modules()):
+        if _matches_type(module, layer_types):
+            spectral_norm(module)
+    return model
 
 
 def build_model(cfg) -> GPT:

@@ -1,0 +1,87 @@
+"""sigma_core.course: the notebooks' sliders and exercise checks.
+
+The checks answer a student back: a wrong answer (the tempting ones included: log T as the allowed
+norm in Exercise 1.1, the one-hot row k = 1 in Exercise 2.2) gets "not yet" with a hint, a right one
+"correct", an untouched ``...`` "not answered"; the references are computed here independently (a
+brute-force scan, a root finder), not taken from the checks. The executed notebooks
+(tests/test_notebooks.py) run the same checks on the solutions and on wrong answers in student copies.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import brentq
+
+from sigma_core import course
+from theory.bound import entropy_lower_bound
+
+
+def test_exercise_1_1_knows_log_T_is_wrong_and_accepts_the_inverse_of_the_bound():
+    ex = course.Exercises("1")
+    # independent reference: solve h_128(s) = 1 by bisection on the closed form
+    s_ref = brentq(lambda s: float(entropy_lower_bound(s, 128)) - 1.0, 0.1, 50.0, xtol=1e-13)
+    e_ref = float(entropy_lower_bound(1.1 * s_ref, 128))
+    assert ex.grade("1.1", allowed_norm=s_ref, entropy_at_110=e_ref)[0] == "correct"
+    status, hint = ex.grade("1.1", allowed_norm=np.log(128), entropy_at_110=e_ref)
+    assert status == "not yet" and "log T" in hint and "max_logit_norm" in hint
+    assert ex.grade("1.1", allowed_norm=1.01 * s_ref, entropy_at_110=e_ref)[0] == "not yet"
+    assert ex.grade("1.1", allowed_norm=s_ref, entropy_at_110=0.5)[0] == "not yet"
+    assert ex.grade("1.1", allowed_norm="six", entropy_at_110=e_ref)[0] == "not yet"
+    assert ex.grade("1.1", allowed_norm=..., entropy_at_110=e_ref)[0] == "not answered"
+
+
+def test_exercise_2_2_knows_the_one_hot_row_is_not_the_box_minimum():
+    ex = course.Exercises("2")
+    # independent reference: every vertex of the box [-b, b]^T with k logits at +b, entropy computed directly
+    T, b = 100, 0.5
+    H = []
+    for k in range(1, T):
+        z = np.r_[np.full(k, b), np.full(T - k, -b)]
+        p = np.exp(z - z.max()); p /= p.sum()
+        H.append(-(p * np.log(p)).sum())
+    H = np.array(H)
+    k_best = 1 + int(np.argmin(H))
+    assert k_best > 1
+    assert ex.grade("2.2", best_k=k_best, H_best=H.min(), H_one_hot=H[0])[0] == "correct"
+    status, hint = ex.grade("2.2", best_k=1, H_best=H[0], H_one_hot=H[0])
+    assert status == "not yet" and "one-hot" in hint
+    assert ex.grade("2.2", best_k=k_best + 1, H_best=H.min(), H_one_hot=H[0])[0] == "not yet"
+
+
+def test_verdict_claims_only_without_a_wrong_answer(capsys):
+    ex = course.Exercises("2")
+    assert ex.verdict("all claims of notebook 2 hold") == "all claims of notebook 2 hold"
+    assert ex.check("2.2", best_k=..., H_best=..., H_one_hot=...) == "not answered"
+    assert ex.verdict("all claims of notebook 2 hold").startswith("all claims of notebook 2 hold (exercises: 2.2 not answered")
+    assert ex.check("2.2", best_k=1, H_best=0.0, H_one_hot=0.0) == "not yet"
+    out = capsys.readouterr().out
+    assert "exercise 2.2: not yet." in out
+    verdict = ex.verdict("all claims of notebook 2 hold")
+    assert "all claims" not in verdict and "2.2" in verdict and "one-hot" in verdict
+    # a later right answer replaces the wrong one
+    from theory.certify import box_min_entropy
+    ref = box_min_entropy(0.5, 100)
+    assert ex.check("2.2", best_k=ref.n_high, H_best=ref.value, H_one_hot=float(ref.vertex_values[1])) == "correct"
+    assert ex.verdict("all claims of notebook 2 hold").startswith("all claims of notebook 2 hold")
+
+
+def test_bad_calls_are_refused_by_name():
+    ex = course.Exercises("1")
+    with pytest.raises(ValueError, match="exercise"):
+        ex.grade("9.9", answer=1)
+    with pytest.raises(TypeError, match="entropy_at_110"):
+        ex.grade("1.1", allowed_norm=1.0)
+    with pytest.raises(ValueError, match="notebook"):
+        course.Exercises("")
+    with pytest.raises(TypeError, match="fn"):
+        course.controls(3, s=(0, 1, 0.1, 0.5))
+    with pytest.raises(ValueError, match="s:"):
+        course.controls(lambda s: s, s=3)
+
+
+def test_controls_makes_the_plain_call_and_returns_its_value(capsys):
+    seen = []
+    out = course.controls(lambda s=0.0, kind="a": seen.append((s, kind)) or 2 * s,
+                          s=(0.0, 4.0, 0.5, 1.5), kind=["b", "c"])
+    assert out == 3.0 and seen == [(1.5, "b")]
+    assert "plain parameters" in capsys.readouterr().out
