@@ -674,3 +674,32 @@ def test_a_full_disk_during_compare_is_no_result(full_disk):
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr and "No space left on device" in res.stderr
     assert "diverged yes" not in res.stdout + res.stderr and not (full_disk / "cmp" / "compare.md").exists()
+
+
+def test_a_signal_between_steps_times_the_step_that_begins_next():
+    """SIGTERM before the first step (or while a checkpoint is written) reaches the watchdog when no
+    step runs; the step that begins next is then the one abandoned after ``stop_timeout``, not run
+    for as long as it takes (before: the watchdog gave up on that signal)."""
+    import threading
+
+    from sigma_core.experiments.train import _StepAborted
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    trainer = Trainer(preset("cpu-smoke", steps=2, threads=1))
+    trainer.stop_timeout = 0.5
+    trainer._stop_signal = None
+    old = trainer._install_signal_handlers()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # no step runs: the handler only sets the flag
+        time.sleep(0.3)
+        assert trainer._stop_signal == signal.SIGTERM
+        trainer._enter_step(1)
+        start = time.monotonic()
+        with pytest.raises(_StepAborted):
+            while time.monotonic() - start < 10:  # a step that would run for 10 s
+                time.sleep(0.01)
+        assert time.monotonic() - start < 5
+    finally:
+        trainer._leave_step()
+        Trainer._restore_signal_handlers(old)

@@ -1074,7 +1074,11 @@ class Trainer:
                     continue
                 armed = True
                 signum = sigs[0]
-                if not self._in_step or self._step_over.wait(self.stop_timeout):
+                # a signal between steps (before the first, or while a checkpoint is written): the
+                # run stops after the step that begins next, so that step is the one timed
+                while not self._in_step and not done.is_set():
+                    done.wait(0.05)
+                if done.is_set() or self._step_over.wait(self.stop_timeout):
                     continue
                 if self.is_main:
                     print(f"step {self._step_number} not done {self.stop_timeout:g} s after "
@@ -1095,6 +1099,8 @@ class Trainer:
         old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             old[sig] = signal.signal(sig, handler)
+        done = threading.Event()  # set when the handlers are restored: the watchdog then stops waiting
+        old["done"] = done
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         try:
@@ -1110,6 +1116,8 @@ class Trainer:
     @staticmethod
     def _restore_signal_handlers(old: dict) -> None:
         old = dict(old)
+        if "done" in old:
+            old.pop("done").set()
         write_fd = old.pop("write_fd", None)
         if "wakeup_fd" in old:
             signal.set_wakeup_fd(old.pop("wakeup_fd"))
