@@ -96,6 +96,8 @@ __all__ = [
     "convert_to_sigma_reparam",
     "fold_sigma_reparam",
     "is_sigma_reparametrized",
+    "load_sigma_reparam",
+    "save_sigma_reparam",
     "scope_sigma_reparam",
     "sigma_reparam",
     "sigma_reparam_report",
@@ -1711,3 +1713,6 @@ def sigma_reparam_state(model: nn.Module) -> dict[str, dict[str, float]]:
             for label, s, g in zip(labels, sigma, gamma):
                 state[f"{key}.{label}"] = {"sigma": s, "gamma": g}
     return state
+
+
+from .reparam_io import load_sigma_reparam, save_sigma_reparam  # noqa: E402  (uses this module)
