@@ -1,7 +1,7 @@
 """docs/distributed.md's list of host reads (``.item()``, ``float(t)``, ``bool(t)``, ``int(t)``,
 ``.tolist()``, ``.cpu()``) in σReparam's and the monitor's hot paths stays true: every listed
 fragment is in the function the list names, every such read in a listed function is listed,
-and the functions said to have none have none."""
+and the functions said to have none have none; every test the page cites exists."""
 from __future__ import annotations
 
 import ast
@@ -85,3 +85,11 @@ def test_the_functions_said_to_have_no_host_read_have_none():
         path = owner(name)
         reads = read_lines(path, functions(path)[name])
         assert not reads, f"{path} {name} has host reads not in docs/distributed.md: {reads}"
+
+
+def test_every_test_the_page_cites_exists():
+    cited = set(re.findall(r"(tests/test_\w+\.py)::(\w+)", PAGE.read_text()))
+    assert len(cited) >= 8
+    for path, name in sorted(cited):
+        assert (ROOT / path).exists(), path
+        assert name in functions(path), f"docs/distributed.md cites {path}::{name}, which does not exist"
