@@ -22,9 +22,12 @@ False
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -430,6 +433,54 @@ def _check_5_2(growth, chosen):
     return None
 
 
+
+@functools.lru_cache(maxsize=4)
+def _ledger_runs(root: str):
+    """The committed runs the ledger reads (``results/claims`` and ``results/cpu-demo``) and the sweep's."""
+    from sigma_core.experiments import claims  # noqa: PLC0415
+
+    base = Path(root)
+    runs = [r for top in ("results/claims", "results/cpu-demo") if (base / top).exists()
+            for r in claims.load_runs(base / top)]
+    sweep_dir = base / "results" / "compare-cpu" / "runs"
+    return runs, (claims.load_runs(sweep_dir) if sweep_dir.exists() else [])
+
+
+def _check_6_1(verdict_persist_1, n_unstable_persist_1, flips, root):
+    from sigma_core.experiments import claims  # noqa: PLC0415
+    from sigma_core.experiments import definitions as defs  # noqa: PLC0415
+
+    runs, sweep = _ledger_runs(str(root))
+    ref = claims.verdict_claim1(runs + sweep, dataclasses.replace(defs.DEFAULT, spike_persist=1))
+    want = ref["verdict"]
+    if _number(n_unstable_persist_1) != ref["numbers"]["unstable"]:
+        return ("n_unstable_persist_1 counts the committed runs (ledger, demo and sweep) that have a spike or diverge "
+                f"when a single logged step above best + 0.5 nats is a spike, got {n_unstable_persist_1!r}")
+    default = claims.verdict_claim1(runs + sweep, defs.DEFAULT)["verdict"]
+    if verdict_persist_1 != want:
+        return ("verdict_persist_1 is the verdict string (e.g. 'partly reproduced') that the claim-1 rule gives "
+                f"when one logged step above best + 0.5 nats already counts as a spike, got {verdict_persist_1!r}")
+    if not isinstance(flips, (bool, np.bool_)) or bool(flips) != (want != default):
+        return "flips is True when that verdict differs from the one under the default persistence of 3 steps"
+    return None
+
+
+def _check_6_2(baseline_lr, sigma_lr, root):
+    from sigma_core.experiments import claims  # noqa: PLC0415
+    from sigma_core.experiments.compare import largest_stable_lr  # noqa: PLC0415
+
+    best = largest_stable_lr(claims.sweep_table(_ledger_runs(str(root))[1]))
+    for name, method in (("baseline_lr", "baseline"), ("sigma_lr", "sigma-reparam")):
+        got, want = {"baseline_lr": baseline_lr, "sigma_lr": sigma_lr}[name], best.get(method)
+        if want is None:
+            if got is not None:
+                return f"{name}: no swept learning rate is stable for every seed of {method}: the answer is None"
+        elif not _close(_number(got), want, rtol=1e-9):
+            return (f"{name} is the largest learning rate at which every seed of {method} learned (final validation "
+                    f"loss 0.05 nats below log 256) and none collapsed or diverged, got {got!r}")
+    return None
+
+
 #: exercise -> (the keywords its check reads, the check); answers first, then what the notebook passes
 CHECKS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "1.1": (("allowed_norm", "entropy_at_110"), _check_1_1),
@@ -442,4 +493,6 @@ CHECKS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "4.2": (("low_fraction", "most_collapsed_layer", "runs"), _check_4_2),
     "5.1": (("n_records_checked", "largest_difference", "chosen"), _check_5_1),
     "5.2": (("growth", "chosen"), _check_5_2),
+    "6.1": (("verdict_persist_1", "n_unstable_persist_1", "flips", "root"), _check_6_1),
+    "6.2": (("baseline_lr", "sigma_lr", "root"), _check_6_2),
 }

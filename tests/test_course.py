@@ -85,3 +85,53 @@ def test_controls_makes_the_plain_call_and_returns_its_value(capsys):
                           s=(0.0, 4.0, 0.5, 1.5), kind=["b", "c"])
     assert out == 3.0 and seen == [(1.5, "b")]
     assert "plain parameters" in capsys.readouterr().out
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_exercise_6_1_reads_claim_1_under_persistence_1_as_the_committed_ledger_does():
+    import re
+
+    ex = course.Exercises("6")
+    # independent reference: the committed ledger's sensitivity row for spike_persist=1 (first column: claim 1)
+    ledger = (ROOT / "docs" / "claims.md").read_text()
+    want = re.search(r"^\| spike_persist=1 \| (?:\*\*)?([a-z ]+?)(?:\*\*)? \|", ledger, flags=re.M).group(1)
+    default = re.search(r"^\| 1 \| .*? \| \*\*(.+?)\*\*", ledger, flags=re.M).group(1)
+    assert want != default  # the committed ledger flags claim 1 as sensitive to the persistence
+    from sigma_core.experiments import claims, definitions
+
+    runs, sweep = course._ledger_runs(str(ROOT))
+    n = claims.verdict_claim1(runs + sweep, definitions.Definitions(spike_persist=1))["numbers"]["unstable"]
+    assert ex.grade("6.1", n_unstable_persist_1=n, verdict_persist_1=want, flips=True, root=ROOT)[0] == "correct"
+    for wrong in ({"verdict_persist_1": default}, {"flips": False}, {"n_unstable_persist_1": n - 1}):
+        answers = {"n_unstable_persist_1": n, "verdict_persist_1": want, "flips": True, **wrong}
+        status, hint = ex.grade("6.1", root=ROOT, **answers)
+        assert status == "not yet" and list(wrong)[0] in hint, (wrong, hint)
+    assert ex.grade("6.1", n_unstable_persist_1=..., verdict_persist_1=want, flips=True, root=ROOT)[0] == "not answered"
+
+
+def test_exercise_6_2_knows_the_every_seed_rule_from_the_run_folders():
+    import json
+    import math
+
+    # independent reference: the sweep's run folders read with json, the rule of notebook 6's section 4
+    ok = {}
+    for cfg in sorted((ROOT / "results" / "compare-cpu" / "runs").rglob("config.json")):
+        c = json.loads(cfg.read_text())
+        if c.get("qk_norm") or c.get("logit_softcap") or c.get("reparam") == "spectral" or c.get("norm") == "none":
+            continue
+        s = json.loads((cfg.parent / "summary.json").read_text())
+        recs = [json.loads(x) for x in (cfg.parent / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        val = [r["val_loss"] for r in recs if "val_loss" in r][-1]
+        fine = (not s.get("diverged") and math.isfinite(val) and val < math.log(256) - 0.05
+                and all(r.get("entropy_min_head", 1.0) >= 0.1 for r in recs))
+        ok.setdefault(c["reparam"], {}).setdefault(c["lr"], []).append(fine)
+    best = {m: max((lr for lr, f in by.items() if all(f)), default=None) for m, by in ok.items()}
+    ex = course.Exercises("6")
+    assert ex.grade("6.2", baseline_lr=best["none"], sigma_lr=best["sigma"], root=ROOT)[0] == "correct"
+    higher = {m: min(lr for lr in ok[m] if lr > best[m]) for m in ok}
+    status, hint = ex.grade("6.2", baseline_lr=higher["none"], sigma_lr=best["sigma"], root=ROOT)
+    assert status == "not yet" and "baseline_lr" in hint
+    status, hint = ex.grade("6.2", baseline_lr=best["none"], sigma_lr=higher["sigma"], root=ROOT)
+    assert status == "not yet" and "sigma_lr" in hint

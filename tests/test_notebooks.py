@@ -99,8 +99,8 @@ def test_notebook_executes_and_its_claims_hold(path, monkeypatch):
 
 
 #: the course of notebooks/README.md (exercises, solutions, student copies); notebooks numbered after
-#: it are not lessons and need no exercises
-LESSONS = [p for p in NOTEBOOKS if p.name[:2] in {"01", "02", "03", "04", "05"}]
+#: it are not lessons and need no exercises (06, the claims ledger, has exercises too)
+LESSONS = [p for p in NOTEBOOKS if p.name[:2] in {"01", "02", "03", "04", "05", "06"}]
 
 #: a wrong answer for every exercise (the starting cell's first line names it); the student-copy runs put
 #: them in and expect "not yet" from each check. 1.1 and 2.2 are the tempting mistakes: log T as the allowed
@@ -116,6 +116,9 @@ WRONG = {
     "4.2": "low_fraction = {'baseline': [0.0, 0.0], 'sigmaReparam': [0.0, 0.0]}\nmost_collapsed_layer = 0",
     "5.1": "n_records_checked = 1\nlargest_difference = 0.0",
     "5.2": "growth = {}",
+    # 6.1: the default persistence's numbers; 6.2: one step too high (some seed fails there)
+    "6.1": "n_unstable_persist_1 = n_unstable\nverdict_persist_1 = mine[1]\nflips = False",
+    "6.2": "baseline_lr = 0.01\nsigma_lr = 0.1",
 }
 
 
