@@ -41,8 +41,9 @@ from torch.overrides import TorchFunctionMode
 
 from sigma_core.entropy import _hidden_threshold
 
-__all__ = ["Adapted", "AttentionInterceptor", "Call", "CompiledForwards", "ExecutingModules", "SDPA_ARGS", "Weights", "mha_call",
-           "packed_query_heads", "probe_call", "sdpa_arguments", "sdpa_call", "softmax_call", "softmax_input", "suspended"]
+__all__ = ["Adapted", "AttentionInterceptor", "Call", "CompiledForwards", "ExecutingModules", "SDPA_ARGS", "SHARDED",
+           "Weights", "mha_call", "packed_query_heads", "probe_call", "sdpa_arguments", "sdpa_call", "sharded",
+           "softmax_call", "softmax_input", "suspended"]
 
 #: positional order of the arguments of scaled_dot_product_attention
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -358,6 +359,9 @@ class Adapted(NamedTuple):
 BoundSource = Union[Weights, Adapted, str]
 
 NO_ADAPTER = "no adapter for this attention module (sigma_core.adapters)"
+SHARDED = ("the query/key weights are FSDP2 shards (DTensor) at this call: the projections are sharded as units of "
+           "their own, resharded before attention; fully_shard the attention module or its block as one unit for "
+           "sigma_h and the weight-based bounds (the monitor never gathers: no collective a rank could wait on)")
 ADDITIVE_MASK = "additive attention mask (a bias on the logits)"
 QK_NORM = "QK-normalisation: the logits are formed from normalised q, k, not from x W"
 
@@ -404,6 +408,29 @@ class Call:
     def n_keys(self) -> int:
         """``Tk``, the number of keys."""
         return self.logits.shape[3] if self.logits is not None else self.k.shape[2]
+
+
+def sharded(module: nn.Module | None, tensors=None) -> bool:
+    """Whether a parameter of ``module`` (or of a submodule; or one of ``tensors`` when given,
+    None entries ignored) is a ``DTensor`` now: an FSDP2 shard.
+
+    Inside the forward of the ``fully_shard`` unit that holds them, FSDP2 has replaced a unit's
+    parameters with gathered plain tensors, so an attention module sharded with its block (or as
+    its own unit) reads whole weights at its attention call.  Projections sharded as units of
+    their own are shards again by then; the weights read from them would be a shard's (and an
+    operation on a ``DTensor`` may start a collective that only the ranks recording would enter),
+    so the weight-based bound is not computed from them (:data:`SHARDED`).
+
+    >>> sharded(nn.Linear(2, 2)), sharded(None)
+    (False, False)
+    """
+    if module is None:
+        return False
+    from sigma_core.reparam import _sharding_types  # noqa: PLC0415  (imports torch.distributed on first use)
+
+    dtensor, _ = _sharding_types()
+    found = module.parameters() if tensors is None else tensors
+    return dtensor is not None and any(isinstance(p, dtensor) for p in found)
 
 
 def pure_mask(mask: torch.Tensor | None) -> bool:
@@ -485,15 +512,21 @@ def sdpa_call(a: dict, adapted: Adapted | None, module: nn.Module | None = None)
     def bound():
         if not pure_mask(mask):
             return ADDITIVE_MASK
-        return NO_ADAPTER if adapted is None else adapted
+        return _adapted_or_why(adapted)
 
     return Call("sdpa", q, k, None, scale, bool(a["is_causal"]), mask, bound)
 
 
 def softmax_call(logits: torch.Tensor, adapted: Adapted | None) -> Call:
     """The :class:`Call` of a softmax over the last axis of ``(B, H, Tq, Tk)`` logits."""
-    return Call("softmax", None, None, logits.detach(), 1.0, False, None,
-                lambda: NO_ADAPTER if adapted is None else adapted)
+    return Call("softmax", None, None, logits.detach(), 1.0, False, None, lambda: _adapted_or_why(adapted))
+
+
+def _adapted_or_why(adapted: Adapted | None) -> BoundSource:
+    """``adapted``, or why the weight-based variants do not apply (no adapter, sharded weights)."""
+    if adapted is None:
+        return NO_ADAPTER
+    return SHARDED if sharded(adapted.module) else adapted
 
 
 def probe_call(owner: nn.Module, args: tuple) -> Call:
@@ -506,6 +539,8 @@ def probe_call(owner: nn.Module, args: tuple) -> Call:
     def bound():
         if not getattr(owner, "weight_bounds_valid", True):  # QK-LayerNorm: logits not x W_Q W_K^T x^T
             return QK_NORM
+        if sharded(owner):  # FSDP2 shards: never a shard's sigma, never a collective
+            return SHARDED
         w_q, w_k = owner.head_weights()
         return Weights(w_q, w_k, scale, x, x_k)
 
@@ -517,8 +552,9 @@ _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 def mha_call(mod: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Call | str:
     """The :class:`Call` of ``nn.MultiheadAttention`` ``mod`` about to run on ``args``/``kwargs``
-    (its forward pre-hook's), with ``q``, ``k`` recomputed from the in-projection; a sentence
-    saying why not when the inputs are nested tensors."""
+    (its forward pre-hook's), with ``q``, ``k`` recomputed from the in-projection; ``"nested"``
+    when the inputs are nested tensors, ``"sharded"`` when the in-projection is an FSDP2 shard
+    (:func:`sharded`)."""
     ba = _MHA_SIGNATURE.bind(mod, *args, **kwargs)
     ba.apply_defaults()
     a = ba.arguments
@@ -539,6 +575,8 @@ def mha_call(mod: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Call | st
         wq, wk = mod.in_proj_weight[:E], mod.in_proj_weight[E:2 * E]
     else:
         wq, wk = mod.q_proj_weight, mod.k_proj_weight
+    if sharded(mod, (mod.in_proj_weight, mod.q_proj_weight, mod.k_proj_weight, mod.in_proj_bias)):
+        return "sharded"  # q and k are recomputed from the in-projection: never from a shard
     bq = bk = None
     if mod.in_proj_bias is not None:
         bq, bk = mod.in_proj_bias[:E], mod.in_proj_bias[E:2 * E]

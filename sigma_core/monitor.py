@@ -85,6 +85,17 @@ are then ``None``) and ``weight_bound_note`` (why the weight-based variants are 
 checked forward, else ``None``).  With an
 additive (float, not only 0/-inf) attention mask only the ``exact`` variant applies.
 
+Under ``torch.distributed`` every rank runs its own monitor on its own batch and records what one
+process records on that batch.  A ``DistributedDataParallel`` model is watched through the
+replica it runs (``model.module``: the same layer names as in one process).  Under FSDP2
+(``fully_shard``) each attention call is measured inside the forward of the unit that holds the
+attention module, where FSDP2 has gathered its parameters, so ``sigma_h`` and the bound use whole
+weights; where the query/key weights are shards at the call (projections sharded as units of
+their own), the entropies and the ``exact`` bound are recorded and the weight-based fields are
+``None``, with ``weight_bound_note`` saying why (:data:`sigma_core.capture.SHARDED`).  The monitor
+makes no collective and never computes on a ``DTensor`` weight, so ranks may record different
+forwards (tests/test_monitor_distributed.py).
+
 How it is built: :mod:`sigma_core.capture` says what a call is (the ways of seeing attention
 above, each turned into one :class:`sigma_core.capture.Call`), :mod:`sigma_core.measure` what is
 measured (:class:`sigma_core.measure.Measurement`: statistics, ``sigma_h`` and the bound of one
@@ -137,7 +148,8 @@ class EntropyMonitor:
     Parameters
     ----------
     model : nn.Module
-        Any PyTorch model with softmax attention (see the module docstring for what is seen).
+        Any PyTorch model with softmax attention (see the module docstring for what is seen);
+        ``torch.compile(model)`` and ``DistributedDataParallel(model)`` watch the model inside.
     every : int or None
         Record on forwards ``0, every, 2*every, ...`` of ``model`` (counted by a forward
         pre-hook on ``model`` itself).  None: record only the forwards asked for with
@@ -217,6 +229,8 @@ class EntropyMonitor:
         opt = _optimized_module_type()
         if opt is not None and isinstance(model, opt):  # torch.compile(model): watch the model inside
             model = model._orig_mod
+        if isinstance(model, nn.parallel.DistributedDataParallel):  # DDP(model): the replica it runs
+            model = model.module  # (records named as in one process; DDP's forward calls it once)
         if every is not None and (not _is_int(every) or every < 1):
             raise ValueError(f"every must be a positive int or None, got {every!r}")
         every = None if every is None else int(every)
@@ -568,20 +582,32 @@ class EntropyMonitor:
             return
         self._seen = True
         with suspended(self._mode):  # the monitor's own arithmetic does not go through the mode
-            self._measured(layer, name, probe_call(owner, args))
+            self._guarded(name, self._record_probe, layer, name, owner, args)
+
+    def _record_probe(self, layer, name, owner, args):
+        self._measured(layer, name, probe_call(owner, args))
 
     def _on_mha(self, layer, name, mod, module, args, kwargs):
         if not self._active:
             return
         self._seen = True
         with suspended(self._mode), torch.no_grad():  # the monitor's own arithmetic does not go through the mode
-            call = mha_call(mod, args, kwargs)
-            if isinstance(call, str):  # nested tensors: the fused inference path of nn.TransformerEncoder
-                self._skip(name, "nested tensors")
-                self._warn_once(f"nested:{name}", f"EntropyMonitor: {name or 'model'} receives nested tensors "
-                                "(the fast path of nn.TransformerEncoder with a padding mask): not recorded")
-                return
-            self._measured(layer, name, call)
+            self._guarded(name, self._record_mha, layer, name, mod, args, kwargs)
+
+    def _record_mha(self, layer, name, mod, args, kwargs):
+        call = mha_call(mod, args, kwargs)
+        if call == "sharded":  # q and k would come from an FSDP2 shard of the in-projection
+            self._skip(name, "FSDP2 shards: the in-projection is a DTensor at this call")
+            self._warn_once(f"sharded:{name}", f"EntropyMonitor: {name or 'model'} (nn.MultiheadAttention) holds "
+                            "FSDP2 shards of its in-projection when it runs (sharded as a unit of its own "
+                            "inside it?): not recorded; fully_shard the layer or block that holds it")
+            return
+        if isinstance(call, str):  # nested tensors: the fused inference path of nn.TransformerEncoder
+            self._skip(name, "nested tensors")
+            self._warn_once(f"nested:{name}", f"EntropyMonitor: {name or 'model'} receives nested tensors "
+                            "(the fast path of nn.TransformerEncoder with a padding mask): not recorded")
+            return
+        self._measured(layer, name, call)
 
 
 class CollapseDetector:
