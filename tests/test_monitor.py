@@ -341,3 +341,22 @@ def test_events_are_seen_once_by_a_loop_that_reads_them_after_every_forward():
             seen += mon.events
     assert seen == [{"step": 0}, {"step": 10}, {"step": 20}]
 
+
+
+def test_a_failure_in_the_probe_or_mha_hook_is_a_warning_and_never_fails_the_forward(monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_model(n_layer=1)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    expected, expected_mha = model(x), mha(x, x, x)[0]
+
+    def broken():
+        raise RuntimeError("head_weights is broken")
+
+    monkeypatch.setattr(model[0], "head_weights", broken)
+    monkeypatch.setattr("sigma_core.monitor.mha_call", lambda *a: 1 / 0)
+    for module, args, want in ((model, (x,), expected), (mha, (x, x, x), expected_mha)):
+        with pytest.warns(RuntimeWarning, match="could not record"), EntropyMonitor(module, bound_every=1) as mon:
+            out = module(*args)
+        torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, want, rtol=0, atol=0)
+        assert mon.last == [] and len(mon.skipped) == 1 and mon.n_skipped == 1
