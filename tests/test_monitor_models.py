@@ -606,6 +606,57 @@ def test_grouped_query_decoding_with_a_cache_and_a_mask_is_recorded_by_query_hea
     _no_violations(mon.last)
 
 
+# -- padding in the encoder-decoders: T5, BART ------------------------------------------------------
+SEQ2SEQ = [(tiny_t5, "eager"), (tiny_t5, "sdpa"), (tiny_bart, "eager"), (tiny_bart, "sdpa")]
+
+
+@pytest.mark.parametrize("factory,impl", SEQ2SEQ, ids=[f"{f.__name__[5:]}-{i}" for f, i in SEQ2SEQ])
+def test_encoder_decoder_padding_in_self_and_cross_attention(factory, impl):
+    """T5 and BART with a right-padded encoder input (sample 1: its last 4 tokens) and a left-padded
+    decoder input (sample 1: its first 3): every layer (encoder self, decoder causal self, cross)
+    is recorded; the padded keys get probability 0 in the model's own attention; each head's
+    entropies equal a float64 entropy of ``output_attentions`` over the rows that see at least one
+    key (the decoder's first 3 rows of sample 1 see none: skipped and counted in ``rows_no_key``)."""
+    model, inputs = factory(impl)
+    ref, _ = factory("eager")
+    model.eval(), ref.eval()
+    B, T = inputs["input_ids"].shape
+    Td = inputs["decoder_input_ids"].shape[1]
+    enc = torch.ones(B, T, dtype=torch.bool)
+    enc[1, T - 4:] = False
+    dec = torch.ones(B, Td, dtype=torch.bool)
+    dec[1, :3] = False
+    inputs = {**inputs, "attention_mask": enc.long(), "decoder_attention_mask": dec.long()}
+    causal = torch.ones(Td, Td, dtype=torch.bool).tril()
+    visible = {"encoder": enc[:, None, :].expand(B, T, T),  # (B, Tq, Tk): query row i may see key j
+               "decoder": causal[None] & dec[:, None, :],
+               "cross": enc[:, None, :].expand(B, Td, T)}
+    with torch.no_grad():
+        out = ref(**inputs, output_attentions=True)
+        kinds = ["encoder"] * len(out.encoder_attentions) + ["decoder", "cross"] * len(out.decoder_attentions)
+        probs = _probs_in_call_order(out)
+        ctx = _strict()
+        try:
+            with EntropyMonitor(model, bound_samples=None, bound_every=1) as mon:
+                model(**inputs)
+        finally:
+            ctx.__exit__(None, None, None)
+    H = probs[0].shape[1]
+    assert len(mon.last) == len(probs) * H and mon.skipped == [] and mon.n_skipped == 0
+    for r in mon.last:
+        vis = visible[kinds[r["layer"]]]
+        seen = vis.any(-1)  # (B, Tq): rows that see at least one key
+        p = probs[r["layer"]][:, r["head"]].double()  # (B, Tq, Tk)
+        assert p.shape == vis.shape and float(p[seen[..., None] & ~vis].abs().max()) == 0.0, r["name"]
+        ent = entropy_of(torch.where(vis, p, 0))[seen]
+        assert r["rows_no_key"] == int((~seen).sum()) == (3 if kinds[r["layer"]] == "decoder" else 0), r["name"]
+        assert r["n_rows"] == int(seen.sum()) and r["seq_len"] == vis.shape[-1]
+        assert r["entropy_mean"] == pytest.approx(float(ent.mean()), abs=1e-5), r["name"]
+        assert r["entropy_min"] == pytest.approx(float(ent.min()), abs=1e-5), r["name"]
+        assert r["entropy_max"] == pytest.approx(float(ent.max()), abs=1e-5), r["name"]
+    _no_violations(mon.last)
+
+
 # -- torch.compile ----------------------------------------------------------------------------------
 class _CountingBackend:
     """A torch.compile backend that runs the graph eagerly and counts compilations and graph runs."""
