@@ -6,6 +6,7 @@ implementation), or a float64 brute force.  Every model is tiny and random-initi
 config (tests/thirdparty_models.py); a test skips when its library is absent.
 """
 import math
+import os
 import warnings
 
 import pytest
@@ -740,6 +741,52 @@ def test_a_compiled_model_records_what_the_eager_model_records_and_runs_its_grap
     if factory is _encoder_layer:
         assert model.__dict__.get("_compiled_call_impl") is not None  # close() gave model.compile() back
         assert "CompiledForwards" not in getattr(model._compiled_call_impl, "__qualname__", "")
+
+
+def _cxx_compiler():
+    import shutil
+
+    return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
+
+
+@pytest.mark.skipif(_cxx_compiler() is None, reason="torch.compile's default backend (inductor) needs a C++ "
+                    "compiler on CPU; none found (CXX, g++, c++, clang++)")
+@pytest.mark.slow
+def test_inductor_a_converted_model_compiled_matches_eager_and_the_monitor_records_around_the_graph():
+    """The default backend (inductor, C++ on CPU), cold: a sigmaReparam-converted attention module
+    (causal SDPA, eval, ``no_grad``) compiled gives the eager outputs to float tolerance; with the
+    monitor attached (``every=2``) the recorded forwards give the eager model's records exactly as
+    eager does, the others run the inductor graph, and nothing is skipped."""
+    from torch._dynamo.utils import counters
+
+    from sigma_core.reparam import convert_to_sigma_reparam
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    mod = convert_to_sigma_reparam(BareSDPA()).eval()
+    x = torch.randn(2, 6, 12)
+    with torch.no_grad():
+        y_ref = mod(x, causal=True)
+        with EntropyMonitor(mod) as mon:
+            mod(x, causal=True)
+        ref = [(r["name"], r["head"], r["entropy_mean"], r["entropy_min"]) for r in mon.last]
+        compiled = torch.compile(mod)  # default backend: inductor
+        torch.testing.assert_close(compiled(x, causal=True), y_ref, rtol=1e-5, atol=1e-6)
+        assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with EntropyMonitor(mod, every=2) as mon:
+                got = []
+                for step in range(4):
+                    torch.testing.assert_close(compiled(x, causal=True), y_ref, rtol=1e-5, atol=1e-6)
+                    got.append([(r["name"], r["head"], r["entropy_mean"], r["entropy_min"]) for r in mon.last])
+    assert mon.n_skipped == 0 and not [w for w in caught if "EntropyMonitor" in str(w.message)]
+    assert len(ref) == 3 and got[0] == got[1] and got[2] == got[3]  # steps 1, 3 record nothing new
+    for step in (0, 2):
+        assert [g[:2] for g in got[step]] == [r[:2] for r in ref]
+        for g, r in zip(got[step], ref):
+            assert g[2] == pytest.approx(r[2], abs=1e-6) and g[3] == pytest.approx(r[3], abs=1e-6)
 
 
 def test_inside_a_compiled_function_each_recorded_forward_is_skipped_counted_and_warned():
