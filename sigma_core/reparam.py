@@ -1179,7 +1179,11 @@ def convert_to_sigma_reparam(
     triggers a ``UserWarning`` naming it; lookup tables (``nn.Embedding``, e.g. T5's
     ``relative_attention_bias``, a table of position biases) are not projections and do not.  A weight shared by several modules (tied weights,
     e.g. GPT-2's ``wte``/``lm_head``) is left alone with a warning: reparametrising it in one
-    place only would change the other.
+    place only would change the other.  A Hugging Face ``PreTrainedModel`` gets, on this instance
+    only, a ``save_pretrained`` that writes the folded model (``from_pretrained`` of the plain
+    class reads it) and the σReparam state (``sigma_reparam.safetensors``, for
+    :func:`load_sigma_reparam`), and a load_state_dict pre-hook that maps transformers' legacy
+    key names back to the model's own (``sigma_core/reparam_io.py``).
 
     Parameters
     ----------

@@ -1,4 +1,10 @@
-"""Save and load a model converted with σReparam, keys unchanged (safetensors + a JSON index)."""
+"""Save and load a model converted with σReparam, keys unchanged (safetensors + a JSON index).
+
+For a Hugging Face model converted as a whole, ``convert_to_sigma_reparam`` also gives that
+instance a ``save_pretrained`` that writes the folded model (read by ``from_pretrained`` of the
+plain class) plus its σReparam state, and a load_state_dict pre-hook that maps the legacy key
+names transformers 5 writes back to the model's own (docs/reparam.md, "Saving and loading").
+"""
 from __future__ import annotations
 
 import copy

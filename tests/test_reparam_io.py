@@ -216,7 +216,8 @@ def test_save_pretrained_options_trainer_state_dict_copies_and_fold(tmp_path):
     torch.testing.assert_close(_out(plain, inputs), ref, rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "worker", is_main_process=False)
     assert not (tmp_path / "worker" / "sigma_reparam.safetensors").exists()
-    with pytest.raises(ValueError, match=r"state_dict: .*missing: gpt_neox\.layers\.0\..*extra: gpt_neox\.layers\.0\.attention\.dense\.weight"):
+    with pytest.raises(ValueError, match=r"state_dict: .*missing: gpt_neox\.layers\.0\..*"
+                                         r"extra: gpt_neox\.layers\.0\.attention\.dense\.weight"):
         model.save_pretrained(tmp_path / "x", state_dict=plain.state_dict())
     with pytest.raises(TypeError, match="keyword"):
         model.save_pretrained(tmp_path / "x", True)
