@@ -1179,7 +1179,11 @@ def convert_to_sigma_reparam(
     triggers a ``UserWarning`` naming it; lookup tables (``nn.Embedding``, e.g. T5's
     ``relative_attention_bias``, a table of position biases) are not projections and do not.  A weight shared by several modules (tied weights,
     e.g. GPT-2's ``wte``/``lm_head``) is left alone with a warning: reparametrising it in one
-    place only would change the other.
+    place only would change the other.  A Hugging Face ``PreTrainedModel`` gets, on this instance
+    only, a ``save_pretrained`` that writes the folded model (``from_pretrained`` of the plain
+    class reads it) and the σReparam state (``sigma_reparam.safetensors``, for
+    :func:`load_sigma_reparam`), and a load_state_dict pre-hook that maps transformers' legacy
+    key names back to the model's own (``sigma_core/reparam_io.py``).
 
     Parameters
     ----------
@@ -1306,6 +1310,7 @@ def convert_to_sigma_reparam(
             entry.update(converted=True, chunks=p.n_chunks,
                          reason=entry["reason"] + ("q/k/v blocks" if p.n_chunks > 1 else ""))
     model.__dict__["_sigma_report"] = report
+    install_hf_io(model)  # save_pretrained / load_state_dict of transformers' legacy keys (reparam_io)
     _warn_unconverted_attention(model, [e for e in report if e["name"] not in lookups])
     if batched:
         batch_power_iterations(model)
@@ -1682,6 +1687,7 @@ def fold_sigma_reparam(model: nn.Module) -> nn.Module:
     for module in model.modules():
         _remove_batch_hooks(module)
         _remove_weight_cache_hooks(module)
+    uninstall_hf_io(model)
     return model
 
 
@@ -1715,4 +1721,6 @@ def sigma_reparam_state(model: nn.Module) -> dict[str, dict[str, float]]:
     return state
 
 
-from .reparam_io import load_sigma_reparam, save_sigma_reparam  # noqa: E402  (uses this module)
+from .reparam_io import (  # noqa: E402  (uses this module)
+    install_hf_io, load_sigma_reparam, save_sigma_reparam, uninstall_hf_io,
+)

@@ -1,14 +1,24 @@
-"""Save and load a model converted with σReparam, keys unchanged (safetensors + a JSON index)."""
+"""Save and load a model converted with σReparam, keys unchanged (safetensors + a JSON index).
+
+For a Hugging Face model converted as a whole, ``convert_to_sigma_reparam`` also gives that
+instance a ``save_pretrained`` that writes the folded model (read by ``from_pretrained`` of the
+plain class) plus its σReparam state, and a load_state_dict pre-hook that maps the legacy key
+names transformers 5 writes back to the model's own (docs/reparam.md, "Saving and loading").
+"""
 from __future__ import annotations
 
+import copy
 import json
 import os
+import sys
+import types
 from pathlib import Path
 
 import torch
 from torch import nn
 
 FORMAT_VERSION = 1
+STATE_FILE = "sigma_reparam.safetensors"  # what a converted model's save_pretrained writes beside its weights
 
 
 def _index_path(path) -> Path:
@@ -98,7 +108,8 @@ def load_sigma_reparam(model: nn.Module, path) -> nn.Module:
     model : nn.Module
         The freshly converted model to fill.
     path : str or os.PathLike
-        The safetensors file written by :func:`save_sigma_reparam`.
+        The safetensors file written by :func:`save_sigma_reparam`, or a directory written by
+        the ``save_pretrained`` of a converted Hugging Face model (its ``sigma_reparam.safetensors``).
 
     Returns
     -------
@@ -124,6 +135,8 @@ def load_sigma_reparam(model: nn.Module, path) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if Path(path).is_dir():
+        path = Path(path) / STATE_FILE
     index_file = _index_path(path)
     if not Path(path).is_file() or not index_file.is_file():
         raise ValueError(f"path: {os.fspath(path)!r} and its index {str(index_file)!r} must both exist "
@@ -152,3 +165,110 @@ def load_sigma_reparam(model: nn.Module, path) -> nn.Module:
     with torch.no_grad():
         load_model(model, os.fspath(path), strict=True)
     return model
+
+
+# -- Hugging Face: save_pretrained / from_pretrained / load_state_dict of a converted model ---------
+def _is_hf_model(model: nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def install_hf_io(model: nn.Module) -> None:
+    """Called by ``convert_to_sigma_reparam`` on a Hugging Face model: give this instance (not
+    its class, nothing global) a ``save_pretrained`` that writes a checkpoint ``from_pretrained``
+    reads correctly, and a load_state_dict pre-hook that maps transformers' legacy key names
+    back to the model's own.  Idempotent."""
+    if not _is_hf_model(model):
+        return
+    model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained, model)
+    if not model.__dict__.get("_sigma_legacy_hook"):
+        model.register_load_state_dict_pre_hook(_legacy_keys_pre_hook)
+        model.__dict__["_sigma_legacy_hook"] = True
+
+
+def uninstall_hf_io(model: nn.Module) -> None:
+    """Called by ``fold_sigma_reparam``: a folded model is plain and saves as one."""
+    m = model.__dict__.get("save_pretrained")
+    if isinstance(m, types.MethodType) and m.__func__ is _save_pretrained:
+        del model.__dict__["save_pretrained"]
+
+
+def _save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+    """``save_pretrained`` of a model converted by ``convert_to_sigma_reparam``.
+
+    Writes (1) the folded model (every σReparam weight replaced by its Ŵ, as an eval forward
+    computes it) with transformers' own ``save_pretrained``, so that ``from_pretrained`` of the
+    plain class gives the converted model's eval function, and (2) the full σReparam state
+    (raw weights, γ, ``_u``, ``_v``, under the model's own keys) with :func:`save_sigma_reparam`
+    to ``sigma_reparam.safetensors`` in the same directory, to resume training with
+    ``load_sigma_reparam(convert_to_sigma_reparam(model), save_directory)``.  ``config.json``
+    records ``"sigma_reparam"``.  Saving copies the model once.
+    """
+    from .reparam import _sigma_modules, fold_sigma_reparam
+
+    cls_save = type(self).save_pretrained
+    if args:
+        raise TypeError("save_pretrained of a sigmaReparam model: pass its options by keyword "
+                        "(save_pretrained(save_directory, is_main_process=..., ...))")
+    if not any(True for _ in _sigma_modules(self)):  # sigmaReparam removed by hand: a plain model
+        return cls_save(self, save_directory, state_dict=state_dict, **kwargs)
+    if kwargs.get("save_original_format") is False:
+        raise ValueError("save_original_format: False is not supported for a sigmaReparam model "
+                         "(it writes the folded model in transformers' format); use "
+                         "save_sigma_reparam(model, path) for the model's own keys")
+    source = self
+    if state_dict is not None:  # e.g. the Trainer passes model.state_dict(): save those values
+        mine = set(self.state_dict())
+        if set(state_dict) != mine:
+            raise ValueError(
+                "state_dict: its keys are not this sigmaReparam model's keys (missing: "
+                f"{_first(mine - set(state_dict))}; extra: {_first(set(state_dict) - mine)}); pass "
+                "the model's own state_dict or none")
+        source = copy.deepcopy(self)
+        source.load_state_dict(state_dict)
+    folded = fold_sigma_reparam(copy.deepcopy(source))
+    folded.config.sigma_reparam = {"format_version": FORMAT_VERSION, "weights": "folded",
+                                   "state_file": STATE_FILE}
+    os.makedirs(save_directory, exist_ok=True)
+    if kwargs.get("is_main_process", True):
+        save_sigma_reparam(source, Path(save_directory) / STATE_FILE)
+    return cls_save(folded, save_directory, **kwargs)
+
+
+def _legacy_names(model: nn.Module) -> dict[str, str]:
+    """{name transformers writes on save: the model's own name}, for each key the model has and,
+    for a σReparam weight, its plain ``...weight`` too (one call of transformers' own
+    ``revert_weight_conversion``; renamed keys only, a converted (merged/split) key is left out)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from .reparam import _sigma_modules
+
+    own = dict(model.state_dict())
+    for qualname, module, name, p in _sigma_modules(model):
+        own[f"{qualname}.{name}" if qualname else name] = module.parametrizations[name].original.detach()
+    views = {k: v.view_as(v) for k, v in own.items()}  # one distinct object per key (ties share a tensor)
+    by_id = {id(v): k for k, v in views.items()}
+    out = revert_weight_conversion(model, views)
+    return {new: by_id[id(v)] for new, v in out.items() if id(v) in by_id and by_id[id(v)] != new}
+
+
+def _legacy_keys_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                          unexpected_keys, error_msgs) -> None:
+    """Load-state-dict pre-hook of a converted Hugging Face model: keys under the legacy names
+    that transformers 5's ``save_pretrained`` writes (GPT-NeoX ``embed_out``, ViT
+    ``encoder.layer.0.attention.attention.query``, σReparam keys included) are renamed to the
+    model's own before anything loads, strict or not; plain ``...weight`` keys then load into the
+    σReparam weights as pretrained weights do."""
+    own = set(module.state_dict())
+    unknown = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in own]
+    if not unknown:
+        return
+    cache = module.__dict__.get("_sigma_legacy_names")
+    if cache is None or cache[0] != own:
+        cache = (own, _legacy_names(module))
+        module.__dict__["_sigma_legacy_names"] = cache
+    names = cache[1]
+    for k in unknown:
+        new = names.get(k[len(prefix):])
+        if new is not None and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(k)

@@ -6,6 +6,7 @@ implementation), or a float64 brute force.  Every model is tiny and random-initi
 config (tests/thirdparty_models.py); a test skips when its library is absent.
 """
 import math
+import os
 import warnings
 
 import pytest
@@ -606,6 +607,57 @@ def test_grouped_query_decoding_with_a_cache_and_a_mask_is_recorded_by_query_hea
     _no_violations(mon.last)
 
 
+# -- padding in the encoder-decoders: T5, BART ------------------------------------------------------
+SEQ2SEQ = [(tiny_t5, "eager"), (tiny_t5, "sdpa"), (tiny_bart, "eager"), (tiny_bart, "sdpa")]
+
+
+@pytest.mark.parametrize("factory,impl", SEQ2SEQ, ids=[f"{f.__name__[5:]}-{i}" for f, i in SEQ2SEQ])
+def test_encoder_decoder_padding_in_self_and_cross_attention(factory, impl):
+    """T5 and BART with a right-padded encoder input (sample 1: its last 4 tokens) and a left-padded
+    decoder input (sample 1: its first 3): every layer (encoder self, decoder causal self, cross)
+    is recorded; the padded keys get probability 0 in the model's own attention; each head's
+    entropies equal a float64 entropy of ``output_attentions`` over the rows that see at least one
+    key (the decoder's first 3 rows of sample 1 see none: skipped and counted in ``rows_no_key``)."""
+    model, inputs = factory(impl)
+    ref, _ = factory("eager")
+    model.eval(), ref.eval()
+    B, T = inputs["input_ids"].shape
+    Td = inputs["decoder_input_ids"].shape[1]
+    enc = torch.ones(B, T, dtype=torch.bool)
+    enc[1, T - 4:] = False
+    dec = torch.ones(B, Td, dtype=torch.bool)
+    dec[1, :3] = False
+    inputs = {**inputs, "attention_mask": enc.long(), "decoder_attention_mask": dec.long()}
+    causal = torch.ones(Td, Td, dtype=torch.bool).tril()
+    visible = {"encoder": enc[:, None, :].expand(B, T, T),  # (B, Tq, Tk): query row i may see key j
+               "decoder": causal[None] & dec[:, None, :],
+               "cross": enc[:, None, :].expand(B, Td, T)}
+    with torch.no_grad():
+        out = ref(**inputs, output_attentions=True)
+        kinds = ["encoder"] * len(out.encoder_attentions) + ["decoder", "cross"] * len(out.decoder_attentions)
+        probs = _probs_in_call_order(out)
+        ctx = _strict()
+        try:
+            with EntropyMonitor(model, bound_samples=None, bound_every=1) as mon:
+                model(**inputs)
+        finally:
+            ctx.__exit__(None, None, None)
+    H = probs[0].shape[1]
+    assert len(mon.last) == len(probs) * H and mon.skipped == [] and mon.n_skipped == 0
+    for r in mon.last:
+        vis = visible[kinds[r["layer"]]]
+        seen = vis.any(-1)  # (B, Tq): rows that see at least one key
+        p = probs[r["layer"]][:, r["head"]].double()  # (B, Tq, Tk)
+        assert p.shape == vis.shape and float(p[seen[..., None] & ~vis].abs().max()) == 0.0, r["name"]
+        ent = entropy_of(torch.where(vis, p, 0))[seen]
+        assert r["rows_no_key"] == int((~seen).sum()) == (3 if kinds[r["layer"]] == "decoder" else 0), r["name"]
+        assert r["n_rows"] == int(seen.sum()) and r["seq_len"] == vis.shape[-1]
+        assert r["entropy_mean"] == pytest.approx(float(ent.mean()), abs=1e-5), r["name"]
+        assert r["entropy_min"] == pytest.approx(float(ent.min()), abs=1e-5), r["name"]
+        assert r["entropy_max"] == pytest.approx(float(ent.max()), abs=1e-5), r["name"]
+    _no_violations(mon.last)
+
+
 # -- torch.compile ----------------------------------------------------------------------------------
 class _CountingBackend:
     """A torch.compile backend that runs the graph eagerly and counts compilations and graph runs."""
@@ -689,6 +741,52 @@ def test_a_compiled_model_records_what_the_eager_model_records_and_runs_its_grap
     if factory is _encoder_layer:
         assert model.__dict__.get("_compiled_call_impl") is not None  # close() gave model.compile() back
         assert "CompiledForwards" not in getattr(model._compiled_call_impl, "__qualname__", "")
+
+
+def _cxx_compiler():
+    import shutil
+
+    return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
+
+
+@pytest.mark.skipif(_cxx_compiler() is None, reason="torch.compile's default backend (inductor) needs a C++ "
+                    "compiler on CPU; none found (CXX, g++, c++, clang++)")
+@pytest.mark.slow
+def test_inductor_a_converted_model_compiled_matches_eager_and_the_monitor_records_around_the_graph():
+    """The default backend (inductor, C++ on CPU), cold: a sigmaReparam-converted attention module
+    (causal SDPA, eval, ``no_grad``) compiled gives the eager outputs to float tolerance; with the
+    monitor attached (``every=2``) the recorded forwards give the eager model's records exactly as
+    eager does, the others run the inductor graph, and nothing is skipped."""
+    from torch._dynamo.utils import counters
+
+    from sigma_core.reparam import convert_to_sigma_reparam
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    mod = convert_to_sigma_reparam(BareSDPA()).eval()
+    x = torch.randn(2, 6, 12)
+    with torch.no_grad():
+        y_ref = mod(x, causal=True)
+        with EntropyMonitor(mod) as mon:
+            mod(x, causal=True)
+        ref = [(r["name"], r["head"], r["entropy_mean"], r["entropy_min"]) for r in mon.last]
+        compiled = torch.compile(mod)  # default backend: inductor
+        torch.testing.assert_close(compiled(x, causal=True), y_ref, rtol=1e-5, atol=1e-6)
+        assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with EntropyMonitor(mod, every=2) as mon:
+                got = []
+                for step in range(4):
+                    torch.testing.assert_close(compiled(x, causal=True), y_ref, rtol=1e-5, atol=1e-6)
+                    got.append([(r["name"], r["head"], r["entropy_mean"], r["entropy_min"]) for r in mon.last])
+    assert mon.n_skipped == 0 and not [w for w in caught if "EntropyMonitor" in str(w.message)]
+    assert len(ref) == 3 and got[0] == got[1] and got[2] == got[3]  # steps 1, 3 record nothing new
+    for step in (0, 2):
+        assert [g[:2] for g in got[step]] == [r[:2] for r in ref]
+        for g, r in zip(got[step], ref):
+            assert g[2] == pytest.approx(r[2], abs=1e-6) and g[3] == pytest.approx(r[3], abs=1e-6)
 
 
 def test_inside_a_compiled_function_each_recorded_forward_is_skipped_counted_and_warned():

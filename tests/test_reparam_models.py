@@ -343,7 +343,12 @@ def test_torch_compile_training_matches_eager(name):
 
 
 def test_gpt2_save_pretrained_round_trips(tmp_path):
+    """A converted GPT-2's save_pretrained writes the folded model (read by from_pretrained and by
+    load_state_dict into a converted model: the same function) and its sigmaReparam state
+    (load_sigma_reparam: bit for bit); a folded model saves as a plain GPT-2."""
     transformers = pytest.importorskip("transformers")
+    from sigma_core.reparam import load_sigma_reparam
+
     model, inputs = tiny_gpt2("eager")
     _convert(model)
     model.eval()
@@ -358,7 +363,15 @@ def test_gpt2_save_pretrained_round_trips(tmp_path):
                                                 strict=False)
     assert unexpected == [] and missing in ([], ["lm_head.weight"])  # lm_head: tied, not stored
     with torch.no_grad():
-        torch.testing.assert_close(_out(fresh.eval(), inputs), y, rtol=0, atol=0)
+        torch.testing.assert_close(_out(fresh.eval(), inputs), y, rtol=1e-5, atol=1e-6)
+    exact, _ = tiny_gpt2("eager", seed=3)
+    _convert(exact)
+    load_sigma_reparam(exact, tmp_path / "converted")
+    with torch.no_grad():
+        torch.testing.assert_close(_out(exact.eval(), inputs), y, rtol=0, atol=0)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "converted").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_out(loaded, inputs), y, rtol=1e-5, atol=1e-6)
     # a folded model is a plain GPT-2: from_pretrained gives the same function
     fold_sigma_reparam(model)
     model.save_pretrained(tmp_path / "folded")
