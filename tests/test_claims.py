@@ -164,9 +164,69 @@ def test_the_plan_is_fair_equal_budgets_three_seeds_and_a_test_split():
         settings.setdefault("/".join(setting_), set()).add(seed)
     assert all(seeds == {"seed_0", "seed_1", "seed_2"} for seeds in settings.values())
     # the method and its tuned reference get the same number of learning rates
-    assert len(claims.VIT_RECIPES["standard"][1]) == len(claims.VIT_RECIPES["sigma-sgd"][1]) >= 2
-    assert len(claims.S2S_METHODS["baseline-adam"][1]) == len(claims.S2S_METHODS["sigma-sgd"][1]) >= 1
+    # (equal tuning budgets: every recipe and method, the SGD baselines included, gets two or more)
+    assert len({len(lrs) for _, lrs in claims.VIT_RECIPES.values()}) == 1
+    assert len(claims.VIT_RECIPES["standard"][1]) >= 2
+    assert len({len(lrs) for _, lrs in claims.S2S_METHODS.values()}) == 1
+    assert len(claims.S2S_METHODS["baseline-adam"][1]) >= 2
+    # every planned learning rate of a compared setting is trained at every depth, with every seed
+    for depth in claims.S2S_DEPTHS:
+        for label, (_, lrs) in claims.S2S_METHODS.items():
+            assert {p for p, _ in plan if p.startswith(f"seq2seq/{label}/depth_{depth}/")} == {
+                f"seq2seq/{label}/depth_{depth}/lr_{lr:g}/seed_{s}" for lr in lrs for s in claims.SEEDS}
     gpu = claims.planned_runs("gpu")
     assert all("--device" in flags for _, flags in gpu)
     with pytest.raises(ValueError, match="scale"):
         claims.planned_runs("tpu")
+
+
+def test_run_all_appends_one_honest_record_per_invocation(tmp_path):
+    """Incremental runs keep every invocation: trained, skipped and failed runs, and an earlier
+    hand-written record stays first, marked as such; no machine path is recorded."""
+    out = tmp_path / "claims"
+    (out / "vit/baseline-sgd/lr_0.1/seed_0").mkdir(parents=True)
+    (out / "vit/baseline-sgd/lr_0.1/seed_0/summary.json").write_text("{}")
+    (out / claims.RUN_META).write_text('{"runs": 31, "note": "written by hand: interrupted twice"}')
+
+    def fake_train(path, flags, threads):
+        if (path / "summary.json").exists():
+            return f"skip {path}"
+        if "0.01" in flags and "2" == flags[flags.index("--seed") + 1]:
+            return f"FAILED {path} (1): boom"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "summary.json").write_text("{}")
+        return f"done {path}"
+
+    first = claims.run_all(out, jobs=2, only="vit/baseline-sgd", train=fake_train)
+    assert first["planned"] == 6 and first["skipped"] == 1
+    assert first["failed"] == ["vit/baseline-sgd/lr_0.01/seed_2"]
+    assert sorted(first["trained"]) == ["vit/baseline-sgd/lr_0.01/seed_0", "vit/baseline-sgd/lr_0.01/seed_1",
+                                        "vit/baseline-sgd/lr_0.1/seed_1", "vit/baseline-sgd/lr_0.1/seed_2"]
+    second = claims.run_all(out, jobs=1, only="vit/baseline-sgd", train=fake_train)
+    assert second["trained"] == [] and second["skipped"] == 5 and len(second["failed"]) == 1
+    history = claims.read_run_meta(out / claims.RUN_META)
+    assert len(history) == 3 and history[0]["written_by_hand"] and history[0]["runs"] == 31
+    assert history[1:] == [first, second]
+    assert all(not h.get("written_by_hand") for h in history[1:])
+    assert "--only vit/baseline-sgd" in first["command"] and "--jobs 2" in first["command"]
+    assert str(tmp_path) not in (out / claims.RUN_META).read_text()  # no machine path
+    for key in ("git_commit", "started", "ended", "wall_time_s", "cpu", "cpu_count", "load_average_start",
+                "load_average_end", "jobs"):
+        assert key in first, key
+    with pytest.raises(ValueError, match="jobs"):
+        claims.run_all(out, jobs=0, train=fake_train)
+    with pytest.raises(ValueError, match="only"):
+        claims.run_all(out, only="speech", train=fake_train)
+    (out / claims.RUN_META).write_text('{"invocations": {"not": "a list"}}')
+    with pytest.raises(ValueError, match="invocations"):
+        claims.read_run_meta(out / claims.RUN_META)
+
+
+def test_run_all_records_an_interrupted_invocation(tmp_path):
+    def interrupted(path, flags, threads):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        claims.run_all(tmp_path, only="gpt/sigma", train=interrupted)
+    (rec,) = claims.read_run_meta(tmp_path / claims.RUN_META)
+    assert rec["interrupted"] and rec["trained"] == [] and rec["planned"] == 1
