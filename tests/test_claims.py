@@ -148,6 +148,10 @@ def test_committed_ledger_states_the_verdicts_the_committed_results_give():
     for path in re.findall(r"`(\.\./results/[^`]+)`", text):
         assert (ledger.parent / path).exists(), path
     assert "/tmp/" not in text and "/work/" not in text and "/home/" not in text
+    # the "Runs:" paragraph lists every invocation recorded by `claims run`, the hand-written one marked
+    meta = claims.read_run_meta(results / claims.RUN_META)
+    assert meta and all(f"`{m['command']}`" in text for m in meta)
+    assert text.count("written by hand") >= sum(bool(m.get("written_by_hand")) for m in meta)
     for png in re.findall(r"\]\((\.\./results/[^)]+\.png)\)", text):
         assert (ledger.parent / png).exists(), png
 
@@ -230,3 +234,21 @@ def test_run_all_records_an_interrupted_invocation(tmp_path):
         claims.run_all(tmp_path, only="gpt/sigma", train=interrupted)
     (rec,) = claims.read_run_meta(tmp_path / claims.RUN_META)
     assert rec["interrupted"] and rec["trained"] == [] and rec["planned"] == 1
+
+
+def test_the_ledger_lists_each_invocation_and_marks_the_hand_written_one():
+    legacy = {"command": "python -m x run (then moved)", "note": "written by hand: interrupted twice", "runs": 31,
+              "jobs": "2-4", "wall_time_s": 3211, "git_commit": "bd22c20, 0395de8", "cpu": "AMD EPYC", "cpu_count": 2,
+              "load_average_start": [9.0], "load_average_end": [4.6], "date": "2026-12-07 10:41 UTC",
+              "legacy": True, "written_by_hand": True}
+    tool = {"command": "python -m sigma_core.experiments.claims run --out runs/s --jobs 2", "git_commit": "a" * 40,
+            "started": "2026-12-07 12:04:24 UTC", "planned": 46, "jobs": 2, "trained": ["vit/a", "vit/b"],
+            "skipped": 44, "failed": [], "wall_time_s": 600.0, "cpu": "AMD EPYC", "cpu_count": 2,
+            "load_average_start": [3.17, 1.0, 0.5], "load_average_end": [5.0, 1.0, 0.5], "interrupted": False}
+    lines = claims._invocation_lines([legacy, tool], Path("results/claims"))
+    rows = [x for x in lines if x.startswith("| 2026")]
+    assert len(rows) == 2
+    assert "written by hand" in rows[0] and "| 31 |" in rows[0] and "53.5 min" in rows[0]
+    assert "written by hand" not in rows[1] and "| 2 | 44 | 0 | 2 | 10.0 min | 3.17, 5 |" in rows[1]
+    assert any(x.startswith("Record 1 was written by hand") and "interrupted twice" in x for x in lines)
+    assert claims._invocation_lines([], Path("r")) == []

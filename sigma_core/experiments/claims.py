@@ -807,6 +807,39 @@ DEFINITIONS_TEXT = (
     "changes is marked *{sensitive}*. Times are known to the logging resolution (`log_every`).")
 
 
+def _invocation_lines(invocations: list[dict], root: Path) -> list[str]:
+    """The ledger's table of the ``claims run`` invocations recorded in ``root/run_meta.json``."""
+    if not invocations:
+        return []
+    L = ["", f"Every invocation of `claims run` that trained these runs, as `{root.as_posix()}/{RUN_META}` records "
+         "it (appended by the tool at each invocation; runs already present are skipped, so later invocations "
+         "train only the new ones):", "",
+         "| started (UTC) | command | commit | runs trained | skipped | failed | jobs | wall-clock | "
+         "load average (start, end) | CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for i, m in enumerate(invocations, 1):
+        trained = m.get("trained")
+        n_trained = len(trained) if isinstance(trained, list) else m.get("runs", "?")
+        failed = m.get("failed")
+        n_failed = len(failed) if isinstance(failed, list) else "?"
+        load = lambda key: _fmt((m.get(key) or ["?"])[0])  # noqa: E731
+        mark = ""
+        if m.get("written_by_hand"):
+            mark = f" (record {i}: written by hand)"
+            notes.append(f"Record {i} was written by hand, before `claims run` kept a record of each invocation "
+                         f"(its {n_trained} runs stay): {m.get('note', '').removeprefix('written by hand: ')}.")
+        elif m.get("legacy"):
+            mark = f" (record {i}: the earlier one-record format)"
+        if m.get("interrupted"):
+            mark += " (interrupted)"
+        when = m.get("started") or m.get("date", "?")
+        L.append(f"| {when}{mark} | `{m.get('command', '?')}` | {str(m.get('git_commit', '?'))[:12]} | {n_trained} "
+                 f"| {m.get('skipped', '-') if not m.get('legacy') else '-'} | {n_failed} | {m.get('jobs', '?')} "
+                 f"| {float(m.get('wall_time_s') or 0) / 60:.1f} min | {load('load_average_start')}, "
+                 f"{load('load_average_end')} | {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores |")
+    return L + ([""] + notes if notes else [])
+
+
 def write_ledger(results: str | os.PathLike = "results/claims", out: str | os.PathLike = "docs/claims.md", *,
                  extra_roots=("results/cpu-demo",), sweep_root="results/compare-cpu") -> Path:
     """Read the runs under ``results`` (and ``extra_roots``: other committed GPT runs, and the sweep
@@ -827,16 +860,16 @@ def write_ledger(results: str | os.PathLike = "results/claims", out: str | os.Pa
     base = out.parent
     commits = sorted({r["config"].get("git_commit", "unknown") for r in runs})
     dirty = [r for r in runs if r["config"].get("git_dirty") or str(r["config"].get("git_commit", "")).endswith("-dirty")]
-    meta_path = root / "run_meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    invocations = read_run_meta(root / RUN_META)
     d = defs.DEFAULT
     L = ["# The paper's claims, checked at classroom scale", "",
          "Zhai et al., \"Stabilizing Transformer Training by Preventing Attention Entropy Collapse\", ICML 2023 "
          "(PMLR 202:40770-40803, arXiv 2303.06296). This page is generated from committed results by "
          "`python -m sigma_core.experiments.claims ledger` (`make ledger`); every verdict is computed from the data "
          "by the rules below. Negative and partial results stay in.", "",
-         f"Runs: {len(runs)} under `{root.as_posix()}/` (trained by `python -m sigma_core.experiments.claims run "
-         f"--out {root.as_posix()} --jobs 2`, each run one `entropy-collapse train` command recorded in its "
+         f"Runs: {len(runs)} under `{root.as_posix()}/` (the ViT, seq2seq and GPT runs trained by "
+         f"`python -m sigma_core.experiments.claims run`, the speech and language-modelling runs by the commands of "
+         f"claims 5 and 7; each run one `entropy-collapse train` command recorded in its "
          f"`config.json`), from commit(s) {', '.join('`' + c[:12] + '`' for c in commits)}"
          + (f"; {len(dirty)} from a dirty tree" if dirty else ", all from a clean tree")
          + f"; plus {len(extra)} committed GPT runs ({', '.join('`' + e + '/`' for e in extra_roots)}) and the "
@@ -846,12 +879,7 @@ def write_ledger(results: str | os.PathLike = "results/claims", out: str | os.Pa
     train_s = sum(float(r["summary"].get("train_time_s") or 0.0) for r in own)
     L[-1] += (f" The training times of this ledger's own {len(own)} runs (ViT, seq2seq, GPT) sum to "
               f"{train_s / 60:.1f} min (one torch thread each).")
-    if meta:
-        L[-1] += (f" `claims run` ({meta.get('runs')} planned runs, `--jobs {meta.get('jobs')}`) took "
-                  f"{meta.get('wall_time_s', 0) / 60:.1f} min of wall-clock time on {meta.get('cpu_count')} cores of an "
-                  f"{meta.get('cpu')} shared with other work (load average {meta.get('load_average_start', ['?'])[0]} "
-                  f"at the start, {meta.get('load_average_end', ['?'])[0]} at the end), {meta.get('date')}"
-                  + (f"; {meta['note']}" if meta.get("note") else "") + ".")
+    L += _invocation_lines(invocations, root)
     L += ["", "| # | claim | verdict |", "|---|---|---|"]
     for k in sorted(CLAIMS):
         L.append(f"| {k} | {CLAIMS[k]} | **{v[k]['verdict']}**{', ' + SENSITIVE if k in flip else ''} |")
