@@ -58,7 +58,9 @@ VIT_RECIPES = {
     # network start learning before its features freeze
     "baseline-sgd": (["--preset", "vit-digits-sgd", "--reparam", "none"], (0.01, 0.1)),
 }
-S2S_DEPTHS = (12,)
+#: post-LN encoder-decoder depths (layers each side); 6, where the earlier one-seed ledger's sigmaReparam
+#: trained, and 12, where it did not
+S2S_DEPTHS = (6, 12)
 #: seq2seq method -> (train flags, learning rates tried); all post-LN, 200 steps
 S2S_METHODS = {
     "baseline-sgd": (["--reparam", "none"], (0.03, 0.1)),  # not the reference (that is AdamW + warm-up)
@@ -82,7 +84,7 @@ def _lr(x: float) -> str:
 
 #: the GPU preset of the same experiments (``claims run --scale gpu``): four times the ViT steps,
 #: seq2seq also at 24 + 24 layers, on the GPU; the same recipes, rates and seeds
-GPU_SCALE = {"vit_steps": 4 * VIT_STEPS, "s2s_depths": (12, 24), "device": "cuda"}
+GPU_SCALE = {"vit_steps": 4 * VIT_STEPS, "s2s_depths": (*S2S_DEPTHS, 24), "device": "cuda"}
 
 
 def planned_runs(scale: str = "cpu") -> list[tuple[str, list[str]]]:
@@ -93,7 +95,7 @@ def planned_runs(scale: str = "cpu") -> list[tuple[str, list[str]]]:
     (for ``benchmarks/gpu_check.sh``).
 
     >>> len(planned_runs()), len(planned_runs("gpu")) > len(planned_runs())
-    (46, True)
+    (64, True)
     """
     if scale not in ("cpu", "gpu"):
         raise ValueError(f"scale must be 'cpu' or 'gpu', got {scale!r}")
