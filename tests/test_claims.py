@@ -113,6 +113,36 @@ def test_claim4_sigma_reparam_against_the_tuned_adam_warmup_reference_per_depth(
     assert verdicts([], [])[5]["verdict"] == NOT_ATTEMPTED
 
 
+def test_claim4_says_why_from_the_rates_that_were_run():
+    ref = [s2s("baseline-adam", lr, s, 0.99) for s in range(3) for lr in (3e-4, 1e-3)]
+    one = [s2s("sigma-sgd", 0.1, s, 0.10) for s in range(3)]
+    why = lambda runs: next(e for e in verdicts(runs, [])[4]["evidence"] if e.startswith("Why"))  # noqa: E731
+    assert "only one learning rate was run" in why(ref + one)
+    two = one + [s2s("sigma-sgd", 0.03, s, 0.11) for s in range(3)]
+    assert "nor the other learning rate (0.1: 10.0 %)" in why(ref + two)  # 0.03 chosen on validation
+    assert "only one learning rate" not in why(ref + two) and "within the learning rates tried" in why(ref + two)
+    ev = verdicts(ref + two, [])[4]["evidence"]
+    assert "sigma-sgd at 12: 0.03, 0.1" in ev[0] and "baseline-adam at 12: 0.0003, 0.001" in ev[0]
+    # a rate at which it is competitive, not chosen on validation, is named as the reason
+    hidden = one + [s2s("sigma-sgd", 0.03, s, 0.99) for s in range(3)]
+    for r in hidden[3:]:
+        r["summary"]["final_val_accuracy"] = 0.05
+    assert "the learning rate: at 0.03 it is competitive" in why(ref + hidden)
+
+
+def test_claim3_names_a_baseline_whose_attention_never_moves():
+    std = [vit("standard", lr, s, 0.95, 0.95) for s in range(3) for lr in (3e-4, 1e-3)]
+    sig = [vit("sigma-sgd", lr, s, 0.6, 0.6 + 0.01 * s) for s in range(3) for lr in (0.03, 0.1)]
+    base = [vit("baseline-sgd", lr, s, 0.1, 0.1) for s in range(3) for lr in (0.01, 0.1)]
+    for r in base:
+        r["records"] = [rec(1, 2.3, 2.8332, sigma_max=0.0127), rec(500, 2.3, 2.8334, sigma_max=0.0127)]
+    ev = verdicts(std + sig + base, [])[3]["evidence"]
+    assert any(e.startswith("Its attention never moves") for e in ev)
+    assert any("at each rate tried: 0.01: 10.0 %, 0.1: 10.0 %" in e for e in ev)
+    base[-1]["records"][-1]["entropy_min_head"] = 2.5  # one run's attention moved
+    assert not any(e.startswith("Its attention never moves") for e in verdicts(std + sig + base, [])[3]["evidence"])
+
+
 def test_claim2_uses_every_seed_and_names_more_robust_stabilisers():
     def gpt(method_cfg, lr, seed, ent):
         r = run([rec(10, 3.0, 2.0, val_loss=2.5), rec(20, 2.5, ent, val_loss=2.5)], lr=lr, seed=seed)
