@@ -279,6 +279,7 @@ def test_the_ledger_lists_each_invocation_and_marks_the_hand_written_one():
     rows = [x for x in lines if x.startswith("| 2026")]
     assert len(rows) == 2
     assert "written by hand" in rows[0] and "| 31 |" in rows[0] and "53.5 min" in rows[0]
+    assert "| bd22c20, 0395de8 |" in rows[0] and f"| {'a' * 12} |" in rows[1]  # a legacy record's commits in full
     assert "written by hand" not in rows[1] and "| 2 | 44 | 0 | 2 | 10.0 min | 3.17, 5 |" in rows[1]
     assert any(x.startswith("Record 1 was written by hand") and "interrupted twice" in x for x in lines)
     assert claims._invocation_lines([], Path("r")) == []

@@ -875,7 +875,7 @@ def _invocation_lines(invocations: list[dict], root: Path) -> list[str]:
         if m.get("interrupted"):
             mark += " (interrupted)"
         when = m.get("started") or m.get("date", "?")
-        L.append(f"| {when}{mark} | `{m.get('command', '?')}` | {str(m.get('git_commit', '?'))[:12]} | {n_trained} "
+        L.append(f"| {when}{mark} | `{m.get('command', '?')}` | {str(m.get('git_commit', '?'))[:12 if not m.get('legacy') else None]} | {n_trained} "
                  f"| {m.get('skipped', '-') if not m.get('legacy') else '-'} | {n_failed} | {m.get('jobs', '?')} "
                  f"| {float(m.get('wall_time_s') or 0) / 60:.1f} min | {load('load_average_start')}, "
                  f"{load('load_average_end')} | {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores |")
