@@ -695,9 +695,13 @@ def plot_vit(runs: list[dict], out_dir: Path) -> list[Path]:
         for x in lrs:
             axes[0].scatter([x] * len(b["by_lr"][x]["test"]), [100 * a for a in b["by_lr"][x]["test"]], color=color,
                             s=14, alpha=0.6)
-        for r in b["by_lr"][b["lr"]]["runs"]:
+        for i, r in enumerate(b["by_lr"][b["lr"]]["runs"]):
             recs = [x for x in r["records"] if x.get("entropy_min_head") is not None]
-            axes[1].plot([x["step"] for x in recs], [x["entropy_min_head"] for x in recs], color=color, lw=1, alpha=0.8)
+            # dashed and on top for the SGD baseline, whose flat lines would hide under another recipe's
+            axes[1].plot([x["step"] for x in recs], [x["entropy_min_head"] for x in recs], color=color, lw=1.2,
+                         alpha=0.8, ls="--" if name == "baseline-sgd" else "-", zorder=3 if name == "baseline-sgd" else 2,
+                         label=f"{name}, lr {b['lr']:g}" if i == 0 else None)
+    axes[1].legend(fontsize=8)
     axes[0].set(xscale="log", xlabel="learning rate (peak)", ylabel="test accuracy (%)",
                 title=f"ViT on 8x8 digits, {VIT_STEPS} steps (points: seeds)")
     axes[0].axhline(10, color="k", ls=":", lw=1)
