@@ -283,3 +283,7 @@ def test_the_ledger_lists_each_invocation_and_marks_the_hand_written_one():
     assert "written by hand" not in rows[1] and "| 2 | 44 | 0 | 2 | 10.0 min | 3.17, 5 |" in rows[1]
     assert any(x.startswith("Record 1 was written by hand") and "interrupted twice" in x for x in lines)
     assert claims._invocation_lines([], Path("r")) == []
+    failed = {**tool, "failed": ["vit/a"], "trained": []}
+    again = claims._invocation_lines([legacy, failed, tool], Path("r"))
+    assert "Record 2: `vit/a` failed; record 3 trained it again." in again
+    assert claims._invocation_lines([failed], Path("r"))[-1] == "Record 1: `vit/a` failed; no later record trained it."

@@ -878,6 +878,10 @@ def _invocation_lines(invocations: list[dict], root: Path) -> list[str]:
             mark = f" (record {i}: the earlier one-record format)"
         if m.get("interrupted"):
             mark += " (interrupted)"
+        for rel in failed if isinstance(failed, list) else []:
+            later = next((j for j, x in enumerate(invocations[i:], i + 1) if rel in (x.get("trained") or [])), None)
+            notes.append(f"Record {i}: `{rel}` failed" + (f"; record {later} trained it again." if later else
+                                                          "; no later record trained it."))
         when = m.get("started") or m.get("date", "?")
         L.append(f"| {when}{mark} | `{m.get('command', '?')}` | {str(m.get('git_commit', '?'))[:12 if not m.get('legacy') else None]} | {n_trained} "
                  f"| {m.get('skipped', '-') if not m.get('legacy') else '-'} | {n_failed} | {m.get('jobs', '?')} "
