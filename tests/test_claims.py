@@ -113,6 +113,10 @@ def test_claim4_sigma_reparam_against_the_tuned_adam_warmup_reference_per_depth(
     assert verdicts([], [])[5]["verdict"] == NOT_ATTEMPTED
 
 
+def good_s2s():
+    return [s2s("sigma-sgd", 0.1, s, 0.985 + 0.005 * s) for s in range(3)]
+
+
 def test_claim4_says_why_from_the_rates_that_were_run():
     ref = [s2s("baseline-adam", lr, s, 0.99) for s in range(3) for lr in (3e-4, 1e-3)]
     one = [s2s("sigma-sgd", 0.1, s, 0.10) for s in range(3)]
@@ -123,6 +127,12 @@ def test_claim4_says_why_from_the_rates_that_were_run():
     assert "only one learning rate" not in why(ref + two) and "within the learning rates tried" in why(ref + two)
     ev = verdicts(ref + two, [])[4]["evidence"]
     assert "sigma-sgd at 12: 0.03, 0.1" in ev[0] and "baseline-adam at 12: 0.0003, 0.001" in ev[0]
+    # 'competitive' through a spread wider than the gap is said to rest on the no-difference rule
+    split = [s2s("sigma-sgd", 0.1, s, acc, 6) for s, acc in enumerate((0.10, 0.10, 1.0))]
+    ev6 = verdicts([s2s("baseline-adam", 1e-3, s, 1.0, 6) for s in range(3)] + split, [])[4]["evidence"]
+    assert any(e.startswith("At depth 6 sigmaReparam is competitive only by the no-difference rule") and
+               "1 of 3 seeds are within 2 points" in e and "2 below 15 %" in e for e in ev6)
+    assert not any("no-difference rule" in e for e in verdicts(ref + good_s2s(), [])[4]["evidence"])
     # a rate at which it is competitive, not chosen on validation, is named as the reason
     hidden = one + [s2s("sigma-sgd", 0.03, s, 0.99) for s in range(3)]
     for r in hidden[3:]:
