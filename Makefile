@@ -63,7 +63,7 @@ results: env
 	$(PY) -m sigma_core.experiments.claims run --out $(STAGE)/claims --jobs 2   # claims 1-4: ViT, seq2seq, GPT (see docs/claims.md for the wall time)
 	mkdir -p results/claims
 	for part in vit seq2seq gpt; do rm -rf results/claims/$$part && mv $(STAGE)/claims/$$part results/claims/; done
-	mv $(STAGE)/claims/run_meta.json results/claims/
+	mv $(STAGE)/claims/run_meta.json results/claims/   # the record of this one invocation: the runs it replaces go with theirs
 	$(PY) -m sigma_core.experiments.claims ledger   # docs/claims.md and results/claims/figures
 	@echo "results/ regenerated from $$(git rev-parse --short HEAD); review with git status, then commit"
 
