@@ -45,7 +45,11 @@ Spread and difference
 Competitive
     A candidate is *competitive* with a reference when its mean score is at most
     ``competitive_points`` (default 2 accuracy points) below the reference's, or when the two do
-    not differ (above).
+    not differ (above).  The alternative ``competitive_by_spread=False`` drops the second part:
+    only the points count, so a setting whose seeds scatter widely (some at chance, some at the
+    reference) cannot be competitive through its own spread.  It was added to the sensitivity
+    grid after the runs of claim 4, whose depth-6 verdict rests on the no-difference part; being an
+    alternative, it can only mark a verdict as sensitive, never change the default one.
 
 Example
 -------
@@ -95,6 +99,7 @@ class Definitions:
     stable_seeds: str = "all"
     spread: str = "range"
     competitive_points: float = COMPETITIVE_POINTS
+    competitive_by_spread: bool = True
 
     def __post_init__(self):
         for name in ("collapse_nats", "spike_nats", "competitive_points"):
@@ -117,6 +122,8 @@ class Definitions:
             raise ValueError(f"stable_seeds must be 'all' or 'majority', got {self.stable_seeds!r}")
         if self.spread not in ("range", "2sd"):
             raise ValueError(f"spread must be 'range' or '2sd', got {self.spread!r}")
+        if not isinstance(self.competitive_by_spread, bool):
+            raise ValueError(f"competitive_by_spread must be a bool, got {self.competitive_by_spread!r}")
 
     @property
     def name(self) -> str:
@@ -150,14 +157,14 @@ def alternatives() -> list[Definitions]:
     >>> [d.name for d in alternatives()][:4]
     ['default', 'collapse_nats=0.05', 'collapse_nats=0.2', 'collapse_fraction=0.05']
     >>> len(alternatives())
-    14
+    15
     """
     return [DEFAULT] + [dataclasses.replace(DEFAULT, **change) for change in (
         {"collapse_nats": 0.05}, {"collapse_nats": 0.2}, {"collapse_fraction": 0.05},
         {"collapse_persist": 3}, {"collapse_at": "end"},
         {"spike_nats": 0.25}, {"spike_nats": 1.0}, {"spike_persist": 1}, {"spike_persist": 5},
         {"stable_seeds": "majority"}, {"spread": "2sd"},
-        {"competitive_points": 1.0}, {"competitive_points": 5.0})]
+        {"competitive_points": 1.0}, {"competitive_points": 5.0}, {"competitive_by_spread": False})]
 
 
 def _finite(x) -> bool:
@@ -358,10 +365,16 @@ def differ(a, b, *, definitions: Definitions = DEFAULT) -> bool:
 
 def competitive(candidate, reference, *, scale: float = 100.0, definitions: Definitions = DEFAULT) -> bool:
     """True when the candidate's per-seed scores are within ``competitive_points`` of the
-    reference's mean (scores times ``scale``: accuracies in points) or do not differ from them.
+    reference's mean (scores times ``scale``: accuracies in points) or, unless
+    ``competitive_by_spread`` is False, do not differ from them.
 
     >>> competitive([0.91, 0.92, 0.93], [0.925, 0.93, 0.935]), competitive([0.80, 0.81, 0.82], [0.92, 0.93, 0.94])
     (True, False)
+    >>> wide = [0.098, 0.105, 1.0]  # two seeds at chance, one at the reference
+    >>> competitive(wide, [1.0, 1.0, 1.0]), competitive(wide, [1.0, 1.0, 1.0], definitions=Definitions(competitive_by_spread=False))
+    (True, False)
     """
     gap = scale * (mean(reference) - mean(candidate))
-    return gap <= definitions.competitive_points or not differ(candidate, reference, definitions=definitions)
+    if gap <= definitions.competitive_points:
+        return True
+    return definitions.competitive_by_spread and not differ(candidate, reference, definitions=definitions)
