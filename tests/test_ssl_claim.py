@@ -94,14 +94,14 @@ def test_preset_trains_and_the_probe_scores(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- the verdict rule
-def _run(method, lr, seed, *, acc, spike=False, collapse=False):
+def _run(method, lr, seed, *, acc, spike=False, collapse=False, learned=True):
     chance = math.log(119)
     losses = [4.7, 4.0, 3.5, 3.2, 3.0, 2.9, 2.8, 2.8]
     if spike:
         losses = [4.7, 3.0, 4.5, 4.6, 4.6, 4.6, 4.5, 4.5]
     recs = [{"step": 5 * i + 1, "train_loss": l, "entropy_min_head": 0.05 if collapse and i > 3 else 1.5}
             for i, l in enumerate(losses)]
-    recs[-1]["val_loss"] = chance - 1.0
+    recs[-1]["val_loss"] = chance - (1.0 if learned else 0.01)
     cfg = {"model": "vit-simclr", "reparam": "sigma" if method == "sigma" else "none", "lr": lr, "seed": seed,
            "test_split": True, "batch_size": 60, "patch_size": 2, "steps": 300}
     return {"dir": f"ssl/{method}/lr_{lr}/seed_{seed}", "config": cfg, "records": recs,
@@ -135,6 +135,12 @@ def test_verdict_reproduced_partly_not():
     calm = ssl_claim.ledger_entry(_sweep(base_hi_unstable=False))
     assert calm["verdict"] == "reproduced" and any("not tested" in e for e in calm["evidence"])
     assert ssl_claim.ledger_entry([])["verdict"] == "not attempted"
+    # the baseline's higher rate does not learn (held-out NT-Xent at chance): not stable, and said so
+    flat = [r if not (r["config"]["reparam"] == "none" and r["config"]["lr"] == 0.01) else
+            _run("baseline", 0.01, r["config"]["seed"], acc=0.5, learned=False) for r in _sweep(base_hi_unstable=False)]
+    e = ssl_claim.ledger_entry(flat)
+    assert e["numbers"]["baseline"]["stable_lrs"] == [0.003] and e["numbers"]["baseline"]["per_lr"][0.01]["learned"] == 0
+    assert e["verdict"] == "reproduced" and any("did not learn" in x for x in e["evidence"])
 
 
 def test_sensitivity_reports_a_flip():
