@@ -201,6 +201,15 @@ def ledger_entry(runs: list[dict], definitions=None) -> dict:
                           f" ({len([r for r in init if r['method'] == m])} seeds)"
                           for m in ("baseline", "sigma") if any(r["method"] == m for r in init))
                       + ": what self-supervised training adds (or removes) is the difference to that.")
+            init_mean = {m: defs.mean([_acc(r["summary"], "test") for r in init if r["method"] == m])
+                         for m in ("baseline", "sigma") if any(r["method"] == m for r in init)}
+            worse = [m for m in init_mean if m in n and n[m]["test_mean"] < init_mean[m]]
+            if worse:
+                ev.append("Trained, the probe scores below the untrained representation for " + " and ".join(
+                    f"{'sigmaReparam' if m == 'sigma' else 'the baseline'} ({100 * n[m]['test_mean']:.1f} % against "
+                    f"{100 * init_mean[m]:.1f} %)" for m in worse) + ": at this scale SimCLR training does not make a "
+                    "better representation than the initialisation there, so *competitive* compares weak "
+                    "representations and says little about the paper's ImageNet result.")
         if not n["baseline_unstable"] and n["baseline_unlearned"]:
             ev.append("The baseline neither collapsed (attention), became unstable (loss spikes) nor diverged at any "
                       "tried rate: where it is not stable, some seeds did not learn (final held-out NT-Xent within "
@@ -214,6 +223,20 @@ def ledger_entry(runs: list[dict], definitions=None) -> dict:
     return {"verdict": v["verdict"], "numbers": n, "evidence": ev}
 
 
+def _wall_time(rows: list[dict]) -> str:
+    """The sweep's recorded invocation (``run_meta.json`` beside its method folders), as a sentence."""
+    meta = next((p / "run_meta.json" for p in Path(rows[0]["dir"]).parents if (p / "run_meta.json").exists()
+                 and p.name == "ssl"), None)
+    if meta is None:
+        return ""
+    m = json.loads(meta.read_text())
+    return (f" The {m.get('runs')} runs (the 12 compared ones and 6 one-step diagnostic ones, `--jobs {m.get('jobs')}`) "
+            f"took {m.get('wall_time_s', 0) / 60:.1f} min of wall-clock time on {m.get('cpu_count')} cores of an "
+            f"{m.get('cpu')} shared with other work (load average {m.get('load_average_start', ['?'])[0]} at the start, "
+            f"{m.get('load_average_end', ['?'])[0]} at the end), {m.get('start')}, from commit "
+            f"{str(m.get('git_commit'))[:7]}" + (f"; {m['note']}" if m.get("note") else "") + ".")
+
+
 def ledger_lines(runs: list[dict], base: Path, figures=()) -> list[str]:
     """Claim 8's table, command, figure and caveats (after its verdict and evidence)."""
     rows = rows_from_runs(runs)
@@ -222,7 +245,7 @@ def ledger_lines(runs: list[dict], base: Path, figures=()) -> list[str]:
     n = claim_verdict(rows)["numbers"]
     L = ["", "Command: `python -m sigma_core.experiments.ssl_claim run --out results/claims/ssl --jobs 2` (each run "
          f"`entropy-collapse train --preset {PRESET} --reparam none|sigma --lr LR --seed S --steps {STEPS} "
-         "--test-split`).", "",
+         "--test-split`)." + _wall_time(rows), "",
          "| method | lr | seeds | validation probe accuracy (mean) | test probe accuracy: mean (min-max) | stable seeds "
          "| learned | collapsed | unstable | diverged |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in ("baseline", "sigma"):
