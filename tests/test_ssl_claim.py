@@ -73,8 +73,14 @@ def test_augment_shifts_within_one_pixel_and_keeps_shape():
 
 def test_task_never_feeds_labels_and_checks_batch_size():
     task = ContrastiveDigitsTask(batch_size=60, test_split=True)
-    x, _ = task.train_batch(4, torch.Generator().manual_seed(0))
+    x, y = task.train_batch(4, torch.Generator().manual_seed(0))
     assert tuple(x.shape) == (4, 2, 1, 8, 8)
+    from sigma_core.models.simclr import SimCLRViT
+    from sigma_core.models.vit import ViTConfig
+
+    torch.manual_seed(0)
+    model = SimCLRViT(ViTConfig(d_model=16, n_layer=1, n_head=2, patch_size=4))
+    assert torch.equal(model(x, y)[1], model(x, (y + 3) % 10)[1]) and torch.equal(model(x, y)[1], model(x)[1])
     assert tuple(task.eval_batches()[0][0].shape) == (60, 3, 1, 8, 8)
     assert (task.eval_batches()[0][0][:, 0] == task.test_x[:60]).all()  # view 0: the clean image
     with pytest.raises(ValueError, match="batch_size"):
