@@ -39,8 +39,9 @@ the step and summary.json says "diverged": true); 2 for a bad flag, folder or ch
 
 #: the help line of each TrainConfig field (a field missing here gets a generic line)
 FIELD_HELP = {
-    "model": "which model: gpt (byte-level GPT on the shipped corpus), vit (ViT on 8x8 digits) "
-             "seq2seq (encoder-decoder on a synthetic task) or speech (CTC encoder on spoken digits)",
+    "model": "which model: gpt (byte-level GPT on the shipped corpus), vit (ViT on 8x8 digits), "
+             "seq2seq (encoder-decoder on a synthetic task), speech (CTC encoder on spoken digits) or "
+             "vit-simclr (ViT trained self-supervised on 8x8 digits, SimCLR, scored by a linear probe)",
     "vocab_size": "vocabulary size (256 bytes for the GPT)",
     "d_model": "model width d",
     "n_layer": "number of Transformer blocks",

@@ -29,6 +29,10 @@ whole config next to its metrics.  Presets are named starting points:
 - ``speech-digits``: a post-LN Transformer encoder with CTC (8 layers, d=64, 80 ms tokens) on
   espeak-ng spoken digit strings (:mod:`sigma_core.experiments.speech`), SGD with momentum 0.9,
   no warm-up, cosine decay, 300 steps;
+- ``vit-digits-simclr``: a smaller ViT (d=32, 3 layers, 4 heads, 2x2 patches) trained
+  self-supervised on the digits (``model="vit-simclr"``: SimCLR views, NT-Xent, a linear probe on
+  the frozen class token at evaluation, :mod:`sigma_core.experiments.ssl_task`), pre-LN, AdamW, no
+  warm-up, no weight decay, cosine decay, batch 60, 300 steps;
 - ``vit-smoke``, ``seq2seq-smoke``, ``speech-smoke``: the same models at test size (seconds).
 
 Example
@@ -46,7 +50,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-MODELS = ("gpt", "vit", "seq2seq", "speech")
+MODELS = ("gpt", "vit", "seq2seq", "speech", "vit-simclr")
 #: the largest seed (the run's generators are seeded with seed, seed + 1 and seed + 2)
 SEED_MAX = 2**63 - 3
 NORMS = ("pre", "post", "none")
@@ -305,6 +309,14 @@ PRESETS: dict[str, dict] = {
                           norm="post", optimizer="sgd", momentum=0.9, lr=0.1, warmup_steps=0,
                           lr_schedule="cosine", batch_size=32, steps=300, log_every=5, eval_every=100,
                           sample_batch=4, sample_steps=(300,), progress=False, checkpoint_every=0),
+    # self-supervised (SimCLR, NT-Xent on two augmented views, linear probe at evaluation) small ViT
+    # on the digits, pre-LN, AdamW, no warm-up, no weight decay, cosine (sigma_core.experiments.ssl_task)
+    # (block_size records the 17 tokens of an attention row: 16 patches + the class token)
+    "vit-digits-simclr": dict(model="vit-simclr", block_size=17, d_model=32, n_layer=3, n_head=4, patch_size=2, norm="pre",
+                              optimizer="adamw", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0,
+                              warmup_steps=0, lr_schedule="cosine", batch_size=60, steps=300,
+                              val_fraction=0.2, log_every=5, eval_every=100, sample_batch=8,
+                              sample_steps=(300,), progress=False, checkpoint_every=0),
     # smoke-size versions for the tests (seconds)
     "vit-smoke": dict(model="vit", d_model=16, n_layer=2, n_head=2, patch_size=4, norm="pre",
                       optimizer="adamw", lr=3e-3, warmup_steps=3, lr_schedule="cosine",
@@ -320,7 +332,8 @@ PRESETS: dict[str, dict] = {
 }
 
 #: the preset a model starts from when the command line names none
-DEFAULT_PRESET = {"gpt": "cpu-demo", "vit": "vit-digits", "seq2seq": "seq2seq-reverse", "speech": "speech-digits"}
+DEFAULT_PRESET = {"gpt": "cpu-demo", "vit": "vit-digits", "seq2seq": "seq2seq-reverse", "speech": "speech-digits",
+                  "vit-simclr": "vit-digits-simclr"}
 
 
 def preset(name: str, **overrides) -> TrainConfig:

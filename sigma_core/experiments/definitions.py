@@ -278,7 +278,8 @@ def learned(final_loss, chance_loss: float, *, definitions: Definitions = DEFAUL
 
 
 def chance_loss(config: dict) -> float:
-    """The held-out loss of a uniform prediction: log 10 for the digits ViT, log ``vocab_size``
+    """The held-out loss of a uniform prediction: log 10 for the digits ViT, log(2B - 1) for the
+    self-supervised ViT (NT-Xent over batches of B = ``batch_size`` images), log ``vocab_size``
     otherwise (the byte-level GPT: log 256; the sequence task: log V).
 
     >>> round(chance_loss({"model": "vit"}), 4), round(chance_loss({"model": "gpt", "vocab_size": 256}), 4)
@@ -286,6 +287,8 @@ def chance_loss(config: dict) -> float:
     """
     if config.get("model") == "vit":
         return math.log(10)
+    if config.get("model") == "vit-simclr":  # NT-Xent with batches of B images: log(2B - 1)
+        return math.log(2 * int(config.get("batch_size", 60)) - 1)
     return math.log(int(config.get("vocab_size", 256)))
 
 

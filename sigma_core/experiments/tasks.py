@@ -13,7 +13,10 @@
 - :class:`~sigma_core.experiments.speech.SpokenDigitsTask` (``model="speech"``): espeak-ng
   spoken digit strings as log-mel frames, split into train / validation / test by utterance
   (:mod:`sigma_core.experiments.speech_data`); the held-out set is the validation split, and
-  with ``test_split`` the test split is the utterances held out for testing.
+  with ``test_split`` the test split is the utterances held out for testing;
+- :class:`~sigma_core.experiments.ssl_task.ContrastiveDigitsTask` (``model="vit-simclr"``): the
+  digits images as pairs of augmented views (SimCLR), with a linear probe on the frozen
+  representation as the held-out accuracy.
 
 With ``test_split=True`` (the config's ``test_split``) every task also holds out a *test* split,
 disjoint from the validation split that ``eval_batches`` gives (so a learning rate chosen on
@@ -255,4 +258,9 @@ def make_task(cfg, corpus: Corpus | None = None):
         from sigma_core.experiments.speech import SpokenDigitsTask  # noqa: PLC0415
 
         return SpokenDigitsTask(cfg)
-    raise ValueError(f"model must be one of ('gpt', 'vit', 'seq2seq', 'speech'), got {cfg.model!r}")
+    if cfg.model == "vit-simclr":
+        from sigma_core.experiments.ssl_task import ContrastiveDigitsTask  # noqa: PLC0415
+
+        return ContrastiveDigitsTask(cfg.val_fraction, batch_size=cfg.batch_size, sample_batch=cfg.sample_batch,
+                                     test_split=cfg.test_split)
+    raise ValueError(f"model must be one of ('gpt', 'vit', 'seq2seq', 'speech', 'vit-simclr'), got {cfg.model!r}")

@@ -273,7 +273,12 @@ def build_model(cfg) -> torch.nn.Module:
         from sigma_core.models.speech import build_speech  # noqa: PLC0415
 
         return apply_reparam(build_speech(cfg), cfg.reparam, gamma_init=cfg.gamma_init)
-    raise ValueError(f"cfg.model must be 'gpt', 'vit', 'seq2seq' or 'speech', got {cfg.model!r}")
+    if cfg.model == "vit-simclr":
+        from sigma_core.models.simclr import build_simclr_vit  # noqa: PLC0415
+
+        return apply_reparam(build_simclr_vit(cfg), cfg.reparam, gamma_init=cfg.gamma_init,
+                             layer_types=(torch.nn.Linear, torch.nn.Conv2d))
+    raise ValueError(f"cfg.model must be 'gpt', 'vit', 'seq2seq', 'speech' or 'vit-simclr', got {cfg.model!r}")
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -853,6 +858,9 @@ class Trainer:
         """
         self.model.eval()
         losses, right, total = [], 0, 0
+        prepare = getattr(self.task, "prepare_eval", None)  # the self-supervised task fits its linear probe
+        if prepare is not None:
+            prepare(self.model, self.device)
         for x, y in (self.task.eval_batches(self.device) if batches is None else batches):
             with self.autocast():
                 logits, loss = self.model(x, y)
