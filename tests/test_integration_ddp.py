@@ -35,8 +35,8 @@ def two_ranks(tmp_path_factory):
     """Each rank's rank{r}.json and the run's folder (two processes, no launcher: the env:// variables)."""
     out = tmp_path_factory.mktemp("hf_ddp")
     # (SIGMA_CORE_NATIVE=0: the PyTorch path, no compiled kernel to build or time in each worker)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIGMA_CORE_NATIVE": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIGMA_CORE_NATIVE": "0", "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     procs = [subprocess.Popen([sys.executable, str(HERE / "hf_ddp_worker.py"), str(out)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
