@@ -6,8 +6,11 @@ on two ranks, each on its own share of the batches, with ``HFEntropyCallback(eve
 (none waits for the other: a callback that logs on one rank only, or clears ``should_log``, leaves
 the ranks in different collectives), both record the same optimiser steps, the ``Trainer``'s own
 loss log is kept on the steps the callback logs, and the one TensorBoard file of the run, written by
-rank 0, holds rank 0's entropies, not rank 1's.
+rank 0, holds rank 0's entropies, not rank 1's.  The same two processes then fit the model with
+``lightning.Trainer(strategy="ddp")``, ``LightningEntropyCallback`` and a ``CSVLogger``: one
+metrics file, rank 0's values.
 """
+import csv
 import json
 import os
 import socket
@@ -81,3 +84,20 @@ def test_the_runs_logger_shows_rank_0s_entropies_only(two_ranks):
         for (_, value), mine, other in zip(logged, ranks[0]["records"], ranks[1]["records"]):
             assert value == pytest.approx(mine[tag], rel=1e-6)  # float32 in the event file
             assert value != pytest.approx(other[tag], rel=1e-4, abs=0)
+
+
+def test_lightning_ddp_logs_rank_0s_entropies_only(two_ranks):
+    # the same two processes then fit under lightning.Trainer(strategy="ddp") with a CSVLogger
+    out, _ = two_ranks
+    mine, other = (json.loads((out / f"lightning{r}.json").read_text()) for r in (0, 1))
+    assert mine["world_size"] == other["world_size"] == 2
+    files = sorted(out.glob("pl/**/metrics.csv"))
+    assert len(files) == 1  # one writer
+    rows = [r for r in csv.DictReader(files[0].open()) if r["entropy_min_head/all"]]
+    assert [int(r["step"]) for r in rows] == [0, 1, 3]  # optimiser steps 1, 2, 4 (Lightning's n - 1)
+    for row, scalars, theirs in zip(rows, mine["records"], other["records"]):
+        for tag in ("entropy_min_head/all", "entropy/layer0/head1"):  # of each rank's own batch
+            assert float(row[tag]) == pytest.approx(scalars[tag], rel=1e-12)
+            assert float(row[tag]) != pytest.approx(theirs[tag], rel=1e-4, abs=0)
+    # sigma_h is the weights' (the same on both ranks under DDP), on the first recorded step
+    assert float(rows[0]["sigma/layer1/head0"]) == pytest.approx(other["records"][0]["sigma/layer1/head0"], rel=1e-6)
