@@ -35,11 +35,12 @@ def _data(n, seed):
     return [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, VOCAB, (n, T), generator=g)]
 
 
-def _trainer(out, model, *, max_steps, accumulation=1, eval_steps=None, save_steps=None, callbacks=()):
+def _trainer(out, model, *, max_steps, accumulation=1, eval_steps=None, save_steps=None, callbacks=(),
+             logging_steps=1000):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2, per_device_eval_batch_size=2,
         gradient_accumulation_steps=accumulation, learning_rate=1e-2, lr_scheduler_type="constant",
-        logging_steps=1000, report_to=[], disable_tqdm=True, use_cpu=True, seed=0, data_seed=0,
+        logging_steps=logging_steps, report_to=[], disable_tqdm=True, use_cpu=True, seed=0, data_seed=0,
         eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, dataloader_num_workers=0)
     return transformers.Trainer(model=model, args=args, train_dataset=_data(32, 1),
@@ -130,3 +131,25 @@ def test_bad_arguments_are_refused_by_name(tmp_path):
     trainer.add_callback(HFEntropyCallback())  # no way to reach Trainer.log
     with pytest.raises(RuntimeError, match="add_to"):
         _train(trainer)
+
+
+def test_the_trainers_own_log_is_kept_on_the_steps_the_callback_logs(tmp_path):
+    # Trainer.log clears control.should_log; the callback logs in on_step_end, after the Trainer decided to
+    # log its loss on that step: without care the loss log of steps 2 and 4 would be dropped
+    trainer = _trainer(tmp_path, _model(), max_steps=4, logging_steps=2)
+    HFEntropyCallback(every=2, first_step=False).add_to(trainer)
+    _train(trainer)
+    assert sorted(_logged(trainer)) == [2, 4]
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [2, 4]
+
+
+@pytest.mark.parametrize("every", [1, 2, 10])
+@pytest.mark.parametrize("first_step", [True, False])
+@pytest.mark.parametrize("bound_every", [1, 3, 10])
+def test_the_bound_is_checked_on_every_bound_every_th_recorded_step_as_the_monitor_does(every, first_step,
+                                                                                         bound_every):
+    s = StepSchedule(every, first_step=first_step, monitor_options={"bound_every": bound_every})
+    due = [n for n in range(1, 401) if s.due(n - 1)]
+    # the monitor's own rule (EntropyMonitor(every=1, bound_every=10): forwards 0, 10, 20, ...): the first
+    # recorded step and every bound_every-th recorded step after it; never two checks closer than that
+    assert [n for n in due if s.checks_bound(n - 1)] == due[::bound_every]

@@ -3,7 +3,7 @@
 - :class:`~sigma_core.integrations.hf.HFEntropyCallback`: a ``transformers.TrainerCallback``
   logging through ``Trainer.log``;
 - :class:`~sigma_core.integrations.lightning.LightningEntropyCallback`: a Lightning ``Callback``
-  logging through ``LightningModule.log``;
+  handing the scalars to the trainer's loggers (``log_metrics``);
 - :class:`~sigma_core.integrations.tensorboard.TensorBoardSink`: a record sink writing scalars
   and layer x head entropy heatmaps through ``torch.utils.tensorboard.SummaryWriter``.
 

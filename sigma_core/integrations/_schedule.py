@@ -6,6 +6,8 @@ on the model being trained and asks it to record (:meth:`EntropyMonitor.record_n
 that is due, so gradient accumulation gives one record per optimiser step, and an evaluation
 forward only when the callback asks for it.  Which steps are due depends on the trainer's count
 of completed optimiser steps alone, so a resumed run keeps the schedule of an uninterrupted one.
+:class:`EntropyCallback` is what the two callbacks share: their common arguments, checked up
+front, the ``every`` and ``monitor`` properties, and the rule of which process logs.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ def check_every(every) -> int:
 
 
 class _Taken(RecordSink):
-    """The records of each recorded forward, by the phase that asked for it (every rank: the
-    framework's logger applies its own one-writer rule)."""
+    """The records of each recorded forward, by the phase that asked for it (on every rank: which
+    process logs them is the callbacks' rule, :class:`EntropyCallback`)."""
 
     all_ranks = True
 
@@ -49,9 +51,9 @@ class StepSchedule:
     monitor_options : dict
         Keyword arguments of :class:`~sigma_core.monitor.EntropyMonitor` (``bound_samples``,
         ``path``, ``sinks``, ``detector``, ...), not ``every``.  ``bound_every`` (default 10)
-        counts recorded steps here too, but by step number: the bound is checked on the first
-        recorded step and on steps that are multiples of ``every * bound_every``, so a resumed
-        run checks it on the same steps as an uninterrupted one.
+        counts recorded steps here too, as the monitor does: the bound is checked on the first
+        recorded step and on every ``bound_every``-th recorded step after it, counted from the
+        step number (so a resumed run checks it on the same steps as an uninterrupted one).
 
     Examples
     --------
@@ -60,6 +62,9 @@ class StepSchedule:
     [1, 10, 20, 30, 40]
     >>> [n for n in range(1, 201) if s.due(n - 1) and s.checks_bound(n - 1)]
     [1, 100, 200]
+    >>> s = StepSchedule(every=1)                        # as EntropyMonitor(every=1): forwards 0, 10, 20
+    >>> [n for n in range(1, 32) if s.due(n - 1) and s.checks_bound(n - 1)]
+    [1, 11, 21, 31]
     """
 
     def __init__(self, every: int, *, first_step: bool = True, monitor_options: dict | None = None):
@@ -85,10 +90,16 @@ class StepSchedule:
         n = completed + 1
         return n % self.every == 0 or (self.first_step and n == 1)
 
-    def checks_bound(self, completed: int) -> bool:
-        """Whether a due step after ``completed`` completed steps checks the bound (and ``sigma_h``)."""
+    def recorded_before(self, completed: int) -> int:
+        """How many steps before the one after ``completed`` completed steps are due (record)."""
         n = completed + 1
-        return n == (1 if self.first_step else self.every) or n % (self.every * self.bound_every) == 0
+        early = self.first_step and self.every > 1 and n > 1  # step 1, due but not a multiple of every
+        return (n - 1) // self.every + int(early)
+
+    def checks_bound(self, completed: int) -> bool:
+        """Whether a due step after ``completed`` completed steps checks the bound (and ``sigma_h``):
+        the first recorded step and every ``bound_every``-th recorded step after it."""
+        return self.recorded_before(completed) % self.bound_every == 0
 
     def attach(self, model: nn.Module) -> EntropyMonitor:
         """Watch ``model`` (a monitor attached earlier is closed first)."""
@@ -130,3 +141,43 @@ class StepSchedule:
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
+
+
+class EntropyCallback:
+    """The part of :class:`~sigma_core.integrations.hf.HFEntropyCallback` and
+    :class:`~sigma_core.integrations.lightning.LightningEntropyCallback` that does not depend on the
+    framework: the arguments both take (checked here, by name), the schedule, ``every`` and
+    ``monitor``, and closing.
+
+    Which process logs: under ``torch.distributed`` every rank records its own forward (its own
+    share of the batch; the monitor's sinks follow the monitor's rule) and hands the scalars to the
+    framework's logging at the same steps, exactly as the framework does with its own metrics, so
+    every rank takes the same path through the training loop and none waits for another in a
+    collective the others skipped.  The framework's loggers write on rank 0 only (the ``Trainer``'s
+    ``report_to`` loggers on ``is_world_process_zero``, Lightning's loggers ``rank_zero_only``):
+    what they show is rank 0's values.
+    """
+
+    def _setup(self, every, *, first_step: bool, record_eval: bool, eval_prefix: str,
+               monitor_options: dict) -> None:
+        if not isinstance(record_eval, bool):
+            raise TypeError(f"record_eval must be a bool, got {type(record_eval).__name__}")
+        if not isinstance(eval_prefix, str):
+            raise TypeError(f"eval_prefix must be a str, got {type(eval_prefix).__name__}")
+        self.schedule = StepSchedule(every, first_step=first_step, monitor_options=monitor_options)
+        self.record_eval = record_eval
+        self.eval_prefix = eval_prefix
+
+    @property
+    def every(self) -> int:
+        """Record optimiser steps whose number is a multiple of this (and step 1 with ``first_step``)."""
+        return self.schedule.every
+
+    @property
+    def monitor(self) -> EntropyMonitor | None:
+        """The monitor on the model while it trains (None before and after)."""
+        return self.schedule.monitor
+
+    def close(self) -> None:
+        """Remove the monitor from the model (done when training ends; idempotent)."""
+        self.schedule.close()

@@ -9,7 +9,10 @@ TensorBoard, Weights & Biases, MLflow, ...) and ``trainer.state.log_history`` re
 Evaluation forwards are not recorded unless ``record_eval=True`` (then the first forward of each
 evaluation, logged under ``eval_`` names when the evaluation ends).  The schedule depends on the
 trainer's count of optimiser steps only, so a run resumed from a checkpoint records the steps an
-uninterrupted run would.
+uninterrupted run would.  Under ``torch.distributed`` every rank records its own forward and calls
+``Trainer.log`` at the same steps, as the ``Trainer`` does with its own loss (so every rank takes
+the same path through the training loop), and the ``report_to`` loggers write on the world process
+zero only (their rule), so what they show is rank 0's.
 
 Requires ``transformers`` (``pip install "entropy-collapse[hf]"``).
 """
@@ -20,13 +23,13 @@ try:
 except ImportError as err:  # pragma: no cover - the hf extra is installed with the tests
     raise ImportError("sigma_core.integrations.hf needs transformers: pip install 'entropy-collapse[hf]'") from err
 
-from sigma_core.integrations._schedule import StepSchedule
+from sigma_core.integrations._schedule import EntropyCallback
 from sigma_core.sinks import record_scalars
 
 __all__ = ["HFEntropyCallback"]
 
 
-class HFEntropyCallback(TrainerCallback):
+class HFEntropyCallback(EntropyCallback, TrainerCallback):
     """Log per-head attention entropy, ``sigma_h``, bound margins and violations with ``Trainer.log``.
 
     Parameters
@@ -43,9 +46,10 @@ class HFEntropyCallback(TrainerCallback):
         Put before the names of evaluation scalars (default ``"eval_"``, the ``Trainer``'s own).
     **monitor_options
         Passed to :class:`~sigma_core.monitor.EntropyMonitor` (``bound_samples``, ``path``,
-        ``sinks``, ``detector``, ...).  ``bound_every`` (default 10) is counted by step number: the
-        bound and ``sigma_h`` are checked on the first recorded step and on steps that are multiples
-        of ``every * bound_every``, the same steps in a resumed run.
+        ``sinks``, ``detector``, ...).  ``bound_every`` (default 10) counts recorded steps, as the monitor
+        does: the bound and ``sigma_h`` are checked on the first recorded step and on every
+        ``bound_every``-th recorded step after it, counted from the step number (the same steps in
+        a resumed run).
 
     Attributes
     ----------
@@ -78,27 +82,14 @@ class HFEntropyCallback(TrainerCallback):
 
     def __init__(self, every: int = 10, *, first_step: bool = True, record_eval: bool = False,
                  eval_prefix: str = "eval_", trainer=None, **monitor_options):
-        if not isinstance(record_eval, bool):
-            raise TypeError(f"record_eval must be a bool, got {type(record_eval).__name__}")
-        if not isinstance(eval_prefix, str):
-            raise TypeError(f"eval_prefix must be a str, got {type(eval_prefix).__name__}")
         if trainer is not None and not callable(getattr(trainer, "log", None)):
             raise TypeError(f"trainer must be a transformers.Trainer, got {type(trainer).__name__}")
-        self.schedule = StepSchedule(every, first_step=first_step, monitor_options=monitor_options)
-        self.record_eval = record_eval
-        self.eval_prefix = eval_prefix
+        self._setup(every, first_step=first_step, record_eval=record_eval, eval_prefix=eval_prefix,
+                    monitor_options=monitor_options)
         self.trainer = trainer
         self._in_step = False
         self._eval_armed = False
         self._hook = None
-
-    @property
-    def every(self) -> int:
-        return self.schedule.every
-
-    @property
-    def monitor(self):
-        return self.schedule.monitor
 
     def add_to(self, trainer) -> "HFEntropyCallback":
         """``trainer.add_callback(self)``, and log through ``trainer.log``; returns ``self``."""
@@ -113,7 +104,16 @@ class HFEntropyCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        self.schedule.close()
+        super().close()
+
+    def _log(self, control, scalars: dict) -> None:
+        """``Trainer.log(scalars)``, leaving ``control.should_log`` as it was: ``Trainer.log`` clears
+        it, and inside ``on_step_end`` that would drop the ``Trainer``'s own log of this step (its
+        loss, gathered from every rank: under ``torch.distributed`` a rank that skipped it would
+        leave the others waiting in that collective)."""
+        should_log = control.should_log
+        self.trainer.log(scalars)
+        control.should_log = self.trainer.control.should_log = should_log
 
     # -- the Trainer's events ----------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -124,13 +124,14 @@ class HFEntropyCallback(TrainerCallback):
             model = self.trainer.model
         self.close()
         self.schedule.attach(model)
-        # before the monitor's own pre-hook: an evaluation forward (outside a training step) is asked for here
-        self._hook = model.register_forward_pre_hook(self._before_forward, prepend=True)
+        if self.record_eval:  # (otherwise no forward of the model pays for a hook of ours)
+            # before the monitor's own pre-hook: an evaluation forward (outside a training step) is asked for here
+            self._hook = model.register_forward_pre_hook(self._before_forward, prepend=True)
         self._in_step = False
         self._eval_armed = False
 
     def _before_forward(self, module, args):
-        if self.record_eval and not self._in_step and not self._eval_armed and self.schedule.monitor is not None:
+        if not self._in_step and not self._eval_armed and self.schedule.monitor is not None:
             self._eval_armed = True
             self.schedule.arm("eval")
 
@@ -143,13 +144,13 @@ class HFEntropyCallback(TrainerCallback):
         if self.schedule.stepped(state.global_step):
             records = self.schedule.take("train")
             if records:
-                self.trainer.log(record_scalars(records))
+                self._log(control, record_scalars(records))
 
     def on_evaluate(self, args, state, control, **kwargs):
         self._eval_armed = False
         records = self.schedule.take("eval")
         if records:
-            self.trainer.log(record_scalars(records, prefix=self.eval_prefix))
+            self._log(control, record_scalars(records, prefix=self.eval_prefix))
 
     def on_predict(self, args, state, control, **kwargs):
         self._eval_armed = False

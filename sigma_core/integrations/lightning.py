@@ -12,8 +12,9 @@ as Lightning's logger connector does.  (Not through ``LightningModule.log``: Lig
 value logged there on every later logging step of the epoch, so a record of every 10th step would
 reach the loggers on each step, stale.)  Validation forwards are not recorded unless
 ``record_eval=True`` (then the first validation batch of each validation run, sanity check
-excluded, under ``val_`` names).  A run resumed with ``fit(..., ckpt_path=...)`` records the
-steps an uninterrupted run would.
+excluded, under ``val_`` names).  Under ``torch.distributed`` (``strategy="ddp"``) every rank
+records its own forward and hands it to the loggers, which write on the global-zero process only.  A run resumed with
+``fit(..., ckpt_path=...)`` records the steps an uninterrupted run would.
 
 Requires ``lightning`` (``pip install "entropy-collapse[lightning]"``).
 """
@@ -27,13 +28,13 @@ except ImportError as err:  # pragma: no cover - the lightning extra is installe
     raise ImportError("sigma_core.integrations.lightning needs lightning: "
                       "pip install 'entropy-collapse[lightning]'") from err
 
-from sigma_core.integrations._schedule import StepSchedule
+from sigma_core.integrations._schedule import EntropyCallback
 from sigma_core.sinks import record_scalars
 
 __all__ = ["LightningEntropyCallback"]
 
 
-class LightningEntropyCallback(Callback):
+class LightningEntropyCallback(EntropyCallback, Callback):
     """Log per-head attention entropy, ``sigma_h``, bound margins and violations to the trainer's loggers.
 
     Parameters
@@ -53,9 +54,10 @@ class LightningEntropyCallback(Callback):
         Put before the names of validation scalars (default ``"val_"``).
     **monitor_options
         Passed to :class:`~sigma_core.monitor.EntropyMonitor` (``bound_samples``, ``path``,
-        ``sinks``, ``detector``, ...).  ``bound_every`` (default 10) is counted by step number: the
-        bound and ``sigma_h`` are checked on the first recorded step and on steps that are multiples
-        of ``every * bound_every``, the same steps in a resumed run.
+        ``sinks``, ``detector``, ...).  ``bound_every`` (default 10) counts recorded steps, as the monitor
+        does: the bound and ``sigma_h`` are checked on the first recorded step and on every
+        ``bound_every``-th recorded step after it, counted from the step number (the same steps in
+        a resumed run).
 
     Examples
     --------
@@ -90,28 +92,10 @@ class LightningEntropyCallback(Callback):
                  record_eval: bool = False, eval_prefix: str = "val_", **monitor_options):
         if module is not None and not isinstance(module, str):
             raise TypeError(f"module must be a str (a dotted submodule name) or None, got {type(module).__name__}")
-        if not isinstance(record_eval, bool):
-            raise TypeError(f"record_eval must be a bool, got {type(record_eval).__name__}")
-        if not isinstance(eval_prefix, str):
-            raise TypeError(f"eval_prefix must be a str, got {type(eval_prefix).__name__}")
-        self.schedule = StepSchedule(every, first_step=first_step, monitor_options=monitor_options)
+        self._setup(every, first_step=first_step, record_eval=record_eval, eval_prefix=eval_prefix,
+                    monitor_options=monitor_options)
         self.module = module
-        self.record_eval = record_eval
-        self.eval_prefix = eval_prefix
         self._warned = False
-
-    @property
-    def every(self) -> int:
-        return self.schedule.every
-
-    @property
-    def monitor(self):
-        """The monitor on the module while it trains (None before and after)."""
-        return self.schedule.monitor
-
-    def close(self) -> None:
-        """Remove the monitor from the module (done when fitting ends; idempotent)."""
-        self.schedule.close()
 
     def _watched(self, pl_module):
         if self.module is None:
@@ -126,8 +110,11 @@ class LightningEntropyCallback(Callback):
         self.schedule.attach(self._watched(pl_module))
 
     @staticmethod
-    def _log(trainer, metrics: dict) -> None:
-        """``metrics`` to every logger, at the step of Lightning's own metrics of this optimiser step."""
+    def _log(trainer, records: list[dict], prefix: str = "") -> None:
+        """The scalars of ``records`` to every logger, at the step of Lightning's own metrics of this
+        optimiser step, on every rank, as Lightning's logger connector does (its loggers write on
+        the global-zero process only)."""
+        metrics = record_scalars(records, prefix=prefix)
         loop = trainer.fit_loop.epoch_loop
         step = getattr(loop, "_batches_that_stepped", trainer.global_step)
         for logger in trainer.loggers:
@@ -143,7 +130,7 @@ class LightningEntropyCallback(Callback):
         self.schedule._armed = None  # logged once, at the end of the step's last micro-batch
         records = self.schedule.take("train")
         if records:
-            self._log(trainer, record_scalars(records))
+            self._log(trainer, records)
         elif not self._warned:
             self._warned = True
             warnings.warn("LightningEntropyCallback: a recorded step ran no forward of the watched module "
@@ -157,7 +144,7 @@ class LightningEntropyCallback(Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         records = self.schedule.take("eval")
         if records:
-            self._log(trainer, record_scalars(records, prefix=self.eval_prefix))
+            self._log(trainer, records, self.eval_prefix)
 
     def on_fit_end(self, trainer, pl_module):
         self.close()
