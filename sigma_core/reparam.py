@@ -259,6 +259,9 @@ class SigmaReparam(nn.Module):
     #: 2: ``_u`` output side, ``_v`` input side (spectral_norm's convention); checkpoints of
     #: version 1 (the two swapped) are converted on loading
     _version = 2
+    #: (defaults of the instance attributes set in ``__init__``, for objects pickled before them)
+    _compile_depth = 0
+    _stepped = False
 
     def __init__(
         self,
@@ -316,9 +319,10 @@ class SigmaReparam(nn.Module):
         self._last: _Step | None = None
         self._peek: _Step | None = None
         self._eval: _Step | None = None
-        #: under torch.compile, set by the owning module's scope hooks (nn.MultiheadAttention):
-        #: only the first training read of its forward steps; ``_stepped``: whether it has
-        _set(self, "_once_per_forward", False)
+        #: under torch.compile: how many scoped forwards (:func:`scope_sigma_reparam`,
+        #: :func:`batch_power_iterations`) around this weight are under way in the graph (inside
+        #: one, only the first training read steps) and whether that read has happened
+        _set(self, "_compile_depth", 0)
         _set(self, "_stepped", False)
         self._registering = True
 
@@ -571,12 +575,17 @@ class SigmaReparam(nn.Module):
         return step.keep(_cast(self._from_matrices(out, weight), weight.dtype), grad)
 
     def _reparametrize_compiled(self, weight: torch.Tensor) -> torch.Tensor:
-        """Under ``torch.compile``: every training read with grad takes a step of its own in the
-        graph (fresh u, v, not the buffers, which the next forward overwrites, for backward)."""
+        """Under ``torch.compile``: a training read with grad takes a step in the graph (fresh u,
+        v, not the buffers, which the next forward overwrites, for backward), once per scoped
+        forward as in eager mode (the first read; T5 reads ``wo.weight`` three times), and not
+        at all when the eager hook of :func:`batch_power_iterations` took this forward's step
+        (a model whose blocks alone are compiled).  No finiteness check: reading the flag would
+        break the graph (a diverged weight shows as a non-finite loss)."""
         W = _cast(self._as_matrices(weight), _compute_dtype(weight.dtype))  # (c, m, n)
-        fresh = not (self._once_per_forward and self._stepped)
+        once = self._compile_depth > 0
+        fresh = self._batched_step is None and not (once and self._stepped)
         if self.training and torch.is_grad_enabled() and fresh:
-            _set(self, "_stepped", self._once_per_forward)
+            _set(self, "_stepped", once)
             u, v, sigma = self._power_iteration(W.detach())
         else:
             u, v = _cast(self._v, W.dtype), _cast(self._u, W.dtype)
@@ -975,11 +984,9 @@ def _own_class_on_deepcopy(module: nn.Module) -> None:
 
 def _enter_weight_cache(module: nn.Module, args) -> None:
     """Forward pre-hook of :func:`scope_sigma_reparam`: a scoped forward starts.  (Under
-    torch.compile: the module's own σReparam weights step at their first read only.)"""
+    torch.compile: the σReparam weights inside ``module`` step at their first read only.)"""
     if _compiling():
-        for param in _own_sigma_params(module):
-            _set(param, "_once_per_forward", True)
-            _set(param, "_stepped", False)
+        _enter_compiled_scope(module)
     else:
         _enter_scope()
 
@@ -987,21 +994,30 @@ def _enter_weight_cache(module: nn.Module, args) -> None:
 def _exit_weight_cache(module: nn.Module, args, output) -> None:
     """Forward hook (always called, also when the forward raises): the scoped forward ends."""
     if _compiling():
-        for param in _own_sigma_params(module):
-            _set(param, "_once_per_forward", False)
-            _set(param, "_stepped", False)
+        _exit_compiled_scope(module)
     else:
         _exit_scope()
 
 
-def _own_sigma_params(module: nn.Module):
-    plists = module.__dict__.get("_modules", {}).get("parametrizations")
-    if plists is None:
-        return
-    for plist in plists.values():
-        for param in plist:
-            if isinstance(param, SigmaReparam):
-                yield param
+def _enter_compiled_scope(module: nn.Module) -> None:
+    """A scoped forward of ``module`` starts inside a graph: every σReparam weight in it steps
+    at its first training read only (plain Python attributes, which dynamo traces; nested
+    scopes count)."""
+    for param in module.modules():
+        if isinstance(param, SigmaReparam):
+            depth = param._compile_depth
+            _set(param, "_compile_depth", depth + 1)
+            if not depth:
+                _set(param, "_stepped", False)
+
+
+def _exit_compiled_scope(module: nn.Module) -> None:
+    for param in module.modules():
+        if isinstance(param, SigmaReparam):
+            depth = max(0, param._compile_depth - 1)
+            _set(param, "_compile_depth", depth)
+            if not depth:
+                _set(param, "_stepped", False)
 
 
 def _cache_weights_per_forward(module: nn.Module) -> None:
@@ -1352,8 +1368,10 @@ def sigma_reparam_report(model: nn.Module) -> list[dict]:
 
 
 def _batched_pre_hook(model: nn.Module, args) -> None:
-    """Forward pre-hook of :func:`batch_power_iterations`: one step per group of equal shapes."""
+    """Forward pre-hook of :func:`batch_power_iterations`: one step per group of equal shapes.
+    (Under torch.compile: each weight steps at its first read, in the graph.)"""
     if _compiling():
+        _enter_compiled_scope(model)
         return
     _enter_scope()
     try:
@@ -1518,6 +1536,7 @@ def _batched_post_hook(model: nn.Module, args, output) -> None:
     (a weight the forward did not read, or read only under ``no_grad``), so that no later
     forward uses them."""
     if _compiling():
+        _exit_compiled_scope(model)
         return
     _exit_scope()
     pending = model.__dict__.get("_sigma_pending")
