@@ -259,8 +259,7 @@ class SigmaReparam(nn.Module):
     #: 2: ``_u`` output side, ``_v`` input side (spectral_norm's convention); checkpoints of
     #: version 1 (the two swapped) are converted on loading
     _version = 2
-    #: (defaults of the instance attributes set in ``__init__``, for objects pickled before them)
-    _compile_depth = 0
+    #: (default of the instance attribute set in ``__init__``, for objects pickled before it)
     _stepped = False
 
     def __init__(
@@ -319,10 +318,8 @@ class SigmaReparam(nn.Module):
         self._last: _Step | None = None
         self._peek: _Step | None = None
         self._eval: _Step | None = None
-        #: under torch.compile: how many scoped forwards (:func:`scope_sigma_reparam`,
-        #: :func:`batch_power_iterations`) around this weight are under way in the graph (inside
-        #: one, only the first training read steps) and whether that read has happened
-        _set(self, "_compile_depth", 0)
+        #: under torch.compile: whether this weight stepped in the scoped forward under way in
+        #: the graph (:data:`_COMPILED_SCOPE`; only the first training read steps)
         _set(self, "_stepped", False)
         self._registering = True
 
@@ -582,10 +579,12 @@ class SigmaReparam(nn.Module):
         (a model whose blocks alone are compiled).  No finiteness check: reading the flag would
         break the graph (a diverged weight shows as a non-finite loss)."""
         W = _cast(self._as_matrices(weight), _compute_dtype(weight.dtype))  # (c, m, n)
-        once = self._compile_depth > 0
-        fresh = self._batched_step is None and not (once and self._stepped)
+        scope = _COMPILED_SCOPE
+        fresh = self._batched_step is None and not (scope.depth and self._stepped)
         if self.training and torch.is_grad_enabled() and fresh:
-            _set(self, "_stepped", once)
+            if scope.depth:
+                _set(self, "_stepped", True)
+                scope.stepped.append(self)
             u, v, sigma = self._power_iteration(W.detach())
         else:
             u, v = _cast(self._v, W.dtype), _cast(self._u, W.dtype)
@@ -999,25 +998,33 @@ def _exit_weight_cache(module: nn.Module, args, output) -> None:
         _exit_scope()
 
 
+class _CompiledScopeState:
+    """The scoped forwards under way inside a graph (what :class:`_ForwardScope` is in eager
+    mode): ``depth`` (nested scoped forwards) and the σReparam weights that stepped in them.
+    Plain Python state, which dynamo traces as side effects; back to ``0, []`` when the
+    outermost one ends, so the guards of the next call see the same values (no recompilation)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.stepped: list[SigmaReparam] = []
+
+
+_COMPILED_SCOPE = _CompiledScopeState()
+
+
 def _enter_compiled_scope(module: nn.Module) -> None:
-    """A scoped forward of ``module`` starts inside a graph: every σReparam weight in it steps
-    at its first training read only (plain Python attributes, which dynamo traces; nested
-    scopes count)."""
-    for param in module.modules():
-        if isinstance(param, SigmaReparam):
-            depth = param._compile_depth
-            _set(param, "_compile_depth", depth + 1)
-            if not depth:
-                _set(param, "_stepped", False)
+    """A scoped forward starts inside a graph: every σReparam weight steps at its first
+    training read only, until the outermost scoped forward ends."""
+    _COMPILED_SCOPE.depth += 1
 
 
 def _exit_compiled_scope(module: nn.Module) -> None:
-    for param in module.modules():
-        if isinstance(param, SigmaReparam):
-            depth = max(0, param._compile_depth - 1)
-            _set(param, "_compile_depth", depth)
-            if not depth:
-                _set(param, "_stepped", False)
+    scope = _COMPILED_SCOPE
+    scope.depth = max(0, scope.depth - 1)
+    if not scope.depth:
+        for param in scope.stepped:
+            _set(param, "_stepped", False)
+        scope.stepped.clear()
 
 
 def _cache_weights_per_forward(module: nn.Module) -> None:
