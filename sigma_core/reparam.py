@@ -1068,7 +1068,8 @@ def scope_sigma_reparam(model: nn.Module, enabled: bool = True) -> nn.Module:
     ``nn.MultiheadAttention``.  Call it on your model's top module when you register
     σReparam by hand (:func:`sigma_reparam`, :class:`SigmaReparamLinear`).  A read outside any
     scoped forward (``layer(x)`` on its own, ``layer.weight`` in a training loop) is a forward
-    of its own: one step per read.  Under ``torch.compile`` the hooks step aside.
+    of its own: one step per read.  Under ``torch.compile`` the same holds inside the graph
+    (one step per weight per forward, at its first read).
 
     Parameters
     ----------
@@ -1593,7 +1594,8 @@ Vert`,
     advances every σReparam weight in training mode by one step, also one that this forward
     does not read.  Eval mode and ``no_grad`` still never change a buffer; ``state_dict`` is
     unchanged; ``copy.deepcopy`` keeps the hooks; :func:`fold_sigma_reparam` removes them;
-    under ``torch.compile`` the hooks step aside (each weight takes its own step in the graph).
+    under ``torch.compile`` the hooks only mark the forward (each weight takes its own step in
+    the graph, at its first read; docs/reparam.md, "torch.compile").
     Non-finite σ raises ``FloatingPointError`` naming the weight, once per group on the CPU
     and one training forward later elsewhere, as without batching.
 

@@ -89,7 +89,7 @@ def _converted_twins(name):
 def _train_side_by_side(model, eager, inputs, backend):
     """``STEPS`` SGD steps of ``torch.compile(model, fullgraph=True)`` beside ``eager``, asserting
     equal outputs, losses and gradients at every step; returns the compiled model."""
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled = model if backend == "eager" else torch.compile(model, backend=backend, fullgraph=True)
     opts = [torch.optim.SGD(m.parameters(), lr=LR) for m in (model, eager)]
     for step in range(STEPS):
         out_c, out_e = _out(compiled, inputs), _out(eager, inputs)
@@ -172,4 +172,18 @@ def test_inductor_compiled_training_matches_eager(name):
     backend = CountingBackend("inductor")
     _train_side_by_side(model, eager, inputs, backend)
     assert backend.graphs == 1
+    _assert_same_state(model, eager)
+
+
+def test_blocks_compiled_alone_step_once_per_forward():
+    """Each submodule compiled on its own (``module.compile()``) inside an eager root, whose batched
+    hook takes the forward's power steps before the compiled code runs: the compiled reads use
+    that step (no second one), so vectors and gradients are the eager model's."""
+    torch._dynamo.reset()
+    model, eager, inputs = _converted_twins("mlp-attention")
+    backend = CountingBackend("aot_eager")
+    for sub in (model.inp, model.attn, model.out):
+        sub.compile(backend=backend)
+    _train_side_by_side(model, eager, inputs, "eager")  # (the root itself runs eagerly)
+    assert backend.graphs >= 2  # (the two Linears share one graph: the parameters are its inputs)
     _assert_same_state(model, eager)
