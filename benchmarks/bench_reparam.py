@@ -16,12 +16,19 @@ hits all of them alike; medians are reported, with ratios to the plain model:
   (what inference and export pay).
 (``sigma-batched`` is accepted as an old name of ``sigma``.)
 
+``--compile``: every variant's model under ``torch.compile`` (``--backend``, default inductor;
+forward and backward compiled, the AdamW step eager), by default the variants ``plain``,
+``spectral``, ``sigma`` and ``sigma-folded`` (under compile σReparam's batching hooks step
+aside and each weight steps in the graph, so ``sigma-per-weight`` is the same program).  The
+warm-up steps include the compilation, whose time is printed per variant.
+
 Models: ``--model mlp`` (default) is 12 x (Linear 256->256 + GELU) on ``--rows`` rows;
 ``--model gpt`` is the project's GPT (:mod:`sigma_core.models.gpt`) on random tokens.
 
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_reparam.py --rows 64 1024     # the documented run
+    OMP_NUM_THREADS=1 python benchmarks/bench_reparam.py --compile --rows 64 1024   # compiled, side by side
     OMP_NUM_THREADS=2 python benchmarks/bench_reparam.py --model gpt        # the CPU demo GPT
     python benchmarks/bench_reparam.py --device cuda --rows 4096
 
@@ -43,6 +50,8 @@ from torch import nn
 from sigma_core.reparam import convert_to_sigma_reparam, fold_sigma_reparam
 
 VARIANTS = ("plain", "spectral", "sigma", "sigma-per-weight", "sigma-scale-output", "sigma-folded")
+#: the default variants of ``--compile``
+COMPILED_VARIANTS = ("plain", "spectral", "sigma", "sigma-folded")
 
 
 class ScaleOutputLinear(nn.Module):
@@ -153,9 +162,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps-per-rep", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                        choices=VARIANTS + ("sigma-batched",))
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + ("sigma-batched",),
+                        help="default: all; with --compile: " + " ".join(COMPILED_VARIANTS))
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant's model")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (with --compile)")
     args = parser.parse_args(argv)
+    if args.variants is None:
+        args.variants = list(COMPILED_VARIANTS if args.compile else VARIANTS)
+    for name in ("reps", "warmup", "steps_per_rep"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}")
     args.variants = list(dict.fromkeys("sigma" if v == "sigma-batched" else v for v in args.variants))
     results = {}
     for rows in (args.rows if args.model == "mlp" else [None]):
@@ -173,6 +189,8 @@ def bench(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         model, loss_fn = make_model(model_args)
         model = reparametrise(model, variant).to(args.device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        if args.compile:  # the optimizer holds the parameters; the wrapper shares them
+            model = torch.compile(model, backend=args.backend)
         runs[variant] = (model, loss_fn, opt)
 
     def step(variant: str) -> None:
@@ -181,9 +199,14 @@ def bench(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         loss_fn(model).backward()
         opt.step()
 
-    for _ in range(args.warmup):
+    first: dict[str, float] = {}
+    for i in range(max(args.warmup, 1 if args.compile else 0)):
         for variant in args.variants:
+            t0 = time.perf_counter()
             step(variant)
+            if i == 0:
+                _sync(args.device)
+                first[variant] = time.perf_counter() - t0
     wall: dict[str, list[float]] = {v: [] for v in args.variants}
     cpu: dict[str, list[float]] = {v: [] for v in args.variants}
     for _ in range(args.reps):
@@ -201,9 +224,13 @@ def bench(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     what = (f"mlp {args.depth} x (Linear {args.width}->{args.width} + GELU), rows={args.rows_now}"
             if args.model == "mlp" else
             f"gpt d={args.d_model} layers={args.n_layer} heads={args.n_head} T={args.seq_len} batch={args.batch}")
-    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} {what} "
+    compiled = f" compile={args.backend}" if args.compile else ""
+    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}{compiled} {what} "
           f"reps={args.reps} (medians of interleaved repetitions; process CPU time is the steadier "
           f"clock on a shared CPU, wall time is what counts on a GPU)")
+    if args.compile:
+        print("first step (compilation included), s: "
+              + ", ".join(f"{v} {first[v]:.1f}" for v in args.variants))
     print(f"{'variant':<20}{'wall ms/step':>14}{'ratio':>9}{'cpu ms/step':>14}{'ratio':>9}")
     for v in args.variants:
         rw = med_wall[v] / med_wall["plain"] if "plain" in med_wall else float("nan")

@@ -259,6 +259,8 @@ class SigmaReparam(nn.Module):
     #: 2: ``_u`` output side, ``_v`` input side (spectral_norm's convention); checkpoints of
     #: version 1 (the two swapped) are converted on loading
     _version = 2
+    #: (default of the instance attribute set in ``__init__``, for objects pickled before it)
+    _stepped = False
 
     def __init__(
         self,
@@ -316,9 +318,8 @@ class SigmaReparam(nn.Module):
         self._last: _Step | None = None
         self._peek: _Step | None = None
         self._eval: _Step | None = None
-        #: under torch.compile, set by the owning module's scope hooks (nn.MultiheadAttention):
-        #: only the first training read of its forward steps; ``_stepped``: whether it has
-        _set(self, "_once_per_forward", False)
+        #: under torch.compile: whether this weight stepped in the scoped forward under way in
+        #: the graph (:data:`_COMPILED_SCOPE`; only the first training read steps)
         _set(self, "_stepped", False)
         self._registering = True
 
@@ -571,12 +572,19 @@ class SigmaReparam(nn.Module):
         return step.keep(_cast(self._from_matrices(out, weight), weight.dtype), grad)
 
     def _reparametrize_compiled(self, weight: torch.Tensor) -> torch.Tensor:
-        """Under ``torch.compile``: every training read with grad takes a step of its own in the
-        graph (fresh u, v, not the buffers, which the next forward overwrites, for backward)."""
+        """Under ``torch.compile``: a training read with grad takes a step in the graph (fresh u,
+        v, not the buffers, which the next forward overwrites, for backward), once per scoped
+        forward as in eager mode (the first read; T5 reads ``wo.weight`` three times), and not
+        at all when the eager hook of :func:`batch_power_iterations` took this forward's step
+        (a model whose blocks alone are compiled).  No finiteness check: reading the flag would
+        break the graph (a diverged weight shows as a non-finite loss)."""
         W = _cast(self._as_matrices(weight), _compute_dtype(weight.dtype))  # (c, m, n)
-        fresh = not (self._once_per_forward and self._stepped)
+        scope = _COMPILED_SCOPE
+        fresh = self._batched_step is None and not (scope.depth and self._stepped)
         if self.training and torch.is_grad_enabled() and fresh:
-            _set(self, "_stepped", self._once_per_forward)
+            if scope.depth:
+                _set(self, "_stepped", True)
+                scope.stepped.append(self)
             u, v, sigma = self._power_iteration(W.detach())
         else:
             u, v = _cast(self._v, W.dtype), _cast(self._u, W.dtype)
@@ -975,11 +983,9 @@ def _own_class_on_deepcopy(module: nn.Module) -> None:
 
 def _enter_weight_cache(module: nn.Module, args) -> None:
     """Forward pre-hook of :func:`scope_sigma_reparam`: a scoped forward starts.  (Under
-    torch.compile: the module's own σReparam weights step at their first read only.)"""
+    torch.compile: the σReparam weights inside ``module`` step at their first read only.)"""
     if _compiling():
-        for param in _own_sigma_params(module):
-            _set(param, "_once_per_forward", True)
-            _set(param, "_stepped", False)
+        _enter_compiled_scope(module)
     else:
         _enter_scope()
 
@@ -987,21 +993,38 @@ def _enter_weight_cache(module: nn.Module, args) -> None:
 def _exit_weight_cache(module: nn.Module, args, output) -> None:
     """Forward hook (always called, also when the forward raises): the scoped forward ends."""
     if _compiling():
-        for param in _own_sigma_params(module):
-            _set(param, "_once_per_forward", False)
-            _set(param, "_stepped", False)
+        _exit_compiled_scope(module)
     else:
         _exit_scope()
 
 
-def _own_sigma_params(module: nn.Module):
-    plists = module.__dict__.get("_modules", {}).get("parametrizations")
-    if plists is None:
-        return
-    for plist in plists.values():
-        for param in plist:
-            if isinstance(param, SigmaReparam):
-                yield param
+class _CompiledScopeState:
+    """The scoped forwards under way inside a graph (what :class:`_ForwardScope` is in eager
+    mode): ``depth`` (nested scoped forwards) and the σReparam weights that stepped in them.
+    Plain Python state, which dynamo traces as side effects; back to ``0, []`` when the
+    outermost one ends, so the guards of the next call see the same values (no recompilation)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.stepped: list[SigmaReparam] = []
+
+
+_COMPILED_SCOPE = _CompiledScopeState()
+
+
+def _enter_compiled_scope(module: nn.Module) -> None:
+    """A scoped forward starts inside a graph: every σReparam weight steps at its first
+    training read only, until the outermost scoped forward ends."""
+    _COMPILED_SCOPE.depth += 1
+
+
+def _exit_compiled_scope(module: nn.Module) -> None:
+    scope = _COMPILED_SCOPE
+    scope.depth = max(0, scope.depth - 1)
+    if not scope.depth:
+        for param in scope.stepped:
+            _set(param, "_stepped", False)
+        scope.stepped.clear()
 
 
 def _cache_weights_per_forward(module: nn.Module) -> None:
@@ -1045,7 +1068,8 @@ def scope_sigma_reparam(model: nn.Module, enabled: bool = True) -> nn.Module:
     ``nn.MultiheadAttention``.  Call it on your model's top module when you register
     σReparam by hand (:func:`sigma_reparam`, :class:`SigmaReparamLinear`).  A read outside any
     scoped forward (``layer(x)`` on its own, ``layer.weight`` in a training loop) is a forward
-    of its own: one step per read.  Under ``torch.compile`` the hooks step aside.
+    of its own: one step per read.  Under ``torch.compile`` the same holds inside the graph
+    (one step per weight per forward, at its first read).
 
     Parameters
     ----------
@@ -1357,8 +1381,10 @@ def sigma_reparam_report(model: nn.Module) -> list[dict]:
 
 
 def _batched_pre_hook(model: nn.Module, args) -> None:
-    """Forward pre-hook of :func:`batch_power_iterations`: one step per group of equal shapes."""
+    """Forward pre-hook of :func:`batch_power_iterations`: one step per group of equal shapes.
+    (Under torch.compile: each weight steps at its first read, in the graph.)"""
     if _compiling():
+        _enter_compiled_scope(model)
         return
     _enter_scope()
     try:
@@ -1523,6 +1549,7 @@ def _batched_post_hook(model: nn.Module, args, output) -> None:
     (a weight the forward did not read, or read only under ``no_grad``), so that no later
     forward uses them."""
     if _compiling():
+        _exit_compiled_scope(model)
         return
     _exit_scope()
     pending = model.__dict__.get("_sigma_pending")
@@ -1572,7 +1599,8 @@ Vert`,
     advances every σReparam weight in training mode by one step, also one that this forward
     does not read.  Eval mode and ``no_grad`` still never change a buffer; ``state_dict`` is
     unchanged; ``copy.deepcopy`` keeps the hooks; :func:`fold_sigma_reparam` removes them;
-    under ``torch.compile`` the hooks step aside (each weight takes its own step in the graph).
+    under ``torch.compile`` the hooks only mark the forward (each weight takes its own step in
+    the graph, at its first read; docs/reparam.md, "torch.compile").
     Non-finite σ raises ``FloatingPointError`` naming the weight, once per group on the CPU
     and one training forward later elsewhere, as without batching.
 

@@ -134,3 +134,37 @@ def test_dcp_checkpoint_reshards_one_process_to_two_ranks(one_process, two_ranks
     assert list(loaded) == list(one_process["at_save"])
     assert [k for k in loaded if not torch.equal(loaded[k], one_process["at_save"][k])] == []  # a copy, bit for bit
     np.testing.assert_allclose(s0["from_one_losses"], one_process["losses"][W.SAVE_AT:], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def compiled_ranks(tmp_path_factory):
+    """``fsdp_worker.py OUT --compile``: the sharded GPT-2 uncompiled, per block compiled and compiled whole."""
+    root = tmp_path_factory.mktemp("fsdp-compiled")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(HERE / "fsdp_worker.py"), str(root), "--compile"], env=env, capture_output=True,
+                         text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
+    return [json.loads((root / f"compiled{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("how", ["blocks", "whole"])
+def test_sharded_and_compiled_training_matches_the_uncompiled_sharded_run(compiled_ranks, two_ranks, one_process,
+                                                                            how):
+    """FSDP2 and torch.compile together (aot_eager, 2 gloo processes): each block compiled before
+    ``fully_shard``, or the whole sharded model compiled; the losses, the gathered σ and γ and the
+    power-iteration vectors are those of the uncompiled sharded run, on both ranks, and the losses
+    those of one process."""
+    for rank, seen in enumerate(compiled_ranks):
+        assert "error" not in seen[how], seen[how]["error"]
+        got, eager, vectors = seen[how], two_ranks["seen"][rank], two_ranks["vectors"][rank]
+        assert got["graphs"] and all(n > 0 for n in got["graphs"])  # it did compile
+        np.testing.assert_allclose(got["losses"], eager["losses"], rtol=1e-6)
+        for k, ref in eager["states"][-1].items():
+            assert got["state"][k]["sigma"] == pytest.approx(ref["sigma"], rel=1e-5), k
+            assert got["state"][k]["gamma"] == pytest.approx(ref["gamma"], rel=1e-5), k
+        assert got["vectors"].keys() == vectors.keys()
+        for k, ref in vectors.items():
+            np.testing.assert_allclose(got["vectors"][k], ref.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(got["losses"], one_process["losses"], rtol=1e-5)
+    assert compiled_ranks[0][how]["losses"] == compiled_ranks[1][how]["losses"]

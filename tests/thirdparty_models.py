@@ -74,7 +74,8 @@ def tiny_gpt_neox(attn_implementation: str = "sdpa", *, batch: int = 2, seq: int
     and v per head): 2 layers, 4 heads, d=32."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = transformers.GPTNeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    config = {"num_hidden_layers": 2, **config}
+    cfg = transformers.GPTNeoXConfig(vocab_size=97, hidden_size=32, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=64,
                                      attn_implementation=attn_implementation, **config)
     model = transformers.GPTNeoXForCausalLM(cfg)
@@ -86,7 +87,8 @@ def tiny_t5(attn_implementation: str = "eager", *, batch: int = 2, seq: int = 10
     self-attention of each stack, tied ``lm_head``): 2+2 layers, 4 heads of 8, d=32."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+    config = {"num_layers": 2, **config}
+    cfg = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_heads=4,
                                 dropout_rate=0.0, decoder_start_token_id=0,
                                 attn_implementation=attn_implementation, **config)
     model = transformers.T5ForConditionalGeneration(cfg)
@@ -96,9 +98,9 @@ def tiny_t5(attn_implementation: str = "eager", *, batch: int = 2, seq: int = 10
 def _causal_lm(config_cls, model_cls, attn_implementation, batch, seq, seed, config):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = getattr(transformers, config_cls)(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attn_implementation=attn_implementation, **config)
+    sizes = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)  # (``config`` may override them)
+    cfg = getattr(transformers, config_cls)(**{**sizes, **config}, attn_implementation=attn_implementation)
     return getattr(transformers, model_cls)(cfg), {"input_ids": _ids(97, batch, seq, seed)}
 
 
@@ -125,7 +127,8 @@ def tiny_vit(attn_implementation: str = "sdpa", *, batch: int = 2, seed: int = 0
     """Hugging Face ViT (bidirectional over 16 patches + CLS of a 16x16 image), 2 layers, 4 heads, d=32."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+    config = {"num_hidden_layers": 2, **config}
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
                                  num_attention_heads=4, intermediate_size=64,
                                  attn_implementation=attn_implementation, **config)
     g = torch.Generator().manual_seed(seed)
@@ -164,7 +167,8 @@ def tiny_distilbert(attn_implementation: str = "sdpa", *, batch: int = 2, seq: i
     """Hugging Face DistilBERT (bidirectional, right padding on the second sample), 2 layers, 4 heads, d=32."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    cfg = transformers.DistilBertConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+    config = {"n_layers": 2, **config}
+    cfg = transformers.DistilBertConfig(vocab_size=97, dim=32, n_heads=4, hidden_dim=64,
                                         max_position_embeddings=64, attn_implementation=attn_implementation,
                                         **config)
     mask = torch.ones(batch, seq, dtype=torch.long)
