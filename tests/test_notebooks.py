@@ -269,8 +269,9 @@ def test_classroom_pair_meets_its_numbers(tmp_path):
     assert summaries["sigma"]["entropy_min_head"] > 1.0, summaries["sigma"]
     assert summaries["none"]["bound_violations"] == 0 and summaries["sigma"]["bound_violations"] == 0
     assert not summaries["none"]["diverged"] and not summaries["sigma"]["diverged"]
-    # one thread and fixed seeds: the numbers notebook 4 and notebooks/README.md quote
-    assert abs(summaries["none"]["entropy_min_head"] - 0.026) < 0.01, summaries["none"]
+    # one thread and fixed seeds: the numbers notebook 4 and notebooks/README.md quote (0.026 on an AVX2 CPU,
+    # 0.017 on an AVX-512 one: the baseline's last digits depend on the CPU's rounding)
+    assert 0.01 < summaries["none"]["entropy_min_head"] < 0.04, summaries["none"]
     assert abs(summaries["sigma"]["entropy_min_head"] - 2.00) < 0.01, summaries["sigma"]
     # notebook 4's exercise checks on these runs (its student copy is not executed here: it trains the pair
     # again): the lr 3e-2 run is not the lr 3e-3 one, and wrong fractions are told so

@@ -12,7 +12,7 @@ whole config next to its metrics.  Presets are named starting points:
 - ``classroom``: a live demonstration that fits in a lecture (d=64, 2 layers, 4 heads, T=64,
   batch 16, 150 steps at lr 3e-2, entropy logged every 5 steps, one CPU thread, so that the
   numbers do not depend on the machine's core count): with ``reparam="none"`` some head
-  ends below 0.1 nats (0.026), with ``reparam="sigma"`` every head stays above 1 nat (2.00); about
+  ends below 0.1 nats (0.026 on an AVX2 CPU, 0.017 on an AVX-512 one), with ``reparam="sigma"`` every head stays above 1 nat (2.00); about
   11 s of CPU time per run (notebook 04; tests/test_notebooks.py checks it);
 - ``classroom-spike``: the classroom model at lr 3e-1 for 80 steps, logged every step, meant for an
   instability demonstration (no notebook uses it yet).  It does not show the paper's Figure 1 order
