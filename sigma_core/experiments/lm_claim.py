@@ -14,12 +14,13 @@ Example
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from sigma_core.experiments.sweep_cli import sweep_main
 
 LRS = (3e-3, 1e-2, 3e-2, 1e-1)
 SEEDS = (0, 1, 2)
@@ -119,26 +120,15 @@ def claim_sensitivity(rows: list[dict]) -> dict[str, str]:
     return {d.name: claim_verdict(rows, d)["verdict"] for d in defs.alternatives()}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sigma_core.experiments.lm_claim", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train the sweep")
-    run.add_argument("--out", default="results/claims/lm")
-    run.add_argument("--jobs", type=int, default=1)
-    show = sub.add_parser("summary", help="print the verdict of a finished sweep")
-    show.add_argument("--results", default="results/claims/lm")
-    args = parser.parse_args(argv)
-    if args.command == "run":
-        if args.jobs < 1:
-            parser.error(f"--jobs must be >= 1, got {args.jobs}")
-        run_all(args.out, jobs=args.jobs)
-        return 0
-    rows = load_sweep(args.results)
+def _summary(results: str) -> dict:
+    rows = load_sweep(results)
     v = claim_verdict(rows)
-    print(json.dumps({"verdict": v["verdict"], "numbers": v["numbers"], "sensitivity": claim_sensitivity(rows)},
-                     indent=2, default=str))
-    return 0
+    return {"verdict": v["verdict"], "numbers": v["numbers"], "sensitivity": claim_sensitivity(rows)}
+
+
+def main(argv=None) -> int:
+    return sweep_main(argv, prog="python -m sigma_core.experiments.lm_claim", doc=__doc__,
+                      default_results="results/claims/lm", run_all=run_all, summary=_summary)
 
 
 if __name__ == "__main__":

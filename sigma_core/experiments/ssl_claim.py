@@ -29,7 +29,6 @@ True
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -37,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sigma_core.experiments import definitions as defs
+from sigma_core.experiments.sweep_cli import sweep_main
 
 PRESET = "vit-digits-simclr"
 #: method -> its ``--reparam``
@@ -315,29 +315,18 @@ def plot_sweep(runs: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     return [out]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sigma_core.experiments.ssl_claim", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train the sweep")
-    run.add_argument("--out", default="results/claims/ssl")
-    run.add_argument("--jobs", type=int, default=1)
-    show = sub.add_parser("summary", help="print the verdict of a finished sweep")
-    show.add_argument("--results", default="results/claims/ssl")
-    args = parser.parse_args(argv)
-    if args.command == "run":
-        if args.jobs < 1:
-            parser.error(f"--jobs must be >= 1, got {args.jobs}")
-        run_all(args.out, jobs=args.jobs)
-        return 0
-    rows = load_sweep(args.results)
-    v = claim_verdict(rows)
+def _summary(results: str) -> dict:
     from sigma_core.experiments.claims import load_runs  # noqa: PLC0415
 
-    v["numbers"]["init_test_accuracy"] = {str(r["dir"]): _acc(r["summary"], "test") for r in init_rows(load_runs(args.results))}
-    print(json.dumps({"verdict": v["verdict"], "numbers": v["numbers"], "sensitivity": claim_sensitivity(rows)},
-                     indent=2, default=str))
-    return 0
+    rows = load_sweep(results)
+    v = claim_verdict(rows)
+    v["numbers"]["init_test_accuracy"] = {str(r["dir"]): _acc(r["summary"], "test") for r in init_rows(load_runs(results))}
+    return {"verdict": v["verdict"], "numbers": v["numbers"], "sensitivity": claim_sensitivity(rows)}
+
+
+def main(argv=None) -> int:
+    return sweep_main(argv, prog="python -m sigma_core.experiments.ssl_claim", doc=__doc__,
+                      default_results="results/claims/ssl", run_all=run_all, summary=_summary)
 
 
 if __name__ == "__main__":
