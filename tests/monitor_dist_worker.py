@@ -109,18 +109,22 @@ def record_once(model: nn.Module, kind: str, x: torch.Tensor, how: str | None = 
     """One training forward and backward of ``model`` on ``x`` with a monitor recording it; with
     ``how``, ``model`` is wrapped (:func:`wrap`) after the monitor is attached when ``how`` is
     ``"fsdp_proj_early"``, before it otherwise.  Also: the most bytes of whole-weight copies the
-    monitor held, how many it holds after the forward and how many copies are still alive then."""
+    monitor says it held and the most that were alive (weak references, seen in each unit's hook),
+    how many it holds after the forward and how many copies are still alive then."""
     from sigma_core.monitor import EntropyMonitor
     from sigma_core.whole_weights import WholeWeights
 
-    copies = []
+    copies, alive_bytes = [], [0]
     unit_hook = WholeWeights._on_unit
 
-    def spy(self, att, unit, args, output):  # weak references to every copy taken
+    def spy(self, att, unit, args, output):  # weak references to every copy taken; the bytes alive
         if how == "fsdp_proj_nostash":
             return  # the fallback: no copies (reads of the shards are refused)
         unit_hook(self, att, unit, args, output)
         copies.extend(weakref.ref(c) for kept in self._stash.values() for _, _, c in kept.values())
+        alive = {id(t): t for t in (r() for r in copies) if t is not None}  # every copy not yet freed
+        alive_bytes[0] = max(alive_bytes[0], sum(t.nbytes for t in alive.values()))
+        del alive
 
     WholeWeights._on_unit = spy
     try:
@@ -137,7 +141,7 @@ def record_once(model: nn.Module, kind: str, x: torch.Tensor, how: str | None = 
         WholeWeights._on_unit = unit_hook
     gc.collect()
     return dict(records=mon.last, skipped=mon.skipped, peak_bytes=peak, held_bytes=held,
-                copies=len(copies), alive=sum(r() is not None for r in copies),
+                alive_bytes=alive_bytes[0], copies=len(copies), alive=sum(r() is not None for r in copies),
                 warnings=[str(w.message) for w in seen if "EntropyMonitor" in str(w.message)])
 
 

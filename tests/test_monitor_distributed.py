@@ -106,7 +106,7 @@ def test_projections_sharded_on_their_own_give_sigma_from_their_whole_weights(tw
             assert all(r["sigma"] is not None and r["weight_bound_note"] is None for r in got["records"]), what
             assert_same_records(got["records"], ref[rank]["records"], what)
             # the copies: one layer's q/k(/v) projections at a time, none alive after the forward
-            assert got["peak_bytes"] == unit_bytes(kind, sigma), what
+            assert got["alive_bytes"] == got["peak_bytes"] == unit_bytes(kind, sigma), what
             assert got["copies"] > 0 and got["held_bytes"] == 0 and got["alive"] == 0, what
 
 
