@@ -36,6 +36,11 @@ __all__ = ["ShardRead", "WholeWeights", "holds_shard", "refusing_shards"]
 
 
 def _sharding_types():
+    """``(DTensor, FSDPModule)``; ``(None, None)`` without an initialised process group (no shard
+    can exist then: a ``DeviceMesh`` needs one), so one process pays nothing."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, None
     from sigma_core.reparam import _sharding_types as types  # noqa: PLC0415  (torch.distributed on first use)
 
     return types()
@@ -60,7 +65,7 @@ class _RefuseShards(TorchFunctionMode):
 @contextmanager
 def refusing_shards():
     """Raise :class:`ShardRead` before any torch operation on a ``DTensor`` runs inside (so no
-    collective starts); a no-op without ``torch.distributed``.
+    collective starts); a no-op without an initialised process group.
 
     >>> with refusing_shards():
     ...     float(torch.ones(2).sum())
