@@ -359,9 +359,10 @@ class Adapted(NamedTuple):
 BoundSource = Union[Weights, Adapted, str]
 
 NO_ADAPTER = "no adapter for this attention module (sigma_core.adapters)"
-SHARDED = ("the query/key weights are FSDP2 shards (DTensor) at this call: the projections are sharded as units of "
-           "their own, resharded before attention; fully_shard the attention module or its block as one unit for "
-           "sigma_h and the weight-based bounds (the monitor never gathers: no collective a rank could wait on)")
+SHARDED = ("the query/key weights read at this call were FSDP2 shards (DTensor), not whole in their own unit's "
+           "forward either (sigma_core.whole_weights): the read was refused, never a shard's sigma; fully_shard "
+           "the attention module or its block as one unit for sigma_h and the weight-based bounds (the monitor "
+           "never gathers: no collective a rank could wait on)")
 ADDITIVE_MASK = "additive attention mask (a bias on the logits)"
 QK_NORM = "QK-normalisation: the logits are formed from normalised q, k, not from x W"
 
@@ -417,9 +418,10 @@ def sharded(module: nn.Module | None, tensors=None) -> bool:
     Inside the forward of the ``fully_shard`` unit that holds them, FSDP2 has replaced a unit's
     parameters with gathered plain tensors, so an attention module sharded with its block (or as
     its own unit) reads whole weights at its attention call.  Projections sharded as units of
-    their own are shards again by then; the weights read from them would be a shard's (and an
-    operation on a ``DTensor`` may start a collective that only the ranks recording would enter),
-    so the weight-based bound is not computed from them (:data:`SHARDED`).
+    their own are shards again by then; the monitor reads the whole copies taken in their own
+    forward (:mod:`sigma_core.whole_weights`), and refuses any operation on a shard (it may start
+    a collective that only the ranks recording would enter): :data:`SHARDED`.
+    ``nn.MultiheadAttention`` recomputes ``q``, ``k`` from its in-projection, checked with this.
 
     >>> sharded(nn.Linear(2, 2)), sharded(None)
     (False, False)
@@ -526,7 +528,7 @@ def _adapted_or_why(adapted: Adapted | None) -> BoundSource:
     """``adapted``, or why the weight-based variants do not apply (no adapter, sharded weights)."""
     if adapted is None:
         return NO_ADAPTER
-    return SHARDED if sharded(adapted.module) else adapted
+    return adapted  # (weights read from FSDP2 shards: SHARDED, sigma_core.whole_weights.refusing_shards)
 
 
 def probe_call(owner: nn.Module, args: tuple) -> Call:
@@ -539,8 +541,6 @@ def probe_call(owner: nn.Module, args: tuple) -> Call:
     def bound():
         if not getattr(owner, "weight_bounds_valid", True):  # QK-LayerNorm: logits not x W_Q W_K^T x^T
             return QK_NORM
-        if sharded(owner):  # FSDP2 shards: never a shard's sigma, never a collective
-            return SHARDED
         w_q, w_k = owner.head_weights()
         return Weights(w_q, w_k, scale, x, x_k)
 

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from sigma_core.adapters import Projections
-from sigma_core.capture import Adapted, Call, Weights
+from sigma_core.capture import SHARDED, Adapted, Call, Weights
 from sigma_core.entropy import (
     VARIANTS, RowStats, _hidden_threshold, attention_row_stats, bound_variant_norms, fused_row_entropy,
     head_sigma, logits_row_stats,
 )
+from sigma_core.whole_weights import ShardRead, holds_shard, refusing_shards
 
 try:  # one source of truth for h_T (eq. (2))
     from theory import entropy_lower_bound
@@ -191,19 +192,27 @@ class Measurement:
         """``(sigma, x_q, x_k or None)`` for the weight-based variants, or the reason why they do
         not apply.  ``logits()``: the logits used, ``(nb, H, Tq, Tk)`` for the sampled batch
         elements (computed only to check an adapter); ``visible`` marks the keys compared (None = all)."""
-        src = call.bound()
+        try:  # reading the weights never computes on an FSDP2 shard (no collective; never a shard's sigma)
+            with refusing_shards():
+                src = call.bound()
+                proj = src.adapter(src.module, src.args, src.kwargs) if isinstance(src, Adapted) else None
+        except ShardRead:
+            return SHARDED
         if isinstance(src, str):
             return src
         if isinstance(src, Adapted):
-            return self._adapted(src, logits(), visible, dtype)
+            if isinstance(proj, Projections) and holds_shard((proj.w_q, proj.w_k, proj.x_q, proj.x_k)):
+                return SHARDED
+            return self._adapted(src, proj, logits(), visible, dtype)
         if not isinstance(src, Weights):
             raise TypeError(f"the bound source of a {call.source} call is a {type(src).__name__}")
+        if holds_shard((src.w_q, src.w_k, src.x_q, src.x_k)):
+            return SHARDED
         return head_sigma(src.w_q, src.w_k, src.scale), src.x_q, src.x_k
 
     @staticmethod
-    def _adapted(src: Adapted, z, visible, dtype):
+    def _adapted(src: Adapted, proj, z, visible, dtype):
         module = src.module
-        proj = src.adapter(module, src.args, src.kwargs)
         if isinstance(proj, str):
             return proj
         if not isinstance(proj, Projections):

@@ -90,8 +90,11 @@ process records on that batch.  A ``DistributedDataParallel`` model is watched t
 replica it runs (``model.module``: the same layer names as in one process).  Under FSDP2
 (``fully_shard``) each attention call is measured inside the forward of the unit that holds the
 attention module, where FSDP2 has gathered its parameters, so ``sigma_h`` and the bound use whole
-weights; where the query/key weights are shards at the call (projections sharded as units of
-their own), the entropies and the ``exact`` bound are recorded and the weight-based fields are
+weights.  Where the query/key projections are units of their own (shards again at the call),
+the monitor copies their whole parameters in each projection's own forward, on the forwards that
+check the bound, and reads the copies at the call; they are dropped when the attention module's
+forward ends (:mod:`sigma_core.whole_weights`).  A weight that is still a shard when read is
+refused: the entropies and the ``exact`` bound are recorded and the weight-based fields are
 ``None``, with ``weight_bound_note`` saying why (:data:`sigma_core.capture.SHARDED`).  The monitor
 makes no collective and never computes on a ``DTensor`` weight, so ranks may record different
 forwards (tests/test_monitor_distributed.py).
@@ -127,6 +130,7 @@ from sigma_core.capture import (
 from sigma_core.measure import BoundViolationWarning, Measurement
 from sigma_core.probe import AttentionProbe
 from sigma_core.sinks import JsonlSink, MemorySink, SinkSet
+from sigma_core.whole_weights import WholeWeights
 
 __all__ = ["EntropyMonitor", "CollapseDetector", "BoundViolationWarning"]
 
@@ -321,6 +325,9 @@ class EntropyMonitor:
         handles.append(model.register_forward_hook(self._on_root_post, always_call=True))
         self._handles = handles
         self._n_static = layer
+        # FSDP2 units inside an attention module (q/k projections sharded on their own): their whole
+        # parameters, copied in each unit's forward on the forwards that check the bound
+        self._whole = WholeWeights(list(self._handled.values()) + adapted)
         self._stack = (ExecutingModules(model, watched=adapted, opaque=list(self._handled.values()),
                                         on_opaque=self._on_opaque) if capture else None)
         self._compiled_skip = False
@@ -381,6 +388,8 @@ class EntropyMonitor:
     def close(self) -> None:
         """Remove every hook and close the sinks: the JSON-lines file and ``sinks`` (idempotent)."""
         self._stop_capture()
+        if getattr(self, "_whole", None) is not None:
+            self._whole.close()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -464,10 +473,13 @@ class EntropyMonitor:
             self._compiled_found = self._compiled.adopt()
         if self._active:
             self._start_capture(args, kwargs)
+        if self._active and self._check:
+            self._whole.arm()
 
     @_eager
     def _on_root_post(self, module, args, output):
         self._stop_capture()
+        self._whole.disarm()  # no whole weight outlives the forward
         if self._compiled_skip:
             self._compiled_skip = False
             self._skip("", "the forward ran compiled (torch.compile): attention inside a graph is not seen")
@@ -498,8 +510,10 @@ class EntropyMonitor:
                 logger.warning("attention entropy collapse: %s", ev)
 
     # -- one call: capture it, measure it ----------------------------------------------------------
-    def _measured(self, layer, name, call) -> None:
-        recs = self._measure(call, step=self._step, layer=layer, name=name, check=self._check)
+    def _measured(self, layer, name, call, module=None) -> None:
+        # ``module``: the attention module of the call; its FSDP2 units' whole weights are read
+        with self._whole.substituted(module):
+            recs = self._measure(call, step=self._step, layer=layer, name=name, check=self._check)
         if not recs:  # the measurement warned (non-finite queries, keys or logits)
             self._skip(name, "non-finite queries, keys or logits")
         self._current.extend(recs)
@@ -569,12 +583,12 @@ class EntropyMonitor:
             return
         layer = self._layer_for(name)
         with torch.no_grad():
-            self._measured(layer, name, sdpa_call(a, entry, module))
+            self._measured(layer, name, sdpa_call(a, entry, module), None if entry is None else entry.module)
 
     def _record_softmax(self, owner, logits):
         name, entry, _ = owner
         layer = self._layer_for(name)
-        self._measured(layer, name, softmax_call(logits, entry))
+        self._measured(layer, name, softmax_call(logits, entry), None if entry is None else entry.module)
 
     # -- probe and nn.MultiheadAttention hooks ---------------------------------------------------
     def _on_probe(self, layer, name, owner, probe, args, output):
@@ -585,7 +599,7 @@ class EntropyMonitor:
             self._guarded(name, self._record_probe, layer, name, owner, args)
 
     def _record_probe(self, layer, name, owner, args):
-        self._measured(layer, name, probe_call(owner, args))
+        self._measured(layer, name, probe_call(owner, args), owner)
 
     def _on_mha(self, layer, name, mod, module, args, kwargs):
         if not self._active:
@@ -607,7 +621,7 @@ class EntropyMonitor:
             self._warn_once(f"nested:{name}", f"EntropyMonitor: {name or 'model'} receives nested tensors "
                             "(the fast path of nn.TransformerEncoder with a padding mask): not recorded")
             return
-        self._measured(layer, name, call)
+        self._measured(layer, name, call, mod)
 
 
 class CollapseDetector:

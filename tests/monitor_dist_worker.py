@@ -13,10 +13,12 @@ waiting in a collective fails the run instead of hanging it.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import sys
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -29,10 +31,16 @@ TIMEOUT_S = 60
 #: (wrapping, model, sigmaReparam) of the comparison with one process
 CASES = [(how, kind, sigma) for how in ("ddp", "fsdp", "fsdp_proj") for kind in ("gpt", "gpt2")
          for sigma in (False, True)]
+#: (model, sigmaReparam) of the projections sharded on their own with the monitor attached before
+#: ``fully_shard`` ("fsdp_proj_early"), and with the copies of the whole weights switched off
+#: ("fsdp_proj_nostash": the fallback, weights read from shards are refused: SHARDED)
+EARLY = [("gpt", True), ("gpt2", False)]
+NOSTASH = [("gpt", False), ("gpt2", True)]
 #: (wrapping, model, sigmaReparam) of the different recording schedules; the GPT without sigmaReparam
 #: with shards at the call is the case where reading the weights (DTensor arithmetic) used to start
 #: a collective on the recording rank alone (gloo: "Is there a distributed collective mismatch")
-SCHEDULES = [("fsdp", "gpt2", True), ("fsdp_proj", "gpt", False), ("ddp", "gpt", True)]
+SCHEDULES = [("fsdp", "gpt2", True), ("fsdp_proj", "gpt", False), ("fsdp_proj_nostash", "gpt", False),
+             ("ddp", "gpt", True)]
 #: the monitor's options: every head, every row, the bound on every record; the pure-torch entropy path
 OPTIONS = dict(bound_every=1, bound_samples=None, native=False)
 
@@ -76,7 +84,7 @@ def wrap(model: nn.Module, how: str) -> nn.Module:
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
-    if how == "fsdp_proj":
+    if how.startswith("fsdp_proj"):
         for proj in projections(model):
             fully_shard(proj)
     for block in blocks(model):
@@ -97,15 +105,43 @@ def loss_of(model: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
     return model(input_ids=x, labels=x).loss
 
 
-def record_once(model: nn.Module, kind: str, x: torch.Tensor, **options) -> dict:
-    """One training forward and backward of ``model`` on ``x`` with a monitor recording it."""
+def record_once(model: nn.Module, kind: str, x: torch.Tensor, how: str | None = None, **options) -> dict:
+    """One training forward and backward of ``model`` on ``x`` with a monitor recording it; with
+    ``how``, ``model`` is wrapped (:func:`wrap`) after the monitor is attached when ``how`` is
+    ``"fsdp_proj_early"``, before it otherwise.  Also: the most bytes of whole-weight copies the
+    monitor says it held and the most that were alive (weak references, seen in each unit's hook),
+    how many it holds after the forward and how many copies are still alive then."""
     from sigma_core.monitor import EntropyMonitor
+    from sigma_core.whole_weights import WholeWeights
 
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        with EntropyMonitor(model, every=1, **OPTIONS, **options) as mon:
-            loss_of(model, kind, x).backward()
-    return dict(records=mon.last, skipped=mon.skipped,
+    copies, alive_bytes = [], [0]
+    unit_hook = WholeWeights._on_unit
+
+    def spy(self, att, unit, args, output):  # weak references to every copy taken; the bytes alive
+        if how == "fsdp_proj_nostash":
+            return  # the fallback: no copies (reads of the shards are refused)
+        unit_hook(self, att, unit, args, output)
+        copies.extend(weakref.ref(c) for kept in self._stash.values() for _, _, c in kept.values())
+        alive = {id(t): t for t in (r() for r in copies) if t is not None}  # every copy not yet freed
+        alive_bytes[0] = max(alive_bytes[0], sum(t.nbytes for t in alive.values()))
+        del alive
+
+    WholeWeights._on_unit = spy
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            if how is not None and how != "fsdp_proj_early":
+                model = wrap(model, how)
+            with EntropyMonitor(model, every=1, **OPTIONS, **options) as mon:
+                if how == "fsdp_proj_early":
+                    model = wrap(model, how)
+                loss_of(model, kind, x).backward()
+                held, peak = mon._whole.held_bytes, mon._whole.peak_bytes
+    finally:
+        WholeWeights._on_unit = unit_hook
+    gc.collect()
+    return dict(records=mon.last, skipped=mon.skipped, peak_bytes=peak, held_bytes=held,
+                alive_bytes=alive_bytes[0], copies=len(copies), alive=sum(r() is not None for r in copies),
                 warnings=[str(w.message) for w in seen if "EntropyMonitor" in str(w.message)])
 
 
@@ -139,21 +175,30 @@ def main(out: str) -> None:
     seen: dict = {"rank": rank}
 
     # 1. each rank's records of its own slice, under DDP, FSDP2 per block, FSDP2 per projection
-    for how, kind, sigma in CASES:
-        model = wrap(build_model(kind, sigma), how)
-        seen[f"{how}/{kind}/{sigma}"] = record_once(model, kind, batch(0, rank, world))
+    cases = CASES + [("fsdp_proj_early", *c) for c in EARLY] + [("fsdp_proj_nostash", *c) for c in NOSTASH]
+    for how, kind, sigma in cases:
+        seen[f"{how}/{kind}/{sigma}"] = record_once(build_model(kind, sigma), kind, batch(0, rank, world), how)
 
     # 2. ranks recording different forwards: no rank waits on another (FSDP2 runs every forward on
     # every rank; the monitor adds no collective). Rank 0 records every forward, rank 1 none but the
     # one it asks for; then every 2nd forward with rank 1 a forward behind (its monitor attached late).
+    from sigma_core.whole_weights import WholeWeights
+
+    unit_hook = WholeWeights._on_unit
     for how, kind, sigma in SCHEDULES:
         model = wrap(build_model(kind, sigma), how)
-        asked = train(model, kind, 3, rank, world, every=1 if rank == 0 else None, ask=(1,) if rank == 1 else ())
-        if rank == 1:
-            loss_of(model, kind, batch(9, rank, world)).backward()  # one forward the other rank does later
-        phases = train(model, kind, 4, rank, world, every=2)
-        if rank == 0:
-            loss_of(model, kind, batch(9, rank, world)).backward()
+        if how == "fsdp_proj_nostash":  # no copies: every weight read meets shards, and is refused
+            WholeWeights._on_unit = lambda *a: None
+        try:
+            asked = train(model, kind, 3, rank, world, every=1 if rank == 0 else None,
+                          ask=(1,) if rank == 1 else ())
+            if rank == 1:
+                loss_of(model, kind, batch(9, rank, world)).backward()  # one forward the other rank does later
+            phases = train(model, kind, 4, rank, world, every=2)
+            if rank == 0:
+                loss_of(model, kind, batch(9, rank, world)).backward()
+        finally:
+            WholeWeights._on_unit = unit_hook
         seen[f"schedules/{how}/{kind}/{sigma}"] = dict(asked=asked, phases=phases)
 
     # 3. the JSON lines: one file written by rank 0 (the default), and one file per rank

@@ -14,7 +14,7 @@ PAGE = ROOT / "docs" / "distributed.md"
 READ = re.compile(r"\.item\(\)|\.tolist\(\)|\.cpu\(\)|(?<![\w.])(?:bool|float|int)\(")
 ROW = re.compile(r"^\| `(sigma_core/\w+\.py):(\d+)` `([\w.]+)` \| `([^`]+)` \| (.+) \|$", re.M)
 HOT_MODULES = ("sigma_core/reparam.py", "sigma_core/capture.py", "sigma_core/measure.py",
-               "sigma_core/monitor.py")
+               "sigma_core/monitor.py", "sigma_core/whole_weights.py")
 
 
 def functions(path: str) -> dict[str, tuple[int, int]]:

@@ -4,8 +4,11 @@ Each rank records its own slice of the batch and must get, head for head, the re
 process gets for the same model and slice: every attention layer and head once per forward,
 entropies to float tolerance, ``sigma_h`` and the bounds from whole weights.  Under FSDP2 with
 the projections sharded as units of their own (resharded before attention runs) the weights at
-the call are shards: the monitor records the entropies and the exact bound, and leaves ``sigma_h``
-and the weight-based bounds out with a note, never a shard's value.  The monitor makes no
+the call are shards: the monitor copies them whole in each projection's own forward (on the
+forwards that check the bound; sigma_core/whole_weights.py), whether it was attached before or
+after ``fully_shard``, and holds one layer's copies at a time, none after the forward.  Without
+the copies, reading a shard is refused: the entropies and the exact bound are recorded, ``sigma_h``
+and the weight-based bounds left out with a note, never a shard's value.  The monitor makes no
 collective, so ranks recording different forwards never wait on each other (the worker's gloo
 timeout turns a wait into a failure).  Only rank 0 writes the ``path`` file; ``JsonlSink(...,
 per_rank=True)`` writes one file per rank.  The worker is tests/monitor_dist_worker.py.
@@ -83,16 +86,41 @@ def test_each_rank_records_every_head_once_as_one_process_does_with_whole_weight
                 assert_same_records(recs, ref[rank]["records"], what)  # names as in one process (DDP unwrapped)
 
 
-def test_projections_sharded_on_their_own_give_the_entropies_and_no_shard_sigma(two_ranks, one_process):
+def unit_bytes(kind: str, sigma: bool) -> int:
+    """Bytes of the parameters of one layer's projections that run before its attention call:
+    q, k, v of the GPT, c_attn of GPT-2 (the output projection runs after it)."""
+    att = W.blocks(W.build_model(kind, sigma))[0].attn
+    mods = (att.q_proj, att.k_proj, att.v_proj) if kind == "gpt" else (att.c_attn,)
+    return sum(p.nbytes for m in mods for p in m.parameters())
+
+
+@pytest.mark.parametrize("how", ["fsdp_proj", "fsdp_proj_early"])
+def test_projections_sharded_on_their_own_give_sigma_from_their_whole_weights(two_ranks, one_process, how):
     _, seen = two_ranks
-    for (kind, sigma), ref in one_process.items():
+    cases = one_process if how == "fsdp_proj" else {c: one_process[c] for c in W.EARLY}
+    for (kind, sigma), ref in cases.items():
         for rank in (0, 1):
-            got = seen[rank][f"fsdp_proj/{kind}/{sigma}"]
+            got = seen[rank][f"{how}/{kind}/{sigma}"]
+            what = f"{how} {kind} sigma={sigma} rank {rank}"
+            assert got["skipped"] == [] and got["warnings"] == [], what
+            assert all(r["sigma"] is not None and r["weight_bound_note"] is None for r in got["records"]), what
+            assert_same_records(got["records"], ref[rank]["records"], what)
+            # the copies: one layer's q/k(/v) projections at a time, none alive after the forward
+            assert got["alive_bytes"] == got["peak_bytes"] == unit_bytes(kind, sigma), what
+            assert got["copies"] > 0 and got["held_bytes"] == 0 and got["alive"] == 0, what
+
+
+def test_weights_still_shards_at_the_call_give_the_entropies_and_no_shard_sigma(two_ranks, one_process):
+    """The fallback (no whole copies: a hook order that would leave shards): reading them is refused."""
+    _, seen = two_ranks
+    for kind, sigma in W.NOSTASH:
+        for rank in (0, 1):
+            got = seen[rank][f"fsdp_proj_nostash/{kind}/{sigma}"]
             assert got["skipped"] == [] and got["warnings"] == [], (kind, sigma, rank)
             want = [dict(r, weight_bound_note=SHARDED, sigma=None, bound_theorem=None, bound_per_query=None,
                          bound_centered=None, violations_theorem=None, violations_per_query=None,
-                         violations_centered=None) for r in ref[rank]["records"]]
-            assert_same_records(got["records"], want, f"fsdp_proj {kind} sigma={sigma} rank {rank}")
+                         violations_centered=None) for r in one_process[kind, sigma][rank]["records"]]
+            assert_same_records(got["records"], want, f"fsdp_proj_nostash {kind} sigma={sigma} rank {rank}")
             assert all(r["bound_exact"] is not None and r["violations_exact"] == 0 for r in got["records"])
 
 
