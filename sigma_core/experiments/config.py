@@ -15,12 +15,16 @@ whole config next to its metrics.  Presets are named starting points:
   ends below 0.1 nats (0.026 on an AVX2 CPU, 0.017 on an AVX-512 one), with ``reparam="sigma"`` every head stays above 1 nat (2.00); about
   11 s of CPU time per run (notebook 04; tests/test_notebooks.py checks it);
 - ``classroom-spike``: the classroom model at lr 3e-1 for 80 steps, logged every step, meant for an
-  instability demonstration (no notebook uses it yet).  It does not show the paper's Figure 1 order
+  instability demonstration (no notebook trains it).  It does not show the paper's Figure 1 order
   by the rules of :mod:`sigma_core.experiments.definitions`: with ``reparam="none"`` the training
   loss jumps from 5.5 to 18.7 nats in the first four steps (unstable from step 2) while a head's
   entropy falls below 0.1 nats at step 3, so the spike comes first; with ``reparam="sigma"`` no
   head collapses but the instability rule flags a rise of the loss at step 14 (one thread on an
-  AMD EPYC; tests/test_course.py checks the order); about 8-9 s of CPU time per run;
+  AMD EPYC; tests/test_course.py checks the order); about 8-9 s of CPU time per run.  The course
+  shows Figure 1's order from a committed run instead: notebook 05 ("Reading the committed runs"),
+  section 6, reads claim 5's speech baseline ``results/claims/speech/baseline/lr_0.1/seed_0``
+  (preset ``speech-digits``, SGD: collapse at step 5, instability at step 10, divergence at step 20)
+  beside its sigmaReparam twin;
 - ``h200``: the reference GPU setting (d=256, 6 layers, 8 heads, T=256, batch 64, 1000 steps)
   at lr 1e-2, where the baseline collapses and sigmaReparam does not;
 - ``vit-digits``: a ViT (d=64, 4 layers, 4 heads, 2x2 patches) on scikit-learn's 8x8 digits with
@@ -280,7 +284,8 @@ PRESETS: dict[str, dict] = {
                       lr=3e-2, corpus_bytes=2**21, log_every=5, eval_every=75, eval_batches=4,
                       sample_steps=(150,), checkpoint_every=0, threads=1),
     # the classroom model at ten times its learning rate, logged every step: the baseline's loss spikes in its
-    # first steps, before its entropy falls below 0.1 nats (not yet the order of the paper's Figure 1)
+    # first steps, before its entropy falls below 0.1 nats (not the order of the paper's Figure 1, which notebook 05,
+    # section 6, shows from a committed speech run)
     "classroom-spike": dict(d_model=64, n_layer=2, n_head=4, block_size=64, batch_size=16, steps=80,
                             lr=3e-1, corpus_bytes=2**21, log_every=1, eval_every=40, eval_batches=4,
                             sample_steps=(80,), checkpoint_every=0, threads=1),
