@@ -70,6 +70,7 @@ def test_demo_help_says_what_it_does_and_how_long(capsys, monkeypatch):
     (["--weight-decay", "-0.1"], "--weight-decay"),
     (["--d-model", "30", "--n-head", "4"], "--d-model (30) must be divisible by --n-head (4)"),
     (["--norm", "sandwich"], "--norm"),
+    (["--compile", "--compile-backend", "no-such-backend"], "--compile-backend must be a registered torch.compile backend"),
 ])
 def test_a_bad_flag_is_one_line_naming_it_and_where_to_look(argv, flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -83,6 +84,20 @@ def test_a_bad_flag_is_one_line_naming_it_and_where_to_look(argv, flag, tmp_path
     assert "usage:" not in err
     # no converter's Python name ("invalid positive_float value")
     assert not re.search(r"invalid \w+ value|positive_float|positive_int|finite_float", err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_inductor_without_a_cpp_compiler_is_refused_before_the_run_naming_the_backend(tmp_path, monkeypatch, capsys):
+    """torch.compile is lazy: without the check, inductor on the CPU would fail only at the first
+    compiled step (after the first, recorded one), with a run folder half written."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", str(tmp_path / "run"), *FAST, "--device", "cpu", "--compile"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[0]
+    assert err.startswith("entropy-collapse train: error: --compile-backend ('inductor') ") and "aot_eager" in err
     assert not (tmp_path / "run").exists()
 
 

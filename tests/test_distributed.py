@@ -166,6 +166,46 @@ def test_fsdp_run_killed_and_resumed_matches_one_process(fsdp_killed_and_resumed
     assert state["optimizer"]["state"].keys() == trainer.optimizer.state_dict()["state"].keys()
 
 
+@pytest.fixture(scope="module")
+def fsdp_compiled_command(tmp_path_factory):
+    """``torchrun ... entropy-collapse train --compile --compile-backend aot_eager --distributed fsdp``,
+    the config of :data:`CFG` logged every 3rd step, so that steps 2, 4 and 5 run compiled (a
+    recorded step runs uncompiled for the attention probes).  ``SIGMA_CORE_NATIVE=0``: the
+    monitor's PyTorch path, so that no kernel build enters the cost."""
+    run_dir = tmp_path_factory.mktemp("fsdp-compiled") / "run"
+    flags = ["--preset", "cpu-smoke", "--reparam", "sigma", "--steps", "6", "--log-every", "3", "--eval-every", "6",
+             "--batch-size", "8", "--threads", "1", "--checkpoint-every", "3", "--sample-steps", "6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIGMA_CORE_NATIVE": "0"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "sigma_core.cli", "train", *flags, "--out", str(run_dir), "--distributed", "fsdp",
+                          "--compile", "--compile-backend", "aot_eager"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow  # about 27 s of CPU (one torchrun of 2 ranks, each tracing the sharded GPT with aot_eager)
+def test_compiled_fsdp_command_matches_one_process(fsdp_compiled_command, one_process):
+    """The uncompiled one-process run is the reference (and only needs the cheap fixture: under
+    xdist this test may run apart from the uncompiled sharded one, which matches it to the same
+    tolerance in test_fsdp_run_killed_and_resumed_matches_one_process)."""
+    run = fsdp_compiled_command
+    compiled = records(run)
+    one = [r for r in records(one_process[0]) if r["step"] in (1, 3, 6)]  # logged at every step
+    assert [r["step"] for r in compiled] == [r["step"] for r in one] == [1, 3, 6]
+    config = json.loads((run / "config.json").read_text())
+    assert (config["compile"], config["compile_backend"], config["distributed"]) == (True, "aot_eager", "fsdp")
+    for key in ("train_loss", "grad_norm", "sigma_max"):
+        np.testing.assert_allclose([r[key] for r in compiled], [r[key] for r in one], rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+    assert compiled[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-5)
+    for k, g in one[-1]["gamma"].items():  # gathered gamma, not a shard's
+        assert compiled[-1]["gamma"][k] == pytest.approx(g, rel=1e-5), k
+    summary = json.loads((run / SUMMARY_NAME).read_text())
+    assert summary["world_size"] == 2 and summary["bound_violations"] == 0 and not summary["diverged"]
+    assert read_checkpoint(run / CHECKPOINT_NAME)["step"] == 6
+
+
 def test_single_process_helpers():
     x = torch.arange(12).reshape(6, 2)
     assert torch.equal(torch.cat([shard(x, r, 3) for r in range(3)]), x)

@@ -29,7 +29,7 @@ At the end it prints a short summary; `entropy-collapse report RUN_DIR` draws th
   entropy-collapse train --resume runs/sigma     (continue from its checkpoint)
 
 A resumed run keeps its stored configuration; only --device, --threads, --compile,
---distributed, --progress and --checkpoint-every may be given again.  Under torchrun the run
+--compile-backend, --distributed, --progress and --checkpoint-every may be given again.  Under torchrun the run
 is data-parallel and --batch-size is the global batch: --distributed ddp (default) replicates
 the model, --distributed fsdp shards it (FSDP2, per transformer block and at the root).
 
@@ -79,6 +79,8 @@ FIELD_HELP = {
     "distributed": "under torchrun: ddp (replicate the model, DistributedDataParallel) or fsdp "
                    "(shard it with FSDP2 fully_shard per block and at the root)",
     "checkpoint_every": "write checkpoint.pt every N steps; 0: only at the end",
+    "compile_backend": "torch.compile backend of --compile: inductor (generates C++ on the CPU, needs "
+                       "a C++ compiler) or aot_eager (no code generation, compiles in seconds)",
 }
 
 #: help sections, in order; fields not listed go to the last one
@@ -97,7 +99,7 @@ _SHOWN_PRESET = {"patch_size": "vit-digits", "seq_task": "seq2seq-reverse", "mom
 
 
 #: the placeholder a flag's value shows in the help
-_METAVARS = {"lr": "LR", "device": "DEVICE", "model": "NAME", "optimizer": "NAME", "lr_schedule": "NAME",
+_METAVARS = {"lr": "LR", "device": "DEVICE", "model": "NAME", "compile_backend": "NAME", "optimizer": "NAME", "lr_schedule": "NAME",
              "seq_task": "NAME", integer: "N", positive_int: "N", nonnegative_int: "N", str: "TEXT"}
 
 
@@ -331,8 +333,8 @@ def _resume(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from sigma_core.experiments import distributed  # noqa: PLC0415
-    from sigma_core.experiments.train import (DirtyTreeError, RunFolderError, TooLargeError,  # noqa: PLC0415
-                                              Trainer, TrainingInterrupted)
+    from sigma_core.experiments.train import (CompileBackendError, DirtyTreeError, RunFolderError,  # noqa: PLC0415
+                                              TooLargeError, Trainer, TrainingInterrupted)
 
     if args.progress is None:
         args.progress = sys.stderr.isatty()  # the bar (tqdm) writes to stderr
@@ -384,6 +386,8 @@ def _run(args: argparse.Namespace) -> int:
                   f"checkpoint is kept in {run_dir} and metrics.jsonl ends with a diverged record",
                   file=sys.stderr)
         return 0
+    except CompileBackendError as exc:  # (raised by the Trainer, before anything is built or run)
+        args._parser.error(flags_in_message(str(exc)))
     finally:
         distributed.teardown()
 

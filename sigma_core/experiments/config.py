@@ -109,7 +109,10 @@ class TrainConfig:
     rate rises linearly over ``warmup_steps`` (0: no warm-up) to ``lr`` and then stays
     (``lr_schedule="constant"``, the default) or follows a half cosine to 0 at ``steps``
     (``"cosine"``); ``grad_clip`` 0 disables clipping (the gradient norm is logged either way).
-    Runtime: ``checkpoint_every`` steps a checkpoint is written (0: only at the end of the run).
+    Runtime: ``checkpoint_every`` steps a checkpoint is written (0: only at the end of the run);
+    ``compile`` runs the steps that are not recorded under ``torch.compile`` with the backend
+    ``compile_backend`` (``"inductor"``, torch's default, which on the CPU needs a C++ compiler;
+    ``"aot_eager"`` traces and runs AOT autograd without generating code).
     Data: ``test_split`` holds out a test split besides the validation split (see
     :mod:`sigma_core.experiments.tasks`), evaluated once, at the last step (``test_loss``,
     ``test_accuracy``), so that a learning rate chosen on validation is reported on unseen data.
@@ -156,6 +159,7 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     compile: bool = False
+    compile_backend: str = "inductor"
     distributed: str = "ddp"
     threads: int = 0
     progress: bool = True
@@ -221,6 +225,9 @@ class TrainConfig:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.reparam not in REPARAMS:
             raise ValueError(f"reparam must be one of {REPARAMS}, got {self.reparam!r}")
+        if not self.compile_backend:
+            raise ValueError("compile_backend must name a torch.compile backend (e.g. 'inductor', 'aot_eager'), "
+                             "got ''")
         if self.distributed not in DISTRIBUTED_MODES:
             raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES}, got {self.distributed!r}")
         if self.gamma_init not in GAMMA_INITS:

@@ -99,6 +99,15 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def is_sharded_unit(module: torch.nn.Module) -> bool:
+    """Whether ``module`` itself is an FSDP2 ``fully_shard`` unit."""
+    try:
+        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model`` (or a submodule) is an FSDP2 ``fully_shard`` unit."""
     try:

@@ -81,7 +81,7 @@ METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
 SUMMARY_NAME = "summary.json"
 #: fields that may change on resume (they do not change the trajectory's numbers on one device)
-RUNTIME_FIELDS = ("device", "compile", "distributed", "threads", "progress", "checkpoint_every")
+RUNTIME_FIELDS = ("device", "compile", "compile_backend", "distributed", "threads", "progress", "checkpoint_every")
 #: what a training checkpoint holds (``cuda_rng`` too when it was written on CUDA)
 STATE_KEYS = ("config", "step", "model", "optimizer", "data_generator", "torch_rng", "train_time",
               "tokens_seen", "corpus_sha256")
@@ -128,6 +128,11 @@ def check_fits_in_memory(cfg, memory: int | None = None) -> None:
             f"block_size ({cfg.block_size}) is too large for this machine: the recorded steps form an attention "
             f"map of batch_size x n_head x block_size^2 = {cfg.batch_size} x {cfg.n_head} x {cfg.block_size}^2 "
             f"float32 values, {need / 2**30:.1f} GiB, and the machine has {memory / 2**30:.1f} GiB")
+
+
+class CompileBackendError(ValueError):
+    """A ``compile_backend`` that cannot compile here (not registered, or inductor on a CPU without
+    a C++ compiler), refused before anything runs."""
 
 
 class DirtyTreeError(ValueError):
@@ -253,6 +258,37 @@ def check_clean_tree(out_dir: str | os.PathLike | None, *, allow_dirty: bool = F
             raise DirtyTreeError(msg + ", or pass allow_dirty / --allow-dirty to write a run marked dirty")
         warnings.warn(msg + "; writing it marked git_dirty", DirtyTreeWarning, stacklevel=3)
     return dirty
+
+
+def check_compile_backend(backend: str, device: torch.device) -> None:
+    """Refuse (:class:`CompileBackendError`, naming ``compile_backend``) a ``torch.compile``
+    backend that is not registered, or ``"inductor"`` on the CPU without a working C++ compiler,
+    before any step runs (``torch.compile`` is lazy: it would fail at the first compiled step).
+
+    >>> check_compile_backend("aot_eager", torch.device("cpu"))
+    >>> check_compile_backend("no-such-backend", torch.device("cpu"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    sigma_core.experiments.train.CompileBackendError: compile_backend must be a registered torch.compile backend, ..., got 'no-such-backend'
+    """
+    from torch._dynamo import list_backends  # noqa: PLC0415 (only when compiling: its import takes seconds)
+
+    known = list_backends(exclude_tags=())  # the debug backends (aot_eager, eager) too
+    if backend not in known:
+        raise CompileBackendError(f"compile_backend must be a registered torch.compile backend, such as "
+                                  f"'inductor', 'aot_eager' or 'eager' (torch._dynamo.list_backends(exclude_tags=()) "
+                                  f"lists all {len(known)} here), got {backend!r}")
+    if backend == "inductor" and device.type == "cpu":
+        try:  # inductor's own search (torch._inductor.config.cpp.cxx, the CXX variable)
+            from torch._inductor.cpp_builder import get_cpp_compiler  # noqa: PLC0415
+            from torch._inductor.exc import InvalidCxxCompiler  # noqa: PLC0415
+        except ImportError:  # another torch layout: inductor reports it at the first compiled step
+            return
+        try:
+            get_cpp_compiler()
+        except InvalidCxxCompiler as exc:
+            raise CompileBackendError(
+                f"compile_backend ('inductor') generates C++ on the CPU and needs a C++ compiler, and none "
+                f"works here ({exc}): install one (g++) or set CXX, or choose the backend 'aot_eager'") from None
 
 
 def build_model(cfg) -> torch.nn.Module:
@@ -625,6 +661,8 @@ class Trainer:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of "
                              f"processes ({self.world_size}): each rank trains on batch_size / N rows")
         self.device = ddp_device if ddp_device is not None else resolve_device(cfg.device)
+        if cfg.compile:  # before anything is built: torch.compile would fail at the first compiled step
+            check_compile_backend(cfg.compile_backend, self.device)
         self.task = make_task(cfg, corpus)
         self.corpus = getattr(self.task, "corpus", None)  # the GPT's bytes; None for other models
         torch.manual_seed(cfg.seed)
@@ -649,7 +687,19 @@ class Trainer:
             # broadcast_buffers (default): sigmaReparam's u, v come from rank 0 at every forward
             self.ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.compiled = torch.compile(self.ddp) if cfg.compile else self.ddp
+        #: what the steps that are not recorded run: under FSDP2 the whole sharded model compiled
+        #: (FSDP2's gather and reshard hooks stay outside the graph), under DDP the DDP module
+        self.compiled = torch.compile(self.ddp, backend=cfg.compile_backend) if cfg.compile else self.ddp
+        #: the compiled steps' dynamo recompile limit under FSDP2: the root's forward breaks the graph
+        #: at FSDP2's hooks and each block's forward is compiled as a frame of its own, once per block
+        #: (the parametrized layers of every block are classes of their own, torch.nn.utils.parametrize),
+        #: so beyond torch's limit of 8 the remaining blocks would run uncompiled
+        self._recompile_limit = None
+        if cfg.compile and self.sharded:
+            from torch._dynamo import config as dynamo_config  # noqa: PLC0415
+
+            units = sum(1 for m in self.model.modules() if distributed.is_sharded_unit(m))
+            self._recompile_limit = max(dynamo_config.recompile_limit, units + 8)
         self._stop_signal: int | None = None
         #: seconds a step may still take after SIGINT/SIGTERM before it is abandoned (None: no limit)
         self.stop_timeout: float | None = STOP_TIMEOUT_S
@@ -824,8 +874,13 @@ class Trainer:
             y = distributed.shard(y, self.rank, self.world_size)
         model = self.ddp if observe else self.compiled
         step = self.step + 1
+        limits = nullcontext()
+        if model is not self.ddp and self._recompile_limit is not None:
+            from torch._dynamo import config as dynamo_config  # noqa: PLC0415
+
+            limits = dynamo_config.patch(recompile_limit=self._recompile_limit)
         try:
-            with self.autocast():
+            with self.autocast(), limits:
                 _, loss = model(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
