@@ -1165,7 +1165,10 @@ def _default_layer_types() -> tuple:
 
 
 def _weight_names(module: nn.Module) -> list[str]:
-    """Names of ``module``'s own floating parameters with >= 2 dims (parametrized or not)."""
+    """Names of ``module``'s own floating parameters with >= 2 dims (parametrized or not; none
+    for the ``ParametrizationList`` holding a parametrized weight's ``original``)."""
+    if isinstance(module, parametrize.ParametrizationList):
+        return []
     names = []
     plists = module.__dict__.get("_modules", {}).get("parametrizations")
     for name in list(module._parameters) + (list(plists.keys()) if plists is not None else []):
