@@ -884,6 +884,8 @@ def sigma_reparam(
     if not any(getattr(h, "func", None) is _load_plain_weight
                for h in module._load_state_dict_pre_hooks.values()):
         module.register_load_state_dict_pre_hook(functools.partial(_load_plain_weight))
+    if refuse_plain_hf_save not in module._state_dict_pre_hooks.values():  # (reparam_io)
+        module.register_state_dict_pre_hook(refuse_plain_hf_save)
     if isinstance(module, nn.MultiheadAttention):
         _cache_weights_per_forward(module)
     return module
@@ -1753,5 +1755,5 @@ def sigma_reparam_state(model: nn.Module) -> dict[str, dict[str, float]]:
 
 
 from .reparam_io import (  # noqa: E402  (uses this module)
-    install_hf_io, load_sigma_reparam, save_sigma_reparam, uninstall_hf_io,
+    install_hf_io, load_sigma_reparam, refuse_plain_hf_save, save_sigma_reparam, uninstall_hf_io,
 )
