@@ -378,7 +378,7 @@ def test_save_pretrained_of_sigma_reparam_by_hand_is_refused_with_what_to_do(tmp
                                          r"carries sigmaReparam registered by hand.*convert_to_sigma_reparam\("
                                          r"model, exclude=\['\*'\]\).*fold_sigma_reparam.*save_sigma_reparam"):
         model.save_pretrained(tmp_path / "hand")
-    assert not (tmp_path / "hand" / "model.safetensors").exists()
+    assert not (tmp_path / "hand" / "model.safetensors").exists() and (tmp_path / "hand" / "config.json").exists()
     with pytest.raises(ValueError, match="registered by hand"):
         _hf_trainer(tmp_path / "t", model, max_steps=1).save_model(str(tmp_path / "trainer"))
     assert "gpt_neox.layers.0.attention.query_key_value.parametrizations.weight.original" in model.state_dict()
@@ -398,6 +398,15 @@ def test_save_pretrained_of_sigma_reparam_by_hand_is_refused_with_what_to_do(tmp
         sigma_reparam(layer.attention.query_key_value)
     load_sigma_reparam(again, tmp_path / "adopted")
     assert _same_state(again, model) == []
+    resumed, _ = tm.tiny_gpt_neox(seed=2)  # the Trainer's checkpoint loader restores it exactly too
+    for layer in resumed.gpt_neox.layers:
+        sigma_reparam(layer.attention.query_key_value)
+    convert_to_sigma_reparam(resumed, exclude=["*"])
+    _hf_trainer(tmp_path / "t2", resumed, max_steps=1)._load_from_checkpoint(str(tmp_path / "adopted"))
+    assert _same_state(resumed, model) == []
+    hand = {k: v.clone() for k, v in again.state_dict().items()}  # an explicit state_dict= is not checked
+    type(again).save_pretrained(again, tmp_path / "explicit", state_dict=hand)
+    assert (tmp_path / "explicit" / "model.safetensors").is_file()
 
     gpt2, inputs = tm.tiny_gpt2(seed=0)
     convert_to_sigma_reparam(gpt2.transformer)
