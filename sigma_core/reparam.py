@@ -884,6 +884,8 @@ def sigma_reparam(
     if not any(getattr(h, "func", None) is _load_plain_weight
                for h in module._load_state_dict_pre_hooks.values()):
         module.register_load_state_dict_pre_hook(functools.partial(_load_plain_weight))
+    if refuse_plain_hf_save not in module._state_dict_pre_hooks.values():  # (reparam_io)
+        module.register_state_dict_pre_hook(refuse_plain_hf_save)
     if isinstance(module, nn.MultiheadAttention):
         _cache_weights_per_forward(module)
     return module
@@ -1165,7 +1167,10 @@ def _default_layer_types() -> tuple:
 
 
 def _weight_names(module: nn.Module) -> list[str]:
-    """Names of ``module``'s own floating parameters with >= 2 dims (parametrized or not)."""
+    """Names of ``module``'s own floating parameters with >= 2 dims (parametrized or not; none
+    for the ``ParametrizationList`` holding a parametrized weight's ``original``)."""
+    if isinstance(module, parametrize.ParametrizationList):
+        return []
     names = []
     plists = module.__dict__.get("_modules", {}).get("parametrizations")
     for name in list(module._parameters) + (list(plists.keys()) if plists is not None else []):
@@ -1750,5 +1755,5 @@ def sigma_reparam_state(model: nn.Module) -> dict[str, dict[str, float]]:
 
 
 from .reparam_io import (  # noqa: E402  (uses this module)
-    install_hf_io, load_sigma_reparam, save_sigma_reparam, uninstall_hf_io,
+    install_hf_io, load_sigma_reparam, refuse_plain_hf_save, save_sigma_reparam, uninstall_hf_io,
 )

@@ -232,3 +232,188 @@ def test_save_pretrained_options_trainer_state_dict_copies_and_fold(tmp_path):
     plain, info = _from_pretrained("gpt_neox", tmp_path / "plain")
     assert info["missing_keys"] == set()
     torch.testing.assert_close(_out(plain, inputs), ref, rtol=1e-5, atol=1e-5)
+
+
+# -- transformers.Trainer: resume_from_checkpoint and load_best_model_at_end are exact ----------------
+def _lm_data(n, seed, vocab=97, seq=12):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, vocab, (n, seq), generator=g)]
+
+
+def _hf_trainer(out, model, *, max_steps, save_steps=None, eval_steps=None, **args):
+    import transformers
+
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2, per_device_eval_batch_size=4,
+        learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, report_to=[], disable_tqdm=True,
+        use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps, **args)
+    return transformers.Trainer(model=model, args=args, train_dataset=_lm_data(16, 1),
+                                eval_dataset=_lm_data(4, 2) if eval_steps else None)
+
+
+def _converted(family, seed=0, **opts):
+    model, _ = {"gpt_neox": tm.tiny_gpt_neox, "gpt2": tm.tiny_gpt2}[family](seed=seed)
+    return convert_to_sigma_reparam(model, **opts)
+
+
+def _losses(trainer):
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+@pytest.fixture(scope="module")
+def neox_run(tmp_path_factory):
+    """A converted GPT-NeoX (legacy key embed_out on save) trained 4 steps by transformers.Trainer,
+    with a checkpoint every 2 steps."""
+    out = tmp_path_factory.mktemp("neox_run")
+    whole = _hf_trainer(out, _converted("gpt_neox"), max_steps=4, save_steps=2)
+    whole.train()
+    return whole, out
+
+
+def test_trainer_resume_from_checkpoint_is_exact(neox_run, tmp_path):
+    """Trainer.train(resume_from_checkpoint=checkpoint-2) of a converted model ends bit for bit
+    where the uninterrupted run ends: every raw weight, gamma, _u, _v and the losses of steps 3
+    and 4 (the Trainer's load_state_dict(model.safetensors, strict=False) gets the sigmaReparam
+    state of the directory's sigma_reparam.safetensors instead of the folded weights)."""
+    whole, out = neox_run
+    resumed = _hf_trainer(tmp_path, _converted("gpt_neox", seed=1), max_steps=4, save_steps=2)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert _same_state(resumed.model, whole.model) == []
+    assert sigma_reparam_state(resumed.model) == sigma_reparam_state(whole.model)
+    assert _losses(resumed) == _losses(whole) and len(_losses(whole)) == 4
+
+
+def test_trainer_checkpoint_loads_refuse_what_would_not_resume_exactly(neox_run, tmp_path):
+    """The Trainer's own checkpoint loader (_load_from_checkpoint, what train(resume_from_checkpoint=)
+    calls first) refuses by name: a sigma_reparam.safetensors from another save (digest of the
+    folded weights), a lost one, a model converted with other options, and a Trainer method it
+    does not know; a folded weight the model cannot find by name is restored all the same, and a
+    sharded save resumes exactly through load_sharded_checkpoint."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    whole, out = neox_run
+    trainer = _hf_trainer(tmp_path / "t", _converted("gpt_neox", seed=1), max_steps=4)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out / "checkpoint-2", mixed)
+    for name in ("sigma_reparam.safetensors", "sigma_reparam.safetensors.json"):
+        shutil.copy(out / "checkpoint-4" / name, mixed / name)
+    with pytest.raises(RuntimeError, match=r"not those of its sigma_reparam\.safetensors \(gpt_neox\.layers"):
+        trainer._load_from_checkpoint(str(mixed))
+    (mixed / "sigma_reparam.safetensors").unlink()
+    with pytest.raises(RuntimeError, match="holds no sigma_reparam.safetensors"):
+        trainer._load_from_checkpoint(str(mixed))
+    other = _hf_trainer(tmp_path / "o", _converted("gpt_neox", n_power_iterations=2), max_steps=4)
+    with pytest.raises(RuntimeError, match="does not match the model .*n_power_iterations"):
+        other._load_from_checkpoint(str(out / "checkpoint-2"))
+
+    class MyTrainer(transformers.Trainer):
+        def _load_my_way(self, d):
+            self.model.load_state_dict(load_file(f"{d}/model.safetensors"), strict=False)
+
+    mine = MyTrainer(model=_converted("gpt_neox", seed=1), args=trainer.args)
+    with pytest.raises(RuntimeError, match=r"MyTrainer\._load_my_way .*load_sigma_reparam\(model"):
+        mine._load_my_way(out / "checkpoint-2")
+
+    merged = tmp_path / "merged"  # a folded weight under a name the model cannot map back (as a merge on save)
+    shutil.copytree(out / "checkpoint-2", merged)
+    weights = load_file(merged / "model.safetensors")
+    layer = "gpt_neox.layers.0.attention."
+    weights[layer + "qkv_merged"] = weights.pop(layer + "query_key_value.weight")
+    save_file(weights, merged / "model.safetensors", metadata={"format": "pt"})
+    trainer._load_from_checkpoint(str(merged))
+    saved = load_sigma_reparam(_converted("gpt_neox", seed=2), out / "checkpoint-2")
+    assert _same_state(trainer.model, saved) == []
+
+    whole.model.save_pretrained(tmp_path / "sharded", max_shard_size="30KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    fresh = _converted("gpt_neox", seed=1)
+    transformers.trainer_utils.load_sharded_checkpoint(fresh, tmp_path / "sharded", strict=False)
+    assert _same_state(fresh, whole.model) == []
+
+
+def test_trainer_load_best_model_at_end_is_exact(tmp_path):
+    """load_best_model_at_end=True on a converted GPT-2 (Conv1D, tied lm_head): the model the
+    Trainer ends with is exactly the best checkpoint's sigmaReparam model (checkpoint-2 here: its
+    eval loss is the lower of the two), not its folded weights."""
+    trainer = _hf_trainer(tmp_path, _converted("gpt2"), max_steps=4, save_steps=2, eval_steps=2,
+                          load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=False)
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    best = load_sigma_reparam(_converted("gpt2", seed=1), trainer.state.best_model_checkpoint)
+    assert _same_state(trainer.model, best) == []
+    last = load_sigma_reparam(_converted("gpt2", seed=1), tmp_path / "checkpoint-4")
+    assert _same_state(trainer.model, last)  # the best is not simply the last
+
+
+# -- sigma_reparam(module) by hand on a Hugging Face model: transformers' save_pretrained refused ----
+def test_save_pretrained_of_sigma_reparam_by_hand_is_refused_with_what_to_do(tmp_path):
+    """sigma_reparam on a projection of a Hugging Face model (or convert_to_sigma_reparam of a
+    submodule), then the model's save_pretrained: a ValueError naming the module and the fixes,
+    before any weight is written (from_pretrained would re-initialise that weight at random); the
+    Trainer's checkpoint save too.  The first fix it names, convert_to_sigma_reparam(model,
+    exclude=['*']), converts nothing more (no warning) and saves what from_pretrained reads (same
+    function) and what load_sigma_reparam restores exactly; fold_sigma_reparam gives a plain save."""
+    import warnings
+
+    import transformers
+
+    from sigma_core.reparam import fold_sigma_reparam, sigma_reparam
+
+    model, inputs = tm.tiny_gpt_neox(seed=0)
+    for layer in model.gpt_neox.layers:
+        sigma_reparam(layer.attention.query_key_value)
+    _train_a_step(model, inputs)
+    with pytest.raises(ValueError, match=r"GPTNeoXForCausalLM: gpt_neox\.layers\.0\.attention\.query_key_value "
+                                         r"carries sigmaReparam registered by hand.*convert_to_sigma_reparam\("
+                                         r"model, exclude=\['\*'\]\).*fold_sigma_reparam.*save_sigma_reparam"):
+        model.save_pretrained(tmp_path / "hand")
+    assert not (tmp_path / "hand" / "model.safetensors").exists() and (tmp_path / "hand" / "config.json").exists()
+    with pytest.raises(ValueError, match="registered by hand"):
+        _hf_trainer(tmp_path / "t", model, max_steps=1).save_model(str(tmp_path / "trainer"))
+    assert "gpt_neox.layers.0.attention.query_key_value.parametrizations.weight.original" in model.state_dict()
+
+    ref = _out(model, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_to_sigma_reparam(model, exclude=["*"])
+    assert sorted(sigma_reparam_state(model)) == [f"gpt_neox.layers.{i}.attention.query_key_value.weight"
+                                                  for i in (0, 1)]
+    model.save_pretrained(tmp_path / "adopted")
+    plain, info = _from_pretrained("gpt_neox", tmp_path / "adopted")
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set(), info
+    torch.testing.assert_close(_out(plain, inputs), ref, rtol=1e-5, atol=1e-5)
+    again, _ = tm.tiny_gpt_neox(seed=1)
+    for layer in again.gpt_neox.layers:
+        sigma_reparam(layer.attention.query_key_value)
+    load_sigma_reparam(again, tmp_path / "adopted")
+    assert _same_state(again, model) == []
+    resumed, _ = tm.tiny_gpt_neox(seed=2)  # the Trainer's checkpoint loader restores it exactly too
+    for layer in resumed.gpt_neox.layers:
+        sigma_reparam(layer.attention.query_key_value)
+    convert_to_sigma_reparam(resumed, exclude=["*"])
+    _hf_trainer(tmp_path / "t2", resumed, max_steps=1)._load_from_checkpoint(str(tmp_path / "adopted"))
+    assert _same_state(resumed, model) == []
+    hand = {k: v.clone() for k, v in again.state_dict().items()}  # an explicit state_dict= is not checked
+    type(again).save_pretrained(again, tmp_path / "explicit", state_dict=hand)
+    assert (tmp_path / "explicit" / "model.safetensors").is_file()
+
+    gpt2, inputs = tm.tiny_gpt2(seed=0)
+    convert_to_sigma_reparam(gpt2.transformer)
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel: transformer\.h\.0\.attn\.c_attn carries"):
+        gpt2.save_pretrained(tmp_path / "sub")
+    ref = _out(gpt2, inputs)
+    fold_sigma_reparam(gpt2)
+    gpt2.save_pretrained(tmp_path / "folded")
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "folded")
+    torch.testing.assert_close(_out(loaded, inputs), ref, rtol=1e-5, atol=1e-5)
