@@ -359,6 +359,11 @@ def test_an_overflowing_logit_norm_keeps_every_record_and_counts_the_rows_left_u
     json.dumps(recs, allow_nan=False)
     lines = (tmp_path / "records.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == recs
+    # what the loggers show (sigma_core.sinks.record_scalars): the rows left out, only when there are some
+    from sigma_core.sinks import record_scalars
+
+    assert record_scalars(recs)["rows_nonfinite"] == sum(r["rows_nonfinite"] for r in recs)
+    assert "rows_nonfinite" not in record_scalars(alone)
 
 
 def test_a_head_with_no_finite_logit_norm_has_no_bound_and_zero_violations():
