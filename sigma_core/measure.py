@@ -245,7 +245,14 @@ class Measurement:
     def _check_bound(self, step, layer, name, per_head, sub: RowStats, bound, note, nb):
         """Fill ``per_head`` with ``logit_norm_max`` and each variant's bound and violations on the
         checked rows ``sub`` that see a key (rows with none are skipped: they have no entropy); a
-        violation is logged and warned (:class:`BoundViolationWarning`)."""
+        violation is logged and warned (:class:`BoundViolationWarning`).
+
+        A diverging model can overflow its logit norms (in the compute dtype) while its queries
+        and keys are still finite: a row whose centred logit norm, measured or any variant's, is
+        not finite has no bound to check.  Such rows are left out of the check and counted per head
+        in ``rows_nonfinite`` (``bound_rows`` counts the rows checked); a head with no row left gets
+        ``None`` for ``logit_norm_max`` and every ``bound_*`` (and 0 violations).  The record is
+        kept and the forward never fails on them."""
         H = sub.entropy.shape[1]
         ok = sub.n_keys > 0  # (nb, H, Tq)
         if note is None:
@@ -253,11 +260,16 @@ class Measurement:
             norms = bound_variant_norms(sub, sigma, xq[:nb], None if xk is None else xk[:nb])
         else:
             norms = {"exact": sub.logit_norm.double()}
-        ok_np = ok.cpu().numpy()
+        finite = torch.isfinite(sub.logit_norm)  # (nb, H, Tq)
+        for t in norms.values():
+            finite &= torch.isfinite(t)
+        ok, dropped = ok & finite, ok & ~finite  # the rows checked; those left out (no finite norm)
+        ok_np, dropped_np = torch.stack([ok, dropped]).cpu().numpy()  # one transfer for both masks
         n_keys = sub.n_keys.clamp(min=1).cpu().numpy()
         sub_ent = sub.entropy.double().cpu().numpy()
         tol = _tolerance(sub.entropy)
-        per_head["bound_rows"] = ok.sum((0, 2)).tolist()
+        per_head["bound_rows"] = ok_np.sum(axis=(0, 2)).astype(int).tolist()
+        per_head["rows_nonfinite"] = dropped_np.sum(axis=(0, 2)).astype(int).tolist()
         lmax = torch.where(ok, sub.logit_norm, -math.inf).amax((0, 2)).tolist()
         per_head["logit_norm_max"] = [v if v > -math.inf else None for v in lmax]
         for v in VARIANTS:
@@ -312,7 +324,7 @@ class Measurement:
         for hd in range(H):
             rec = {"step": step, "layer": layer, "name": name, "source": source, "head": hd,
                    "seq_len": Tk, "n_rows": ok_counts[hd], "rows_no_key": B * Tq - ok_counts[hd],
-                   "log_seq_len": math.log(Tk), "bound_rows": 0}
+                   "log_seq_len": math.log(Tk), "bound_rows": 0, "rows_nonfinite": 0}
             for key, vals in per_head.items():
                 rec[key] = vals[hd]
             if half_counts[hd] == 0:

@@ -81,8 +81,12 @@ weights and on forwards that do not check the bound), ``logit_norm_max`` (larges
 rows of ``h_{T_i}(s_i)``), ``violations_<variant>`` (rows with entropy < bound - tol),
 ``bound_rows`` (rows checked: the first ``bound_samples`` batch elements; 0 on a forward that
 does not check the bound, whose ``sigma``, ``logit_norm_max``, ``bound_*`` and ``violations_*``
-are then ``None``) and ``weight_bound_note`` (why the weight-based variants are ``None`` on a
-checked forward, else ``None``).  With an
+are then ``None``), ``rows_nonfinite`` (rows of those whose centred logit norm, measured or a
+variant's, is not finite in the compute dtype, as in a diverging model: left out of the check and
+of ``bound_rows``, never a lost record or a failed forward; a head with no row left has ``None``
+``logit_norm_max`` and ``bound_*``; 0 on a forward that does not check the bound) and
+``weight_bound_note`` (why the weight-based variants are ``None`` on a checked forward, else
+``None``).  With an
 additive (float, not only 0/-inf) attention mask only the ``exact`` variant applies.
 
 Under ``torch.distributed`` every rank runs its own monitor on its own batch and records what one

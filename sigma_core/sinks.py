@@ -258,7 +258,9 @@ def record_scalars(records: list[dict], *, prefix: str = "") -> dict[str, float]
       (on checked forwards where the variant applies; never below 0 when every row is checked,
       ``bound_samples=None``, since each row's entropy is at least its own bound);
     - ``violations_<variant>``: rows below the variant's bound, summed over layers and heads
-      (on checked forwards; must be 0).
+      (on checked forwards; must be 0);
+    - ``rows_nonfinite``: rows left out of the bound check because their logit norm is not
+      finite (a diverging model), summed over layers and heads; only when there are some.
 
     Parameters
     ----------
@@ -283,7 +285,9 @@ def record_scalars(records: list[dict], *, prefix: str = "") -> dict[str, float]
     low: dict[int, float] = {}
     margin: dict[str, float] = {}
     violations: dict[str, int] = {}
+    nonfinite = 0
     for r in records:
+        nonfinite += int(r.get("rows_nonfinite") or 0)
         layer, head, ent = r["layer"], r["head"], r["entropy_mean"]
         heads[f"{prefix}entropy/layer{layer}/head{head}"] = ent
         low[layer] = min(low.get(layer, math.inf), ent)
@@ -305,6 +309,8 @@ def record_scalars(records: list[dict], *, prefix: str = "") -> dict[str, float]
     out.update(sigma)
     out.update(margin)
     out.update(violations)
+    if nonfinite:
+        out[f"{prefix}rows_nonfinite"] = nonfinite
     return out
 
 

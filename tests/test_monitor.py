@@ -299,6 +299,98 @@ def test_non_finite_queries_on_the_fused_path_are_skipped_with_a_warning():
     assert not any("no attention call" in m for m in messages)  # it did see one
 
 
+def _overflow_case(kind, T=6):
+    """(model, forward) of an attention whose logits overflow their float32 norm for large inputs:
+    the probe protocol (fused entropy pass, causal, two layers), nn.MultiheadAttention without a
+    mask, and with a causal mask (blocked pass)."""
+    if kind == "probe":
+        model = tiny_model()
+        return model, model
+    model = nn.MultiheadAttention(8, 2, batch_first=True)
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1) if kind == "mha-masked" else None
+    return model, lambda x: model(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+def strict_monitor_warnings():
+    """Make the monitor's warnings errors (not others': the first build of the native kernel warns)."""
+    warnings.filterwarnings("error", message="EntropyMonitor")
+    warnings.filterwarnings("error", category=BoundViolationWarning)
+
+
+def _record_strictly(model, forward, x, **kw):
+    """The records of one forward, which must give no warning and skip nothing."""
+    with warnings.catch_warnings():
+        strict_monitor_warnings()  # no skipped call, no failed record, no bound violation
+        with EntropyMonitor(model, bound_samples=None, **kw) as mon:
+            out = forward(x)
+    assert torch.isfinite(out).all()
+    assert mon.skipped == [] and mon.n_skipped == 0
+    return mon.last
+
+
+@pytest.mark.parametrize("kind", ["probe", "mha", "mha-masked"])
+def test_an_overflowing_logit_norm_keeps_every_record_and_counts_the_rows_left_unchecked(kind, tmp_path):
+    """Issue 24: a diverging model can overflow its logits' centred norm while its queries, keys
+    and output stay finite.  Sample 0's inputs scaled by 1e12 give logits of ~1e24 whose squares
+    pass the largest float32 (3.4e38): those rows have no bound.  Every layer and head keeps its
+    record (also in the JSONL file, as standard JSON), the ordinary sample's rows are checked
+    exactly as when it runs alone, and the rows left out are counted in ``rows_nonfinite``."""
+    from sigma_core.entropy import VARIANTS
+
+    T = 6
+    torch.manual_seed(0)
+    model, forward = _overflow_case(kind, T)
+    x = torch.randn(2, T, 8)
+    big = x.clone()
+    big[0] *= 1e12
+    alone = _record_strictly(model, forward, x[1:])
+    recs = _record_strictly(model, forward, big, path=tmp_path / "records.jsonl")
+    assert [(r["layer"], r["head"]) for r in recs] == [(r["layer"], r["head"]) for r in alone]
+    assert len(recs) == (4 if kind == "probe" else 2)
+    for r, a in zip(recs, alone):
+        assert (a["bound_rows"], a["rows_nonfinite"]) == (T, 0)
+        assert r["n_rows"] == r["bound_rows"] + r["rows_nonfinite"] == 2 * T
+        # sample 0's rows; its first row in a causal model sees one key (centred norm 0) and may stay
+        assert T - 1 <= r["rows_nonfinite"] <= T
+        assert r["logit_norm_max"] == pytest.approx(a["logit_norm_max"], rel=1e-5)
+        for v in VARIANTS:
+            assert r[f"violations_{v}"] == 0
+            assert r[f"bound_{v}"] == pytest.approx(a[f"bound_{v}"], rel=1e-5, abs=1e-9), v
+    json.dumps(recs, allow_nan=False)
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == recs
+    # what the loggers show (sigma_core.sinks.record_scalars): the rows left out, only when there are some
+    from sigma_core.sinks import record_scalars
+
+    assert record_scalars(recs)["rows_nonfinite"] == sum(r["rows_nonfinite"] for r in recs)
+    assert "rows_nonfinite" not in record_scalars(alone)
+
+
+def test_a_head_with_no_finite_logit_norm_has_no_bound_and_zero_violations():
+    """Every checked row overflows (non-causal, the one checked sample scaled by 1e12): the record
+    stays, with ``None`` for ``logit_norm_max`` and every ``bound_*``, 0 violations and every row
+    counted in ``rows_nonfinite``; a forward that does not check the bound counts none."""
+    from sigma_core.entropy import VARIANTS
+
+    torch.manual_seed(0)
+    model = tiny_model(n_layer=1, causal=False)
+    x = torch.randn(2, 6, 8)
+    x[0] *= 1e12
+    with warnings.catch_warnings():
+        strict_monitor_warnings()
+        with EntropyMonitor(model, bound_samples=1, bound_every=2) as mon:
+            model(x)
+            checked = mon.last
+            model(x)
+            unchecked = mon.last
+    assert len(checked) == len(unchecked) == 2
+    for r in checked:
+        assert (r["n_rows"], r["bound_rows"], r["rows_nonfinite"]) == (12, 0, 6)
+        assert r["logit_norm_max"] is None and r["entropy_min"] is not None
+        assert all(r[f"bound_{v}"] is None and r[f"violations_{v}"] == 0 for v in VARIANTS)
+    assert all((r["bound_rows"], r["rows_nonfinite"]) == (0, 0) for r in unchecked)
+
+
 def test_bound_every_checks_the_bound_on_every_nth_recorded_forward_only():
     torch.manual_seed(0)
     model = tiny_model(n_layer=1)

@@ -1,6 +1,8 @@
 """Training runs on the cpu-smoke preset: what a run directory promises, and what it shows."""
 import argparse
 import json
+import math
+import warnings
 
 import numpy as np
 import pytest
@@ -148,3 +150,40 @@ def test_learning_rate_warmup_then_cosine_or_constant():
         preset("cpu-smoke", warmup_steps=-1)
     with pytest.raises(ValueError, match="model='vit' does not fit preset 'cpu-smoke'"):
         preset("cpu-smoke", model="vit")
+
+
+def test_an_overflowing_logit_norm_keeps_every_layer_in_the_metrics_until_the_run_diverges(tmp_path):
+    """Issue 24: a diverging run whose attention logits outgrow float32's norm (their squares pass
+    3.4e38) while loss and gradients are still finite.  After step 3 the last layer's W_Q and W_K
+    are scaled by 1e12 (logits ~1e23); with SGD, step 4 is logged with every layer and head, the
+    overflowing rows counted in ``rows_nonfinite`` and left out of ``rows_checked``, no
+    violation; step 5's loss is NaN and the run ends with its ``diverged`` record."""
+    cfg = preset("cpu-smoke", optimizer="sgd", steps=10, log_every=1, eval_every=100, sample_steps=(),
+                 checkpoint_every=0, threads=1)
+    trainer = Trainer(cfg, tmp_path)
+    plain_step = trainer.train_step
+
+    def step(*, observe=False):
+        if trainer.step == 3:
+            with torch.no_grad():
+                attn = trainer.model.attention_modules()[-1]
+                attn.q_proj.weight.mul_(1e12)
+                attn.k_proj.weight.mul_(1e12)
+        return plain_step(observe=observe)
+
+    trainer.train_step = step  # the run calls it once per step
+    with warnings.catch_warnings():  # step 5's NaN queries: that call is skipped and counted, as always
+        warnings.filterwarnings("ignore", message="EntropyMonitor: .* non-finite queries or keys")
+        summary = trainer.run()
+    recs = records(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    assert summary["diverged"] and summary["diverged_step"] == 5
+    assert recs[-1]["diverged"] and "non-finite loss" in recs[-1]["reason"]
+    before, last = recs[:3], recs[3]
+    rows = cfg.block_size  # the monitor checks the first sample of each head: T rows per head
+    assert all("rows_nonfinite" not in r and r["rows_checked"] == cfg.n_layer * cfg.n_head * rows for r in before)
+    assert np.shape(last["entropy"]) == np.shape(last["sigma"]) == (cfg.n_layer, cfg.n_head)
+    assert np.all(np.isfinite(last["entropy"])) and np.all(np.isfinite(last["sigma"]))  # no layer missing
+    assert last["rows_nonfinite"] > 0 and last["bound_violations"] == 0
+    assert last["rows_checked"] + last["rows_nonfinite"] == cfg.n_layer * cfg.n_head * rows
+    assert math.isfinite(last["train_loss"]) and math.isfinite(last["grad_norm"])

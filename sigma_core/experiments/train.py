@@ -582,9 +582,11 @@ def attention_metrics(monitor: EntropyMonitor, model: GPT, *, gamma: dict | None
     ``entropy_min_head`` its minimum over heads; ``entropy_min_row`` the lowest single row;
     ``sigma[l][h]`` = sigma_h (eq. (1), with the logit scale) and ``sigma_max`` its maximum;
     ``rows_checked`` and ``bound_violations`` (rows below any of the bounds h_{T_i}, eq. (2),
-    summed over the variants; it must stay 0); ``gamma``: sigmaReparam's gamma of each attention
-    projection when the model is reparametrised (``gamma``: that dict, computed beforehand, e.g.
-    on every rank of a sharded model).
+    summed over the variants; it must stay 0); ``rows_nonfinite``, only when some row that would be
+    checked has a non-finite logit norm (a diverging run: those rows are left out of
+    ``rows_checked``; every layer's record is still there); ``gamma``: sigmaReparam's gamma of
+    each attention projection when the model is reparametrised (``gamma``: that dict, computed
+    beforehand, e.g. on every rank of a sharded model).
     """
     recs = monitor.last
     if not recs:
@@ -592,7 +594,7 @@ def attention_metrics(monitor: EntropyMonitor, model: GPT, *, gamma: dict | None
     n_layer, n_head = max(r["layer"] for r in recs) + 1, max(r["head"] for r in recs) + 1
     ent = np.full((n_layer, n_head), np.nan)
     sig = np.full((n_layer, n_head), np.nan)
-    row_min, violations, rows = math.inf, 0, 0
+    row_min, violations, rows, nonfinite = math.inf, 0, 0, 0
     for r in recs:
         e = r["entropy_mean_half"] if r["entropy_mean_half"] is not None else r["entropy_mean"]
         ent[r["layer"], r["head"]] = e
@@ -600,10 +602,13 @@ def attention_metrics(monitor: EntropyMonitor, model: GPT, *, gamma: dict | None
         row_min = min(row_min, r["entropy_min"])
         violations += sum(r[f"violations_{v}"] or 0 for v in VARIANTS)
         rows += r["bound_rows"]
+        nonfinite += r["rows_nonfinite"]
     out = {"entropy_mean": float(ent.mean()), "entropy_min_head": float(ent.min()),
            "entropy_min_row": float(row_min), "sigma_max": float(sig.max()),
            "rows_checked": int(rows), "bound_violations": int(violations),
            "entropy": ent.tolist(), "sigma": sig.tolist()}
+    if nonfinite:  # rows whose logit norm overflowed (a diverging run): left out of the bound check
+        out["rows_nonfinite"] = int(nonfinite)
     if gamma is not None:
         out["gamma"] = gamma
     elif any(True for _ in _sigma_state_names(model)):
