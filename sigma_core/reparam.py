@@ -987,7 +987,7 @@ def _enter_weight_cache(module: nn.Module, args) -> None:
     """Forward pre-hook of :func:`scope_sigma_reparam`: a scoped forward starts.  (Under
     torch.compile: the σReparam weights inside ``module`` step at their first read only.)"""
     if _compiling():
-        _enter_compiled_scope(module)
+        _enter_compiled_scope(module, _enter_weight_cache)
     else:
         _enter_scope()
 
@@ -995,38 +995,64 @@ def _enter_weight_cache(module: nn.Module, args) -> None:
 def _exit_weight_cache(module: nn.Module, args, output) -> None:
     """Forward hook (always called, also when the forward raises): the scoped forward ends."""
     if _compiling():
-        _exit_compiled_scope(module)
+        _exit_compiled_scope(module, _enter_weight_cache)
     else:
         _exit_scope()
 
 
 class _CompiledScopeState:
     """The scoped forwards under way inside a graph (what :class:`_ForwardScope` is in eager
-    mode): ``depth`` (nested scoped forwards) and the σReparam weights that stepped in them.
-    Plain Python state, which dynamo traces as side effects; back to ``0, []`` when the
-    outermost one ends, so the guards of the next call see the same values (no recompilation)."""
+    mode): ``open`` (the nested scoped forwards, as ``(module, hook)`` pairs, outermost first)
+    and the σReparam weights that stepped in them.  Plain Python state, which dynamo traces as
+    side effects; back to ``[], []`` when the outermost one ends, so the guards of the next call
+    see the same values (no recompilation).
+
+    A forward whose compilation fails after its pre-hooks' frame ran (a backend error: no C++
+    compiler, an unsupported operation) never runs its end hooks, and its entry stays open.  A
+    module cannot be inside its own forward, so the next forward of that module through the same
+    hook finds the entry and starts from a clean state (else its weights would never step again).
+    A stale entry of *another* model is not detected: ``reset_compiled_scope()`` clears it."""
 
     def __init__(self) -> None:
-        self.depth = 0
+        self.open: list[tuple[nn.Module, object]] = []
         self.stepped: list[SigmaReparam] = []
+
+    @property
+    def depth(self) -> int:
+        return len(self.open)
+
+    def clear(self) -> None:
+        for param in self.stepped:
+            _set(param, "_stepped", False)
+        self.stepped.clear()
+        self.open.clear()
 
 
 _COMPILED_SCOPE = _CompiledScopeState()
 
 
-def _enter_compiled_scope(module: nn.Module) -> None:
+def reset_compiled_scope() -> None:
+    """Forget every scoped forward left open by a failed compilation (see
+    :class:`_CompiledScopeState`): call it after a ``torch.compile`` error when another σReparam
+    model is compiled next in the same process.  Harmless when none is open."""
+    _COMPILED_SCOPE.clear()
+
+
+def _enter_compiled_scope(module: nn.Module, hook=None) -> None:
     """A scoped forward starts inside a graph: every σReparam weight steps at its first
     training read only, until the outermost scoped forward ends."""
-    _COMPILED_SCOPE.depth += 1
-
-
-def _exit_compiled_scope(module: nn.Module) -> None:
     scope = _COMPILED_SCOPE
-    scope.depth = max(0, scope.depth - 1)
-    if not scope.depth:
-        for param in scope.stepped:
-            _set(param, "_stepped", False)
-        scope.stepped.clear()
+    if any(m is module and h is hook for m, h in scope.open):  # left open by a failed compile
+        scope.clear()
+    scope.open.append((module, hook))
+
+
+def _exit_compiled_scope(module: nn.Module, hook=None) -> None:
+    scope = _COMPILED_SCOPE
+    if scope.open:
+        scope.open.pop()
+    if not scope.open:
+        scope.clear()
 
 
 def _cache_weights_per_forward(module: nn.Module) -> None:
@@ -1389,7 +1415,7 @@ def _batched_pre_hook(model: nn.Module, args) -> None:
     """Forward pre-hook of :func:`batch_power_iterations`: one step per group of equal shapes.
     (Under torch.compile: each weight steps at its first read, in the graph.)"""
     if _compiling():
-        _enter_compiled_scope(model)
+        _enter_compiled_scope(model, _batched_pre_hook)
         return
     _enter_scope()
     try:
@@ -1554,7 +1580,7 @@ def _batched_post_hook(model: nn.Module, args, output) -> None:
     (a weight the forward did not read, or read only under ``no_grad``), so that no later
     forward uses them."""
     if _compiling():
-        _exit_compiled_scope(model)
+        _exit_compiled_scope(model, _batched_pre_hook)
         return
     _exit_scope()
     pending = model.__dict__.get("_sigma_pending")
