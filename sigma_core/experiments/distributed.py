@@ -110,11 +110,7 @@ def is_sharded_unit(module: torch.nn.Module) -> bool:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model`` (or a submodule) is an FSDP2 ``fully_shard`` unit."""
-    try:
-        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
-    except ImportError:
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return any(is_sharded_unit(m) for m in model.modules())
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
